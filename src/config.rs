@@ -1,0 +1,122 @@
+//! Node configuration: every knob, its default, and when to change it.
+//!
+//! Start from [`NodeConfig::default`] (a LAN cluster) and adjust single fields, or use
+//! [`NodeConfig::fast_failover`] for tests and latency-sensitive clusters on a reliable network.
+
+use std::time::Duration;
+
+/// Tuning of one node. All fields are public; the defaults are documented on each field.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct NodeConfig {
+    /// How often an idle connection sends a QUIC PING so that the peer's idle timer does not
+    /// fire. Default 1 s. Keep it at most a third of `idle_timeout`, on every node: the idle
+    /// timeout in force is the smaller of both sides', and a keep-alive slower than that makes
+    /// connections flap.
+    pub keep_alive_interval: Duration,
+    /// A connection that hears nothing for this long is dead, and so is the node behind it:
+    /// every survivor drops that node's records. Default 3 s, so a killed node is detected within
+    /// about `idle_timeout + keep_alive_interval` = 4 s. Lower it for faster fail-over on a
+    /// reliable network; raise it where pauses (GC, VM migration, congested links) are common.
+    pub idle_timeout: Duration,
+    /// How long the cookie handshake of a new connection may take. Default 5 s.
+    pub handshake_timeout: Duration,
+    /// How often the discovery backend is polled. Default 1 s. Polling is cheap (a file read or a
+    /// DNS query); new nodes are found within one interval.
+    pub discovery_interval: Duration,
+    /// After failed discovery polls the interval doubles up to this bound. Default 30 s.
+    pub discovery_max_backoff: Duration,
+    /// Largest frame accepted from a peer, in bytes. A larger announced length closes the
+    /// connection. Default 64 MiB. Frames the node sends are kept below it by splitting batches
+    /// and join dumps, so this bounds memory per connection, not the size of a table.
+    pub max_frame_size: usize,
+    /// Group commit: at most this many queued write calls are sent to the peers as one frame.
+    /// Default 4096. Larger batches raise throughput under many concurrent writers; they do not
+    /// add latency, because a batch is cut from what is already queued, never waited for.
+    pub max_batch_ops: usize,
+    /// Group commit: a batch is closed once its encoded size reaches this many bytes.
+    /// Default 1 MiB.
+    pub max_batch_bytes: usize,
+    /// Capacity of a table's queue of write calls. Callers wait (back-pressure) when it is full.
+    /// Default 65 536.
+    pub write_queue: usize,
+    /// Requested size of the UDP socket's kernel receive buffer. Default 4 MiB: with the Linux
+    /// default (208 KiB) bursts on loopback overflow it and QUIC has to retransmit. The kernel
+    /// may cap it (`net.core.rmem_max`); a refusal is logged and tolerated.
+    pub socket_receive_buffer_size: usize,
+    /// Requested size of the UDP socket's kernel send buffer. Default 4 MiB.
+    pub socket_send_buffer_size: usize,
+    /// How long a table stays paused for a join without hearing from the join's coordinator.
+    /// The coordinator renews the lease while it works; if it dies or stalls, the table unpauses
+    /// by itself. Default 5 s.
+    pub join_lease: Duration,
+    /// Retry delay of a failed or refused join; doubled (with jitter) on each failure up to
+    /// `join_max_backoff`. Default 100 ms.
+    pub join_backoff: Duration,
+    /// Upper bound of the join retry delay. Default 5 s.
+    pub join_max_backoff: Duration,
+    /// Records per chunk when a join streams a table dump. Default 10 000.
+    pub join_chunk_records: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            keep_alive_interval: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(3),
+            handshake_timeout: Duration::from_secs(5),
+            discovery_interval: Duration::from_secs(1),
+            discovery_max_backoff: Duration::from_secs(30),
+            max_frame_size: 64 * 1024 * 1024,
+            max_batch_ops: 4096,
+            max_batch_bytes: 1024 * 1024,
+            write_queue: 65_536,
+            socket_receive_buffer_size: 4 * 1024 * 1024,
+            socket_send_buffer_size: 4 * 1024 * 1024,
+            join_lease: Duration::from_secs(5),
+            join_backoff: Duration::from_millis(100),
+            join_max_backoff: Duration::from_secs(5),
+            join_chunk_records: 10_000,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Fast failure detection (keep-alive 250 ms, idle timeout 1 s) and fast discovery
+    /// (200 ms). For tests, and for clusters on one reliable LAN that want sub-second fail-over.
+    pub fn fast_failover() -> Self {
+        Self {
+            keep_alive_interval: Duration::from_millis(250),
+            idle_timeout: Duration::from_secs(1),
+            discovery_interval: Duration::from_millis(200),
+            discovery_max_backoff: Duration::from_secs(2),
+            join_lease: Duration::from_secs(2),
+            join_backoff: Duration::from_millis(20),
+            join_max_backoff: Duration::from_millis(500),
+            ..Self::default()
+        }
+    }
+
+    pub(crate) fn validate(&self) -> crate::Result<()> {
+        let bad = |m: &str| Err(crate::Error::Config(m.to_string()));
+        if self.idle_timeout.is_zero() || self.keep_alive_interval.is_zero() {
+            return bad("idle_timeout and keep_alive_interval must be positive");
+        }
+        if self.keep_alive_interval >= self.idle_timeout {
+            return bad("keep_alive_interval must be shorter than idle_timeout");
+        }
+        if self.max_frame_size < 1024 {
+            return bad("max_frame_size must be at least 1024 bytes");
+        }
+        if self.max_batch_bytes >= self.max_frame_size / 2 {
+            return bad("max_batch_bytes must be below half of max_frame_size");
+        }
+        if self.max_batch_ops == 0 || self.write_queue == 0 || self.join_chunk_records == 0 {
+            return bad("max_batch_ops, write_queue and join_chunk_records must be positive");
+        }
+        if self.discovery_interval.is_zero() || self.join_lease.is_zero() {
+            return bad("discovery_interval and join_lease must be positive");
+        }
+        Ok(())
+    }
+}

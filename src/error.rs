@@ -1,0 +1,92 @@
+//! The one error type of the crate.
+
+use std::time::Duration;
+
+/// Everything that can go wrong in cets.
+///
+/// Errors that come from the network never reach the caller of a table operation directly:
+/// a bad frame or a failed handshake closes one connection and is logged. What a caller sees
+/// is whether its own request could be served.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A builder or option was given a value that cannot work.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Binding or configuring the UDP socket failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// Building the TLS configuration failed.
+    #[error("tls setup failed: {0}")]
+    Tls(String),
+    /// Encoding or decoding a wire message failed.
+    #[error("wire codec error: {0}")]
+    Codec(#[from] postcard::Error),
+    /// A frame announced a length above the configured limit.
+    #[error("frame of {size} bytes exceeds the limit of {limit} bytes")]
+    FrameTooLarge {
+        /// Announced frame size.
+        size: usize,
+        /// Configured limit.
+        limit: usize,
+    },
+    /// The peer did not prove knowledge of the cookie, or spoke another protocol version.
+    #[error("handshake with {peer} failed: {reason}")]
+    Handshake {
+        /// Address or name of the peer.
+        peer: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// A QUIC connection or stream failed.
+    #[error("transport error: {0}")]
+    Transport(String),
+    /// A table with this name is already running on this node.
+    #[error("table {0:?} is already started on this node")]
+    TableExists(String),
+    /// Two nodes run the same table with a different kind or key/value types.
+    #[error("table {table:?} is incompatible with the one on {node}: {reason}")]
+    Incompatible {
+        /// The table name.
+        table: String,
+        /// The other node.
+        node: String,
+        /// What differs.
+        reason: String,
+    },
+    /// The operation does not exist for this kind of table (e.g. `range` on a `set`).
+    #[error("operation not supported by a {0} table")]
+    Unsupported(&'static str),
+    /// A write was applied locally but not every peer acknowledged it in time.
+    #[error("write on table {table:?} not acknowledged by {missing:?} within {timeout:?}")]
+    AckTimeout {
+        /// The table name.
+        table: String,
+        /// Nodes that did not acknowledge.
+        missing: Vec<String>,
+        /// The configured `ack_timeout`.
+        timeout: Duration,
+    },
+    /// A join of two partitions could not be completed (it is retried automatically).
+    #[error("join of table {table:?} with {peer} failed: {reason}")]
+    Join {
+        /// The table name.
+        table: String,
+        /// The node joined with.
+        peer: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// The table's server or the node has stopped.
+    #[error("the node or table has shut down")]
+    Shutdown,
+    /// The discovery backend failed.
+    #[error("discovery: {0}")]
+    Discovery(#[from] cets_discovery::Error),
+    /// Waiting for something took longer than the caller allowed.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,377 @@
+//! The join coordinator: merges the partition of this node's table with a peer's partition.
+//!
+//! The protocol is written down in `ALGORITHM.md` at the root of the repository. In short:
+//! 1. ask both sides for their member lists (`Info`); equal lists mean already joined;
+//! 2. pause every server of both partitions, one at a time in node order, as a lease that
+//!    this task renews while it works (a busy server makes the whole join back off);
+//! 3. dump one server per partition (or every server, if a partition is not consistent),
+//!    without records of owners that are not alive;
+//! 4. merge: per key, the conflict rule picks one winner, once; each node is sent what it lacks;
+//! 5. each node stores the records and, with the last chunk, the full member list;
+//! 6. unpause everyone (also on failure), so buffered writes go on to the new members.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::conflict::Conflict;
+use crate::hlc::HybridClock;
+use crate::membership::NodeId;
+use crate::proto::{JoinRep, JoinReq, WireRecord};
+use crate::server::Control;
+use crate::store::same_value;
+use crate::table::{Key, TableKind, Value};
+use crate::{Error, Result};
+
+/// What the coordinator needs from its table server.
+pub(crate) struct JoinCtx<K, V> {
+    pub control: mpsc::UnboundedSender<Control<K, V>>,
+    pub me: NodeId,
+    pub kind: TableKind,
+    pub conflict: Conflict<K, V>,
+    pub clock: Arc<HybridClock>,
+    pub lease: Duration,
+    pub chunk: usize,
+}
+
+/// A record of the merge, owner as an index into the join's owner list.
+#[derive(Clone)]
+struct Version<V> {
+    value: V,
+    ts: u64,
+    owner: u32,
+}
+
+impl<K: Key, V: Value> JoinCtx<K, V> {
+    fn fail(&self, peer: &NodeId, reason: impl Into<String>) -> Error {
+        Error::Join {
+            table: String::new(),
+            peer: peer.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    fn request(&self, to: &NodeId, body: JoinReq<K, V>) -> mpsc::UnboundedReceiver<JoinRep<K, V>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = self.control.send(Control::JoinRequest {
+            to: to.clone(),
+            body,
+            replies: tx,
+        });
+        rx
+    }
+
+    async fn next(
+        &self,
+        to: &NodeId,
+        rx: &mut mpsc::UnboundedReceiver<JoinRep<K, V>>,
+    ) -> Result<JoinRep<K, V>> {
+        match tokio::time::timeout(self.lease, rx.recv()).await {
+            Ok(Some(rep)) => Ok(rep),
+            Ok(None) => Err(self.fail(to, "node unreachable or gone")),
+            Err(_) => Err(self.fail(to, "no answer within the lease")),
+        }
+    }
+
+    async fn ask(&self, to: &NodeId, body: JoinReq<K, V>) -> Result<JoinRep<K, V>> {
+        let mut rx = self.request(to, body);
+        self.next(to, &mut rx).await
+    }
+}
+
+/// Runs one join of this node's table with `peer`'s. Returns the number of conflicting keys.
+pub(crate) async fn run<K: Key, V: Value>(ctx: JoinCtx<K, V>, peer: NodeId) -> Result<u64> {
+    let local = match ctx.ask(&ctx.me, JoinReq::Info).await? {
+        JoinRep::Info { members, .. } => members,
+        _ => return Err(ctx.fail(&ctx.me, "unexpected reply to Info")),
+    };
+    let remote = match ctx.ask(&peer, JoinReq::Info).await? {
+        JoinRep::Info { members, .. } => members,
+        _ => return Err(ctx.fail(&peer, "unexpected reply to Info")),
+    };
+    if local == remote {
+        return Ok(0);
+    }
+    let all: BTreeSet<NodeId> = local.iter().chain(remote.iter()).cloned().collect();
+    let join: u64 = rand::random();
+    let lease_ms = ctx.lease.as_millis() as u64;
+
+    // 2. Lock, in the global order.
+    let mut locked: Vec<NodeId> = Vec::new();
+    let mut views: BTreeMap<NodeId, (Vec<NodeId>, u64)> = BTreeMap::new();
+    for n in &all {
+        match ctx.ask(n, JoinReq::Pause { join, lease_ms }).await {
+            Ok(JoinRep::Paused { members, epoch }) => {
+                locked.push(n.clone());
+                views.insert(n.clone(), (members, epoch));
+            }
+            Ok(JoinRep::Busy { by }) => {
+                release(&ctx, &locked, join).await;
+                return Err(ctx.fail(n, format!("busy with a join coordinated by {by}")));
+            }
+            Ok(_) => {
+                release(&ctx, &locked, join).await;
+                return Err(ctx.fail(n, "unexpected reply to Pause"));
+            }
+            Err(e) => {
+                release(&ctx, &locked, join).await;
+                return Err(e);
+            }
+        }
+    }
+    let renew = {
+        let control = ctx.control.clone();
+        let nodes = locked.clone();
+        let every = ctx.lease / 3;
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(every);
+            t.tick().await;
+            loop {
+                t.tick().await;
+                for n in &nodes {
+                    let (tx, _rx) = mpsc::unbounded_channel();
+                    let _ = control.send(Control::JoinRequest {
+                        to: n.clone(),
+                        body: JoinReq::Pause { join, lease_ms },
+                        replies: tx,
+                    });
+                }
+            }
+        })
+    };
+    let result = merge(&ctx, &peer, join, &all, &views).await;
+    renew.abort();
+    release(&ctx, &locked, join).await;
+    result
+}
+
+/// Unpauses every locked server, best effort (a server that is gone unpauses by its lease).
+async fn release<K: Key, V: Value>(ctx: &JoinCtx<K, V>, locked: &[NodeId], join: u64) {
+    let rxs: Vec<_> = locked
+        .iter()
+        .map(|n| (n, ctx.request(n, JoinReq::Unpause { join })))
+        .collect();
+    for (n, mut rx) in rxs {
+        let _ = ctx.next(n, &mut rx).await;
+    }
+}
+
+async fn merge<K: Key, V: Value>(
+    ctx: &JoinCtx<K, V>,
+    peer: &NodeId,
+    join: u64,
+    all: &BTreeSet<NodeId>,
+    views: &BTreeMap<NodeId, (Vec<NodeId>, u64)>,
+) -> Result<u64> {
+    let everyone: Vec<NodeId> = all.iter().cloned().collect();
+    // Already joined while we waited for the locks?
+    if views.values().all(|(m, _)| *m == everyone) {
+        return Ok(0);
+    }
+    let side = |n: &NodeId| views.get(n).map(|(m, e)| (m.clone(), *e));
+    let (Some((l, le)), Some((r, re))) = (side(&ctx.me), side(peer)) else {
+        return Err(ctx.fail(peer, "lost a view"));
+    };
+    if l.iter().chain(r.iter()).any(|n| !all.contains(n)) {
+        return Err(ctx.fail(peer, "membership changed before the lock; retrying"));
+    }
+    let consistent = |members: &[NodeId], epoch: u64| {
+        members.iter().all(|n| {
+            views
+                .get(n)
+                .is_some_and(|(m, e)| m == members && *e == epoch)
+        })
+    };
+    let disjoint = l.iter().all(|n| !r.contains(n));
+    // Each source's dump stands for a group of target nodes.
+    let groups: Vec<(NodeId, Vec<NodeId>)> = if disjoint && consistent(&l, le) && consistent(&r, re)
+    {
+        vec![(ctx.me.clone(), l), (peer.clone(), r)]
+    } else {
+        tracing::info!("partitions are not internally consistent; merging every node's dump");
+        everyone
+            .iter()
+            .map(|n| (n.clone(), vec![n.clone()]))
+            .collect()
+    };
+
+    // 3. Dumps.
+    let mut owners: Vec<NodeId> = Vec::new();
+    let mut owner_idx: HashMap<NodeId, u32> = HashMap::new();
+    let mut versions: BTreeMap<K, Vec<(usize, Version<V>)>> = BTreeMap::new();
+    for (src_i, (src, _)) in groups.iter().enumerate() {
+        let mut rx = ctx.request(
+            src,
+            JoinReq::Dump {
+                join,
+                alive: everyone.clone(),
+            },
+        );
+        loop {
+            match ctx.next(src, &mut rx).await? {
+                JoinRep::Chunk {
+                    owners: chunk_owners,
+                    records,
+                    last,
+                } => {
+                    let map: Vec<u32> = chunk_owners
+                        .into_iter()
+                        .map(|id| {
+                            *owner_idx.entry(id.clone()).or_insert_with(|| {
+                                owners.push(id);
+                                (owners.len() - 1) as u32
+                            })
+                        })
+                        .collect();
+                    for rec in records {
+                        let Some(&owner) = map.get(rec.owner as usize) else {
+                            continue;
+                        };
+                        versions.entry(rec.key).or_default().push((
+                            src_i,
+                            Version {
+                                value: rec.value,
+                                ts: rec.ts,
+                                owner,
+                            },
+                        ));
+                    }
+                    if last {
+                        break;
+                    }
+                }
+                JoinRep::Refused { reason } => return Err(ctx.fail(src, reason)),
+                _ => return Err(ctx.fail(src, "unexpected reply to Dump")),
+            }
+        }
+    }
+
+    // 4. Merge.
+    let mut deltas: Vec<Vec<WireRecord<K, V>>> = vec![Vec::new(); groups.len()];
+    let mut conflicts = 0u64;
+    for (key, vs) in versions {
+        if ctx.kind == TableKind::Bag {
+            // Union of objects: every source gets the objects it lacks.
+            let mut objects: Vec<Version<V>> = Vec::new();
+            for (_, v) in &vs {
+                if !objects.iter().any(|o| same_value(&o.value, &v.value)) {
+                    objects.push(v.clone());
+                }
+            }
+            for (src_i, delta) in deltas.iter_mut().enumerate() {
+                for o in &objects {
+                    let has = vs
+                        .iter()
+                        .any(|(s, v)| *s == src_i && same_value(&v.value, &o.value));
+                    if !has {
+                        delta.push(WireRecord {
+                            key: key.clone(),
+                            value: o.value.clone(),
+                            ts: o.ts,
+                            owner: o.owner,
+                        });
+                    }
+                }
+            }
+            continue;
+        }
+        let mut distinct: Vec<&Version<V>> = Vec::new();
+        for (_, v) in &vs {
+            if !distinct.iter().any(|d| d.ts == v.ts && d.owner == v.owner) {
+                distinct.push(v);
+            }
+        }
+        let winner = if distinct.len() == 1 {
+            distinct[0].clone()
+        } else {
+            conflicts += 1;
+            let mut w = distinct[0].clone();
+            for v in &distinct[1..] {
+                w = resolve(ctx, &key, w, v, &owners);
+            }
+            w
+        };
+        for (src_i, delta) in deltas.iter_mut().enumerate() {
+            let has = vs
+                .iter()
+                .any(|(s, v)| *s == src_i && v.ts == winner.ts && v.owner == winner.owner);
+            if !has {
+                delta.push(WireRecord {
+                    key: key.clone(),
+                    value: winner.value.clone(),
+                    ts: winner.ts,
+                    owner: winner.owner,
+                });
+            }
+        }
+    }
+
+    // 5. Apply everywhere, the member list with the last chunk.
+    let mut waits = Vec::new();
+    for ((_, targets), delta) in groups.iter().zip(deltas) {
+        let chunks: Vec<Vec<WireRecord<K, V>>> = if delta.is_empty() {
+            vec![Vec::new()]
+        } else {
+            delta.chunks(ctx.chunk).map(|c| c.to_vec()).collect()
+        };
+        let n = chunks.len();
+        for t in targets {
+            for (i, records) in chunks.iter().enumerate() {
+                let members = (i + 1 == n).then(|| everyone.clone());
+                let body = JoinReq::Apply {
+                    join,
+                    owners: owners.clone(),
+                    records: records.clone(),
+                    members,
+                };
+                waits.push((t.clone(), ctx.request(t, body)));
+            }
+        }
+    }
+    for (t, mut rx) in waits {
+        match ctx.next(&t, &mut rx).await? {
+            JoinRep::Applied => {}
+            JoinRep::Refused { reason } => return Err(ctx.fail(&t, reason)),
+            _ => return Err(ctx.fail(&t, "unexpected reply to Apply")),
+        }
+    }
+    tracing::info!(peer = %peer, nodes = everyone.len(), conflicts, "join done");
+    Ok(conflicts)
+}
+
+/// Picks the winner of two versions of one key.
+fn resolve<K: Key, V: Value>(
+    ctx: &JoinCtx<K, V>,
+    key: &K,
+    a: Version<V>,
+    b: &Version<V>,
+    owners: &[NodeId],
+) -> Version<V> {
+    let owner = |v: &Version<V>| owners.get(v.owner as usize).cloned();
+    match &ctx.conflict {
+        Conflict::LastWriterWins => {
+            if (b.ts, owner(b)) > (a.ts, owner(&a)) {
+                b.clone()
+            } else {
+                a
+            }
+        }
+        Conflict::Handler(f) => {
+            // `a` is the version from the side of the smaller node name (dump order).
+            let value = f(key, &a.value, &b.value);
+            if same_value(&value, &a.value) {
+                a
+            } else if same_value(&value, &b.value) {
+                b.clone()
+            } else {
+                Version {
+                    value,
+                    ts: ctx.clock.now(),
+                    owner: a.owner,
+                }
+            }
+        }
+    }
+}

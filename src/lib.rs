@@ -1,0 +1,58 @@
+//! # cets: replicated in-memory tables for Rust clusters
+//!
+//! Every node that starts a table of a given name holds a full copy of it. Reads are local and
+//! lock-free; writes are applied locally and replicated to every other node of the table over
+//! QUIC, and return once every live peer acknowledged them. Nodes find each other through a
+//! [`discovery`] backend; when two partitions meet, their tables are merged (conflicts resolved
+//! once, the same way on every node), and when a node goes down every survivor drops the
+//! records it owned.
+//!
+//! ```no_run
+//! # async fn demo() -> cets::Result<()> {
+//! let node = cets::Node::builder("node-a")
+//!     .listen("127.0.0.1:4370".parse().unwrap())
+//!     .cookie("shared-secret")
+//!     .discovery(cets::discovery::FileDiscovery::new("nodes.txt"))
+//!     .start()
+//!     .await?;
+//! let sessions: cets::Table<String, u64> = node.start("sessions", cets::TableOptions::set()).await?;
+//! sessions.insert("alice".to_string(), 42).await?;
+//! assert_eq!(sessions.get(&"alice".to_string()), Some(42));
+//! node.shutdown().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Where things live: the handle ([`Table`]) sends writes to the table's server task
+//! (`server.rs`), which applies them, batches them into one frame, and queues it to every
+//! member's QUIC stream (`transport/`); the peer's server applies the batch and acknowledges.
+//! Joins are in `join.rs` and described in `ALGORITHM.md`.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![warn(unreachable_pub)]
+
+pub mod config;
+pub mod conflict;
+mod error;
+pub mod hlc;
+mod join;
+pub mod membership;
+mod node;
+mod proto;
+mod registry;
+mod server;
+pub mod status;
+mod store;
+mod table;
+mod transport;
+
+/// Discovery backends (re-export of the `cets-discovery` crate).
+pub use cets_discovery as discovery;
+
+pub use config::NodeConfig;
+pub use conflict::{last_writer_wins, Conflict};
+pub use error::{Error, Result};
+pub use membership::NodeId;
+pub use node::{Node, NodeBuilder, DEFAULT_COOKIE};
+pub use status::{NodeStatus, TableStatus};
+pub use table::{Key, NodeDownFn, OwnerFn, Table, TableKind, TableOptions, Value};

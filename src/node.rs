@@ -1,0 +1,441 @@
+//! The node: one per process. Owns the QUIC endpoint, the connection manager, discovery, the
+//! hybrid logical clock and the registry of tables.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::config::NodeConfig;
+use crate::discovery::{Discovery, StaticDiscovery};
+use crate::hlc::HybridClock;
+use crate::membership::NodeId;
+use crate::registry::{Registry, TableEntry};
+use crate::server::{Control, Server, ServerParts};
+use crate::status::{NodeStatus, TableStatus};
+use crate::store::Store;
+use crate::table::{Key, Shared, Table, TableOptions, Value};
+use crate::transport::peers::{Command, PeerManager, PeersView};
+use crate::{Error, Result};
+
+/// The cookie used when none is configured. Fine on a laptop; set your own in production.
+pub const DEFAULT_COOKIE: &str = "cets-default-cookie";
+
+/// Configures and starts a [`Node`]. Made by [`Node::builder`].
+pub struct NodeBuilder {
+    name: String,
+    listen: SocketAddr,
+    cookie: Vec<u8>,
+    discovery: Option<Box<dyn Discovery>>,
+    config: NodeConfig,
+}
+
+impl std::fmt::Debug for NodeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeBuilder")
+            .field("name", &self.name)
+            .field("listen", &self.listen)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeBuilder {
+    /// The UDP address of the node's QUIC endpoint. Default `0.0.0.0:4370`; use port 0 to let
+    /// the system pick one (see [`Node::local_addr`]).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = addr;
+        self
+    }
+
+    /// The shared secret every node of the cluster must know. Default [`DEFAULT_COOKIE`].
+    pub fn cookie(mut self, secret: impl AsRef<[u8]>) -> Self {
+        self.cookie = secret.as_ref().to_vec();
+        self
+    }
+
+    /// Where the node learns the addresses of other nodes. Default: none (a node alone, or
+    /// one that others dial).
+    pub fn discovery(mut self, d: impl Discovery) -> Self {
+        self.discovery = Some(Box::new(d));
+        self
+    }
+
+    /// Timeouts, buffer sizes and batching (see [`NodeConfig`]).
+    pub fn config(mut self, config: NodeConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Binds the endpoint and starts the node's tasks. Must run inside a Tokio runtime.
+    pub async fn start(self) -> Result<Node> {
+        self.config.validate()?;
+        if self.name.is_empty() || self.name.len() > 255 {
+            return Err(Error::Config(
+                "the node name must have 1 to 255 bytes".into(),
+            ));
+        }
+        if self.cookie.is_empty() {
+            return Err(Error::Config("the cookie must not be empty".into()));
+        }
+        let id = NodeId::new(self.name);
+        let endpoint = crate::transport::endpoint(self.listen, &self.config)?;
+        let local_addr = endpoint.local_addr()?;
+        let registry = Arc::new(Registry::default());
+        let peers = PeerManager::spawn(
+            id.clone(),
+            endpoint.clone(),
+            &self.cookie,
+            self.config.clone(),
+            registry.clone(),
+        );
+        let discovery_state = Arc::new(Mutex::new(DiscoveryState::default()));
+        let discovery = self
+            .discovery
+            .unwrap_or_else(|| Box::new(StaticDiscovery::new(Vec::<SocketAddr>::new())));
+        let task = tokio::spawn(
+            discovery_loop(
+                discovery,
+                peers.clone(),
+                discovery_state.clone(),
+                self.config.clone(),
+            )
+            .instrument(tracing::info_span!("cets_discovery", node = %id.name)),
+        );
+        tracing::info!(node = %id, %local_addr, "node started");
+        Ok(Node {
+            inner: Arc::new(NodeInner {
+                id,
+                config: self.config,
+                endpoint,
+                local_addr,
+                registry,
+                peers,
+                clock: Arc::new(HybridClock::new()),
+                tables: Mutex::new(Vec::new()),
+                discovery: discovery_state,
+                discovery_task: task,
+            }),
+        })
+    }
+}
+
+#[derive(Default)]
+struct DiscoveryState {
+    rounds: u64,
+    discovered: Vec<SocketAddr>,
+    error: Option<String>,
+}
+
+/// The type-erased control side of a running table.
+trait TableControl: Send + Sync {
+    fn name(&self) -> &str;
+    fn status(&self) -> Option<oneshot::Receiver<TableStatus>>;
+    fn stop(&self) -> Option<oneshot::Receiver<()>>;
+}
+
+struct ControlOf<K, V> {
+    name: String,
+    tx: mpsc::UnboundedSender<Control<K, V>>,
+}
+
+impl<K: Send + 'static, V: Send + 'static> TableControl for ControlOf<K, V> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn status(&self) -> Option<oneshot::Receiver<TableStatus>> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Control::Status(tx)).ok().map(|_| rx)
+    }
+    fn stop(&self) -> Option<oneshot::Receiver<()>> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Control::Stop(tx)).ok().map(|_| rx)
+    }
+}
+
+struct NodeInner {
+    id: NodeId,
+    config: NodeConfig,
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    registry: Arc<Registry>,
+    peers: mpsc::UnboundedSender<Command>,
+    clock: Arc<HybridClock>,
+    tables: Mutex<Vec<Box<dyn TableControl>>>,
+    discovery: Arc<Mutex<DiscoveryState>>,
+    discovery_task: JoinHandle<()>,
+}
+
+impl Drop for NodeInner {
+    fn drop(&mut self) {
+        self.discovery_task.abort();
+        for t in self.tables.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = t.stop();
+        }
+        let (tx, _rx) = oneshot::channel();
+        let _ = self.peers.send(Command::Shutdown(tx));
+    }
+}
+
+/// A running node: one per process. Cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<NodeInner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.inner.id)
+            .field("local_addr", &self.inner.local_addr)
+            .finish()
+    }
+}
+
+/// A stable fingerprint of the key and value types (FNV-1a of their type names).
+fn fingerprint<K, V>() -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in std::any::type_name::<K>()
+        .bytes()
+        .chain([0u8])
+        .chain(std::any::type_name::<V>().bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+impl Node {
+    /// Starts configuring a node with a name unique in the cluster.
+    pub fn builder(name: impl Into<String>) -> NodeBuilder {
+        NodeBuilder {
+            name: name.into(),
+            listen: SocketAddr::from(([0, 0, 0, 0], 4370)),
+            cookie: DEFAULT_COOKIE.as_bytes().to_vec(),
+            discovery: None,
+            config: NodeConfig::default(),
+        }
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.inner.id.name
+    }
+
+    /// This node's identity (name and incarnation).
+    pub fn id(&self) -> &NodeId {
+        &self.inner.id
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// Starts a table's server on this node and returns its handle. Every node that starts a
+    /// table of the same name (with the same kind and types) holds a full copy of it.
+    pub async fn start<K: Key, V: Value>(
+        &self,
+        name: &str,
+        opts: TableOptions<K, V>,
+    ) -> Result<Table<K, V>> {
+        if name.is_empty() || name.len() > 255 {
+            return Err(Error::Config(
+                "a table name must have 1 to 255 bytes".into(),
+            ));
+        }
+        let kind = opts.kind;
+        let fp = fingerprint::<K, V>();
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        self.inner.registry.insert(
+            name,
+            TableEntry {
+                kind,
+                fingerprint: fp,
+                events: ev_tx,
+            },
+        )?;
+        let (writes_tx, writes_rx) = mpsc::channel(self.inner.config.write_queue);
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            name: name.to_string(),
+            kind,
+            store: Store::new(kind),
+            members: std::sync::RwLock::new(Vec::new()),
+        });
+        let spawned = Server::spawn(ServerParts {
+            shared: shared.clone(),
+            opts,
+            config: self.inner.config.clone(),
+            clock: self.inner.clock.clone(),
+            me: self.inner.id.clone(),
+            fingerprint: fp,
+            writes: writes_rx,
+            control: control_rx,
+            control_tx: control_tx.clone(),
+            events: ev_rx,
+        });
+        if let Err(e) = spawned {
+            self.inner.registry.remove(name);
+            return Err(e);
+        }
+        self.inner
+            .tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::new(ControlOf {
+                name: name.to_string(),
+                tx: control_tx.clone(),
+            }));
+        let _ = self.inner.peers.send(Command::Announce(name.to_string()));
+        Ok(Table {
+            shared,
+            writes: writes_tx,
+            control: control_tx,
+            _types: std::marker::PhantomData,
+        })
+    }
+
+    /// Asks the node to connect to an address now (discovery does this on its own).
+    pub fn connect(&self, addr: SocketAddr) {
+        let _ = self.inner.peers.send(Command::Dial(addr));
+    }
+
+    /// The health report.
+    pub async fn status(&self) -> NodeStatus {
+        let (tx, rx) = oneshot::channel();
+        let view = if self.inner.peers.send(Command::View(tx)).is_ok() {
+            rx.await.unwrap_or_default()
+        } else {
+            PeersView::default()
+        };
+        let receivers: Vec<_> = self
+            .inner
+            .tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(|t| t.status())
+            .collect();
+        let mut tables = Vec::new();
+        for rx in receivers {
+            if let Ok(s) = rx.await {
+                tables.push(s);
+            }
+        }
+        tables.sort_by(|a, b| a.name.cmp(&b.name));
+        let (rounds, discovered, error) = {
+            let d = self
+                .inner
+                .discovery
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            (d.rounds, d.discovered.clone(), d.error.clone())
+        };
+        let connected_addrs: Vec<SocketAddr> = view.connected.iter().map(|(_, a)| *a).collect();
+        let unavailable = view
+            .unavailable
+            .into_iter()
+            .filter(|(a, _)| discovered.contains(a) && !connected_addrs.contains(a))
+            .collect();
+        NodeStatus {
+            node: self.inner.id.clone(),
+            local_addr: self.inner.local_addr,
+            discovered,
+            connected: view.connected,
+            unavailable,
+            discovery_rounds: rounds,
+            discovery_error: error,
+            tables,
+        }
+    }
+
+    /// Waits until the first discovery poll was tried, every discovered address was either
+    /// connected or found unavailable, and every connected node running one of this node's
+    /// tables has been joined. Call it before serving traffic that reads the tables.
+    pub async fn wait_for_ready(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status().await;
+            let settled = s.discovered.iter().all(|a| {
+                *a == s.local_addr
+                    || s.connected.iter().any(|(_, c)| c == a)
+                    || s.unavailable.iter().any(|(u, _)| u == a)
+            });
+            let joined = s
+                .tables
+                .iter()
+                .all(|t| t.not_joined.is_empty() && !t.paused);
+            if s.discovery_rounds > 0 && settled && joined {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout(timeout));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the node gracefully: tables stop, connections close with a goodbye, and peers drop
+    /// this node's records at once.
+    pub async fn shutdown(&self) -> Result<()> {
+        self.inner.discovery_task.abort();
+        let tables: Vec<_> =
+            std::mem::take(&mut *self.inner.tables.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in &tables {
+            if let Some(rx) = t.stop() {
+                let _ = rx.await;
+            }
+            self.inner.registry.remove(t.name());
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.inner.peers.send(Command::Shutdown(tx)).is_ok() {
+            let _ = rx.await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+        tracing::info!(node = %self.inner.id, "node shut down");
+        Ok(())
+    }
+}
+
+async fn discovery_loop(
+    mut discovery: Box<dyn Discovery>,
+    peers: mpsc::UnboundedSender<Command>,
+    state: Arc<Mutex<DiscoveryState>>,
+    config: NodeConfig,
+) {
+    let mut delay = config.discovery_interval;
+    loop {
+        let result = discovery.get_nodes().await;
+        {
+            let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+            s.rounds += 1;
+            match &result {
+                Ok(list) => {
+                    s.discovered = list.iter().map(|p| p.addr).collect();
+                    s.error = None;
+                }
+                Err(e) => s.error = Some(e.to_string()),
+            }
+        }
+        match result {
+            Ok(list) => {
+                delay = config.discovery_interval;
+                for p in list {
+                    if peers.send(Command::Dial(p.addr)).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "discovery failed");
+                delay = (delay * 2).min(config.discovery_max_backoff);
+            }
+        }
+        tokio::time::sleep(delay).await;
+    }
+}

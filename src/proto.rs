@@ -1,0 +1,157 @@
+//! Wire messages. Every message travels as one frame (see [`crate::transport::frame`]).
+//!
+//! A connection between two nodes carries:
+//! - one bidirectional *control* stream, opened by the dialer, on which both sides send a
+//!   [`Hello`] (the cookie handshake);
+//! - per table and direction, one unidirectional *table* stream, opened by the sending node's
+//!   table server. Its first frame is a [`StreamHeader`]; every further frame is a
+//!   [`PeerMsg`] from the sending server to the receiving one, in order. Acknowledgements of
+//!   writes travel back on the receiver's own table stream, behind any write it sent earlier,
+//!   which is what lets a cumulative ack double as a flush marker.
+
+use serde::{Deserialize, Serialize};
+
+use crate::membership::NodeId;
+use crate::table::TableKind;
+
+/// Version of the wire protocol. Nodes with different versions refuse each other.
+pub(crate) const PROTOCOL_VERSION: u32 = 1;
+/// First bytes of every [`Hello`].
+pub(crate) const MAGIC: [u8; 4] = *b"CETS";
+
+/// The handshake message, sent once by each side of a new connection.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Hello {
+    pub magic: [u8; 4],
+    pub version: u32,
+    pub node: NodeId,
+    /// HMAC-SHA256(cookie, role || name || incarnation || TLS exporter secret).
+    pub proof: Vec<u8>,
+}
+
+/// First frame of a table stream: which table, and what it holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct StreamHeader {
+    pub table: String,
+    pub kind: TableKind,
+    /// Hash of the key and value type names.
+    pub fingerprint: u64,
+}
+
+/// One replicated write, as it travels between table servers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Op<K, V> {
+    /// Hybrid logical clock timestamp of the write.
+    pub ts: u64,
+    pub kind: OpKind<K, V>,
+}
+
+/// What a replicated write does.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum OpKind<K, V> {
+    Insert(Vec<(K, V)>),
+    Delete(Vec<K>),
+    DeleteObject(Vec<(K, V)>),
+}
+
+/// A record with its metadata, as shipped by a join. `owner` indexes a list of owners sent
+/// alongside.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct WireRecord<K, V> {
+    pub key: K,
+    pub value: V,
+    pub ts: u64,
+    pub owner: u32,
+}
+
+/// A message from one table server to the same table's server on another node.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum PeerMsg<K, V> {
+    /// A batch of writes (group commit). `seq` grows by one per batch.
+    Ops { seq: u64, ops: Vec<Op<K, V>> },
+    /// Every `Ops` batch up to `seq` that the receiver sent has been applied here.
+    Ack { seq: u64, clock: u64 },
+    /// Sent periodically to members: advances the receiver's view of the sender's clock (lets
+    /// it forget tombstones) and tells it the sender's membership epoch (detects half-finished
+    /// joins).
+    Tick { clock: u64, epoch: u64 },
+    /// A request of a join coordinator.
+    Join { req: u64, body: JoinReq<K, V> },
+    /// The answer to a join request.
+    JoinReply { req: u64, body: JoinRep<K, V> },
+}
+
+/// Join requests (see `ALGORITHM.md`).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum JoinReq<K, V> {
+    /// Who are your members, and are you paused?
+    Info,
+    /// Pause for this join, as a lease; answered once every earlier write of the server is
+    /// acknowledged by its members. Sent again to renew the lease.
+    Pause { join: u64, lease_ms: u64 },
+    /// Stream your records, minus those owned by nodes not in `alive`.
+    Dump { join: u64, alive: Vec<NodeId> },
+    /// Store these records; on the last chunk, `members` is the table's new member list.
+    Apply {
+        join: u64,
+        owners: Vec<NodeId>,
+        records: Vec<WireRecord<K, V>>,
+        members: Option<Vec<NodeId>>,
+    },
+    /// The join is over (done or abandoned): unpause.
+    Unpause { join: u64 },
+}
+
+/// Join replies.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum JoinRep<K, V> {
+    Info {
+        members: Vec<NodeId>,
+        epoch: u64,
+    },
+    Paused {
+        members: Vec<NodeId>,
+        epoch: u64,
+    },
+    Busy {
+        by: String,
+    },
+    Chunk {
+        owners: Vec<NodeId>,
+        records: Vec<WireRecord<K, V>>,
+        last: bool,
+    },
+    Applied,
+    Unpaused,
+    Refused {
+        reason: String,
+    },
+}
+
+/// Connection close codes (QUIC application error codes).
+pub(crate) mod close {
+    /// The node is shutting down.
+    pub(crate) const SHUTDOWN: u32 = 0;
+    /// The cookie proof was wrong.
+    pub(crate) const AUTH: u32 = 1;
+    /// A frame could not be decoded, was too large, or broke the protocol.
+    pub(crate) const PROTOCOL: u32 = 2;
+    /// Another protocol version.
+    pub(crate) const VERSION: u32 = 3;
+    /// The other side dials: only the node with the smaller name keeps a connection it dialed.
+    pub(crate) const REDIRECT: u32 = 4;
+    /// A live connection to this node already exists.
+    pub(crate) const DUPLICATE: u32 = 5;
+    /// The node dialed itself.
+    pub(crate) const SELF: u32 = 6;
+    /// A node with this name connected again under a new incarnation.
+    pub(crate) const REPLACED: u32 = 7;
+}
+
+/// Stream stop codes.
+pub(crate) mod stop {
+    /// The receiving node runs no table of that name.
+    pub(crate) const UNKNOWN_TABLE: u32 = 1;
+    /// The receiving node's table has another kind or other types.
+    pub(crate) const INCOMPATIBLE: u32 = 2;
+}

@@ -1,0 +1,1307 @@
+//! The table server: one task per table per node, the only writer of the table's local store.
+//!
+//! Everything that changes the table goes through here, in one order:
+//! - client writes (group commit: whatever is queued becomes one frame, see [`Server::on_writes`]),
+//! - replicated batches from peers ([`Server::on_peer_msg`]),
+//! - join requests of a coordinator (pause, dump, apply, unpause),
+//! - node events (peer up, peer down, streams).
+//!
+//! Replication: a batch is applied locally, encoded once, and the same bytes are queued to every
+//! member's table stream. The callers wait until every member that was sent the batch has
+//! acknowledged it (cumulative `Ack{seq}`) or has gone down.
+//!
+//! Convergence: set and ordered_set records carry a hybrid-logical-clock timestamp and owner; a
+//! replicated write is applied only if it is newer than what is stored (or than the key's
+//! tombstone), so concurrent writes to one key end the same on every node. Tombstones are
+//! forgotten once every member's clock, as seen on its ordered stream, has passed them.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quinn::VarInt;
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+
+use crate::config::NodeConfig;
+use crate::hlc::HybridClock;
+use crate::join::{self, JoinCtx};
+use crate::membership::{NodeId, OwnerIdx, Owners};
+use crate::proto::{close, stop, JoinRep, JoinReq, Op, OpKind, PeerMsg, StreamHeader, WireRecord};
+use crate::registry::{PeerConn, TableEvent};
+use crate::status::TableStatus;
+use crate::store::{same_value, Rec};
+use crate::table::{Key, Shared, TableKind, TableOptions, Value};
+use crate::transport::frame::{self, FrameReader};
+use crate::{Error, Result};
+
+/// How often the server checks leases, ack timeouts, tombstones and due joins.
+const TICK: Duration = Duration::from_millis(100);
+/// Ticks between two clock/epoch announcements to members.
+const ANNOUNCE_EVERY: u32 = 5;
+/// Batches in flight (sent, not fully acknowledged) before new writes wait.
+const MAX_IN_FLIGHT: usize = 1024;
+/// A member whose epoch differs from ours for this long is dropped from the member list (both
+/// sides do it), so that the next join repairs a half-finished one.
+const EPOCH_GRACE: Duration = Duration::from_secs(2);
+
+/// A client write (or, with `op: None`, a sync barrier).
+pub(crate) struct Write<K, V> {
+    pub op: Option<OpKind<K, V>>,
+    pub reply: oneshot::Sender<Result<()>>,
+}
+
+/// Requests from handles, the node and join coordinators; served even while paused.
+pub(crate) enum Control<K, V> {
+    Status(oneshot::Sender<TableStatus>),
+    /// Send a join request to `to` (may be this node) and stream its replies back.
+    JoinRequest {
+        to: NodeId,
+        body: JoinReq<K, V>,
+        replies: mpsc::UnboundedSender<JoinRep<K, V>>,
+    },
+    JoinDone {
+        peer: OwnerIdx,
+        result: Result<u64>,
+    },
+    Stop(oneshot::Sender<()>),
+}
+
+/// What reader and writer tasks report.
+enum Input<K, V> {
+    Msg(OwnerIdx, PeerMsg<K, V>),
+    LinkClosed {
+        key: OwnerIdx,
+        reason: String,
+        stop_code: Option<u32>,
+    },
+}
+
+/// Where to send a join reply.
+enum Origin<K, V> {
+    Local(mpsc::UnboundedSender<JoinRep<K, V>>),
+    Peer(OwnerIdx, u64),
+}
+
+/// One peer node that is connected (and may run this table).
+struct Link {
+    id: NodeId,
+    conn: quinn::Connection,
+    out: Option<mpsc::UnboundedSender<Bytes>>,
+    /// The peer opened its stream of this table to us (so it runs a compatible table).
+    inbound: bool,
+    /// The peer told us it runs no table of this name.
+    lacks_table: bool,
+    refused: Option<String>,
+    acked: u64,
+    watermark: u64,
+    epoch: Option<u64>,
+    disagree_since: Option<Instant>,
+}
+
+impl Link {
+    fn ready(&self) -> bool {
+        self.out.is_some() && self.inbound && self.refused.is_none()
+    }
+}
+
+struct Pending {
+    seq: u64,
+    replies: Vec<oneshot::Sender<Result<()>>>,
+    waiting: Vec<OwnerIdx>,
+    deadline: Instant,
+}
+
+struct Pause {
+    join: u64,
+    coordinator: NodeId,
+    deadline: Instant,
+}
+
+#[derive(Default)]
+struct JoinTrack {
+    running: bool,
+    failures: u32,
+    next: Option<Instant>,
+}
+
+pub(crate) struct Server<K, V> {
+    shared: Arc<Shared<K, V>>,
+    opts: TableOptions<K, V>,
+    config: NodeConfig,
+    clock: Arc<HybridClock>,
+    me: NodeId,
+    me_idx: OwnerIdx,
+    owners: Owners,
+    links: HashMap<OwnerIdx, Link>,
+    members: BTreeSet<OwnerIdx>,
+    epoch: u64,
+    seq: u64,
+    pending: VecDeque<Pending>,
+    tombstones: HashMap<K, (u64, OwnerIdx)>,
+    paused: Option<Pause>,
+    pause_waiters: Vec<Origin<K, V>>,
+    join_replies: HashMap<u64, (OwnerIdx, mpsc::UnboundedSender<JoinRep<K, V>>)>,
+    next_req: u64,
+    joins: HashMap<OwnerIdx, JoinTrack>,
+    conflicts: u64,
+    ticks: u32,
+    header: Bytes,
+    writes: mpsc::Receiver<Write<K, V>>,
+    control: mpsc::UnboundedReceiver<Control<K, V>>,
+    control_tx: mpsc::UnboundedSender<Control<K, V>>,
+    events: mpsc::UnboundedReceiver<TableEvent>,
+    inputs: mpsc::Receiver<Input<K, V>>,
+    inputs_tx: mpsc::Sender<Input<K, V>>,
+    to_ack: HashMap<OwnerIdx, u64>,
+}
+
+/// Everything a server needs from its node.
+pub(crate) struct ServerParts<K, V> {
+    pub shared: Arc<Shared<K, V>>,
+    pub opts: TableOptions<K, V>,
+    pub config: NodeConfig,
+    pub clock: Arc<HybridClock>,
+    pub me: NodeId,
+    pub fingerprint: u64,
+    pub writes: mpsc::Receiver<Write<K, V>>,
+    pub control: mpsc::UnboundedReceiver<Control<K, V>>,
+    pub control_tx: mpsc::UnboundedSender<Control<K, V>>,
+    pub events: mpsc::UnboundedReceiver<TableEvent>,
+}
+
+impl<K: Key, V: Value> Server<K, V> {
+    pub(crate) fn spawn(parts: ServerParts<K, V>) -> Result<tokio::task::JoinHandle<()>> {
+        let header = frame::encode(&StreamHeader {
+            table: parts.shared.name.clone(),
+            kind: parts.shared.kind,
+            fingerprint: parts.fingerprint,
+        })?;
+        let (inputs_tx, inputs) = mpsc::channel(1024);
+        let mut owners = Owners::default();
+        let me_idx = owners.intern(&parts.me);
+        let span =
+            tracing::info_span!("cets_table", node = %parts.me.name, table = %parts.shared.name);
+        let server = Server {
+            shared: parts.shared,
+            opts: parts.opts,
+            config: parts.config,
+            clock: parts.clock,
+            me: parts.me,
+            me_idx,
+            owners,
+            links: HashMap::new(),
+            members: BTreeSet::new(),
+            epoch: 0,
+            seq: 0,
+            pending: VecDeque::new(),
+            tombstones: HashMap::new(),
+            paused: None,
+            pause_waiters: Vec::new(),
+            join_replies: HashMap::new(),
+            next_req: 0,
+            joins: HashMap::new(),
+            conflicts: 0,
+            ticks: 0,
+            header,
+            writes: parts.writes,
+            control: parts.control,
+            control_tx: parts.control_tx,
+            events: parts.events,
+            inputs,
+            inputs_tx,
+            to_ack: HashMap::new(),
+        };
+        Ok(tokio::spawn(server.run().instrument(span)))
+    }
+
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let can_write = self.paused.is_none() && self.pending.len() < MAX_IN_FLIGHT;
+            tokio::select! {
+                biased;
+                Some(ev) = self.events.recv() => self.on_event(ev),
+                Some(c) = self.control.recv() => {
+                    if let Control::Stop(done) = c {
+                        self.stop();
+                        let _ = done.send(());
+                        return;
+                    }
+                    self.on_control(c);
+                }
+                Some(input) = self.inputs.recv() => {
+                    self.on_input(input);
+                    for _ in 0..256 {
+                        match self.inputs.try_recv() {
+                            Ok(i) => self.on_input(i),
+                            Err(_) => break,
+                        }
+                    }
+                    self.flush_acks();
+                }
+                Some(w) = self.writes.recv(), if can_write => self.on_writes(w),
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+    }
+
+    fn stop(&mut self) {
+        for p in self.pending.drain(..) {
+            for r in p.replies {
+                let _ = r.send(Err(Error::Shutdown));
+            }
+        }
+        self.writes.close();
+        while let Ok(w) = self.writes.try_recv() {
+            let _ = w.reply.send(Err(Error::Shutdown));
+        }
+    }
+
+    // ------------------------------------------------------------------ node events
+
+    fn on_event(&mut self, ev: TableEvent) {
+        match ev {
+            TableEvent::PeerUp(pc) => {
+                self.ensure_link(pc);
+            }
+            TableEvent::PeerDown(id) => self.peer_down(&id),
+            TableEvent::Inbound(pc, reader) => {
+                let key = self.ensure_link(pc.clone());
+                self.spawn_reader(pc, key, reader);
+                if let Some(link) = self.links.get_mut(&key) {
+                    link.inbound = true;
+                    link.lacks_table = false;
+                    if link.out.is_none() {
+                        link.out = Some(spawn_writer(
+                            PeerConn {
+                                id: link.id.clone(),
+                                conn: link.conn.clone(),
+                            },
+                            self.header.clone(),
+                            key,
+                            self.inputs_tx.clone(),
+                        ));
+                    }
+                }
+                self.maybe_join(key);
+            }
+            TableEvent::Refused { peer, reason } => {
+                if let Some(key) = self.owners.lookup(&peer) {
+                    if let Some(link) = self.links.get_mut(&key) {
+                        link.refused = Some(reason);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The link to a connected peer, created (with its outbound stream) if new.
+    fn ensure_link(&mut self, pc: PeerConn) -> OwnerIdx {
+        let key = self.owners.intern(&pc.id);
+        if let Some(link) = self.links.get(&key) {
+            if link.conn.stable_id() == pc.conn.stable_id() {
+                return key;
+            }
+        }
+        // A previous incarnation (or connection) of the same node is gone.
+        let stale: Vec<NodeId> = self
+            .links
+            .values()
+            .filter(|l| l.id.name == pc.id.name)
+            .map(|l| l.id.clone())
+            .collect();
+        for id in stale {
+            self.peer_down(&id);
+        }
+        let out = spawn_writer(pc.clone(), self.header.clone(), key, self.inputs_tx.clone());
+        self.links.insert(
+            key,
+            Link {
+                id: pc.id,
+                conn: pc.conn,
+                out: Some(out),
+                inbound: false,
+                lacks_table: false,
+                refused: None,
+                acked: 0,
+                watermark: 0,
+                epoch: None,
+                disagree_since: None,
+            },
+        );
+        key
+    }
+
+    fn spawn_reader(&self, pc: PeerConn, key: OwnerIdx, mut reader: FrameReader) {
+        let inputs = self.inputs_tx.clone();
+        tokio::spawn(
+            async move {
+                loop {
+                    match reader.next().await {
+                        Ok(Some(body)) => match frame::decode::<PeerMsg<K, V>>(&body) {
+                            Ok(msg) => {
+                                if inputs.send(Input::Msg(key, msg)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(peer = %pc.id, error = %e, "undecodable frame; closing the connection");
+                                pc.conn.close(VarInt::from_u32(close::PROTOCOL), b"undecodable frame");
+                                return;
+                            }
+                        },
+                        Ok(None) => return,
+                        Err(e @ Error::FrameTooLarge { .. }) => {
+                            tracing::warn!(peer = %pc.id, error = %e, "closing the connection");
+                            pc.conn.close(VarInt::from_u32(close::PROTOCOL), b"frame too large");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::debug!(peer = %pc.id, error = %e, "table stream ended");
+                            return;
+                        }
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+    }
+
+    fn peer_down(&mut self, id: &NodeId) {
+        let Some(key) = self.owners.lookup(id) else {
+            return;
+        };
+        let was_link = self.links.remove(&key).is_some();
+        let was_member = self.members.remove(&key);
+        self.join_replies.retain(|_, (k, _)| *k != key);
+        self.joins.remove(&key);
+        self.pause_waiters
+            .retain(|o| !matches!(o, Origin::Peer(k, _) if *k == key));
+        if self.paused.as_ref().is_some_and(|p| &p.coordinator == id) {
+            tracing::warn!(coordinator = %id, "join coordinator is gone; unpausing");
+            self.paused = None;
+        }
+        let removed = self.shared.store.remove_owned(key);
+        if was_member {
+            self.publish_members();
+        }
+        if was_link || was_member || !removed.is_empty() {
+            tracing::info!(peer = %id, dropped = removed.len(), "node down");
+        }
+        if was_member || !removed.is_empty() {
+            if let Some(f) = &self.opts.on_node_down {
+                f(id, &removed);
+            }
+        }
+        self.complete_pending();
+    }
+
+    fn publish_members(&self) {
+        let mut ids: Vec<NodeId> = self
+            .members
+            .iter()
+            .filter_map(|k| self.links.get(k).map(|l| l.id.clone()))
+            .collect();
+        ids.sort();
+        *self
+            .shared
+            .members
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = ids;
+    }
+
+    // ------------------------------------------------------------------ client writes
+
+    /// Group commit: takes `first` and whatever else is queued, applies it, and sends it to
+    /// every member as one frame.
+    fn on_writes(&mut self, first: Write<K, V>) {
+        let replicate = !self.members.is_empty();
+        let mut body = Vec::new();
+        let mut count = 0usize;
+        let mut replies = Vec::new();
+        let mut next = Some(first);
+        while let Some(Write { op, reply }) = next.take() {
+            let mut reply = Some(reply);
+            if let Some(kind) = op {
+                let op = Op {
+                    ts: self.clock.now(),
+                    kind,
+                };
+                let mut accepted = true;
+                if replicate {
+                    let before = body.len();
+                    match postcard::to_extend(&op, std::mem::take(&mut body)) {
+                        Ok(b) if b.len() - before <= self.config.max_frame_size / 2 => {
+                            body = b;
+                            count += 1;
+                        }
+                        Ok(mut b) => {
+                            b.truncate(before);
+                            body = b;
+                            accepted = false;
+                            let limit = self.config.max_frame_size / 2;
+                            if let Some(r) = reply.take() {
+                                let _ = r.send(Err(Error::Config(format!(
+                                    "one write may encode to at most half of max_frame_size ({limit} bytes); split it"
+                                ))));
+                            }
+                        }
+                        Err(e) => {
+                            accepted = false;
+                            if let Some(r) = reply.take() {
+                                let _ = r.send(Err(Error::Codec(e)));
+                            }
+                        }
+                    }
+                }
+                if accepted {
+                    self.apply(op, self.me_idx);
+                }
+            }
+            if let Some(r) = reply {
+                replies.push(r);
+            }
+            if replies.len() >= self.config.max_batch_ops
+                || body.len() >= self.config.max_batch_bytes
+            {
+                break;
+            }
+            next = self.writes.try_recv().ok();
+        }
+        if replies.is_empty() {
+            return;
+        }
+        if !replicate {
+            for r in replies {
+                let _ = r.send(Ok(()));
+            }
+            return;
+        }
+        self.seq += 1;
+        let frame = match ops_frame(self.seq, count, &body) {
+            Ok(f) => f,
+            Err(e) => {
+                let msg = e.to_string();
+                for r in replies {
+                    let _ = r.send(Err(Error::Transport(msg.clone())));
+                }
+                return;
+            }
+        };
+        let mut waiting = Vec::with_capacity(self.members.len());
+        for key in &self.members {
+            if let Some(out) = self.links.get(key).and_then(|l| l.out.as_ref()) {
+                if out.send(frame.clone()).is_ok() {
+                    waiting.push(*key);
+                }
+            }
+        }
+        self.pending.push_back(Pending {
+            seq: self.seq,
+            replies,
+            waiting,
+            deadline: Instant::now() + self.opts.ack_timeout,
+        });
+        self.complete_pending();
+    }
+
+    /// Completes, in order, every batch acknowledged by all its members (or whose missing
+    /// members are gone).
+    fn complete_pending(&mut self) {
+        while let Some(p) = self.pending.front() {
+            let done = p.waiting.iter().all(|k| match self.links.get(k) {
+                Some(l) => l.acked >= p.seq || !self.members.contains(k),
+                None => true,
+            });
+            if !done {
+                break;
+            }
+            if let Some(p) = self.pending.pop_front() {
+                for r in p.replies {
+                    let _ = r.send(Ok(()));
+                }
+            }
+        }
+        if self.pending.is_empty() && !self.pause_waiters.is_empty() {
+            for origin in std::mem::take(&mut self.pause_waiters) {
+                let rep = self.paused_reply();
+                self.reply(origin, rep);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ applying writes
+
+    fn owner_name(&self, idx: OwnerIdx) -> &str {
+        self.owners.get(idx).map(|n| n.name.as_str()).unwrap_or("")
+    }
+
+    /// Whether a write stamped `(ts, owner)` beats what is stored for `k` (or its tombstone).
+    fn newer(&self, k: &K, ts: u64, owner: OwnerIdx) -> bool {
+        let current = self
+            .shared
+            .store
+            .meta(k)
+            .or_else(|| self.tombstones.get(k).copied());
+        match current {
+            None => true,
+            Some((cts, cowner)) => (ts, self.owner_name(owner)) > (cts, self.owner_name(cowner)),
+        }
+    }
+
+    fn owner_of(&self, k: &K, v: &V, writer: OwnerIdx) -> OwnerIdx {
+        let Some(f) = &self.opts.owner else {
+            return writer;
+        };
+        let name = f(k, v);
+        if name == self.me.name {
+            return self.me_idx;
+        }
+        self.links
+            .iter()
+            .find(|(_, l)| l.id.name == name)
+            .map(|(k, _)| *k)
+            .unwrap_or(writer)
+    }
+
+    fn apply(&mut self, op: Op<K, V>, writer: OwnerIdx) {
+        let Op { ts, kind } = op;
+        let store = &self.shared.store;
+        if self.shared.kind == TableKind::Bag {
+            match kind {
+                OpKind::Insert(recs) => {
+                    for (k, v) in recs {
+                        let owner = self.owner_of(&k, &v, writer);
+                        store.put(
+                            k,
+                            Rec {
+                                value: v,
+                                ts,
+                                owner,
+                            },
+                        );
+                    }
+                }
+                OpKind::Delete(keys) => keys.iter().for_each(|k| {
+                    store.remove(k);
+                }),
+                OpKind::DeleteObject(objs) => objs.iter().for_each(|(k, v)| {
+                    store.remove_object(k, v);
+                }),
+            }
+            return;
+        }
+        let keep_tombstones = !self.members.is_empty();
+        match kind {
+            OpKind::Insert(recs) => {
+                for (k, v) in recs {
+                    let owner = self.owner_of(&k, &v, writer);
+                    if self.newer(&k, ts, owner) {
+                        self.tombstones.remove(&k);
+                        self.shared.store.put(
+                            k,
+                            Rec {
+                                value: v,
+                                ts,
+                                owner,
+                            },
+                        );
+                    }
+                }
+            }
+            OpKind::Delete(keys) => {
+                for k in keys {
+                    if self.newer(&k, ts, writer) {
+                        self.shared.store.remove(&k);
+                        if keep_tombstones {
+                            self.tombstones.insert(k, (ts, writer));
+                        }
+                    }
+                }
+            }
+            OpKind::DeleteObject(objs) => {
+                for (k, v) in objs {
+                    let matches = self
+                        .shared
+                        .store
+                        .get(&k)
+                        .is_some_and(|cur| same_value(&cur, &v));
+                    if matches && self.newer(&k, ts, writer) {
+                        self.shared.store.remove(&k);
+                        if keep_tombstones {
+                            self.tombstones.insert(k, (ts, writer));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ peer messages
+
+    fn on_input(&mut self, input: Input<K, V>) {
+        match input {
+            Input::Msg(key, msg) => {
+                if self.links.contains_key(&key) {
+                    self.on_peer_msg(key, msg);
+                }
+            }
+            Input::LinkClosed {
+                key,
+                reason,
+                stop_code,
+            } => {
+                let Some(link) = self.links.get_mut(&key) else {
+                    return;
+                };
+                link.out = None;
+                match stop_code {
+                    Some(stop::UNKNOWN_TABLE) => {
+                        tracing::debug!(peer = %link.id, "peer runs no such table");
+                        link.lacks_table = true;
+                    }
+                    Some(stop::INCOMPATIBLE) => {
+                        tracing::error!(peer = %link.id, "peer refused our table as incompatible");
+                        link.refused = Some("refused by the peer: kind or types differ".into());
+                    }
+                    _ => {
+                        if link.conn.close_reason().is_none() {
+                            tracing::warn!(peer = %link.id, %reason, "table stream failed");
+                        }
+                    }
+                }
+                if self.members.remove(&key) {
+                    self.publish_members();
+                }
+                self.complete_pending();
+            }
+        }
+    }
+
+    fn on_peer_msg(&mut self, key: OwnerIdx, msg: PeerMsg<K, V>) {
+        match msg {
+            PeerMsg::Ops { seq, ops } => {
+                let member = self.members.contains(&key);
+                if !member && !ops.is_empty() {
+                    tracing::debug!(peer = %self.links[&key].id, "writes from a non-member acknowledged, not applied");
+                }
+                for op in ops {
+                    self.clock.observe(op.ts);
+                    if let Some(l) = self.links.get_mut(&key) {
+                        l.watermark = l.watermark.max(op.ts);
+                    }
+                    if member {
+                        self.apply(op, key);
+                    }
+                }
+                self.to_ack.insert(key, seq);
+            }
+            PeerMsg::Ack { seq, clock } => {
+                self.clock.observe(clock);
+                if let Some(l) = self.links.get_mut(&key) {
+                    l.acked = l.acked.max(seq);
+                    l.watermark = l.watermark.max(clock);
+                }
+                self.complete_pending();
+            }
+            PeerMsg::Tick { clock, epoch } => {
+                self.clock.observe(clock);
+                if let Some(l) = self.links.get_mut(&key) {
+                    l.watermark = l.watermark.max(clock);
+                    l.epoch = Some(epoch);
+                }
+            }
+            PeerMsg::Join { req, body } => self.on_join_req(Origin::Peer(key, req), body),
+            PeerMsg::JoinReply { req, body } => {
+                let last = !matches!(body, JoinRep::Chunk { last: false, .. });
+                if let Some((k, tx)) = self.join_replies.get(&req) {
+                    if *k == key {
+                        let _ = tx.send(body);
+                    }
+                }
+                if last {
+                    self.join_replies.remove(&req);
+                }
+            }
+        }
+    }
+
+    fn send_to(&self, key: OwnerIdx, msg: &PeerMsg<K, V>) {
+        let Some(out) = self.links.get(&key).and_then(|l| l.out.as_ref()) else {
+            return;
+        };
+        match frame::encode(msg) {
+            Ok(f) => {
+                let _ = out.send(f);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode a message"),
+        }
+    }
+
+    fn flush_acks(&mut self) {
+        if self.to_ack.is_empty() {
+            return;
+        }
+        let clock = self.clock.now();
+        for (key, seq) in std::mem::take(&mut self.to_ack) {
+            self.send_to(key, &PeerMsg::Ack { seq, clock });
+        }
+    }
+
+    // ------------------------------------------------------------------ joins (participant)
+
+    fn paused_reply(&self) -> JoinRep<K, V> {
+        JoinRep::Paused {
+            members: self.member_ids_with_me(),
+            epoch: self.epoch,
+        }
+    }
+
+    fn member_ids_with_me(&self) -> Vec<NodeId> {
+        let mut v: Vec<NodeId> = self
+            .members
+            .iter()
+            .filter_map(|k| self.links.get(k).map(|l| l.id.clone()))
+            .collect();
+        v.push(self.me.clone());
+        v.sort();
+        v
+    }
+
+    fn reply(&self, origin: Origin<K, V>, body: JoinRep<K, V>) {
+        match origin {
+            Origin::Local(tx) => {
+                let _ = tx.send(body);
+            }
+            Origin::Peer(key, req) => self.send_to(key, &PeerMsg::JoinReply { req, body }),
+        }
+    }
+
+    fn origin_id(&self, origin: &Origin<K, V>) -> Option<NodeId> {
+        match origin {
+            Origin::Local(_) => Some(self.me.clone()),
+            Origin::Peer(k, _) => self.links.get(k).map(|l| l.id.clone()),
+        }
+    }
+
+    fn paused_by(&self, join: u64) -> bool {
+        self.paused.as_ref().is_some_and(|p| p.join == join)
+    }
+
+    fn on_join_req(&mut self, origin: Origin<K, V>, body: JoinReq<K, V>) {
+        match body {
+            JoinReq::Info => {
+                let rep = JoinRep::Info {
+                    members: self.member_ids_with_me(),
+                    epoch: self.epoch,
+                };
+                self.reply(origin, rep);
+            }
+            JoinReq::Pause { join, lease_ms } => {
+                let Some(coordinator) = self.origin_id(&origin) else {
+                    return;
+                };
+                let deadline = Instant::now() + Duration::from_millis(lease_ms);
+                match &mut self.paused {
+                    Some(p) if p.join != join => {
+                        let by = p.coordinator.name.clone();
+                        self.reply(origin, JoinRep::Busy { by });
+                    }
+                    Some(p) => {
+                        p.deadline = deadline;
+                        let rep = self.paused_reply();
+                        self.reply(origin, rep);
+                    }
+                    None => {
+                        tracing::debug!(%coordinator, join, "paused for a join");
+                        self.paused = Some(Pause {
+                            join,
+                            coordinator,
+                            deadline,
+                        });
+                        if self.pending.is_empty() {
+                            let rep = self.paused_reply();
+                            self.reply(origin, rep);
+                        } else {
+                            self.pause_waiters.push(origin);
+                        }
+                    }
+                }
+            }
+            JoinReq::Dump { join, alive } => {
+                if !self.paused_by(join) {
+                    self.reply(
+                        origin,
+                        JoinRep::Refused {
+                            reason: "not paused by this join".into(),
+                        },
+                    );
+                    return;
+                }
+                self.send_dump(origin, &alive);
+            }
+            JoinReq::Apply {
+                join,
+                owners,
+                records,
+                members,
+            } => {
+                if !self.paused_by(join) {
+                    self.reply(
+                        origin,
+                        JoinRep::Refused {
+                            reason: "not paused by this join".into(),
+                        },
+                    );
+                    return;
+                }
+                let map: Vec<OwnerIdx> = owners.iter().map(|id| self.owners.intern(id)).collect();
+                for r in records {
+                    let Some(&owner) = map.get(r.owner as usize) else {
+                        continue;
+                    };
+                    self.tombstones.remove(&r.key);
+                    self.shared.store.put(
+                        r.key,
+                        Rec {
+                            value: r.value,
+                            ts: r.ts,
+                            owner,
+                        },
+                    );
+                }
+                if let Some(members) = members {
+                    self.set_members(&members, join);
+                }
+                self.reply(origin, JoinRep::Applied);
+            }
+            JoinReq::Unpause { join } => {
+                if self.paused_by(join) {
+                    tracing::debug!(join, "unpaused");
+                    self.paused = None;
+                    self.pause_waiters.clear();
+                }
+                self.reply(origin, JoinRep::Unpaused);
+            }
+        }
+    }
+
+    fn send_dump(&self, origin: Origin<K, V>, alive: &[NodeId]) {
+        let alive: Vec<bool> = (0..)
+            .map_while(|i| self.owners.get(i).map(|id| alive.contains(id)))
+            .collect();
+        let owners: Vec<NodeId> = (0..).map_while(|i| self.owners.get(i).cloned()).collect();
+        let chunk_size = self.config.join_chunk_records;
+        let mut chunks: Vec<Vec<WireRecord<K, V>>> = vec![Vec::with_capacity(chunk_size.min(4096))];
+        self.shared.store.for_each(|k, r| {
+            if !alive.get(r.owner as usize).copied().unwrap_or(false) {
+                return;
+            }
+            if chunks.last().is_some_and(|c| c.len() >= chunk_size) {
+                chunks.push(Vec::with_capacity(chunk_size.min(4096)));
+            }
+            if let Some(c) = chunks.last_mut() {
+                c.push(WireRecord {
+                    key: k.clone(),
+                    value: r.value.clone(),
+                    ts: r.ts,
+                    owner: r.owner,
+                });
+            }
+        });
+        let n = chunks.len();
+        for (i, records) in chunks.into_iter().enumerate() {
+            let body = JoinRep::Chunk {
+                owners: owners.clone(),
+                records,
+                last: i + 1 == n,
+            };
+            match &origin {
+                Origin::Local(tx) => {
+                    let _ = tx.send(body);
+                }
+                Origin::Peer(key, req) => {
+                    self.send_to(*key, &PeerMsg::JoinReply { req: *req, body })
+                }
+            }
+        }
+    }
+
+    fn set_members(&mut self, members: &[NodeId], epoch: u64) {
+        let mut set = BTreeSet::new();
+        for id in members.iter().filter(|id| **id != self.me) {
+            match self
+                .owners
+                .lookup(id)
+                .filter(|k| self.links.get(k).is_some_and(|l| l.out.is_some()))
+            {
+                Some(k) => {
+                    set.insert(k);
+                }
+                None => {
+                    tracing::warn!(node = %id, "join named a member this node has no stream to")
+                }
+            }
+        }
+        self.members = set;
+        self.epoch = epoch;
+        for l in self.links.values_mut() {
+            l.disagree_since = None;
+        }
+        self.publish_members();
+        tracing::info!(members = ?self.shared.members.read().map(|m| m.iter().map(|n| n.name.clone()).collect::<Vec<_>>()).unwrap_or_default(), epoch, "joined");
+        self.complete_pending();
+    }
+
+    // ------------------------------------------------------------------ joins (coordinator)
+
+    fn on_control(&mut self, c: Control<K, V>) {
+        match c {
+            Control::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Control::JoinRequest { to, body, replies } => {
+                if to == self.me {
+                    self.on_join_req(Origin::Local(replies), body);
+                    return;
+                }
+                let Some(key) = self
+                    .owners
+                    .lookup(&to)
+                    .filter(|k| self.links.get(k).is_some_and(Link::ready))
+                else {
+                    return; // dropping `replies` tells the coordinator the node is unreachable
+                };
+                self.next_req += 1;
+                let req = self.next_req;
+                self.join_replies.insert(req, (key, replies));
+                self.send_to(key, &PeerMsg::Join { req, body });
+            }
+            Control::JoinDone { peer, result } => {
+                let base = self.config.join_backoff;
+                let max = self.config.join_max_backoff;
+                let name = self
+                    .links
+                    .get(&peer)
+                    .map(|l| l.id.to_string())
+                    .unwrap_or_default();
+                let track = self.joins.entry(peer).or_default();
+                track.running = false;
+                match result {
+                    Ok(conflicts) => {
+                        track.failures = 0;
+                        track.next = None;
+                        self.conflicts += conflicts;
+                    }
+                    Err(e) => {
+                        track.failures = track.failures.saturating_add(1);
+                        let exp = base.saturating_mul(1u32 << track.failures.min(16)).min(max);
+                        let jitter = rand::random_range(0.5..1.5);
+                        track.next = Some(Instant::now() + exp.mul_f64(jitter));
+                        if track.failures >= 3 {
+                            tracing::warn!(peer = %name, error = %e, failures = track.failures, "join failed; retrying");
+                        } else {
+                            tracing::debug!(peer = %name, error = %e, "join failed; retrying");
+                        }
+                    }
+                }
+            }
+            Control::Stop(_) => {}
+        }
+    }
+
+    /// Starts a join with `key` if it is due: both sides run the table, it is not a member, and
+    /// this node has the smaller name (so two nodes never both coordinate the same pair).
+    fn maybe_join(&mut self, key: OwnerIdx) {
+        let Some(link) = self.links.get(&key) else {
+            return;
+        };
+        if !link.ready() || self.members.contains(&key) || self.me.name >= link.id.name {
+            return;
+        }
+        let track = self.joins.entry(key).or_default();
+        if track.running || track.next.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        track.running = true;
+        let peer = link.id.clone();
+        let ctx = JoinCtx {
+            control: self.control_tx.clone(),
+            me: self.me.clone(),
+            kind: self.shared.kind,
+            conflict: self.opts.conflict.clone(),
+            clock: self.clock.clone(),
+            lease: self.config.join_lease,
+            chunk: self.config.join_chunk_records,
+        };
+        let control = self.control_tx.clone();
+        tokio::spawn(
+            async move {
+                let result = join::run(ctx, peer).await;
+                let _ = control.send(Control::JoinDone { peer: key, result });
+            }
+            .in_current_span(),
+        );
+    }
+
+    // ------------------------------------------------------------------ housekeeping
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        self.ticks = self.ticks.wrapping_add(1);
+        if self.paused.as_ref().is_some_and(|p| now > p.deadline) {
+            tracing::warn!("join lease expired; unpausing");
+            self.paused = None;
+            self.pause_waiters.clear();
+        }
+        while self.pending.front().is_some_and(|p| now > p.deadline) {
+            let Some(p) = self.pending.pop_front() else {
+                break;
+            };
+            let missing: Vec<String> = p
+                .waiting
+                .iter()
+                .filter_map(|k| self.links.get(k))
+                .filter(|l| l.acked < p.seq)
+                .map(|l| l.id.name.clone())
+                .collect();
+            for r in p.replies {
+                let _ = r.send(Err(Error::AckTimeout {
+                    table: self.shared.name.clone(),
+                    missing: missing.clone(),
+                    timeout: self.opts.ack_timeout,
+                }));
+            }
+        }
+        self.complete_pending();
+        // Tombstones: forget those older than every member's clock.
+        if !self.tombstones.is_empty() {
+            if self.members.is_empty() {
+                self.tombstones.clear();
+            } else {
+                let min = self
+                    .members
+                    .iter()
+                    .filter_map(|k| self.links.get(k))
+                    .map(|l| l.watermark)
+                    .min();
+                if let Some(min) = min {
+                    self.tombstones.retain(|_, (ts, _)| *ts > min);
+                }
+            }
+        }
+        if self.ticks % ANNOUNCE_EVERY == 0 && !self.members.is_empty() {
+            let msg = PeerMsg::<K, V>::Tick {
+                clock: self.clock.now(),
+                epoch: self.epoch,
+            };
+            if let Ok(f) = frame::encode(&msg) {
+                for k in &self.members {
+                    if let Some(out) = self.links.get(k).and_then(|l| l.out.as_ref()) {
+                        let _ = out.send(f.clone());
+                    }
+                }
+            }
+            self.check_epochs(now);
+        }
+        let keys: Vec<OwnerIdx> = self.links.keys().copied().collect();
+        for k in keys {
+            self.maybe_join(k);
+        }
+    }
+
+    /// A member that reports another membership epoch than ours for longer than
+    /// [`EPOCH_GRACE`] took part in a join that did not finish everywhere. Both sides drop
+    /// each other from their member lists; the next join merges them again.
+    fn check_epochs(&mut self, now: Instant) {
+        if self.paused.is_some() {
+            return;
+        }
+        let mut split = Vec::new();
+        for k in &self.members {
+            let Some(l) = self.links.get_mut(k) else {
+                continue;
+            };
+            match l.epoch {
+                Some(e) if e != self.epoch => {
+                    let since = *l.disagree_since.get_or_insert(now);
+                    if now.duration_since(since) > EPOCH_GRACE {
+                        split.push(*k);
+                    }
+                }
+                _ => l.disagree_since = None,
+            }
+        }
+        for k in split {
+            if let Some(l) = self.links.get_mut(&k) {
+                tracing::warn!(peer = %l.id, "member lists disagree (half-finished join); leaving it to a new join");
+                l.disagree_since = None;
+                l.epoch = None;
+            }
+            self.members.remove(&k);
+        }
+        self.publish_members();
+        self.complete_pending();
+    }
+
+    fn status(&self) -> TableStatus {
+        let name_of = |k: &OwnerIdx| self.links.get(k).map(|l| l.id.name.clone());
+        let mut not_joined: Vec<String> = self
+            .links
+            .iter()
+            .filter(|(k, l)| !self.members.contains(k) && !l.lacks_table && l.refused.is_none())
+            .map(|(_, l)| l.id.name.clone())
+            .collect();
+        not_joined.sort();
+        let mut joining: Vec<String> = self
+            .joins
+            .iter()
+            .filter(|(_, t)| t.running)
+            .filter_map(|(k, _)| name_of(k))
+            .collect();
+        joining.sort();
+        let mut refused: Vec<(String, String)> = self
+            .links
+            .values()
+            .filter_map(|l| l.refused.as_ref().map(|r| (l.id.name.clone(), r.clone())))
+            .collect();
+        refused.sort();
+        let mut disagreeing: Vec<String> = self
+            .members
+            .iter()
+            .filter_map(|k| self.links.get(k))
+            .filter(|l| l.epoch.is_some_and(|e| e != self.epoch))
+            .map(|l| l.id.name.clone())
+            .collect();
+        disagreeing.sort();
+        TableStatus {
+            name: self.shared.name.clone(),
+            kind: self.shared.kind,
+            len: self.shared.store.len(),
+            members: self
+                .shared
+                .members
+                .read()
+                .map(|m| m.clone())
+                .unwrap_or_default(),
+            not_joined,
+            joining,
+            refused,
+            paused: self.paused.is_some(),
+            conflicts: self.conflicts,
+            epoch: self.epoch,
+            disagreeing,
+        }
+    }
+}
+
+/// The frame of `PeerMsg::Ops { seq, ops }` whose `count` ops are already encoded in `body`,
+/// so each op is encoded once, however many peers receive it.
+fn ops_frame(seq: u64, count: usize, body: &[u8]) -> Result<Bytes> {
+    // Encode the message with no ops, drop the trailing zero length, append the real one.
+    let mut head = postcard::to_stdvec(&PeerMsg::<(), ()>::Ops {
+        seq,
+        ops: Vec::new(),
+    })?;
+    head.pop();
+    let head = postcard::to_extend(&count, head)?;
+    let len = head.len() + body.len();
+    let len32 = u32::try_from(len).map_err(|_| Error::FrameTooLarge {
+        size: len,
+        limit: u32::MAX as usize,
+    })?;
+    let mut buf = Vec::with_capacity(frame::PREFIX + len);
+    buf.extend_from_slice(&len32.to_le_bytes());
+    buf.extend_from_slice(&head);
+    buf.extend_from_slice(body);
+    Ok(Bytes::from(buf))
+}
+
+/// Opens the table stream to a peer and writes everything queued to it, batching what
+/// accumulated while the previous write was in flight into one `write_all_chunks`.
+fn spawn_writer<K: Key, V: Value>(
+    pc: PeerConn,
+    header: Bytes,
+    key: OwnerIdx,
+    inputs: mpsc::Sender<Input<K, V>>,
+) -> mpsc::UnboundedSender<Bytes> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+    tokio::spawn(
+        async move {
+            let result: std::result::Result<(), quinn::WriteError> = async {
+                let mut send = pc
+                    .conn
+                    .open_uni()
+                    .await
+                    .map_err(quinn::WriteError::ConnectionLost)?;
+                send.write_all(&header).await?;
+                let mut batch: Vec<Bytes> = Vec::with_capacity(64);
+                while let Some(b) = rx.recv().await {
+                    batch.push(b);
+                    while batch.len() < 256 {
+                        match rx.try_recv() {
+                            Ok(b) => batch.push(b),
+                            Err(_) => break,
+                        }
+                    }
+                    send.write_all_chunks(&mut batch).await?;
+                    batch.clear();
+                }
+                let _ = send.finish();
+                Ok(())
+            }
+            .await;
+            if let Err(e) = result {
+                let stop_code = match &e {
+                    quinn::WriteError::Stopped(code) => u32::try_from(code.into_inner()).ok(),
+                    _ => None,
+                };
+                let _ = inputs
+                    .send(Input::LinkClosed {
+                        key,
+                        reason: e.to_string(),
+                        stop_code,
+                    })
+                    .await;
+            }
+        }
+        .in_current_span(),
+    );
+    tx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ops_frame_decodes_as_peer_msg() {
+        let ops = vec![
+            Op {
+                ts: 7,
+                kind: OpKind::Insert(vec![(1u64, "a".to_string())]),
+            },
+            Op {
+                ts: 8,
+                kind: OpKind::Delete(vec![2u64]),
+            },
+        ];
+        let mut body = Vec::new();
+        for op in &ops {
+            body = postcard::to_extend(op, body).unwrap();
+        }
+        for (count, body) in [(2, &body[..]), (0, &[][..])] {
+            let f = ops_frame(300, count, body).unwrap();
+            match frame::decode::<PeerMsg<u64, String>>(&f[frame::PREFIX..]).unwrap() {
+                PeerMsg::Ops { seq, ops } => {
+                    assert_eq!(seq, 300);
+                    assert_eq!(ops.len(), count);
+                }
+                _ => panic!("wrong variant"),
+            }
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! The health report: what an operator reads first.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use crate::membership::NodeId;
+use crate::table::TableKind;
+
+/// The state of one table on this node.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TableStatus {
+    /// Table name.
+    pub name: String,
+    /// Table kind.
+    pub kind: TableKind,
+    /// Records held here.
+    pub len: usize,
+    /// Nodes this table replicates to (sorted by name).
+    pub members: Vec<NodeId>,
+    /// Connected nodes running this table that are not members yet (a join is due or running).
+    pub not_joined: Vec<String>,
+    /// Nodes with which a join is running now, coordinated by this node.
+    pub joining: Vec<String>,
+    /// Nodes whose table of this name was refused, with the reason (kind or types differ).
+    pub refused: Vec<(String, String)>,
+    /// Whether the table is paused by a join right now.
+    pub paused: bool,
+    /// Conflicting keys resolved by joins this node coordinated.
+    pub conflicts: u64,
+    /// Membership epoch: the id of the last join that set the member list.
+    pub epoch: u64,
+    /// Members whose own member list differs from this node's, as last reported by them
+    /// (a partially joined table; repaired automatically).
+    pub disagreeing: Vec<String>,
+}
+
+/// The node's health report, from [`crate::Node::status`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct NodeStatus {
+    /// This node.
+    pub node: NodeId,
+    /// The address the node listens on.
+    pub local_addr: SocketAddr,
+    /// Addresses the last successful discovery poll returned.
+    pub discovered: Vec<SocketAddr>,
+    /// Nodes connected now, with their address.
+    pub connected: Vec<(NodeId, SocketAddr)>,
+    /// Discovered addresses without a connection, with the reason of the last failure.
+    pub unavailable: Vec<(SocketAddr, String)>,
+    /// Discovery polls tried so far.
+    pub discovery_rounds: u64,
+    /// The error of the last discovery poll, if it failed.
+    pub discovery_error: Option<String>,
+    /// Every table on this node.
+    pub tables: Vec<TableStatus>,
+}
+
+impl NodeStatus {
+    /// Total conflicts resolved by joins this node coordinated, over all tables.
+    pub fn conflicts(&self) -> u64 {
+        self.tables.iter().map(|t| t.conflicts).sum()
+    }
+
+    /// Tables whose members do not agree on the member list, or that still await a join.
+    pub fn partially_joined(&self) -> Vec<String> {
+        self.tables
+            .iter()
+            .filter(|t| !t.disagreeing.is_empty() || !t.not_joined.is_empty())
+            .map(|t| t.name.clone())
+            .collect()
+    }
+}
+
+impl fmt::Display for NodeStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "node {} listening on {}", self.node, self.local_addr)?;
+        let disc = match &self.discovery_error {
+            Some(e) => format!("error: {e}"),
+            None => "ok".to_string(),
+        };
+        writeln!(
+            f,
+            "discovery: {} rounds, last {disc}, {} addresses",
+            self.discovery_rounds,
+            self.discovered.len()
+        )?;
+        writeln!(f, "connected ({}):", self.connected.len())?;
+        for (id, addr) in &self.connected {
+            writeln!(f, "  {id} at {addr}")?;
+        }
+        if !self.unavailable.is_empty() {
+            writeln!(f, "unavailable ({}):", self.unavailable.len())?;
+            for (addr, why) in &self.unavailable {
+                writeln!(f, "  {addr}: {why}")?;
+            }
+        }
+        writeln!(f, "tables ({}):", self.tables.len())?;
+        for t in &self.tables {
+            let members: Vec<&str> = t.members.iter().map(|m| m.name.as_str()).collect();
+            write!(
+                f,
+                "  {} ({}), {} records, members [{}]",
+                t.name,
+                t.kind,
+                t.len,
+                members.join(", ")
+            )?;
+            if t.paused {
+                write!(f, ", paused")?;
+            }
+            if t.conflicts > 0 {
+                write!(f, ", {} conflicts resolved", t.conflicts)?;
+            }
+            writeln!(f)?;
+            if !t.not_joined.is_empty() {
+                writeln!(f, "    not joined yet: {}", t.not_joined.join(", "))?;
+            }
+            if !t.disagreeing.is_empty() {
+                writeln!(
+                    f,
+                    "    member lists disagree with: {}",
+                    t.disagreeing.join(", ")
+                )?;
+            }
+            for (n, why) in &t.refused {
+                writeln!(f, "    refused {n}: {why}")?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,346 @@
+//! The table handle users hold, the table kinds and the start options.
+
+use std::fmt;
+use std::hash::Hash;
+use std::marker::PhantomData;
+use std::ops::RangeBounds;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::conflict::Conflict;
+use crate::membership::NodeId;
+use crate::proto::OpKind;
+use crate::server::{Control, Write};
+use crate::store::Store;
+use crate::{Error, Result};
+
+/// What a key maps to, as in ETS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TableKind {
+    /// One value per key (hash table).
+    Set,
+    /// One value per key, keys kept in order (`range` works).
+    OrderedSet,
+    /// Any number of distinct values per key.
+    Bag,
+}
+
+impl fmt::Display for TableKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TableKind::Set => "set",
+            TableKind::OrderedSet => "ordered_set",
+            TableKind::Bag => "bag",
+        })
+    }
+}
+
+/// The bounds every key type satisfies.
+pub trait Key:
+    Serialize + DeserializeOwned + Clone + Eq + Hash + Ord + Send + Sync + fmt::Debug + 'static
+{
+}
+impl<
+        T: Serialize + DeserializeOwned + Clone + Eq + Hash + Ord + Send + Sync + fmt::Debug + 'static,
+    > Key for T
+{
+}
+/// The bounds every value type satisfies.
+pub trait Value: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {}
+impl<T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> Value for T {}
+
+/// Called with the node that went down and the records it owned, once they are dropped.
+pub type NodeDownFn<K, V> = Arc<dyn Fn(&NodeId, &[(K, V)]) + Send + Sync>;
+/// Names the node that owns a record (see [`TableOptions::owner`]).
+pub type OwnerFn<K, V> = Arc<dyn Fn(&K, &V) -> String + Send + Sync>;
+
+/// How to start a table: its kind and behaviour. Start from [`TableOptions::set`],
+/// [`TableOptions::ordered_set`] or [`TableOptions::bag`].
+pub struct TableOptions<K, V> {
+    pub(crate) kind: TableKind,
+    pub(crate) conflict: Conflict<K, V>,
+    pub(crate) on_node_down: Option<NodeDownFn<K, V>>,
+    pub(crate) owner: Option<OwnerFn<K, V>>,
+    pub(crate) ack_timeout: Duration,
+}
+
+impl<K, V> Clone for TableOptions<K, V> {
+    fn clone(&self) -> Self {
+        Self {
+            kind: self.kind,
+            conflict: self.conflict.clone(),
+            on_node_down: self.on_node_down.clone(),
+            owner: self.owner.clone(),
+            ack_timeout: self.ack_timeout,
+        }
+    }
+}
+
+impl<K, V> fmt::Debug for TableOptions<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TableOptions")
+            .field("kind", &self.kind)
+            .field("conflict", &self.conflict)
+            .field("on_node_down", &self.on_node_down.is_some())
+            .field("owner", &self.owner.is_some())
+            .field("ack_timeout", &self.ack_timeout)
+            .finish()
+    }
+}
+
+impl<K, V> TableOptions<K, V> {
+    fn of(kind: TableKind) -> Self {
+        Self {
+            kind,
+            conflict: Conflict::LastWriterWins,
+            on_node_down: None,
+            owner: None,
+            ack_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// A hash table: one value per key.
+    pub fn set() -> Self {
+        Self::of(TableKind::Set)
+    }
+
+    /// An ordered table: one value per key, [`Table::range`] in key order.
+    pub fn ordered_set() -> Self {
+        Self::of(TableKind::OrderedSet)
+    }
+
+    /// A bag: any number of distinct values per key ([`Table::lookup`] returns them all).
+    /// Writes to a bag are applied in arrival order; a join takes the union of both sides.
+    pub fn bag() -> Self {
+        Self::of(TableKind::Bag)
+    }
+
+    /// The table's kind.
+    pub fn kind(&self) -> TableKind {
+        self.kind
+    }
+
+    /// Decides, during a join, between two records with the same key (not used by bags).
+    /// The handler runs once per conflicting key on the coordinating node; its result is stored
+    /// on every node. Keep it pure and fast.
+    pub fn conflict_handler<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&K, &V, &V) -> V + Send + Sync + 'static,
+    {
+        self.conflict = Conflict::Handler(Arc::new(f));
+        self
+    }
+
+    /// Resolves join conflicts by last writer wins (the default).
+    pub fn last_writer_wins(mut self) -> Self {
+        self.conflict = Conflict::LastWriterWins;
+        self
+    }
+
+    /// Called on every surviving node when a node goes down, with the records it owned, after
+    /// they were dropped. Runs inside the table's server: do not await writes to this table
+    /// from it (spawn a task instead).
+    pub fn on_node_down<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&NodeId, &[(K, V)]) + Send + Sync + 'static,
+    {
+        self.on_node_down = Some(Arc::new(f));
+        self
+    }
+
+    /// Names the node that owns a record (default: the node that wrote it). A record is
+    /// dropped everywhere when its owner goes down. A name that is not a live node of the table
+    /// leaves the record owned by the writer.
+    pub fn owner<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&K, &V) -> String + Send + Sync + 'static,
+    {
+        self.owner = Some(Arc::new(f));
+        self
+    }
+
+    /// How long a write waits for the peers' acknowledgements before it returns
+    /// [`Error::AckTimeout`] (the write stays applied). Default 30 s.
+    pub fn ack_timeout(mut self, d: Duration) -> Self {
+        self.ack_timeout = d;
+        self
+    }
+}
+
+/// State shared by the handles and the table's server.
+pub(crate) struct Shared<K, V> {
+    pub name: String,
+    pub kind: TableKind,
+    pub store: Store<K, V>,
+    /// Published by the server whenever membership changes.
+    pub members: RwLock<Vec<NodeId>>,
+}
+
+/// A handle to one replicated table on this node. Cheap to clone; every clone is the same table.
+///
+/// Reads (`get`, `lookup`, `len`, `to_vec`, `range`…) are local and never wait on the network or
+/// on writers. Writes return once applied here and acknowledged by every peer that was a member
+/// of the table when the write was sent (a peer that goes down releases the wait).
+pub struct Table<K, V> {
+    pub(crate) shared: Arc<Shared<K, V>>,
+    pub(crate) writes: mpsc::Sender<Write<K, V>>,
+    pub(crate) control: mpsc::UnboundedSender<Control<K, V>>,
+    pub(crate) _types: PhantomData<fn() -> (K, V)>,
+}
+
+impl<K, V> Clone for Table<K, V> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            writes: self.writes.clone(),
+            control: self.control.clone(),
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<K, V> fmt::Debug for Table<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Table")
+            .field("name", &self.shared.name)
+            .field("kind", &self.shared.kind)
+            .finish()
+    }
+}
+
+impl<K: crate::table::Key, V: crate::table::Value> Table<K, V> {
+    async fn write(&self, op: Option<OpKind<K, V>>) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.writes
+            .send(Write { op, reply })
+            .await
+            .map_err(|_| Error::Shutdown)?;
+        rx.await.map_err(|_| Error::Shutdown)?
+    }
+
+    /// Inserts or replaces a record (adds a value, for a bag).
+    pub async fn insert(&self, key: K, value: V) -> Result<()> {
+        self.write(Some(OpKind::Insert(vec![(key, value)]))).await
+    }
+
+    /// Inserts many records as one replicated write.
+    pub async fn insert_many(&self, records: Vec<(K, V)>) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.write(Some(OpKind::Insert(records))).await
+    }
+
+    /// Deletes a key (all its values, for a bag).
+    pub async fn delete(&self, key: &K) -> Result<()> {
+        self.write(Some(OpKind::Delete(vec![key.clone()]))).await
+    }
+
+    /// Deletes many keys as one replicated write.
+    pub async fn delete_many(&self, keys: Vec<K>) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.write(Some(OpKind::Delete(keys))).await
+    }
+
+    /// Deletes one object: the record `(key, value)` if it is stored (one value of a bag key).
+    pub async fn delete_object(&self, key: &K, value: &V) -> Result<()> {
+        self.write(Some(OpKind::DeleteObject(vec![(
+            key.clone(),
+            value.clone(),
+        )])))
+        .await
+    }
+
+    /// Deletes many objects as one replicated write.
+    pub async fn delete_objects(&self, objects: Vec<(K, V)>) -> Result<()> {
+        if objects.is_empty() {
+            return Ok(());
+        }
+        self.write(Some(OpKind::DeleteObject(objects))).await
+    }
+
+    /// Barrier: returns once every write issued on this node before it is applied on every
+    /// member of the table.
+    pub async fn sync(&self) -> Result<()> {
+        self.write(None).await
+    }
+
+    /// The value of a key (the first value, for a bag). Local, lock-free.
+    pub fn get(&self, key: &K) -> Option<V> {
+        self.shared.store.get(key)
+    }
+
+    /// Every value of a key (at most one, except for a bag). Local.
+    pub fn lookup(&self, key: &K) -> Vec<V> {
+        self.shared.store.lookup(key)
+    }
+
+    /// Whether the key is stored. Local.
+    pub fn contains_key(&self, key: &K) -> bool {
+        self.shared.store.contains_key(key)
+    }
+
+    /// Number of records (for a bag, of values). Local.
+    pub fn len(&self) -> usize {
+        self.shared.store.len()
+    }
+
+    /// Whether the table holds no record. Local.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A copy of every record (in key order for an ordered set). Local.
+    pub fn to_vec(&self) -> Vec<(K, V)> {
+        self.shared.store.to_vec()
+    }
+
+    /// Records whose key is in `range`, in key order. Only for `ordered_set` tables; other
+    /// kinds return [`Error::Unsupported`].
+    pub fn range<R: RangeBounds<K>>(&self, range: R) -> Result<Vec<(K, V)>> {
+        self.shared
+            .store
+            .range(range)
+            .ok_or(Error::Unsupported(match self.shared.kind {
+                TableKind::Set => "set",
+                TableKind::Bag => "bag",
+                TableKind::OrderedSet => "ordered_set",
+            }))
+    }
+
+    /// The other nodes this table replicates to, by name, sorted.
+    pub fn nodes(&self) -> Vec<String> {
+        self.shared
+            .members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|n| n.name.clone())
+            .collect()
+    }
+
+    /// The table's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The table's kind.
+    pub fn kind(&self) -> TableKind {
+        self.shared.kind
+    }
+
+    /// The table's health: members, joins, conflicts, refused peers.
+    pub async fn status(&self) -> Result<crate::status::TableStatus> {
+        let (tx, rx) = oneshot::channel();
+        self.control
+            .send(Control::Status(tx))
+            .map_err(|_| Error::Shutdown)?;
+        rx.await.map_err(|_| Error::Shutdown)
+    }
+}

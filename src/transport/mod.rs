@@ -1,0 +1,77 @@
+//! QUIC transport: one endpoint per node, one authenticated connection per pair of nodes.
+//!
+//! - [`tls`]: certificates and rustls configs (ring provider, always explicit).
+//! - [`handshake`]: the cookie proof bound to the TLS session.
+//! - [`frame`]: length-prefixed postcard frames with a size limit.
+//! - [`peers`]: the connection manager, one task that owns every connection of the node.
+
+pub(crate) mod frame;
+pub(crate) mod handshake;
+pub(crate) mod peers;
+pub(crate) mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use quinn::{Endpoint, EndpointConfig, IdleTimeout, TokioRuntime, TransportConfig, VarInt};
+
+use crate::config::NodeConfig;
+use crate::{Error, Result};
+
+/// Maximum table streams a peer may open towards us (one per table).
+const MAX_UNI_STREAMS: u32 = 4096;
+
+fn transport_config(cfg: &NodeConfig) -> Result<TransportConfig> {
+    let mut t = TransportConfig::default();
+    t.keep_alive_interval(Some(cfg.keep_alive_interval));
+    t.max_idle_timeout(Some(
+        IdleTimeout::try_from(cfg.idle_timeout)
+            .map_err(|_| Error::Config("idle_timeout is too large".into()))?,
+    ));
+    t.max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(16));
+    t.stream_receive_window(VarInt::from_u32(8 * 1024 * 1024));
+    t.receive_window(VarInt::from_u32(32 * 1024 * 1024));
+    t.send_window(32 * 1024 * 1024);
+    Ok(t)
+}
+
+fn bind(listen: SocketAddr, cfg: &NodeConfig) -> Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(listen),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    if listen.is_ipv6() {
+        // Accept IPv4-mapped peers too when bound to [::].
+        let _ = socket.set_only_v6(false);
+    }
+    if let Err(e) = socket.set_recv_buffer_size(cfg.socket_receive_buffer_size) {
+        tracing::warn!(error = %e, "cannot set the UDP receive buffer size; keeping the default");
+    }
+    if let Err(e) = socket.set_send_buffer_size(cfg.socket_send_buffer_size) {
+        tracing::warn!(error = %e, "cannot set the UDP send buffer size; keeping the default");
+    }
+    socket.bind(&listen.into())?;
+    Ok(socket.into())
+}
+
+/// Binds the node's QUIC endpoint: server and client on one UDP socket.
+pub(crate) fn endpoint(listen: SocketAddr, cfg: &NodeConfig) -> Result<Endpoint> {
+    let (server_crypto, client_crypto) = tls::configs()?;
+    let transport = Arc::new(transport_config(cfg)?);
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+    server.transport_config(transport.clone());
+    let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+    client.transport_config(transport);
+    let socket = bind(listen, cfg)?;
+    let mut ep = Endpoint::new(
+        EndpointConfig::default(),
+        Some(server),
+        socket,
+        Arc::new(TokioRuntime),
+    )?;
+    ep.set_default_client_config(client);
+    Ok(ep)
+}

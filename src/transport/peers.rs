@@ -1,0 +1,422 @@
+//! The connection manager: one task owns every connection of the node.
+//!
+//! Rules it enforces:
+//! - **One connection per pair.** The connection that counts is the one dialed by the node with
+//!   the smaller name. When the larger node dials (its discovery found the smaller one first),
+//!   the handshake completes, the smaller node closes that connection with `REDIRECT` and dials
+//!   back at once. Both sides apply the same rule to the same facts, so two nodes that dial each
+//!   other at the same moment end with exactly one connection and no timing-dependent
+//!   tie-break.
+//! - **Incarnations.** A canonical connection from a known name with a new incarnation replaces
+//!   the old one, which counts as down. A second connection from the same live incarnation is
+//!   closed as a duplicate.
+//! - **Down.** When the active connection closes (idle timeout, peer shutdown, error), every
+//!   table hears `PeerDown` once. Stale closes are told apart by `stable_id`.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use quinn::{Connection, Endpoint, VarInt};
+use ring::hmac;
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+
+use super::frame::{self, FrameReader};
+use super::handshake::{self, Authenticated};
+use crate::config::NodeConfig;
+use crate::membership::NodeId;
+use crate::proto::{close, StreamHeader};
+use crate::registry::{PeerConn, Registry, TableEvent};
+
+/// Largest stream header accepted.
+const HEADER_LIMIT: usize = 4096;
+
+/// A snapshot of the manager's view, for the health report.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PeersView {
+    pub connected: Vec<(NodeId, SocketAddr)>,
+    pub unavailable: Vec<(SocketAddr, String)>,
+}
+
+pub(crate) enum Command {
+    /// Connect to this address unless already connected or dialing.
+    Dial(SocketAddr),
+    Authenticated(Authenticated),
+    DialFailed(SocketAddr, String),
+    Closed {
+        name: String,
+        stable_id: usize,
+        reason: String,
+    },
+    View(oneshot::Sender<PeersView>),
+    /// A table started: tell it about every connected peer.
+    Announce(String),
+    Shutdown(oneshot::Sender<()>),
+}
+
+struct Active {
+    id: NodeId,
+    conn: Connection,
+}
+
+pub(crate) struct PeerManager {
+    me: NodeId,
+    endpoint: Endpoint,
+    key: Arc<hmac::Key>,
+    config: NodeConfig,
+    registry: Arc<Registry>,
+    tx: mpsc::UnboundedSender<Command>,
+    active: HashMap<String, Active>,
+    dialing: HashSet<SocketAddr>,
+    self_addrs: HashSet<SocketAddr>,
+    unavailable: HashMap<SocketAddr, String>,
+}
+
+impl PeerManager {
+    /// Starts the manager and the accept loop; returns the command sender.
+    pub(crate) fn spawn(
+        me: NodeId,
+        endpoint: Endpoint,
+        cookie: &[u8],
+        config: NodeConfig,
+        registry: Arc<Registry>,
+    ) -> mpsc::UnboundedSender<Command> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let key = Arc::new(handshake::cookie_key(cookie));
+        let mut self_addrs = HashSet::new();
+        if let Ok(a) = endpoint.local_addr() {
+            self_addrs.insert(a);
+        }
+        let span = tracing::info_span!("cets_node", node = %me.name);
+        tokio::spawn(
+            accept_loop(
+                endpoint.clone(),
+                me.clone(),
+                key.clone(),
+                config.clone(),
+                tx.clone(),
+            )
+            .instrument(span.clone()),
+        );
+        let manager = PeerManager {
+            me,
+            endpoint,
+            key,
+            config,
+            registry,
+            tx: tx.clone(),
+            active: HashMap::new(),
+            dialing: HashSet::new(),
+            self_addrs,
+            unavailable: HashMap::new(),
+        };
+        tokio::spawn(manager.run(rx).instrument(span));
+        tx
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        while let Some(cmd) = rx.recv().await {
+            match cmd {
+                Command::Dial(addr) => self.dial(addr),
+                Command::Authenticated(a) => self.authenticated(a),
+                Command::DialFailed(addr, reason) => {
+                    self.dialing.remove(&addr);
+                    tracing::debug!(%addr, %reason, "dial failed");
+                    self.unavailable.insert(addr, reason);
+                }
+                Command::Closed {
+                    name,
+                    stable_id,
+                    reason,
+                } => self.closed(&name, stable_id, &reason),
+                Command::View(reply) => {
+                    let mut connected: Vec<_> = self
+                        .active
+                        .values()
+                        .map(|a| (a.id.clone(), a.conn.remote_address()))
+                        .collect();
+                    connected.sort();
+                    let mut unavailable: Vec<_> = self
+                        .unavailable
+                        .iter()
+                        .map(|(a, r)| (*a, r.clone()))
+                        .collect();
+                    unavailable.sort();
+                    let _ = reply.send(PeersView {
+                        connected,
+                        unavailable,
+                    });
+                }
+                Command::Announce(table) => {
+                    for a in self.active.values() {
+                        let pc = PeerConn {
+                            id: a.id.clone(),
+                            conn: a.conn.clone(),
+                        };
+                        self.registry.send(&table, TableEvent::PeerUp(pc));
+                    }
+                }
+                Command::Shutdown(done) => {
+                    for (_, a) in self.active.drain() {
+                        a.conn
+                            .close(VarInt::from_u32(close::SHUTDOWN), b"node shutting down");
+                        let id = a.id.clone();
+                        self.registry.broadcast(|| TableEvent::PeerDown(id.clone()));
+                    }
+                    self.endpoint
+                        .close(VarInt::from_u32(close::SHUTDOWN), b"node shutting down");
+                    let _ = done.send(());
+                    return;
+                }
+            }
+        }
+    }
+
+    fn dial(&mut self, addr: SocketAddr) {
+        if self.self_addrs.contains(&addr) || self.dialing.contains(&addr) {
+            return;
+        }
+        if self
+            .active
+            .values()
+            .any(|a| a.conn.remote_address() == addr && a.conn.close_reason().is_none())
+        {
+            return;
+        }
+        self.dialing.insert(addr);
+        let (endpoint, me, key, tx) = (
+            self.endpoint.clone(),
+            self.me.clone(),
+            self.key.clone(),
+            self.tx.clone(),
+        );
+        let timeout = self.config.handshake_timeout;
+        tokio::spawn(
+            async move {
+                let result = async {
+                    let connecting = endpoint
+                        .connect(addr, super::tls::SERVER_NAME)
+                        .map_err(|e| crate::Error::Transport(e.to_string()))?;
+                    let conn = tokio::time::timeout(timeout, connecting)
+                        .await
+                        .map_err(|_| crate::Error::Timeout(timeout))?
+                        .map_err(|e| crate::Error::Transport(e.to_string()))?;
+                    handshake::dialer(conn, &me, &key, timeout).await
+                }
+                .await;
+                let _ = tx.send(match result {
+                    Ok(a) => Command::Authenticated(a),
+                    Err(e) => {
+                        if matches!(e, crate::Error::Handshake { .. }) {
+                            tracing::warn!(%addr, error = %e, "handshake refused");
+                        }
+                        Command::DialFailed(addr, e.to_string())
+                    }
+                });
+            }
+            .in_current_span(),
+        );
+    }
+
+    fn authenticated(&mut self, a: Authenticated) {
+        let addr = a.conn.remote_address();
+        if a.dialed {
+            self.dialing.remove(&addr);
+        }
+        self.unavailable.remove(&addr);
+        let peer = a.peer.clone();
+        if peer.name == self.me.name {
+            if peer.incarnation == self.me.incarnation {
+                tracing::debug!(%addr, "dialed myself; ignoring this address from now on");
+                self.self_addrs.insert(addr);
+                a.conn.close(VarInt::from_u32(close::SELF), b"self");
+            } else {
+                tracing::error!(%addr, name = %peer.name, "another node uses this node's name; refusing it");
+                self.unavailable
+                    .insert(addr, format!("node name {} is used twice", peer.name));
+                a.conn.close(
+                    VarInt::from_u32(close::DUPLICATE),
+                    b"node name already in use",
+                );
+            }
+            return;
+        }
+        let dialer_is_smaller = if a.dialed {
+            self.me.name < peer.name
+        } else {
+            peer.name < self.me.name
+        };
+        if !dialer_is_smaller {
+            if !a.dialed {
+                // The larger node dialed us: close, and dial back so the canonical connection exists.
+                a.conn
+                    .close(VarInt::from_u32(close::REDIRECT), b"the smaller name dials");
+                if !self
+                    .active
+                    .get(&peer.name)
+                    .is_some_and(|x| x.conn.close_reason().is_none())
+                {
+                    self.dial(addr);
+                }
+            } else {
+                // We are the larger node: the peer closes this connection and dials back.
+                let conn = a.conn.clone();
+                let wait = self.config.handshake_timeout;
+                tokio::spawn(async move {
+                    if tokio::time::timeout(wait, conn.closed()).await.is_err() {
+                        conn.close(VarInt::from_u32(close::REDIRECT), b"not canonical");
+                    }
+                });
+            }
+            return;
+        }
+        if let Some(old) = self.active.get(&peer.name) {
+            if old.id == peer && old.conn.close_reason().is_none() {
+                tracing::debug!(peer = %peer, "duplicate connection closed");
+                a.conn
+                    .close(VarInt::from_u32(close::DUPLICATE), b"already connected");
+                return;
+            }
+            let old = self.active.remove(&peer.name).map(|o| (o.id, o.conn));
+            if let Some((old_id, old_conn)) = old {
+                tracing::info!(old = %old_id, new = %peer, "peer reconnected; old incarnation is gone");
+                old_conn.close(VarInt::from_u32(close::REPLACED), b"replaced");
+                self.registry
+                    .broadcast(|| TableEvent::PeerDown(old_id.clone()));
+            }
+        }
+        tracing::info!(peer = %peer, %addr, "connected");
+        let conn = a.conn;
+        self.active.insert(
+            peer.name.clone(),
+            Active {
+                id: peer.clone(),
+                conn: conn.clone(),
+            },
+        );
+        let pc = PeerConn {
+            id: peer.clone(),
+            conn: conn.clone(),
+        };
+        // Watch for the end of the connection.
+        let tx = self.tx.clone();
+        let watched = conn.clone();
+        let name = peer.name.clone();
+        tokio::spawn(async move {
+            let reason = watched.closed().await;
+            let _ = tx.send(Command::Closed {
+                name,
+                stable_id: watched.stable_id(),
+                reason: reason.to_string(),
+            });
+        });
+        // Route the table streams the peer opens.
+        tokio::spawn(
+            route_streams(
+                pc.clone(),
+                self.registry.clone(),
+                self.config.max_frame_size,
+            )
+            .in_current_span(),
+        );
+        self.registry.broadcast(|| TableEvent::PeerUp(pc.clone()));
+    }
+
+    fn closed(&mut self, name: &str, stable_id: usize, reason: &str) {
+        if self
+            .active
+            .get(name)
+            .is_some_and(|a| a.conn.stable_id() == stable_id)
+        {
+            if let Some(a) = self.active.remove(name) {
+                tracing::info!(peer = %a.id, %reason, "connection lost; node is down");
+                self.unavailable
+                    .insert(a.conn.remote_address(), reason.to_string());
+                let id = a.id;
+                self.registry.broadcast(|| TableEvent::PeerDown(id.clone()));
+            }
+        }
+    }
+}
+
+async fn accept_loop(
+    endpoint: Endpoint,
+    me: NodeId,
+    key: Arc<hmac::Key>,
+    config: NodeConfig,
+    tx: mpsc::UnboundedSender<Command>,
+) {
+    while let Some(incoming) = endpoint.accept().await {
+        let (me, key, tx) = (me.clone(), key.clone(), tx.clone());
+        let timeout = config.handshake_timeout;
+        tokio::spawn(
+            async move {
+                let addr = incoming.remote_address();
+                let conn = match tokio::time::timeout(timeout, incoming).await {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%addr, error = %e, "incoming connection failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%addr, "incoming connection timed out");
+                        return;
+                    }
+                };
+                match handshake::acceptor(conn, &me, &key, timeout).await {
+                    Ok(a) => {
+                        let _ = tx.send(Command::Authenticated(a));
+                    }
+                    Err(e) => tracing::warn!(%addr, error = %e, "refused incoming connection"),
+                }
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+/// Accepts the table streams a peer opens and hands each to its table.
+async fn route_streams(peer: PeerConn, registry: Arc<Registry>, limit: usize) {
+    loop {
+        let recv = match peer.conn.accept_uni().await {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        let (peer, registry) = (peer.clone(), registry.clone());
+        tokio::spawn(
+            async move {
+                let mut reader = FrameReader::new(recv, limit);
+                let header = match tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                    let mut small = reader;
+                    let r = match small.next().await {
+                        Ok(Some(body)) if body.len() <= HEADER_LIMIT => frame::decode::<StreamHeader>(&body),
+                        Ok(Some(_)) => Err(crate::Error::Transport("stream header too large".into())),
+                        Ok(None) => Err(crate::Error::Transport("stream closed before its header".into())),
+                        Err(e) => Err(e),
+                    };
+                    (small, r)
+                })
+                .await
+                {
+                    Ok((r, Ok(h))) => {
+                        reader = r;
+                        h
+                    }
+                    Ok((_, Err(e))) => {
+                        tracing::warn!(peer = %peer.id, error = %e, "bad table stream; closing the connection");
+                        peer.conn.close(VarInt::from_u32(close::PROTOCOL), b"bad stream header");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(peer = %peer.id, "table stream sent no header; closing the connection");
+                        peer.conn.close(VarInt::from_u32(close::PROTOCOL), b"no stream header");
+                        return;
+                    }
+                };
+                registry.route_inbound(peer, header, reader);
+            }
+            .in_current_span(),
+        );
+    }
+}
