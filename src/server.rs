@@ -1093,7 +1093,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 }
             }
         }
-        if self.ticks % ANNOUNCE_EVERY == 0 && !self.members.is_empty() {
+        if self.ticks.is_multiple_of(ANNOUNCE_EVERY) && !self.members.is_empty() {
             let msg = PeerMsg::<K, V>::Tick {
                 clock: self.clock.now(),
                 epoch: self.epoch,

@@ -27,7 +27,7 @@ pub(crate) struct Rec<V> {
 
 pub(crate) enum Store<K, V> {
     Set(papaya::HashMap<K, Rec<V>>),
-    Ordered(SkipMap<K, Rec<V>>),
+    Ordered(Box<SkipMap<K, Rec<V>>>),
     Bag {
         map: papaya::HashMap<K, Vec<Rec<V>>>,
         objects: AtomicUsize,
@@ -50,7 +50,7 @@ where
     pub(crate) fn new(kind: TableKind) -> Self {
         match kind {
             TableKind::Set => Store::Set(papaya::HashMap::new()),
-            TableKind::OrderedSet => Store::Ordered(SkipMap::new()),
+            TableKind::OrderedSet => Store::Ordered(Box::new(SkipMap::new())),
             TableKind::Bag => Store::Bag {
                 map: papaya::HashMap::new(),
                 objects: AtomicUsize::new(0),

@@ -252,10 +252,10 @@ impl PeerManager {
                 // The larger node dialed us: close, and dial back so the canonical connection exists.
                 a.conn
                     .close(VarInt::from_u32(close::REDIRECT), b"the smaller name dials");
-                if !self
+                if self
                     .active
                     .get(&peer.name)
-                    .is_some_and(|x| x.conn.close_reason().is_none())
+                    .is_none_or(|x| x.conn.close_reason().is_some())
                 {
                     self.dial(addr);
                 }
