@@ -34,6 +34,8 @@ pub(crate) struct JoinCtx<K, V> {
     pub clock: Arc<HybridClock>,
     pub lease: Duration,
     pub chunk: usize,
+    pub table: String,
+    pub checkpoint: Option<crate::table::JoinCheckpointFn>,
 }
 
 /// A record of the merge, owner as an index into the join's owner list.
@@ -47,7 +49,7 @@ struct Version<V> {
 impl<K: Key, V: Value> JoinCtx<K, V> {
     fn fail(&self, peer: &NodeId, reason: impl Into<String>) -> Error {
         Error::Join {
-            table: String::new(),
+            table: self.table.clone(),
             peer: peer.to_string(),
             reason: reason.into(),
         }
@@ -101,11 +103,17 @@ pub(crate) async fn run<K: Key, V: Value>(ctx: JoinCtx<K, V>, peer: NodeId) -> R
     // 2. Lock, in the global order.
     let mut locked: Vec<NodeId> = Vec::new();
     let mut views: BTreeMap<NodeId, (Vec<NodeId>, u64)> = BTreeMap::new();
+    let mut reach: BTreeMap<NodeId, Vec<NodeId>> = BTreeMap::new();
     for n in &all {
         match ctx.ask(n, JoinReq::Pause { join, lease_ms }).await {
-            Ok(JoinRep::Paused { members, epoch }) => {
+            Ok(JoinRep::Paused {
+                members,
+                epoch,
+                reachable,
+            }) => {
                 locked.push(n.clone());
                 views.insert(n.clone(), (members, epoch));
+                reach.insert(n.clone(), reachable);
             }
             Ok(JoinRep::Busy { by }) => {
                 release(&ctx, &locked, join).await;
@@ -121,30 +129,65 @@ pub(crate) async fn run<K: Key, V: Value>(ctx: JoinCtx<K, V>, peer: NodeId) -> R
             }
         }
     }
-    let renew = {
-        let control = ctx.control.clone();
-        let nodes = locked.clone();
-        let every = ctx.lease / 3;
-        tokio::spawn(async move {
-            let mut t = tokio::time::interval(every);
-            t.tick().await;
-            loop {
-                t.tick().await;
-                for n in &nodes {
-                    let (tx, _rx) = mpsc::unbounded_channel();
-                    let _ = control.send(Control::JoinRequest {
-                        to: n.clone(),
-                        body: JoinReq::Pause { join, lease_ms },
-                        replies: tx,
-                    });
-                }
-            }
-        })
+    let mut lease = Lease {
+        nodes: locked.clone(),
+        join,
+        lease_ms,
+        every: ctx.lease / 3,
+        last: tokio::time::Instant::now(),
     };
-    let result = merge(&ctx, &peer, join, &all, &views).await;
-    renew.abort();
+    if let Some(f) = &ctx.checkpoint {
+        f("locked").await;
+    }
+    let result = match unreachable_pair(&all, &reach) {
+        Some((a, b)) => Err(ctx.fail(&peer, format!("{a} cannot reach {b}; not joining"))),
+        None => merge(&ctx, &peer, join, &all, &views, &mut lease).await,
+    };
     release(&ctx, &locked, join).await;
     result
+}
+
+/// The pauses this join holds. They are renewed from the join's own progress (each dump chunk,
+/// each applied chunk), never from a timer: a coordinator that stalls loses its lease.
+struct Lease {
+    nodes: Vec<NodeId>,
+    join: u64,
+    lease_ms: u64,
+    every: Duration,
+    last: tokio::time::Instant,
+}
+
+impl Lease {
+    fn renew<K: Key, V: Value>(&mut self, ctx: &JoinCtx<K, V>) {
+        if self.last.elapsed() < self.every {
+            return;
+        }
+        self.last = tokio::time::Instant::now();
+        for n in &self.nodes {
+            // Replies are not awaited: a lost renewal shows up as a refused step later.
+            drop(ctx.request(
+                n,
+                JoinReq::Pause {
+                    join: self.join,
+                    lease_ms: self.lease_ms,
+                },
+            ));
+        }
+    }
+}
+
+/// A pair of nodes of the join without a table stream between them, if any.
+fn unreachable_pair(
+    all: &BTreeSet<NodeId>,
+    reach: &BTreeMap<NodeId, Vec<NodeId>>,
+) -> Option<(NodeId, NodeId)> {
+    for a in all {
+        let seen = reach.get(a)?;
+        if let Some(b) = all.iter().find(|b| *b != a && !seen.contains(b)) {
+            return Some((a.clone(), b.clone()));
+        }
+    }
+    None
 }
 
 /// Unpauses every locked server, best effort (a server that is gone unpauses by its lease).
@@ -164,6 +207,7 @@ async fn merge<K: Key, V: Value>(
     join: u64,
     all: &BTreeSet<NodeId>,
     views: &BTreeMap<NodeId, (Vec<NodeId>, u64)>,
+    lease: &mut Lease,
 ) -> Result<u64> {
     let everyone: Vec<NodeId> = all.iter().cloned().collect();
     // Already joined while we waited for the locks?
@@ -238,6 +282,7 @@ async fn merge<K: Key, V: Value>(
                             },
                         ));
                     }
+                    lease.renew(ctx);
                     if last {
                         break;
                     }
@@ -308,6 +353,9 @@ async fn merge<K: Key, V: Value>(
         }
     }
 
+    if let Some(f) = &ctx.checkpoint {
+        f("before_apply").await;
+    }
     // 5. Apply everywhere, the member list with the last chunk.
     let mut waits = Vec::new();
     for ((_, targets), delta) in groups.iter().zip(deltas) {
@@ -331,6 +379,7 @@ async fn merge<K: Key, V: Value>(
         }
     }
     for (t, mut rx) in waits {
+        lease.renew(ctx);
         match ctx.next(&t, &mut rx).await? {
             JoinRep::Applied => {}
             JoinRep::Refused { reason } => return Err(ctx.fail(&t, reason)),

@@ -109,9 +109,12 @@ pub(crate) enum JoinRep<K, V> {
         members: Vec<NodeId>,
         epoch: u64,
     },
+    /// Paused; with the pauser's member list, epoch, and the nodes it has a table stream with
+    /// both ways (the coordinator refuses to join nodes that cannot all reach each other).
     Paused {
         members: Vec<NodeId>,
         epoch: u64,
+        reachable: Vec<NodeId>,
     },
     Busy {
         by: String,

@@ -757,6 +757,12 @@ impl<K: Key, V: Value> Server<K, V> {
         JoinRep::Paused {
             members: self.member_ids_with_me(),
             epoch: self.epoch,
+            reachable: self
+                .links
+                .values()
+                .filter(|l| l.ready())
+                .map(|l| l.id.clone())
+                .collect(),
         }
     }
 
@@ -1036,6 +1042,8 @@ impl<K: Key, V: Value> Server<K, V> {
             clock: self.clock.clone(),
             lease: self.config.join_lease,
             chunk: self.config.join_chunk_records,
+            table: self.shared.name.clone(),
+            checkpoint: self.opts.join_checkpoint.clone(),
         };
         let control = self.control_tx.clone();
         tokio::spawn(
@@ -1239,7 +1247,21 @@ fn spawn_writer<K: Key, V: Value>(
                     .map_err(quinn::WriteError::ConnectionLost)?;
                 send.write_all(&header).await?;
                 let mut batch: Vec<Bytes> = Vec::with_capacity(64);
-                while let Some(b) = rx.recv().await {
+                loop {
+                    // Also notice a peer that stops the stream while we have nothing to send
+                    // (it runs no such table), so the link is known closed at once.
+                    let b = tokio::select! {
+                        b = rx.recv() => b,
+                        stopped = send.stopped() => {
+                            return Err(match stopped {
+                                Ok(Some(code)) => quinn::WriteError::Stopped(code),
+                                Ok(None) => quinn::WriteError::ClosedStream,
+                                Err(quinn::StoppedError::ConnectionLost(e)) => quinn::WriteError::ConnectionLost(e),
+                                Err(_) => quinn::WriteError::ClosedStream,
+                            });
+                        }
+                    };
+                    let Some(b) = b else { break };
                     batch.push(b);
                     while batch.len() < 256 {
                         match rx.try_recv() {

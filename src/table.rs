@@ -55,6 +55,10 @@ impl<T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> Value for 
 
 /// Called with the node that went down and the records it owned, once they are dropped.
 pub type NodeDownFn<K, V> = Arc<dyn Fn(&NodeId, &[(K, V)]) + Send + Sync>;
+/// A test hook awaited by a join coordinator at named checkpoints (see
+/// [`TableOptions::join_checkpoint`]).
+pub(crate) type JoinCheckpointFn =
+    Arc<dyn Fn(&'static str) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
 /// Names the node that owns a record (see [`TableOptions::owner`]).
 pub type OwnerFn<K, V> = Arc<dyn Fn(&K, &V) -> String + Send + Sync>;
 
@@ -66,6 +70,7 @@ pub struct TableOptions<K, V> {
     pub(crate) on_node_down: Option<NodeDownFn<K, V>>,
     pub(crate) owner: Option<OwnerFn<K, V>>,
     pub(crate) ack_timeout: Duration,
+    pub(crate) join_checkpoint: Option<JoinCheckpointFn>,
 }
 
 impl<K, V> Clone for TableOptions<K, V> {
@@ -76,6 +81,7 @@ impl<K, V> Clone for TableOptions<K, V> {
             on_node_down: self.on_node_down.clone(),
             owner: self.owner.clone(),
             ack_timeout: self.ack_timeout,
+            join_checkpoint: self.join_checkpoint.clone(),
         }
     }
 }
@@ -100,6 +106,7 @@ impl<K, V> TableOptions<K, V> {
             on_node_down: None,
             owner: None,
             ack_timeout: Duration::from_secs(30),
+            join_checkpoint: None,
         }
     }
 
@@ -160,6 +167,19 @@ impl<K, V> TableOptions<K, V> {
         F: Fn(&K, &V) -> String + Send + Sync + 'static,
     {
         self.owner = Some(Arc::new(f));
+        self
+    }
+
+    /// Testing hook: a join coordinated by this node awaits `f(checkpoint)` at
+    /// `"locked"` (every server paused, nothing dumped yet) and `"before_apply"` (merge done,
+    /// nothing sent). Tests use it to stall or kill a coordinator at a precise step.
+    #[doc(hidden)]
+    pub fn join_checkpoint<F, Fut>(mut self, f: F) -> Self
+    where
+        F: Fn(&'static str) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.join_checkpoint = Some(Arc::new(move |c| Box::pin(f(c))));
         self
     }
 

@@ -1,21 +1,19 @@
 //! Replication among several nodes over real QUIC on loopback.
+//!
+//! A write returns only once every peer acknowledged it, so every check right after a write
+//! reads the other nodes' local copies without polling.
 
 mod common;
 
-use cets::{Table, TableOptions};
-use common::*;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 
-async fn joined<K: cets::Key, V: cets::Value>(tables: &[&Table<K, V>]) {
-    let n = tables.len() - 1;
-    for t in tables {
-        let t = (*t).clone();
-        eventually(WAIT, "every table sees every other node", || {
-            let t = t.clone();
-            async move { t.nodes().len() == n }
-        })
-        .await;
-    }
-}
+use cets::{Error, Table, TableKind, TableOptions};
+use common::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_replicate_a_set() {
@@ -46,4 +44,400 @@ async fn three_nodes_replicate_a_set() {
     for (n, _) in &c {
         n.shutdown().await.unwrap();
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Every table kind, every write operation, checked against a model on all three nodes.
+
+type K = u64;
+type V = String;
+
+/// What the table should hold: per key, its values in arrival order (one, except for a bag).
+struct Model {
+    kind: TableKind,
+    map: BTreeMap<K, Vec<V>>,
+}
+
+enum W {
+    Insert(K, &'static str),
+    InsertMany(Vec<(K, &'static str)>),
+    Delete(K),
+    DeleteMany(Vec<K>),
+    DeleteObject(K, &'static str),
+    DeleteObjects(Vec<(K, &'static str)>),
+}
+
+impl Model {
+    fn insert(&mut self, k: K, v: &str) {
+        let vals = self.map.entry(k).or_default();
+        match self.kind {
+            TableKind::Bag => {
+                if !vals.iter().any(|x| x == v) {
+                    vals.push(v.to_string());
+                }
+            }
+            _ => *vals = vec![v.to_string()],
+        }
+    }
+
+    fn delete_object(&mut self, k: K, v: &str) {
+        if let Some(vals) = self.map.get_mut(&k) {
+            vals.retain(|x| x != v);
+            if vals.is_empty() {
+                self.map.remove(&k);
+            }
+        }
+    }
+
+    fn apply(&mut self, w: &W) {
+        match w {
+            W::Insert(k, v) => self.insert(*k, v),
+            W::InsertMany(recs) => recs.iter().for_each(|(k, v)| self.insert(*k, v)),
+            W::Delete(k) => {
+                self.map.remove(k);
+            }
+            W::DeleteMany(ks) => ks.iter().for_each(|k| {
+                self.map.remove(k);
+            }),
+            W::DeleteObject(k, v) => self.delete_object(*k, v),
+            W::DeleteObjects(objs) => objs.iter().for_each(|(k, v)| self.delete_object(*k, v)),
+        }
+    }
+
+    fn records(&self) -> Vec<(K, V)> {
+        self.map
+            .iter()
+            .flat_map(|(k, vs)| vs.iter().map(move |v| (*k, v.clone())))
+            .collect()
+    }
+}
+
+async fn write(t: &Table<K, V>, w: &W) -> cets::Result<()> {
+    let own = |recs: &[(K, &str)]| -> Vec<(K, V)> {
+        recs.iter().map(|(k, v)| (*k, v.to_string())).collect()
+    };
+    match w {
+        W::Insert(k, v) => t.insert(*k, v.to_string()).await,
+        W::InsertMany(recs) => t.insert_many(own(recs)).await,
+        W::Delete(k) => t.delete(k).await,
+        W::DeleteMany(ks) => t.delete_many(ks.clone()).await,
+        W::DeleteObject(k, v) => t.delete_object(k, &v.to_string()).await,
+        W::DeleteObjects(objs) => t.delete_objects(own(objs)).await,
+    }
+}
+
+/// Every read of `t` agrees with the model (`step` names the write for the message).
+fn check(t: &Table<K, V>, node: &str, m: &Model, step: &str) {
+    let at = format!("on {node} after {step}");
+    let expected = m.records();
+    assert_eq!(t.len(), expected.len(), "len {at}");
+    assert_eq!(t.is_empty(), expected.is_empty(), "is_empty {at}");
+    if m.kind == TableKind::OrderedSet {
+        // An ordered set lists its records in key order.
+        assert_eq!(t.to_vec(), expected, "to_vec {at}");
+    } else {
+        assert_eq!(sorted(t.to_vec()), expected, "to_vec {at}");
+    }
+    for k in (0..=12).chain([42, 99]) {
+        let want = m.map.get(&k).cloned().unwrap_or_default();
+        assert_eq!(t.get(&k), want.first().cloned(), "get({k}) {at}");
+        assert_eq!(t.lookup(&k), want, "lookup({k}) {at}");
+        assert_eq!(t.contains_key(&k), !want.is_empty(), "contains_key({k}) {at}");
+    }
+    let in_range = |lo: K, hi: K| -> Vec<(K, V)> {
+        expected
+            .iter()
+            .filter(|(k, _)| (lo..hi).contains(k))
+            .cloned()
+            .collect()
+    };
+    match m.kind {
+        TableKind::OrderedSet => {
+            assert_eq!(t.range(2..6).unwrap(), in_range(2, 6), "range(2..6) {at}");
+            assert_eq!(t.range(0..100).unwrap(), expected, "range(0..100) {at}");
+            assert_eq!(t.range(5..=9).unwrap(), in_range(5, 10), "range(5..=9) {at}");
+            assert_eq!(t.range(..4).unwrap(), in_range(0, 4), "range(..4) {at}");
+            assert_eq!(t.range(7..).unwrap(), in_range(7, K::MAX), "range(7..) {at}");
+            assert_eq!(t.range(50..60).unwrap(), vec![], "empty range {at}");
+        }
+        kind => {
+            let name = match kind {
+                TableKind::Set => "set",
+                _ => "bag",
+            };
+            match t.range(0..100) {
+                Err(Error::Unsupported(k)) => assert_eq!(k, name, "range {at}"),
+                other => panic!("range on a {name} gave {other:?} {at}"),
+            }
+        }
+    }
+}
+
+async fn every_write_op_replicates(opts: TableOptions<K, V>) {
+    let kind = opts.kind();
+    let names = ["a", "b", "c"];
+    let c = cluster(&names).await;
+    let mut tables: Vec<Table<K, V>> = Vec::new();
+    for (n, _) in &c {
+        tables.push(n.start("t", opts.clone()).await.unwrap());
+    }
+    joined(&tables.iter().collect::<Vec<_>>()).await;
+    for t in &tables {
+        assert_eq!(t.kind(), kind);
+    }
+
+    use W::*;
+    let script = vec![
+        Insert(1, "a"),
+        Insert(2, "b"),
+        // set: replaces; bag: a second value of key 1
+        Insert(1, "a2"),
+        // set: replaces again; bag: (1, "a") is stored already, so nothing changes
+        Insert(1, "a"),
+        Insert(1, "a"),
+        InsertMany(vec![(3, "c"), (4, "d"), (5, "e"), (6, "f")]),
+        InsertMany(vec![(6, "f2"), (7, "g"), (8, "h")]),
+        InsertMany(vec![]),
+        Delete(2),
+        Delete(99), // absent: nothing happens
+        DeleteMany(vec![3, 4, 42]),
+        DeleteMany(vec![]),
+        DeleteObject(1, "zzz"), // no such object
+        DeleteObject(1, "a"),   // set: value matches; bag: one of two values
+        DeleteObject(6, "f"),   // set: stale value, kept; bag: one of two values
+        InsertMany(vec![(9, "i"), (9, "i2"), (10, "j"), (11, "k"), (12, "l")]),
+        Insert(10, "j2"),
+        DeleteObjects(vec![(10, "j"), (11, "nope"), (12, "l"), (5, "e")]),
+        DeleteObjects(vec![]),
+        Insert(2, "b"),
+        Insert(2, "b2"),
+        Delete(2), // bag: every value of the key
+        Insert(0, "zero"),
+    ];
+    let mut model = Model {
+        kind,
+        map: BTreeMap::new(),
+    };
+    for (i, w) in script.iter().enumerate() {
+        // Rotate the writer so that every node writes towards every other.
+        let writer = i % tables.len();
+        let step = format!("step {i} on {}", names[writer]);
+        if matches!((kind, w), (TableKind::Set | TableKind::OrderedSet, InsertMany(r)) if r.iter().any(|(k, _)| *k == 9))
+        {
+            // Two records with one key in one insert_many on a set: one of them is kept
+            // (which one is not specified, as in ETS), the same on every node.
+            write(&tables[writer], w).await.unwrap();
+            let kept = tables[0].get(&9).expect("key 9 stored");
+            assert!(kept == "i" || kept == "i2", "{step}: kept {kept}");
+            model.apply(&InsertMany(vec![(10, "j"), (11, "k"), (12, "l")]));
+            model.insert(9, &kept);
+        } else {
+            write(&tables[writer], w).await.unwrap();
+            model.apply(w);
+        }
+        for (t, n) in tables.iter().zip(names) {
+            check(t, n, &model, &step);
+        }
+    }
+    // The script ends with something in the table, so the checks above were not vacuous.
+    assert!(model.map.len() >= 4, "{:?}", model.map);
+    if kind == TableKind::Bag {
+        assert_eq!(model.map[&1], vec!["a2".to_string()]);
+        assert_eq!(model.map[&6], vec!["f2".to_string()]);
+    } else {
+        assert_eq!(model.map.get(&1), None);
+        assert_eq!(model.map[&6], vec!["f2".to_string()]);
+    }
+    shutdown_all(c.iter().map(|(n, _)| n)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_every_write_op_replicates_to_all_nodes() {
+    every_write_op_replicates(TableOptions::set()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_set_every_write_op_replicates_to_all_nodes() {
+    every_write_op_replicates(TableOptions::ordered_set()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bag_every_write_op_replicates_to_all_nodes() {
+    every_write_op_replicates(TableOptions::bag()).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ordering under concurrency.
+
+const BURST_KEYS: u64 = 20;
+
+/// `ops` random writes to the 20 keys, each awaited, from one task.
+async fn burst(t: Table<K, V>, seed: u64, ops: usize, with_objects: bool) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    for i in 0..ops {
+        let k = rng.random_range(0..BURST_KEYS);
+        let v = format!("v{}", rng.random_range(0..3));
+        let r = match rng.random_range(0..if with_objects { 6 } else { 4 }) {
+            0 | 1 => t.insert(k, v).await,
+            2 => t.delete(&k).await,
+            3 => {
+                let k2 = rng.random_range(0..BURST_KEYS);
+                if rng.random_bool(0.5) {
+                    t.insert_many(vec![(k, v), (k2, format!("s{seed}-{i}"))]).await
+                } else {
+                    t.delete_many(vec![k, k2]).await
+                }
+            }
+            4 => t.delete_object(&k, &v).await,
+            _ => t.delete_objects(vec![(k, v), (k ^ 1, "v0".into())]).await,
+        };
+        r.unwrap();
+    }
+}
+
+async fn same_everywhere(tables: &[Table<K, V>], what: &str) -> Vec<(K, V)> {
+    let first = sorted(tables[0].to_vec());
+    for t in &tables[1..] {
+        assert_eq!(sorted(t.to_vec()), first, "{what}: tables differ");
+    }
+    first
+}
+
+async fn burst_from_one_node(opts: TableOptions<K, V>) {
+    let c = cluster(&["a", "b", "c"]).await;
+    let mut tables = Vec::new();
+    for (n, _) in &c {
+        tables.push(n.start("t", opts.clone()).await.unwrap());
+    }
+    joined(&tables.iter().collect::<Vec<_>>()).await;
+    // 4 tasks x 500 writes, all on node a, to the same 20 keys.
+    let tasks: Vec<_> = (0..4)
+        .map(|s| tokio::spawn(burst(tables[0].clone(), s, 500, true)))
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    tables[0].sync().await.unwrap();
+    let end = same_everywhere(&tables, "burst from one node").await;
+    assert!(!end.is_empty(), "the burst left something to compare");
+    shutdown_all(c.iter().map(|(n, _)| n)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_concurrent_burst_from_one_node_ends_identical_everywhere() {
+    burst_from_one_node(TableOptions::set()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_set_concurrent_burst_from_one_node_ends_identical_everywhere() {
+    burst_from_one_node(TableOptions::ordered_set()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bag_concurrent_burst_from_one_node_ends_identical_everywhere() {
+    burst_from_one_node(TableOptions::bag()).await;
+}
+
+/// Two nodes write the same keys at once; last-writer-wins by hybrid clock makes every node
+/// end the same. (Not for bags, whose writes apply in arrival order, nor for
+/// `delete_object`, which depends on the value each node holds when it arrives.)
+async fn burst_from_two_nodes(opts: TableOptions<K, V>) {
+    let c = cluster(&["a", "b", "c"]).await;
+    let mut tables = Vec::new();
+    for (n, _) in &c {
+        tables.push(n.start("t", opts.clone()).await.unwrap());
+    }
+    joined(&tables.iter().collect::<Vec<_>>()).await;
+    let mut tasks = Vec::new();
+    for s in 0..4u64 {
+        let t = tables[(s % 2) as usize].clone();
+        tasks.push(tokio::spawn(burst(t, 100 + s, 500, false)));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    tables[0].sync().await.unwrap();
+    tables[1].sync().await.unwrap();
+    let end = same_everywhere(&tables, "burst from two nodes").await;
+    assert!(!end.is_empty(), "the burst left something to compare");
+    shutdown_all(c.iter().map(|(n, _)| n)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_concurrent_bursts_from_two_nodes_end_identical_everywhere() {
+    burst_from_two_nodes(TableOptions::set()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_set_concurrent_bursts_from_two_nodes_end_identical_everywhere() {
+    burst_from_two_nodes(TableOptions::ordered_set()).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writes wait for the acknowledgements.
+
+/// Polls `f` exactly once.
+async fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *f).poll(cx))).await
+}
+
+type Pending<'a> = Pin<Box<dyn Future<Output = cets::Result<()>> + Send + 'a>>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insert_returns_after_every_peer_applied_it_and_sync_is_a_barrier() {
+    let c = cluster(&["a", "b", "c"]).await;
+    let mut t: Vec<Table<K, V>> = Vec::new();
+    for (n, _) in &c {
+        t.push(n.start("t", TableOptions::set()).await.unwrap());
+    }
+    joined(&t.iter().collect::<Vec<_>>()).await;
+    assert_eq!(t[0].nodes(), vec!["b", "c"]);
+    assert_eq!(t[1].nodes(), vec!["a", "c"]);
+    assert_eq!(t[2].nodes(), vec!["a", "b"]);
+
+    // Each insert is visible on b and c the moment it returns on a: no polling.
+    for i in 0..200u64 {
+        t[0].insert(i, format!("x{i}")).await.unwrap();
+        assert_eq!(t[1].get(&i), Some(format!("x{i}")), "b misses write {i}");
+        assert_eq!(t[2].get(&i), Some(format!("x{i}")), "c misses write {i}");
+    }
+
+    // sync: queue 300 writes without waiting for them, then the barrier.
+    let mut expected: BTreeMap<K, V> = (0..200u64).map(|i| (i, format!("x{i}"))).collect();
+    let mut pending: Vec<Pending<'_>> = Vec::new();
+    for i in 0..300u64 {
+        let mut f: Pending<'_> = if i % 3 == 0 {
+            let (t0, k) = (t[0].clone(), i % 200);
+            expected.remove(&k);
+            Box::pin(tokio::task::unconstrained(async move { t0.delete(&k).await }))
+        } else {
+            expected.insert(1000 + i, format!("y{i}"));
+            Box::pin(tokio::task::unconstrained(t[0].insert(1000 + i, format!("y{i}"))))
+        };
+        // One poll queues the write (the queue has room, and `unconstrained` keeps Tokio's
+        // co-operative budget from turning the send into a yield); the call then waits for
+        // the acks.
+        match poll_once(&mut f).await {
+            Poll::Ready(r) => r.unwrap(),
+            Poll::Pending => pending.push(f),
+        }
+    }
+    assert!(!pending.is_empty(), "the writes wait for acks, so some are pending");
+    t[0].sync().await.unwrap();
+    let expected: Vec<(K, V)> = expected.into_iter().collect();
+    assert_eq!(sorted(t[0].to_vec()), expected, "a after sync");
+    assert_eq!(sorted(t[1].to_vec()), expected, "b after sync");
+    assert_eq!(sorted(t[2].to_vec()), expected, "c after sync");
+    // Every write queued before the barrier has completed by the time it returns.
+    for (i, mut f) in pending.into_iter().enumerate() {
+        match poll_once(&mut f).await {
+            Poll::Ready(r) => r.unwrap(),
+            Poll::Pending => panic!("write {i}, queued before sync, still waits after it"),
+        }
+    }
+    // sync on a node with no pending writes returns too, on every node.
+    for x in &t {
+        x.sync().await.unwrap();
+    }
+    shutdown_all(c.iter().map(|(n, _)| n)).await;
 }

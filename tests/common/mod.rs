@@ -76,3 +76,85 @@ where
 }
 
 pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A node on loopback with any discovery backend.
+pub async fn node_disco(
+    name: &str,
+    cookie: &str,
+    config: NodeConfig,
+    discovery: impl cets::discovery::Discovery,
+) -> Node {
+    init_tracing();
+    Node::builder(name)
+        .listen(loopback())
+        .cookie(cookie)
+        .config(config)
+        .discovery(discovery)
+        .start()
+        .await
+        .expect("node starts")
+}
+
+/// Waits until every table lists every other table's node as a member.
+pub async fn joined<K: cets::Key, V: cets::Value>(tables: &[&cets::Table<K, V>]) {
+    let n = tables.len() - 1;
+    for t in tables {
+        let t = (*t).clone();
+        eventually(WAIT, "every table sees every other node", || {
+            let t = t.clone();
+            async move { t.nodes().len() == n }
+        })
+        .await;
+    }
+}
+
+/// Checks that `cond` holds at every sample over `period` (a stability check, not a wait):
+/// panics with `what` the first time it does not.
+pub async fn always<F, Fut>(period: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let end = Instant::now() + period;
+    let mut samples = 0u32;
+    loop {
+        assert!(cond().await, "stopped holding after {samples} samples: {what}");
+        samples += 1;
+        if Instant::now() > end {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A copy of `v`, sorted.
+pub fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
+    v.sort();
+    v
+}
+
+/// Counts `on_node_down` calls of a table, by node name.
+#[derive(Clone, Default)]
+pub struct Downs(pub std::sync::Arc<std::sync::Mutex<Vec<(cets::NodeId, usize)>>>);
+
+impl Downs {
+    /// Table options of `kind` that record every `on_node_down` call here.
+    pub fn opts<K: cets::Key, V: cets::Value>(
+        &self,
+        opts: cets::TableOptions<K, V>,
+    ) -> cets::TableOptions<K, V> {
+        let d = self.0.clone();
+        opts.on_node_down(move |node, recs| d.lock().unwrap().push((node.clone(), recs.len())))
+    }
+
+    pub fn calls(&self) -> Vec<(cets::NodeId, usize)> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// Shuts every node down.
+pub async fn shutdown_all<'a>(nodes: impl IntoIterator<Item = &'a Node>) {
+    for n in nodes {
+        n.shutdown().await.unwrap();
+    }
+}

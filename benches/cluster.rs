@@ -1,0 +1,1465 @@
+//! The cets benchmark suite: `cargo bench --bench cluster`.
+//!
+//! Prints one markdown table (also written to `target/bench-report.md`) in which every figure
+//! stands beside a baseline measured in the same run, their ratio, and the target of the
+//! performance issue with pass/miss. The machines this runs on are shared and noisy: absolute
+//! figures drift between runs, ratios within one run hold.
+//!
+//! - `CETS_BENCH_FULL=1` (or `cargo bench --bench cluster -- --full`) runs the full sizes
+//!   (longer phases, a join of 1 M + 1 M records).
+//! - Positional arguments pick sections: `memory get latency throughput batch join down`
+//!   (default: all), e.g. `cargo bench --bench cluster -- latency join`.
+//!
+//! Two measurements run in a child process (this same binary, re-executed with
+//! `CETS_BENCH_CHILD` set): `memory`, so that the counting allocator counts from the first
+//! allocation and costs nothing elsewhere, and the node that `down` kills with SIGKILL.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cets::discovery::StaticDiscovery;
+use cets::{Node, NodeConfig, Table, TableOptions};
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+type Val = [u8; 16];
+type Tab = Table<u64, Val>;
+type Rec = (u64, Val);
+
+const COOKIE: &str = "cets-bench";
+
+// ------------------------------------------------------------------------------------------
+// Counting allocator: live bytes, only while COUNTING is set (the `memory` child sets it first
+// thing, so every allocation it makes is counted; elsewhere the cost is one relaxed load).
+
+struct Counting;
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+fn count(delta: isize) {
+    if COUNTING.load(Ordering::Relaxed) {
+        LIVE.fetch_add(delta, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: every method forwards to `System` with the caller's arguments unchanged and only
+// adds bookkeeping on the side.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            count(layout.size() as isize);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            count(layout.size() as isize);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        count(-(layout.size() as isize));
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            count(new_size as isize - layout.size() as isize);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn live_bytes() -> isize {
+    LIVE.load(Ordering::SeqCst)
+}
+
+fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+// ------------------------------------------------------------------------------------------
+// Settings and data
+
+#[derive(Clone, Copy)]
+struct Settings {
+    full: bool,
+    /// Records of the local-get table and of the memory figure.
+    records: u64,
+    /// Length of each local-get phase.
+    read_phase: Duration,
+    /// Length of each throughput phase.
+    phase: Duration,
+    /// Latency samples per round (two rounds, alternating with the ping).
+    latency_samples: usize,
+    /// Records streamed by the raw-QUIC baseline of `insert_many`.
+    raw_records: u64,
+    /// Records owned by the node that goes down.
+    down_records: u64,
+}
+
+impl Settings {
+    fn new(full: bool) -> Self {
+        Settings {
+            full,
+            records: 1_000_000,
+            read_phase: if full { secs(4.0) } else { secs(1.5) },
+            phase: if full { secs(5.0) } else { secs(2.0) },
+            latency_samples: if full { 25_000 } else { 5_000 },
+            raw_records: if full { 5_000_000 } else { 2_000_000 },
+            down_records: 100_000,
+        }
+    }
+
+    fn join_sizes(&self) -> Vec<u64> {
+        if self.full {
+            vec![10_000, 100_000, 1_000_000]
+        } else {
+            vec![10_000, 100_000]
+        }
+    }
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s)
+}
+
+/// The 16-byte value stored under a key (derived from it, so receivers can check it).
+fn val(k: u64) -> Val {
+    (u128::from(k).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835)).to_le_bytes()
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Batch `b` of `BATCH` records: keys `b*BATCH ..`, the same for cets and the raw baseline.
+const BATCH: u64 = 1000;
+
+fn batch(b: u64) -> Vec<Rec> {
+    (b * BATCH..(b + 1) * BATCH).map(|k| (k, val(k))).collect()
+}
+
+fn batch_keys(b: u64) -> Vec<u64> {
+    (b * BATCH..(b + 1) * BATCH).collect()
+}
+
+/// A frame as cets sends it: `u32` LE length, then postcard.
+fn frame(records: &[Rec]) -> Res<Bytes> {
+    let mut buf = vec![0u8; 4];
+    buf = postcard::to_extend(records, buf)?;
+    let len = u32::try_from(buf.len() - 4)?;
+    buf[..4].copy_from_slice(&len.to_le_bytes());
+    Ok(Bytes::from(buf))
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 * p) as usize).min(sorted.len() - 1);
+    sorted[i]
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
+}
+
+fn ms(d: Duration) -> String {
+    if d >= Duration::from_secs(1) {
+        format!("{:.2} s", d.as_secs_f64())
+    } else {
+        format!("{:.1} ms", d.as_secs_f64() * 1e3)
+    }
+}
+
+fn rate(r: f64) -> String {
+    if r >= 1e6 {
+        format!("{:.2} M/s", r / 1e6)
+    } else {
+        format!("{:.1} k/s", r / 1e3)
+    }
+}
+
+fn ratio(x: f64) -> String {
+    format!("{x:.2}×")
+}
+
+// ------------------------------------------------------------------------------------------
+// The report
+
+#[derive(Clone, Copy, PartialEq)]
+enum Verdict {
+    Pass,
+    Miss,
+    Info,
+}
+
+struct Row {
+    figure: String,
+    value: String,
+    baseline: String,
+    ratio: String,
+    target: String,
+    verdict: Verdict,
+    notes: String,
+}
+
+impl Row {
+    fn new(figure: impl Into<String>) -> Self {
+        Row {
+            figure: figure.into(),
+            value: String::new(),
+            baseline: "—".into(),
+            ratio: "—".into(),
+            target: "—".into(),
+            verdict: Verdict::Info,
+            notes: String::new(),
+        }
+    }
+    fn value(mut self, v: impl Into<String>) -> Self {
+        self.value = v.into();
+        self
+    }
+    fn baseline(mut self, v: impl Into<String>) -> Self {
+        self.baseline = v.into();
+        self
+    }
+    fn ratio(mut self, v: impl Into<String>) -> Self {
+        self.ratio = v.into();
+        self
+    }
+    fn target(mut self, t: impl Into<String>, pass: bool) -> Self {
+        self.target = t.into();
+        self.verdict = if pass { Verdict::Pass } else { Verdict::Miss };
+        self
+    }
+    fn notes(mut self, n: impl Into<String>) -> Self {
+        self.notes = n.into();
+        self
+    }
+}
+
+fn render(rows: &[Row]) -> String {
+    let mut s = String::new();
+    s.push_str("| figure | cets | baseline (same run) | ratio | target | result | notes |\n");
+    s.push_str("|---|---|---|---|---|---|---|\n");
+    for r in rows {
+        let verdict = match r.verdict {
+            Verdict::Pass => "pass",
+            Verdict::Miss => "**miss**",
+            Verdict::Info => "",
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.figure, r.value, r.baseline, r.ratio, r.target, verdict, r.notes
+        );
+    }
+    s
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let nproc = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| format!("{:.1} GiB", kb as f64 / (1024.0 * 1024.0)))
+        .unwrap_or_else(|| "?".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into());
+    let out = |cmd: &str, args: &[&str]| {
+        std::process::Command::new(cmd)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let rustc = out("rustc", &["-V"]).unwrap_or_else(|| "?".into());
+    let commit = out("git", &["rev-parse", "--short", "HEAD"])
+        .map(|c| {
+            let dirty = out("git", &["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty());
+            if dirty {
+                format!("{c} + uncommitted changes")
+            } else {
+                c
+            }
+        })
+        .unwrap_or_else(|| "?".into());
+    format!(
+        "Machine: {nproc} CPUs (nproc), {cpu}, {mem} RAM, Linux {kernel}; {rustc}; commit {commit}"
+    )
+}
+
+// ------------------------------------------------------------------------------------------
+// Nodes
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// The configuration of the nodes of the speed figures: the defaults, with quicker discovery
+/// so that clusters form fast.
+fn speed_config() -> NodeConfig {
+    let mut c = NodeConfig::default();
+    c.discovery_interval = Duration::from_millis(100);
+    c
+}
+
+async fn start_node(name: &str, peers: Vec<SocketAddr>, config: NodeConfig) -> Res<Node> {
+    Ok(Node::builder(name)
+        .listen(loopback())
+        .cookie(COOKIE)
+        .config(config)
+        .discovery(StaticDiscovery::new(peers))
+        .start()
+        .await?)
+}
+
+async fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Res<Duration> {
+    let t0 = Instant::now();
+    loop {
+        if cond() {
+            return Ok(t0.elapsed());
+        }
+        if t0.elapsed() > timeout {
+            return Err(format!("timed out after {timeout:?} waiting for {what}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+struct Cluster {
+    nodes: Vec<Node>,
+    tables: Vec<Tab>,
+}
+
+impl Cluster {
+    /// `n` nodes on loopback that discover each other, each running table `table`, joined.
+    async fn start(prefix: &str, n: usize, table: &str, config: NodeConfig) -> Res<Cluster> {
+        let mut nodes = Vec::new();
+        let mut handles = Vec::new();
+        for i in 0..n {
+            let d = StaticDiscovery::new(Vec::<SocketAddr>::new());
+            handles.push(d.handle());
+            nodes.push(
+                Node::builder(format!("{prefix}-{i}"))
+                    .listen(loopback())
+                    .cookie(COOKIE)
+                    .config(config.clone())
+                    .discovery(d)
+                    .start()
+                    .await?,
+            );
+        }
+        let addrs: Vec<SocketAddr> = nodes.iter().map(Node::local_addr).collect();
+        for h in &handles {
+            h.set(addrs.clone());
+        }
+        let mut tables = Vec::new();
+        for node in &nodes {
+            tables.push(node.start::<u64, Val>(table, TableOptions::set()).await?);
+        }
+        let ts = tables.clone();
+        wait_until(Duration::from_secs(30), "the cluster to join", || {
+            ts.iter().all(|t| t.nodes().len() == n - 1)
+        })
+        .await?;
+        for t in &tables {
+            t.sync().await?;
+        }
+        Ok(Cluster { nodes, tables })
+    }
+
+    async fn shutdown(self) {
+        for n in &self.nodes {
+            let _ = n.shutdown().await;
+        }
+    }
+}
+
+/// Stores records `range` in `t` with `insert_many` batches of `chunk`.
+async fn fill(t: &Tab, range: std::ops::Range<u64>, chunk: u64) -> Res<()> {
+    let mut k = range.start;
+    while k < range.end {
+        let end = (k + chunk).min(range.end);
+        t.insert_many((k..end).map(|k| (k, val(k))).collect())
+            .await?;
+        k = end;
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// Raw QUIC baselines: our own rustls configs (ring provider, any server certificate, TLS 1.3)
+// and the transport settings cets uses, on sockets with the same 4 MiB buffers.
+
+mod raw {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use bytes::{Buf, Bytes, BytesMut};
+    use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+    use quinn::{Endpoint, EndpointConfig, IdleTimeout, TokioRuntime, TransportConfig, VarInt};
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::crypto::CryptoProvider;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+    use rustls::DigitallySignedStruct;
+
+    use super::{Rec, Res};
+
+    const NAME: &str = "bench";
+    const ALPN: &[u8] = b"cets-bench";
+
+    fn provider() -> Arc<CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    /// Trusts any server certificate, but checks handshake signatures with ring.
+    #[derive(Debug)]
+    struct AnyCert(Arc<CryptoProvider>);
+
+    impl ServerCertVerifier for AnyCert {
+        fn verify_server_cert(
+            &self,
+            _end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp: &[u8],
+            _now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    fn transport() -> Res<TransportConfig> {
+        let mut t = TransportConfig::default();
+        t.keep_alive_interval(Some(Duration::from_secs(1)));
+        t.max_idle_timeout(Some(IdleTimeout::try_from(Duration::from_secs(3))?));
+        t.stream_receive_window(VarInt::from_u32(8 * 1024 * 1024));
+        t.receive_window(VarInt::from_u32(32 * 1024 * 1024));
+        t.send_window(32 * 1024 * 1024);
+        Ok(t)
+    }
+
+    /// A QUIC endpoint (server and client) on 127.0.0.1, port chosen by the system.
+    pub(super) fn endpoint() -> Res<Endpoint> {
+        let certified = rcgen::generate_simple_self_signed(vec![NAME.to_string()])?;
+        let cert: CertificateDer<'static> = certified.cert.der().clone();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            certified.signing_key.serialize_der(),
+        ));
+        let mut server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)?;
+        server.alpn_protocols = vec![ALPN.to_vec()];
+        let mut client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCert(provider())))
+            .with_no_client_auth();
+        client.alpn_protocols = vec![ALPN.to_vec()];
+
+        let transport = Arc::new(transport()?);
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(
+            server,
+        )?));
+        server.transport_config(transport.clone());
+        let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client)?));
+        client.transport_config(transport);
+
+        use socket2::{Domain, Protocol, Socket, Type};
+        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+        let _ = socket.set_recv_buffer_size(4 * 1024 * 1024);
+        let _ = socket.set_send_buffer_size(4 * 1024 * 1024);
+        socket.bind(&addr.into())?;
+        let mut ep = Endpoint::new(
+            EndpointConfig::default(),
+            Some(server),
+            socket.into(),
+            Arc::new(TokioRuntime),
+        )?;
+        ep.set_default_client_config(client);
+        Ok(ep)
+    }
+
+    async fn accept(ep: &Endpoint) -> Res<quinn::Connection> {
+        let incoming = ep.accept().await.ok_or("endpoint closed")?;
+        Ok(incoming.await?)
+    }
+
+    /// Round trips of 32 bytes on one long-lived bi stream: `warm` unrecorded, then `n`.
+    pub(super) async fn ping(warm: usize, n: usize) -> Res<Vec<Duration>> {
+        let server = endpoint()?;
+        let client = endpoint()?;
+        let addr = server.local_addr()?;
+        let echo = tokio::spawn(async move {
+            let conn = accept(&server).await?;
+            let (mut send, mut recv) = conn.accept_bi().await?;
+            let mut buf = [0u8; 32];
+            while recv.read_exact(&mut buf).await.is_ok() {
+                send.write_all(&buf).await?;
+            }
+            Res::Ok(())
+        });
+        let conn = client.connect(addr, NAME)?.await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let mut buf = [7u8; 32];
+        let mut samples = Vec::with_capacity(n);
+        for i in 0..warm + n {
+            let t0 = Instant::now();
+            send.write_all(&buf).await?;
+            recv.read_exact(&mut buf).await?;
+            if i >= warm {
+                samples.push(t0.elapsed());
+            }
+        }
+        let _ = send.finish();
+        conn.close(VarInt::from_u32(0), b"done");
+        let _ = echo.await;
+        client.wait_idle().await;
+        Ok(samples)
+    }
+
+    /// What the sender streams.
+    pub(super) enum Source {
+        /// Frames encoded before the clock starts (pure transport).
+        Frames(Arc<Vec<Bytes>>),
+        /// Records encoded into frames of `chunk` while the clock runs.
+        Records(Arc<Vec<Rec>>, usize),
+    }
+
+    /// Streams `source` over one uni stream to each of `peers` receivers (one connection each,
+    /// the same bytes to all) and returns the time until every receiver has it all, with the
+    /// bytes each received. With `decode`, receivers split the frames and decode the records.
+    pub(super) async fn stream(source: Source, peers: usize, decode: bool) -> Res<(Duration, u64)> {
+        let sender = endpoint()?;
+        let mut receivers = Vec::new();
+        let mut conns = Vec::new();
+        for _ in 0..peers {
+            let ep = endpoint()?;
+            let addr = ep.local_addr()?;
+            receivers.push(tokio::spawn(async move {
+                let conn = accept(&ep).await?;
+                let mut recv = conn.accept_uni().await?;
+                let mut bytes = 0u64;
+                let mut buf = BytesMut::with_capacity(1 << 20);
+                let mut decoded: Vec<Rec> = Vec::new();
+                while let Some(chunk) = recv.read_chunk(1 << 20, true).await? {
+                    bytes += chunk.bytes.len() as u64;
+                    if !decode {
+                        continue;
+                    }
+                    buf.extend_from_slice(&chunk.bytes);
+                    loop {
+                        if buf.len() < 4 {
+                            break;
+                        }
+                        let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+                        if buf.len() < 4 + len {
+                            break;
+                        }
+                        buf.advance(4);
+                        let body = buf.split_to(len);
+                        let recs: Vec<Rec> = postcard::from_bytes(&body)?;
+                        decoded.extend(recs);
+                    }
+                }
+                if decode && !buf.is_empty() {
+                    return Err("stream ended inside a frame".into());
+                }
+                std::hint::black_box(&decoded);
+                conn.close(VarInt::from_u32(0), b"done");
+                Res::Ok(bytes)
+            }));
+            conns.push(sender.connect(addr, NAME)?.await?);
+        }
+        let source = Arc::new(source);
+        let t0 = Instant::now();
+        let mut writers = Vec::new();
+        for conn in conns {
+            let source = source.clone();
+            writers.push(tokio::spawn(async move {
+                let mut send = conn.open_uni().await?;
+                match &*source {
+                    Source::Frames(frames) => {
+                        for f in frames.iter() {
+                            send.write_all(f).await?;
+                        }
+                    }
+                    Source::Records(recs, chunk) => {
+                        for c in recs.chunks(*chunk) {
+                            send.write_all(&super::frame(c)?).await?;
+                        }
+                    }
+                }
+                send.finish()?;
+                let _ = send.stopped().await;
+                Res::Ok(())
+            }));
+        }
+        let mut bytes = 0;
+        for r in receivers {
+            bytes = r.await??;
+        }
+        let elapsed = t0.elapsed();
+        for w in writers {
+            let _ = w.await;
+        }
+        sender.close(VarInt::from_u32(0), b"done");
+        Ok((elapsed, bytes))
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Memory (child process)
+
+fn child_memory(n: u64) -> Res<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (table_bytes, table_rss) = rt.block_on(async {
+        let node = start_node("mem", Vec::new(), speed_config()).await?;
+        let t: Tab = node.start("mem", TableOptions::set()).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let before = live_bytes();
+        let rss_before = rss_bytes().unwrap_or(0);
+        fill(&t, 0..n, 10_000).await?;
+        if t.len() as u64 != n {
+            return Err(format!("table holds {} records, not {n}", t.len()).into());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let after = live_bytes();
+        let rss_after = rss_bytes().unwrap_or(0);
+        let _keep = (node, t);
+        Res::Ok((after - before, rss_after.saturating_sub(rss_before)))
+    })?;
+    let before = live_bytes();
+    let map: HashMap<u64, Val> = (0..n).map(|k| (k, val(k))).collect();
+    let map_bytes = live_bytes() - before;
+    black_box(&map);
+    println!("MEM {table_bytes} {table_rss} {map_bytes}");
+    Ok(())
+}
+
+fn memory(s: &Settings) -> Res<Vec<Row>> {
+    let exe = std::env::current_exe()?;
+    let out = std::process::Command::new(exe)
+        .env("CETS_BENCH_CHILD", "memory")
+        .env("CETS_BENCH_RECORDS", s.records.to_string())
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("MEM "))
+        .ok_or_else(|| {
+            format!(
+                "memory child failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .map(|x| x.parse::<f64>())
+        .collect::<Result<_, _>>()?;
+    let n = s.records as f64;
+    let per = f[0] / n;
+    let rss = f[1] / n;
+    let map = f[2] / n;
+    Ok(vec![Row::new(format!(
+        "memory, {}M records (u64 key, 16-byte value), set, one node",
+        s.records / 1_000_000
+    ))
+    .value(format!("{per:.1} B/record"))
+    .baseline("24 B payload")
+    .ratio(ratio(per / 24.0))
+    .target("≤ 80 B/record", per <= 80.0)
+    .notes(format!(
+        "live heap bytes (counting allocator) after insert_many; RSS growth {rss:.1} B/record; \
+         std HashMap of the same records {map:.1} B/record; CETS (ETS) 96 B"
+    ))])
+}
+
+// ------------------------------------------------------------------------------------------
+// Local get
+
+struct ReadStats {
+    gets: u64,
+    hits: u64,
+    elapsed: Duration,
+    batches: Vec<Duration>,
+}
+
+impl ReadStats {
+    fn rate(&self) -> f64 {
+        self.gets as f64 / self.elapsed.as_secs_f64()
+    }
+    fn max(&self) -> Duration {
+        self.batches.last().copied().unwrap_or_default()
+    }
+}
+
+const READ_BATCH: usize = 1024;
+
+/// `threads` threads call `get` on keys from `seq` for `dur`; every batch of
+/// [`READ_BATCH`] gets is timed.
+fn read_phase<F>(threads: usize, dur: Duration, seq: &[u64], get: F) -> ReadStats
+where
+    F: Fn(u64) -> Option<Val> + Sync,
+{
+    let mask = seq.len() - 1;
+    let t0 = Instant::now();
+    let results: Vec<(u64, u64, Vec<Duration>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|tid| {
+                let get = &get;
+                scope.spawn(move || {
+                    let mut i = tid * (seq.len() / threads.max(1));
+                    let mut gets = 0u64;
+                    let mut hits = 0u64;
+                    let mut batches = Vec::with_capacity(1 << 16);
+                    let start = Instant::now();
+                    while start.elapsed() < dur {
+                        let b0 = Instant::now();
+                        for _ in 0..READ_BATCH {
+                            if black_box(get(seq[i & mask])).is_some() {
+                                hits += 1;
+                            }
+                            i += 1;
+                        }
+                        batches.push(b0.elapsed());
+                        gets += READ_BATCH as u64;
+                    }
+                    (gets, hits, batches)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("reader thread"))
+            .collect()
+    });
+    let elapsed = t0.elapsed();
+    let mut stats = ReadStats {
+        gets: 0,
+        hits: 0,
+        elapsed,
+        batches: Vec::new(),
+    };
+    for (g, h, b) in results {
+        stats.gets += g;
+        stats.hits += h;
+        stats.batches.extend(b);
+    }
+    stats.batches.sort();
+    stats
+}
+
+fn local_get(rt: &tokio::runtime::Runtime, s: &Settings) -> Res<Vec<Row>> {
+    let n = s.records;
+    let (node, t) = rt.block_on(async {
+        let node = start_node("get", Vec::new(), speed_config()).await?;
+        let t: Tab = node.start("get", TableOptions::set()).await?;
+        fill(&t, 0..n, 10_000).await?;
+        Res::Ok((node, t))
+    })?;
+    // 4 M keys drawn uniformly from the table, the same sequence for every phase.
+    let seq: Vec<u64> = (0..1u64 << 22).map(|i| splitmix(i) % n).collect();
+
+    let map: HashMap<u64, Val> = (0..n).map(|k| (k, val(k))).collect();
+    let base = read_phase(1, s.read_phase, &seq, |k| map.get(&k).copied());
+    drop(map);
+    let solo = read_phase(1, s.read_phase, &seq, |k| t.get(&k));
+
+    // The writer: insert_many of 1000 new keys at a time (the table grows from N to 2N
+    // records, through a resize), then overwrites those keys.
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (t, stop, written) = (t.clone(), stop.clone(), written.clone());
+        rt.spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let recs: Vec<Rec> = (0..BATCH)
+                    .map(|j| {
+                        let k = n + (i + j) % n;
+                        (k, val(k ^ i))
+                    })
+                    .collect();
+                t.insert_many(recs).await?;
+                i += BATCH;
+                written.fetch_add(BATCH, Ordering::Relaxed);
+            }
+            Res::Ok(())
+        })
+    };
+    let w0 = written.load(Ordering::Relaxed);
+    let one = read_phase(1, s.read_phase, &seq, |k| t.get(&k));
+    let w1 = written.load(Ordering::Relaxed);
+    let two = read_phase(2, s.read_phase, &seq, |k| t.get(&k));
+    let w2 = written.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    rt.block_on(writer)??;
+    let final_len = t.len();
+    rt.block_on(async {
+        drop(t);
+        let _ = node.shutdown().await;
+    });
+
+    for (name, st) in [("1 reader", &solo), ("1 reader + writer", &one), ("2 readers + writer", &two)] {
+        if st.hits != st.gets {
+            return Err(format!("{name}: {} of {} gets missed", st.gets - st.hits, st.gets).into());
+        }
+    }
+    let b = base.rate();
+    let wr1 = (w1 - w0) as f64 / one.elapsed.as_secs_f64();
+    let wr2 = (w2 - w1) as f64 / two.elapsed.as_secs_f64();
+    let stall_limit = Duration::from_millis(2);
+    let base_note = format!("baseline: std HashMap (SipHash), {}M u64 keys in random order", n / 1_000_000);
+    Ok(vec![
+        Row::new(format!("local get, {}M records, 1 reader, writer inserting", n / 1_000_000))
+            .value(rate(one.rate()))
+            .baseline(rate(b))
+            .ratio(ratio(one.rate() / b))
+            .target("≥ 0.5× and ≥ 5 M/s", one.rate() / b >= 0.5 && one.rate() >= 5e6)
+            .notes(format!("{base_note}; writer {} (insert_many ×1000)", rate(wr1))),
+        Row::new(format!("local get, {}M records, 2 readers, writer inserting", n / 1_000_000))
+            .value(rate(two.rate()))
+            .baseline(rate(b))
+            .ratio(ratio(two.rate() / b))
+            .target("≥ 0.5×", two.rate() / b >= 0.5)
+            .notes(format!(
+                "total of both threads; writer {}; 3 busy threads on {} cores",
+                rate(wr2),
+                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+            )),
+        Row::new("local get, 1 reader, no writer")
+            .value(rate(solo.rate()))
+            .baseline(rate(b))
+            .ratio(ratio(solo.rate() / b))
+            .notes("for reference: what the writer costs the reader"),
+        Row::new("local get stall check: slowest batch of 1024 gets, 1 reader + writer")
+            .value(format!("max {} (p50 {}, p99.99 {})", us(one.max()), us(pct(&one.batches, 0.5)), us(pct(&one.batches, 0.9999))))
+            .baseline(format!("max {} (p50 {})", us(base.max()), us(pct(&base.batches, 0.5))))
+            .ratio(ratio(one.max().as_secs_f64() / base.max().as_secs_f64()))
+            .target("reads never stall (max batch < 2 ms)", one.max() < stall_limit)
+            .notes(format!(
+                "2 readers + writer: max {} (p99.99 {}), includes OS preemption (3 threads, 2 cores); table grew to {final_len} records during the writer phases",
+                us(two.max()),
+                us(pct(&two.batches, 0.9999))
+            )),
+    ])
+}
+
+// ------------------------------------------------------------------------------------------
+// Acked insert latency
+
+async fn insert_latency(t: &Tab, warm: usize, n: usize, base: u64) -> Res<Vec<Duration>> {
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..(warm + n) as u64 {
+        let k = base + i;
+        let t0 = Instant::now();
+        t.insert(k, val(k)).await?;
+        if i as usize >= warm {
+            samples.push(t0.elapsed());
+        }
+    }
+    Ok(samples)
+}
+
+async fn latency(s: &Settings) -> Res<Vec<Row>> {
+    let c = Cluster::start("lat", 3, "lat", speed_config()).await?;
+    let n = s.latency_samples;
+    let mut ping = Vec::new();
+    let mut ins = Vec::new();
+    for round in 0..2u64 {
+        ping.extend(raw::ping(500, n).await?);
+        ins.extend(insert_latency(&c.tables[0], 500, n, round << 32).await?);
+    }
+    c.shutdown().await;
+    ping.sort();
+    ins.sort();
+    let (p50, p99) = (pct(&ins, 0.5), pct(&ins, 0.99));
+    let (q50, q99) = (pct(&ping, 0.5), pct(&ping, 0.99));
+    let r50 = p50.as_secs_f64() / q50.as_secs_f64();
+    Ok(vec![
+        Row::new("acked insert latency p50, 1 caller, 3 nodes")
+            .value(us(p50))
+            .baseline(format!("{} raw QUIC ping p50", us(q50)))
+            .ratio(ratio(r50))
+            .target("≤ 1.5× ping", r50 <= 1.5)
+            .notes(format!(
+                "{} samples each, 2 alternating rounds; ping = 32 B echo on one long-lived bi stream, own endpoints in this process; CETS: 52 µs",
+                2 * n
+            )),
+        Row::new("acked insert latency p99, 1 caller, 3 nodes")
+            .value(us(p99))
+            .baseline(format!("{} raw QUIC ping p99", us(q99)))
+            .ratio(ratio(p99.as_secs_f64() / q99.as_secs_f64()))
+            .notes("CETS: 112 µs"),
+    ])
+}
+
+// ------------------------------------------------------------------------------------------
+// Acked insert throughput
+
+/// `callers` tasks insert one record per call for `dur`, caller `i` on `tables[i % len]`.
+/// Returns acked inserts per second.
+async fn insert_throughput(tables: &[Tab], callers: usize, dur: Duration, base: u64) -> Res<f64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    let stop_at = t0 + dur;
+    let mut tasks = Vec::new();
+    for i in 0..callers {
+        let t = tables[i % tables.len()].clone();
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut j = 0u64;
+            while Instant::now() < stop_at {
+                // Keys: a 1 M key space per caller, overwritten once exhausted.
+                let k = base + ((i as u64) << 20) + (j % (1 << 20));
+                t.insert(k, val(k)).await?;
+                j += 1;
+            }
+            done.fetch_add(j, Ordering::Relaxed);
+            Res::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64())
+}
+
+async fn throughput(s: &Settings) -> Res<Vec<Row>> {
+    let c = Cluster::start("tput", 3, "tput", speed_config()).await?;
+    let one_node = std::slice::from_ref(&c.tables[0]);
+    let base = |phase: u64| phase << 40;
+    let r1 = insert_throughput(one_node, 1, s.phase, base(1)).await?;
+    let r16 = insert_throughput(one_node, 16, s.phase, base(2)).await?;
+    let r256 = insert_throughput(one_node, 256, s.phase, base(3)).await?;
+    let spread = insert_throughput(&c.tables, 256, s.phase, base(4)).await?;
+    c.shutdown().await;
+    let b = format!("{} (1 caller)", rate(r1));
+    Ok(vec![
+        Row::new("acked insert throughput, 1 caller, 3 nodes")
+            .value(rate(r1))
+            .baseline(b.clone())
+            .ratio(ratio(1.0))
+            .notes("CETS: 16.7 k/s"),
+        Row::new("acked insert throughput, 16 callers on one node")
+            .value(rate(r16))
+            .baseline(b.clone())
+            .ratio(ratio(r16 / r1)),
+        Row::new("acked insert throughput, 256 callers on one node")
+            .value(rate(r256))
+            .baseline(b.clone())
+            .ratio(ratio(r256 / r1))
+            .target("≥ 20× and ≥ 300 k/s", r256 / r1 >= 20.0 && r256 >= 300e3)
+            .notes("group commit"),
+        Row::new("acked insert throughput, 256 callers spread over 3 nodes")
+            .value(rate(spread))
+            .baseline(b)
+            .ratio(ratio(spread / r1))
+            .target("≥ 20× and ≥ 300 k/s", spread / r1 >= 20.0 && spread >= 300e3)
+            .notes("CETS: 35 k/s with 192 callers over 3 nodes"),
+    ])
+}
+
+// ------------------------------------------------------------------------------------------
+// insert_many / delete_many
+
+/// `callers` tasks `insert_many` batches (from the shared counter) for `dur`. Returns records/s
+/// and the batches written.
+async fn insert_many_phase(t: &Tab, callers: usize, dur: Duration, next: &Arc<AtomicU64>) -> Res<(f64, Vec<u64>)> {
+    let done = Arc::new(Mutex::new(Vec::new()));
+    let t0 = Instant::now();
+    let stop_at = t0 + dur;
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let (t, next, done) = (t.clone(), next.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            while Instant::now() < stop_at {
+                let b = next.fetch_add(1, Ordering::Relaxed);
+                t.insert_many(batch(b)).await?;
+                mine.push(b);
+            }
+            done.lock().map_err(|_| "poisoned")?.extend(mine);
+            Res::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let elapsed = t0.elapsed();
+    let batches = std::mem::take(&mut *done.lock().map_err(|_| "poisoned")?);
+    Ok((batches.len() as f64 * BATCH as f64 / elapsed.as_secs_f64(), batches))
+}
+
+/// `callers` tasks `delete_many` the given batches (at most for `cap`). Returns records/s.
+async fn delete_many_phase(t: &Tab, callers: usize, cap: Duration, batches: Vec<u64>) -> Res<f64> {
+    let batches = Arc::new(batches);
+    let idx = Arc::new(AtomicUsize::new(0));
+    let deleted = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    let stop_at = t0 + cap;
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let (t, batches, idx, deleted) = (t.clone(), batches.clone(), idx.clone(), deleted.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < stop_at {
+                let i = idx.fetch_add(1, Ordering::Relaxed);
+                let Some(&b) = batches.get(i) else { break };
+                t.delete_many(batch_keys(b)).await?;
+                deleted.fetch_add(BATCH, Ordering::Relaxed);
+            }
+            Res::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(deleted.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64())
+}
+
+async fn batches(s: &Settings) -> Res<Vec<Row>> {
+    // The raw baseline first: the same records, postcard-encoded in frames of 1000 before the
+    // clock starts, streamed over one uni stream (to one peer, and to two as cets does).
+    let frames: Arc<Vec<Bytes>> = Arc::new(
+        (0..s.raw_records / BATCH)
+            .map(|b| frame(&batch(b)))
+            .collect::<Res<_>>()?,
+    );
+    let recs = s.raw_records as f64;
+    let (d1, bytes) = raw::stream(raw::Source::Frames(frames.clone()), 1, false).await?;
+    let (d2, _) = raw::stream(raw::Source::Frames(frames), 2, false).await?;
+    let raw1 = recs / d1.as_secs_f64();
+    let raw2 = recs / d2.as_secs_f64();
+    let mib = bytes as f64 / d1.as_secs_f64() / (1024.0 * 1024.0);
+
+    let c = Cluster::start("batch", 3, "batch", speed_config()).await?;
+    let t = &c.tables[0];
+    let next = Arc::new(AtomicU64::new(1 << 20));
+    let mut rows = Vec::new();
+    let mut ins = Vec::new();
+    for callers in [1usize, 8] {
+        let (r, done) = insert_many_phase(t, callers, s.phase, &next).await?;
+        for other in &c.tables[1..] {
+            other.sync().await?;
+        }
+        let d = delete_many_phase(t, callers, s.phase * 2, done).await?;
+        ins.push((callers, r, d));
+    }
+    c.shutdown().await;
+    for &(callers, r, _) in &ins {
+        rows.push(
+            Row::new(format!("insert_many ×1000, {callers} caller{}, 3 nodes", if callers > 1 { "s" } else { "" }))
+                .value(rate(r))
+                .baseline(format!("{} raw QUIC stream", rate(raw1)))
+                .ratio(ratio(r / raw1))
+                .target("≥ 1.5 M/s and ≥ 0.6× raw", r >= 1.5e6 && r / raw1 >= 0.6)
+                .notes(format!(
+                    "records/s replicated to 2 peers; raw = same records pre-encoded in 1000-record frames ({} B/record), one uni stream to 1 peer at {mib:.0} MiB/s; to 2 peers at once {} ({} of it); CETS: {}",
+                    bytes / s.raw_records,
+                    rate(raw2),
+                    ratio(r / raw2),
+                    if callers == 1 { "0.48 M/s" } else { "0.74 M/s" }
+                )),
+        );
+    }
+    for &(callers, r, d) in &ins {
+        rows.push(
+            Row::new(format!("delete_many ×1000, {callers} caller{}, 3 nodes", if callers > 1 { "s" } else { "" }))
+                .value(rate(d))
+                .baseline(format!("{} insert_many", rate(r)))
+                .ratio(ratio(d / r))
+                .target("≥ 0.8× insert_many", d / r >= 0.8)
+                .notes("deletes the keys the insert_many row wrote; CETS: 0.74-0.92 M/s"),
+        );
+    }
+    Ok(rows)
+}
+
+// ------------------------------------------------------------------------------------------
+// Join
+
+async fn join_once(n: u64, tag: usize) -> Res<Duration> {
+    let a = start_node(&format!("join{tag}-a"), Vec::new(), speed_config()).await?;
+    let b = start_node(&format!("join{tag}-b"), Vec::new(), speed_config()).await?;
+    let ta: Tab = a.start("join", TableOptions::set()).await?;
+    let tb: Tab = b.start("join", TableOptions::set()).await?;
+    fill(&ta, 0..n, 10_000).await?;
+    fill(&tb, n..2 * n, 10_000).await?;
+    let t0 = Instant::now();
+    a.connect(b.local_addr());
+    let (ta2, tb2) = (ta.clone(), tb.clone());
+    wait_until(Duration::from_secs(60), "both nodes to hold the union", move || {
+        ta2.len() as u64 == 2 * n && tb2.len() as u64 == 2 * n
+    })
+    .await?;
+    let elapsed = t0.elapsed();
+    drop((ta, tb));
+    let _ = a.shutdown().await;
+    let _ = b.shutdown().await;
+    Ok(elapsed)
+}
+
+async fn join(s: &Settings) -> Res<Vec<Row>> {
+    let mut rows = Vec::new();
+    for (tag, n) in s.join_sizes().into_iter().enumerate() {
+        let records: Arc<Vec<Rec>> = Arc::new((0..2 * n).map(|k| (k, val(k))).collect());
+        let (raw, _) = raw::stream(raw::Source::Records(records, 10_000), 1, true).await?;
+        let cets = join_once(n, tag).await?;
+        let label = if n >= 1_000_000 {
+            format!("{}M", n / 1_000_000)
+        } else {
+            format!("{}k", n / 1000)
+        };
+        let mut row = Row::new(format!("join, {label} + {label} distinct records, 2 nodes"))
+            .value(ms(cets))
+            .baseline(format!("{} raw encode+send+decode", ms(raw)))
+            .ratio(ratio(cets.as_secs_f64() / raw.as_secs_f64()))
+            .notes(format!(
+                "from node.connect() until both hold {}; includes the QUIC + cookie handshake; raw: all {} records in 10k-record frames over one uni stream; CETS: {}",
+                2 * n,
+                2 * n,
+                match n {
+                    100_000 => "0.22 s",
+                    1_000_000 => "2.67 s",
+                    _ => "—",
+                }
+            ));
+        if n == 1_000_000 {
+            row = row.target("≤ 1 s", cets <= Duration::from_secs(1));
+        } else {
+            row.target = "(1M + 1M ≤ 1 s, full mode)".into();
+        }
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+// ------------------------------------------------------------------------------------------
+// Node down
+
+fn down_config() -> NodeConfig {
+    NodeConfig::fast_failover()
+}
+
+/// The node that gets killed: joins the peers in `CETS_BENCH_PEERS`, writes
+/// `CETS_BENCH_RECORDS` records, prints `READY`, and waits (until its stdin closes).
+fn child_node() -> Res<()> {
+    let peers: Vec<SocketAddr> = std::env::var("CETS_BENCH_PEERS")?
+        .split(',')
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
+    let n: u64 = std::env::var("CETS_BENCH_RECORDS")?.parse()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let expected = peers.len();
+        let node = start_node("down-victim", peers, down_config()).await?;
+        let t: Tab = node.start("down", TableOptions::set()).await?;
+        let t2 = t.clone();
+        wait_until(Duration::from_secs(30), "the victim to join", move || {
+            t2.nodes().len() == expected
+        })
+        .await?;
+        fill(&t, 1 << 40..(1 << 40) + n, 1000).await?;
+        println!("READY");
+        tokio::task::spawn_blocking(|| {
+            let mut sink = String::new();
+            while std::io::stdin().read_line(&mut sink).is_ok_and(|r| r > 0) {}
+        })
+        .await?;
+        drop(node);
+        Res::Ok(())
+    })
+}
+
+async fn down(s: &Settings) -> Res<Vec<Row>> {
+    use tokio::io::AsyncBufReadExt;
+
+    let cfg = down_config();
+    let idle = cfg.idle_timeout;
+    let n = s.down_records;
+    let c = Cluster::start("down", 2, "down", cfg.clone()).await?;
+    let addrs: Vec<String> = c.nodes.iter().map(|n| n.local_addr().to_string()).collect();
+
+    // SIGKILL: the victim is this binary in another process.
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .env("CETS_BENCH_CHILD", "node")
+        .env("CETS_BENCH_PEERS", addrs.join(","))
+        .env("CETS_BENCH_RECORDS", n.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(l) = lines.next_line().await? {
+            if l.trim() == "READY" {
+                return Ok(true);
+            }
+        }
+        std::io::Result::Ok(false)
+    })
+    .await;
+    if !matches!(ready, Ok(Ok(true))) {
+        let _ = child.start_kill();
+        return Err("the victim process did not get ready".into());
+    }
+    let ts = c.tables.clone();
+    wait_until(Duration::from_secs(10), "the survivors to hold the victim's records", || {
+        ts.iter().all(|t| t.len() as u64 == n)
+    })
+    .await?;
+    let t0 = Instant::now();
+    child.start_kill()?;
+    let mut gone = Vec::new();
+    for t in &c.tables {
+        let t = t.clone();
+        gone.push(tokio::spawn(async move {
+            wait_until(Duration::from_secs(30), "the victim's records to go", || t.is_empty()).await?;
+            Res::Ok(t0.elapsed())
+        }));
+    }
+    let mut killed = Duration::ZERO;
+    for g in gone {
+        killed = killed.max(g.await??);
+    }
+    let _ = child.wait().await;
+
+    // Graceful: an in-process node writes n records, then shuts down.
+    let d = start_node("down-graceful", addrs.iter().map(|a| a.parse()).collect::<Result<_, _>>()?, cfg).await?;
+    let td: Tab = d.start("down", TableOptions::set()).await?;
+    let td2 = td.clone();
+    wait_until(Duration::from_secs(30), "the graceful node to join", move || td2.nodes().len() == 2).await?;
+    fill(&td, 2 << 40..(2 << 40) + n, 1000).await?;
+    let ts = c.tables.clone();
+    wait_until(Duration::from_secs(10), "the survivors to hold its records", || {
+        ts.iter().all(|t| t.len() as u64 == n)
+    })
+    .await?;
+    let t0 = Instant::now();
+    d.shutdown().await?;
+    let shut = t0.elapsed();
+    let ts = c.tables.clone();
+    wait_until(Duration::from_secs(30), "the graceful node's records to go", || {
+        ts.iter().all(|t| t.is_empty())
+    })
+    .await?;
+    let graceful = t0.elapsed();
+    drop(td);
+    c.shutdown().await;
+
+    let k = n / 1000;
+    Ok(vec![
+        Row::new(format!("node down (SIGKILL), {k}k records owned by it, 3 nodes"))
+            .value(ms(killed))
+            .baseline(format!("{} idle timeout", ms(idle)))
+            .ratio(ratio(killed.as_secs_f64() / idle.as_secs_f64()))
+            .target("≤ timeout + 0.5 s", killed <= idle + Duration::from_millis(500))
+            .notes(format!(
+                "victim is a separate process killed with SIGKILL; time until both survivors dropped its records; NodeConfig::fast_failover (keep-alive {} ms, idle {} ms)",
+                down_config().keep_alive_interval.as_millis(),
+                idle.as_millis()
+            )),
+        Row::new(format!("node down (graceful shutdown), {k}k records, 3 nodes"))
+            .value(ms(graceful))
+            .notes(format!("in-process node, from shutdown() until both survivors dropped its records; shutdown() itself took {}", ms(shut))),
+    ])
+}
+
+// ------------------------------------------------------------------------------------------
+
+fn main() {
+    match std::env::var("CETS_BENCH_CHILD").as_deref() {
+        Ok("memory") => {
+            COUNTING.store(true, Ordering::SeqCst);
+            let n = std::env::var("CETS_BENCH_RECORDS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1_000_000);
+            if let Err(e) = child_memory(n) {
+                eprintln!("memory child: {e}");
+                std::process::exit(1);
+            }
+            return;
+        }
+        Ok("node") => {
+            if let Err(e) = child_node() {
+                eprintln!("victim node: {e}");
+                std::process::exit(1);
+            }
+            return;
+        }
+        _ => {}
+    }
+
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let full = std::env::var("CETS_BENCH_FULL").is_ok_and(|v| v == "1" || v == "true")
+        || args.iter().any(|a| a == "--full");
+    let picked: Vec<&str> = args
+        .iter()
+        .filter(|a| !a.starts_with('-'))
+        .map(String::as_str)
+        .collect();
+    let wants = |name: &str| picked.is_empty() || picked.contains(&name);
+    let s = Settings::new(full);
+
+    let mut command = String::new();
+    if std::env::var("CETS_BENCH_FULL").is_ok() && full {
+        command.push_str("CETS_BENCH_FULL=1 ");
+    }
+    command.push_str("cargo bench --bench cluster");
+    let extra: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| *a != "--bench")
+        .collect();
+    if !extra.is_empty() {
+        command.push_str(" -- ");
+        command.push_str(&extra.join(" "));
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let started = Instant::now();
+    let mut rows: Vec<Row> = Vec::new();
+    type Section<'a> = (&'a str, Box<dyn FnOnce() -> Res<Vec<Row>> + 'a>);
+    let sections: Vec<Section> = vec![
+        ("memory", Box::new(|| memory(&s))),
+        ("get", Box::new(|| local_get(&rt, &s))),
+        ("latency", Box::new(|| rt.block_on(latency(&s)))),
+        ("throughput", Box::new(|| rt.block_on(throughput(&s)))),
+        ("batch", Box::new(|| rt.block_on(batches(&s)))),
+        ("join", Box::new(|| rt.block_on(join(&s)))),
+        ("down", Box::new(|| rt.block_on(down(&s)))),
+    ];
+    for (name, run) in sections {
+        if !wants(name) {
+            continue;
+        }
+        let t0 = Instant::now();
+        eprintln!("[cets bench] {name} ...");
+        match run() {
+            Ok(r) => rows.extend(r),
+            Err(e) => {
+                eprintln!("[cets bench] {name} failed: {e}");
+                rows.push(
+                    Row::new(format!("{name}: failed"))
+                        .value("error")
+                        .notes(e.to_string()),
+                );
+            }
+        }
+        eprintln!("[cets bench] {name} done in {:.1} s", t0.elapsed().as_secs_f64());
+    }
+    let total = started.elapsed();
+
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "## cets benchmarks ({} sizes)\n",
+        if full { "full" } else { "default" }
+    );
+    let _ = writeln!(report, "Command: `{command}` (release build)  ");
+    let _ = writeln!(report, "{}  ", machine());
+    let _ = writeln!(
+        report,
+        "Run time: {:.0} s. Nodes: in one process on loopback, multi-thread Tokio runtime; ratios compare figures of this run.\n",
+        total.as_secs_f64()
+    );
+    report.push_str(&render(&rows));
+    println!("{report}");
+
+    let target = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.parent()?.to_path_buf()))
+        .unwrap_or_else(|| std::path::PathBuf::from("target"));
+    let path = target.join("bench-report.md");
+    match std::fs::write(&path, &report) {
+        Ok(()) => eprintln!("[cets bench] report written to {}", path.display()),
+        Err(e) => eprintln!("[cets bench] cannot write {}: {e}", path.display()),
+    }
+}

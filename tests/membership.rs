@@ -1,0 +1,404 @@
+//! Membership that heals itself: node down, restart, partitions and their merge, joins that
+//! fail halfway, status. Nodes talk real QUIC through cuttable UDP relays on loopback.
+
+#[path = "support/mesh.rs"]
+mod mesh;
+#[path = "support/proxy.rs"]
+mod proxy;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cets::{Table, TableOptions};
+use mesh::{start_node, Mesh};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn eventually<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + WAIT;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+type T = Table<String, u64>;
+
+/// Waits until every table lists exactly the given number of peers.
+async fn members(tables: &[&T], n: usize) {
+    for t in tables {
+        let t = (*t).clone();
+        eventually(&format!("{} has {n} peers", t.name()), || {
+            let t = t.clone();
+            async move { t.nodes().len() == n }
+        })
+        .await;
+    }
+}
+
+async fn same_everywhere(tables: &[&T]) -> Vec<(String, u64)> {
+    let mut first = tables[0].to_vec();
+    first.sort();
+    for t in &tables[1..] {
+        let mut v = t.to_vec();
+        v.sort();
+        assert_eq!(v, first, "tables differ");
+    }
+    first
+}
+
+type Downs = Arc<Mutex<Vec<(String, usize)>>>;
+
+fn opts_with_downs() -> (TableOptions<String, u64>, Downs) {
+    let downs: Downs = Arc::default();
+    let d = downs.clone();
+    let opts = TableOptions::set().on_node_down(move |node, recs| {
+        d.lock().unwrap().push((node.name.clone(), recs.len()));
+    });
+    (opts, downs)
+}
+
+async fn write_n(t: &T, prefix: &str, n: u64) {
+    let recs = (0..n).map(|i| (format!("{prefix}-{i}"), i)).collect();
+    t.insert_many(recs).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_drops_records_and_calls_handle_down_once() {
+    let mesh = Mesh::start(&["a", "b", "c"]).await;
+    let mut tables = Vec::new();
+    let mut downs = Vec::new();
+    for n in &mesh.nodes {
+        let (o, d) = opts_with_downs();
+        tables.push(n.start("t", o).await.unwrap());
+        downs.push(d);
+    }
+    members(&tables.iter().collect::<Vec<_>>(), 2).await;
+    for (t, p) in tables.iter().zip(["a", "b", "c"]) {
+        write_n(t, p, 10).await;
+    }
+    assert_eq!(tables[0].len(), 30);
+    mesh.nodes[2].shutdown().await.unwrap();
+    for i in 0..2 {
+        let t = tables[i].clone();
+        eventually("c's records dropped", || {
+            let t = t.clone();
+            async move { t.len() == 20 && t.nodes() == vec![["b", "a"][i].to_string()] }
+        })
+        .await;
+        assert!(!t.contains_key(&"c-0".to_string()));
+        tables[i].sync().await.unwrap();
+        assert_eq!(*downs[i].lock().unwrap(), vec![("c".to_string(), 10)]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_node_is_dropped_then_rejoins_with_its_records() {
+    let mesh = Mesh::start(&["a", "b", "c"]).await;
+    let mut tables = Vec::new();
+    let mut downs = Vec::new();
+    for n in &mesh.nodes {
+        let (o, d) = opts_with_downs();
+        tables.push(n.start("t", o).await.unwrap());
+        downs.push(d);
+    }
+    let all: Vec<&T> = tables.iter().collect();
+    members(&all, 2).await;
+    for (t, p) in tables.iter().zip(["a", "b", "c"]) {
+        write_n(t, p, 10).await;
+    }
+    mesh.split(&[0, 1], &[2]);
+    // Every side drops what the other side owned, by idle timeout, without any message.
+    for (i, want) in [(0, 20), (1, 20), (2, 10)] {
+        let t = tables[i].clone();
+        eventually("records of the unreachable side dropped", || {
+            let t = t.clone();
+            async move { t.len() == want }
+        })
+        .await;
+    }
+    assert_eq!(*downs[0].lock().unwrap(), vec![("c".to_string(), 10)]);
+    let mut seen_by_c = downs[2].lock().unwrap().clone();
+    seen_by_c.sort();
+    assert_eq!(seen_by_c, vec![("a".to_string(), 10), ("b".to_string(), 10)]);
+    // c keeps writing alone; a and b too.
+    tables[2].insert("c-new".into(), 1).await.unwrap();
+    tables[0].insert("a-new".into(), 1).await.unwrap();
+    mesh.heal(&[0, 1], &[2]);
+    members(&all, 2).await;
+    for t in &tables {
+        t.sync().await.unwrap();
+    }
+    let v = same_everywhere(&all).await;
+    assert_eq!(v.len(), 32);
+    for (i, t) in tables.iter().enumerate() {
+        assert_eq!(downs[i].lock().unwrap().len(), if i == 2 { 2 } else { 1 }, "on_node_down once per lost node");
+        assert!(t.contains_key(&"c-new".to_string()) && t.contains_key(&"a-new".to_string()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_node_is_a_new_incarnation() {
+    let mut mesh = Mesh::start(&["a", "b"]).await;
+    let ta: T = mesh.nodes[0].start("t", TableOptions::set()).await.unwrap();
+    let tb: T = mesh.nodes[1].start("t", TableOptions::set()).await.unwrap();
+    members(&[&ta, &tb], 1).await;
+    write_n(&tb, "old-b", 5).await;
+    let old = mesh.nodes[1].id().clone();
+    mesh.nodes[1].shutdown().await.unwrap();
+    eventually("old b's records dropped", || {
+        let ta = ta.clone();
+        async move { ta.is_empty() }
+    })
+    .await;
+    let (nb, hb) = start_node("b").await;
+    assert_ne!(nb.id(), &old);
+    mesh.replace(1, nb, hb).await;
+    let tb2: T = mesh.nodes[1].start("t", TableOptions::set()).await.unwrap();
+    members(&[&ta, &tb2], 1).await;
+    write_n(&tb2, "new-b", 3).await;
+    write_n(&ta, "a", 2).await;
+    let v = same_everywhere(&[&ta, &tb2]).await;
+    assert_eq!(v.len(), 5);
+    assert!(v.iter().all(|(k, _)| !k.starts_with("old-b")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_2_plus_2_heals_identically_with_one_handler_call_per_conflict() {
+    let mesh = Mesh::start(&["a", "b", "c", "d"]).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut tables = Vec::new();
+    for n in &mesh.nodes {
+        let c = calls.clone();
+        let opts = TableOptions::set().conflict_handler(move |_k: &String, a: &u64, b: &u64| {
+            c.fetch_add(1, Ordering::SeqCst);
+            *a.max(b)
+        });
+        tables.push(n.start("t", opts).await.unwrap());
+    }
+    let all: Vec<&T> = tables.iter().collect();
+    members(&all, 3).await;
+    mesh.split(&[0, 1], &[2, 3]);
+    members(&all, 1).await;
+    // Both sides write the same 10 keys with different values, and keys of their own.
+    for i in 0..10u64 {
+        tables[0].insert(format!("k{i}"), 100 + i).await.unwrap();
+        tables[3].insert(format!("k{i}"), 200 + i).await.unwrap();
+    }
+    write_n(&tables[1], "left", 5).await;
+    write_n(&tables[2], "right", 5).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    mesh.heal(&[0, 1], &[2, 3]);
+    members(&all, 3).await;
+    for t in &tables {
+        t.sync().await.unwrap();
+    }
+    let v = same_everywhere(&all).await;
+    assert_eq!(v.len(), 20);
+    for i in 0..10u64 {
+        assert_eq!(tables[1].get(&format!("k{i}")), Some(200 + i), "handler picked max");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 10, "handler called once per conflicting key");
+    let mut total = 0;
+    for n in &mesh.nodes {
+        total += n.status().await.conflicts();
+    }
+    assert_eq!(total, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_handler_conflicts_converge_to_the_last_writer() {
+    let mesh = Mesh::start(&["a", "b"]).await;
+    let ta: T = mesh.nodes[0].start("t", TableOptions::set()).await.unwrap();
+    let tb: T = mesh.nodes[1].start("t", TableOptions::set()).await.unwrap();
+    members(&[&ta, &tb], 1).await;
+    mesh.split(&[0], &[1]);
+    members(&[&ta, &tb], 0).await;
+    ta.insert("k".into(), 1).await.unwrap();
+    tb.insert("k".into(), 2).await.unwrap(); // written later: wins
+    mesh.heal(&[0], &[1]);
+    members(&[&ta, &tb], 1).await;
+    let v = same_everywhere(&[&ta, &tb]).await;
+    assert_eq!(v, vec![("k".to_string(), 2)]);
+}
+
+/// A hook that holds the first join of a table at `checkpoint` until released.
+fn gate(checkpoint: &'static str) -> (TableOptions<String, u64>, Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>) {
+    let reached = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let used = Arc::new(AtomicUsize::new(0));
+    let (r1, r2) = (reached.clone(), release.clone());
+    let opts = TableOptions::set().join_checkpoint(move |c| {
+        let hold = c == checkpoint && used.fetch_add(1, Ordering::SeqCst) == 0;
+        let (reached, release) = (r1.clone(), r2.clone());
+        async move {
+            if hold {
+                reached.notify_one();
+                release.notified().await;
+            }
+        }
+    });
+    (opts, reached, release)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_during_a_join_are_applied_once_in_order_after_unpause() {
+    let mesh = Mesh::start(&["a", "b"]).await;
+    let (opts, reached, release) = gate("locked");
+    let ta: T = mesh.nodes[0].start("t", opts).await.unwrap();
+    ta.insert("x".into(), 1).await.unwrap();
+    let tb: T = mesh.nodes[1].start("t", TableOptions::set()).await.unwrap();
+    tb.insert("y".into(), 1).await.unwrap();
+    reached.notified().await; // both servers paused, nothing exchanged yet
+    let mut writers = Vec::new();
+    for (t, k) in [(ta.clone(), "x"), (tb.clone(), "y")] {
+        writers.push(tokio::spawn(async move {
+            t.delete(&k.to_string()).await.unwrap();
+            t.insert(k.to_string(), 2).await.unwrap();
+            t.insert(format!("{k}-during"), 7).await.unwrap();
+        }));
+    }
+    // The writes wait for the unpause: nothing changed locally yet.
+    tokio::task::yield_now().await;
+    assert_eq!(ta.get(&"x".to_string()), Some(1));
+    release.notify_one();
+    for w in writers {
+        w.await.unwrap();
+    }
+    members(&[&ta, &tb], 1).await;
+    ta.sync().await.unwrap();
+    tb.sync().await.unwrap();
+    let v = same_everywhere(&[&ta, &tb]).await;
+    assert_eq!(
+        v,
+        vec![("x".into(), 2), ("x-during".into(), 7), ("y".into(), 2), ("y-during".into(), 7)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_joiner_releases_the_others_by_lease_and_the_next_join_succeeds() {
+    let mesh = Mesh::start(&["a", "b"]).await;
+    let (opts, reached, release) = gate("locked");
+    let ta: T = mesh.nodes[0].start("t", opts).await.unwrap();
+    let tb: T = mesh.nodes[1].start("t", TableOptions::set()).await.unwrap();
+    reached.notified().await;
+    assert!(tb.status().await.unwrap().paused);
+    // The coordinator hangs; b's lease runs out and b serves writes again.
+    eventually("b unpaused by lease", || {
+        let tb = tb.clone();
+        async move { !tb.status().await.unwrap().paused }
+    })
+    .await;
+    tb.insert("during".into(), 1).await.unwrap();
+    release.notify_one();
+    members(&[&ta, &tb], 1).await;
+    tb.sync().await.unwrap();
+    assert_eq!(ta.get(&"during".to_string()), Some(1));
+    same_everywhere(&[&ta, &tb]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joiner_killed_before_sending_records_leaves_nobody_paused() {
+    let mut mesh = Mesh::start(&["a", "b", "c"]).await;
+    let (opts, reached, _release) = gate("before_apply");
+    // b and c form a cluster first; a joins them and dies in the middle.
+    let tb: T = mesh.nodes[1].start("t", TableOptions::set()).await.unwrap();
+    let tc: T = mesh.nodes[2].start("t", TableOptions::set()).await.unwrap();
+    members(&[&tb, &tc], 1).await;
+    write_n(&tb, "b", 3).await;
+    let ta: T = mesh.nodes[0].start("t", opts).await.unwrap();
+    write_n(&ta, "a", 3).await;
+    reached.notified().await;
+    assert!(tb.status().await.unwrap().paused && tc.status().await.unwrap().paused);
+    mesh.nodes[0].shutdown().await.unwrap();
+    drop(ta);
+    for t in [&tb, &tc] {
+        let t = t.clone();
+        eventually("unpaused after the coordinator died", || {
+            let t = t.clone();
+            async move { !t.status().await.unwrap().paused }
+        })
+        .await;
+    }
+    tc.insert("after".into(), 1).await.unwrap();
+    assert_eq!(same_everywhere(&[&tb, &tc]).await.len(), 4);
+    // A new a joins fine.
+    let (na, ha) = start_node("a").await;
+    mesh.replace(0, na, ha).await;
+    let ta2: T = mesh.nodes[0].start("t", TableOptions::set()).await.unwrap();
+    members(&[&ta2, &tb, &tc], 2).await;
+    assert_eq!(same_everywhere(&[&ta2, &tb, &tc]).await.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_returns_when_the_peer_dies_before_acking() {
+    let mesh = Mesh::start(&["a", "b"]).await;
+    let ta: T = mesh.nodes[0].start("t", TableOptions::set()).await.unwrap();
+    let tb: T = mesh.nodes[1].start("t", TableOptions::set()).await.unwrap();
+    members(&[&ta, &tb], 1).await;
+    mesh.split(&[0], &[1]);
+    // b cannot ack; the write returns once b is detected down (idle timeout), not never.
+    tokio::time::timeout(WAIT, ta.insert("k".into(), 1)).await.expect("write returned").unwrap();
+    assert!(ta.nodes().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_reachable_by_only_some_members_is_reported_and_not_half_joined() {
+    let mesh = Mesh::start(&["a", "b", "c"]).await;
+    mesh.split(&[0], &[2]); // a and c cannot talk; b talks to both
+    let mut tables = Vec::new();
+    for n in &mesh.nodes {
+        let t: T = n.start("t", TableOptions::set()).await.unwrap();
+        tables.push(t);
+    }
+    // a and b join; c cannot be joined to {a, b} because a cannot reach it.
+    members(&[&tables[0]], 1).await;
+    let b = mesh.nodes[1].clone();
+    eventually("b reports c as not joined", || {
+        let b = b.clone();
+        async move {
+            let s = b.status().await;
+            s.tables[0].not_joined == vec!["c".to_string()] && !s.partially_joined().is_empty()
+        }
+    })
+    .await;
+    let a = mesh.nodes[0].clone();
+    eventually("a reports its relay to c unavailable", || {
+        let a = a.clone();
+        async move { a.status().await.unavailable.len() == 1 }
+    })
+    .await;
+    assert!(tables[2].nodes().is_empty());
+    assert_eq!(tables[0].nodes(), vec!["b".to_string()]);
+    let text = mesh.nodes[1].status().await.to_string();
+    assert!(text.contains("not joined yet: c"), "{text}");
+    // Healing the link lets the join of all three happen.
+    mesh.heal(&[0], &[2]);
+    members(&tables.iter().collect::<Vec<_>>(), 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_ready_returns_after_the_tables_are_copied_and_handles_a_bad_node() {
+    let mesh = Mesh::start(&["a", "b"]).await;
+    let ta: T = mesh.nodes[0].start("t", TableOptions::set()).await.unwrap();
+    let tb: T = mesh.nodes[1].start("t", TableOptions::set()).await.unwrap();
+    members(&[&ta, &tb], 1).await;
+    write_n(&ta, "a", 100).await;
+    // A new node whose discovery lists both nodes and an address nobody listens on.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (c, hc) = start_node("c").await;
+    hc.set(vec![mesh.nodes[0].local_addr(), mesh.nodes[1].local_addr(), dead.local_addr().unwrap()]);
+    drop(dead);
+    let tc: T = c.start("t", TableOptions::set()).await.unwrap();
+    c.wait_for_ready(WAIT).await.unwrap();
+    assert_eq!(tc.len(), 100, "ready means the table was copied");
+    let s = c.status().await;
+    assert_eq!(s.connected.len(), 2);
+    assert_eq!(s.unavailable.len(), 1, "{s}");
+}
