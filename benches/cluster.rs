@@ -355,7 +355,11 @@ async fn start_node(name: &str, peers: Vec<SocketAddr>, config: NodeConfig) -> R
         .await?)
 }
 
-async fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Res<Duration> {
+async fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> bool,
+) -> Res<Duration> {
     let t0 = Instant::now();
     loop {
         if cond() {
@@ -443,7 +447,9 @@ mod raw {
     use quinn::{Endpoint, EndpointConfig, IdleTimeout, TokioRuntime, TransportConfig, VarInt};
     use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
     use rustls::crypto::CryptoProvider;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+    use rustls::pki_types::{
+        CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime,
+    };
     use rustls::DigitallySignedStruct;
 
     use super::{Rec, Res};
@@ -534,9 +540,8 @@ mod raw {
         client.alpn_protocols = vec![ALPN.to_vec()];
 
         let transport = Arc::new(transport()?);
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(
-            server,
-        )?));
+        let mut server =
+            quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server)?));
         server.transport_config(transport.clone());
         let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client)?));
         client.transport_config(transport);
@@ -689,6 +694,12 @@ mod raw {
 // Memory (child process)
 
 fn child_memory(n: u64) -> Res<()> {
+    // The std HashMap of the same records first, freed before the table is measured.
+    let before = live_bytes();
+    let map: HashMap<u64, Val> = (0..n).map(|k| (k, val(k))).collect();
+    let map_bytes = live_bytes() - before;
+    drop(black_box(map));
+
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -708,10 +719,6 @@ fn child_memory(n: u64) -> Res<()> {
         let _keep = (node, t);
         Res::Ok((after - before, rss_after.saturating_sub(rss_before)))
     })?;
-    let before = live_bytes();
-    let map: HashMap<u64, Val> = (0..n).map(|k| (k, val(k))).collect();
-    let map_bytes = live_bytes() - before;
-    black_box(&map);
     println!("MEM {table_bytes} {table_rss} {map_bytes}");
     Ok(())
 }
@@ -880,7 +887,11 @@ fn local_get(rt: &tokio::runtime::Runtime, s: &Settings) -> Res<Vec<Row>> {
         let _ = node.shutdown().await;
     });
 
-    for (name, st) in [("1 reader", &solo), ("1 reader + writer", &one), ("2 readers + writer", &two)] {
+    for (name, st) in [
+        ("1 reader", &solo),
+        ("1 reader + writer", &one),
+        ("2 readers + writer", &two),
+    ] {
         if st.hits != st.gets {
             return Err(format!("{name}: {} of {} gets missed", st.gets - st.hits, st.gets).into());
         }
@@ -889,7 +900,10 @@ fn local_get(rt: &tokio::runtime::Runtime, s: &Settings) -> Res<Vec<Row>> {
     let wr1 = (w1 - w0) as f64 / one.elapsed.as_secs_f64();
     let wr2 = (w2 - w1) as f64 / two.elapsed.as_secs_f64();
     let stall_limit = Duration::from_millis(2);
-    let base_note = format!("baseline: std HashMap (SipHash), {}M u64 keys in random order", n / 1_000_000);
+    let base_note = format!(
+        "baseline: std HashMap (SipHash), {}M u64 keys in random order",
+        n / 1_000_000
+    );
     Ok(vec![
         Row::new(format!("local get, {}M records, 1 reader, writer inserting", n / 1_000_000))
             .value(rate(one.rate()))
@@ -1035,7 +1049,10 @@ async fn throughput(s: &Settings) -> Res<Vec<Row>> {
             .value(rate(spread))
             .baseline(b)
             .ratio(ratio(spread / r1))
-            .target("≥ 20× and ≥ 300 k/s", spread / r1 >= 20.0 && spread >= 300e3)
+            .target(
+                "≥ 20× and ≥ 300 k/s",
+                spread / r1 >= 20.0 && spread >= 300e3,
+            )
             .notes("CETS: 35 k/s with 192 callers over 3 nodes"),
     ])
 }
@@ -1045,7 +1062,12 @@ async fn throughput(s: &Settings) -> Res<Vec<Row>> {
 
 /// `callers` tasks `insert_many` batches (from the shared counter) for `dur`. Returns records/s
 /// and the batches written.
-async fn insert_many_phase(t: &Tab, callers: usize, dur: Duration, next: &Arc<AtomicU64>) -> Res<(f64, Vec<u64>)> {
+async fn insert_many_phase(
+    t: &Tab,
+    callers: usize,
+    dur: Duration,
+    next: &Arc<AtomicU64>,
+) -> Res<(f64, Vec<u64>)> {
     let done = Arc::new(Mutex::new(Vec::new()));
     let t0 = Instant::now();
     let stop_at = t0 + dur;
@@ -1068,7 +1090,10 @@ async fn insert_many_phase(t: &Tab, callers: usize, dur: Duration, next: &Arc<At
     }
     let elapsed = t0.elapsed();
     let batches = std::mem::take(&mut *done.lock().map_err(|_| "poisoned")?);
-    Ok((batches.len() as f64 * BATCH as f64 / elapsed.as_secs_f64(), batches))
+    Ok((
+        batches.len() as f64 * BATCH as f64 / elapsed.as_secs_f64(),
+        batches,
+    ))
 }
 
 /// `callers` tasks `delete_many` the given batches (at most for `cap`). Returns records/s.
@@ -1144,12 +1169,15 @@ async fn batches(s: &Settings) -> Res<Vec<Row>> {
     }
     for &(callers, r, d) in &ins {
         rows.push(
-            Row::new(format!("delete_many ×1000, {callers} caller{}, 3 nodes", if callers > 1 { "s" } else { "" }))
-                .value(rate(d))
-                .baseline(format!("{} insert_many", rate(r)))
-                .ratio(ratio(d / r))
-                .target("≥ 0.8× insert_many", d / r >= 0.8)
-                .notes("deletes the keys the insert_many row wrote; CETS: 0.74-0.92 M/s"),
+            Row::new(format!(
+                "delete_many ×1000, {callers} caller{}, 3 nodes",
+                if callers > 1 { "s" } else { "" }
+            ))
+            .value(rate(d))
+            .baseline(format!("{} insert_many", rate(r)))
+            .ratio(ratio(d / r))
+            .target("≥ 0.8× insert_many", d / r >= 0.8)
+            .notes("deletes the keys the insert_many row wrote; CETS: 0.74-0.92 M/s"),
         );
     }
     Ok(rows)
@@ -1168,9 +1196,11 @@ async fn join_once(n: u64, tag: usize) -> Res<Duration> {
     let t0 = Instant::now();
     a.connect(b.local_addr());
     let (ta2, tb2) = (ta.clone(), tb.clone());
-    wait_until(Duration::from_secs(60), "both nodes to hold the union", move || {
-        ta2.len() as u64 == 2 * n && tb2.len() as u64 == 2 * n
-    })
+    wait_until(
+        Duration::from_secs(60),
+        "both nodes to hold the union",
+        move || ta2.len() as u64 == 2 * n && tb2.len() as u64 == 2 * n,
+    )
     .await?;
     let elapsed = t0.elapsed();
     drop((ta, tb));
@@ -1287,9 +1317,11 @@ async fn down(s: &Settings) -> Res<Vec<Row>> {
         return Err("the victim process did not get ready".into());
     }
     let ts = c.tables.clone();
-    wait_until(Duration::from_secs(10), "the survivors to hold the victim's records", || {
-        ts.iter().all(|t| t.len() as u64 == n)
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "the survivors to hold the victim's records",
+        || ts.iter().all(|t| t.len() as u64 == n),
+    )
     .await?;
     let t0 = Instant::now();
     child.start_kill()?;
@@ -1297,7 +1329,12 @@ async fn down(s: &Settings) -> Res<Vec<Row>> {
     for t in &c.tables {
         let t = t.clone();
         gone.push(tokio::spawn(async move {
-            wait_until(Duration::from_secs(30), "the victim's records to go", || t.is_empty()).await?;
+            wait_until(
+                Duration::from_secs(30),
+                "the victim's records to go",
+                || t.is_empty(),
+            )
+            .await?;
             Res::Ok(t0.elapsed())
         }));
     }
@@ -1308,23 +1345,37 @@ async fn down(s: &Settings) -> Res<Vec<Row>> {
     let _ = child.wait().await;
 
     // Graceful: an in-process node writes n records, then shuts down.
-    let d = start_node("down-graceful", addrs.iter().map(|a| a.parse()).collect::<Result<_, _>>()?, cfg).await?;
+    let d = start_node(
+        "down-graceful",
+        addrs.iter().map(|a| a.parse()).collect::<Result<_, _>>()?,
+        cfg,
+    )
+    .await?;
     let td: Tab = d.start("down", TableOptions::set()).await?;
     let td2 = td.clone();
-    wait_until(Duration::from_secs(30), "the graceful node to join", move || td2.nodes().len() == 2).await?;
+    wait_until(
+        Duration::from_secs(30),
+        "the graceful node to join",
+        move || td2.nodes().len() == 2,
+    )
+    .await?;
     fill(&td, 2 << 40..(2 << 40) + n, 1000).await?;
     let ts = c.tables.clone();
-    wait_until(Duration::from_secs(10), "the survivors to hold its records", || {
-        ts.iter().all(|t| t.len() as u64 == n)
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "the survivors to hold its records",
+        || ts.iter().all(|t| t.len() as u64 == n),
+    )
     .await?;
     let t0 = Instant::now();
     d.shutdown().await?;
     let shut = t0.elapsed();
     let ts = c.tables.clone();
-    wait_until(Duration::from_secs(30), "the graceful node's records to go", || {
-        ts.iter().all(|t| t.is_empty())
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the graceful node's records to go",
+        || ts.iter().all(|t| t.is_empty()),
+    )
     .await?;
     let graceful = t0.elapsed();
     drop(td);
@@ -1433,7 +1484,10 @@ fn main() {
                 );
             }
         }
-        eprintln!("[cets bench] {name} done in {:.1} s", t0.elapsed().as_secs_f64());
+        eprintln!(
+            "[cets bench] {name} done in {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
     }
     let total = started.elapsed();
 

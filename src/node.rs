@@ -366,10 +366,17 @@ impl Node {
                     || s.connected.iter().any(|(_, c)| c == a)
                     || s.unavailable.iter().any(|(u, _)| u == a)
             });
-            let joined = s
-                .tables
-                .iter()
-                .all(|t| t.not_joined.is_empty() && !t.paused);
+            // Every connected node is, for every table, a member, known to lack the table, or
+            // refused; none is still to be joined.
+            let joined = s.tables.iter().all(|t| {
+                t.not_joined.is_empty()
+                    && !t.paused
+                    && s.connected.iter().all(|(id, _)| {
+                        t.members.contains(id)
+                            || t.without_table.contains(&id.name)
+                            || t.refused.iter().any(|(n, _)| *n == id.name)
+                    })
+            });
             if s.discovery_rounds > 0 && settled && joined {
                 return Ok(());
             }

@@ -1164,6 +1164,13 @@ impl<K: Key, V: Value> Server<K, V> {
             .map(|(_, l)| l.id.name.clone())
             .collect();
         not_joined.sort();
+        let mut without_table: Vec<String> = self
+            .links
+            .values()
+            .filter(|l| l.lacks_table)
+            .map(|l| l.id.name.clone())
+            .collect();
+        without_table.sort();
         let mut joining: Vec<String> = self
             .joins
             .iter()
@@ -1196,6 +1203,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 .map(|m| m.clone())
                 .unwrap_or_default(),
             not_joined,
+            without_table,
             joining,
             refused,
             paused: self.paused.is_some(),

@@ -20,6 +20,8 @@ pub struct TableStatus {
     pub members: Vec<NodeId>,
     /// Connected nodes running this table that are not members yet (a join is due or running).
     pub not_joined: Vec<String>,
+    /// Connected nodes that run no table of this name.
+    pub without_table: Vec<String>,
     /// Nodes with which a join is running now, coordinated by this node.
     pub joining: Vec<String>,
     /// Nodes whose table of this name was refused, with the reason (kind or types differ).

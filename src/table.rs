@@ -57,8 +57,11 @@ impl<T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> Value for 
 pub type NodeDownFn<K, V> = Arc<dyn Fn(&NodeId, &[(K, V)]) + Send + Sync>;
 /// A test hook awaited by a join coordinator at named checkpoints (see
 /// [`TableOptions::join_checkpoint`]).
-pub(crate) type JoinCheckpointFn =
-    Arc<dyn Fn(&'static str) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
+pub(crate) type JoinCheckpointFn = Arc<
+    dyn Fn(&'static str) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
 /// Names the node that owns a record (see [`TableOptions::owner`]).
 pub type OwnerFn<K, V> = Arc<dyn Fn(&K, &V) -> String + Send + Sync>;
 

@@ -126,7 +126,10 @@ async fn cut_node_is_dropped_then_rejoins_with_its_records() {
     assert_eq!(*downs[0].lock().unwrap(), vec![("c".to_string(), 10)]);
     let mut seen_by_c = downs[2].lock().unwrap().clone();
     seen_by_c.sort();
-    assert_eq!(seen_by_c, vec![("a".to_string(), 10), ("b".to_string(), 10)]);
+    assert_eq!(
+        seen_by_c,
+        vec![("a".to_string(), 10), ("b".to_string(), 10)]
+    );
     // c keeps writing alone; a and b too.
     tables[2].insert("c-new".into(), 1).await.unwrap();
     tables[0].insert("a-new".into(), 1).await.unwrap();
@@ -138,7 +141,11 @@ async fn cut_node_is_dropped_then_rejoins_with_its_records() {
     let v = same_everywhere(&all).await;
     assert_eq!(v.len(), 32);
     for (i, t) in tables.iter().enumerate() {
-        assert_eq!(downs[i].lock().unwrap().len(), if i == 2 { 2 } else { 1 }, "on_node_down once per lost node");
+        assert_eq!(
+            downs[i].lock().unwrap().len(),
+            if i == 2 { 2 } else { 1 },
+            "on_node_down once per lost node"
+        );
         assert!(t.contains_key(&"c-new".to_string()) && t.contains_key(&"a-new".to_string()));
     }
 }
@@ -202,9 +209,17 @@ async fn partition_2_plus_2_heals_identically_with_one_handler_call_per_conflict
     let v = same_everywhere(&all).await;
     assert_eq!(v.len(), 20);
     for i in 0..10u64 {
-        assert_eq!(tables[1].get(&format!("k{i}")), Some(200 + i), "handler picked max");
+        assert_eq!(
+            tables[1].get(&format!("k{i}")),
+            Some(200 + i),
+            "handler picked max"
+        );
     }
-    assert_eq!(calls.load(Ordering::SeqCst), 10, "handler called once per conflicting key");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        10,
+        "handler called once per conflicting key"
+    );
     let mut total = 0;
     for n in &mesh.nodes {
         total += n.status().await.conflicts();
@@ -229,7 +244,13 @@ async fn without_handler_conflicts_converge_to_the_last_writer() {
 }
 
 /// A hook that holds the first join of a table at `checkpoint` until released.
-fn gate(checkpoint: &'static str) -> (TableOptions<String, u64>, Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>) {
+fn gate(
+    checkpoint: &'static str,
+) -> (
+    TableOptions<String, u64>,
+    Arc<tokio::sync::Notify>,
+    Arc<tokio::sync::Notify>,
+) {
     let reached = Arc::new(tokio::sync::Notify::new());
     let release = Arc::new(tokio::sync::Notify::new());
     let used = Arc::new(AtomicUsize::new(0));
@@ -277,7 +298,12 @@ async fn writes_during_a_join_are_applied_once_in_order_after_unpause() {
     let v = same_everywhere(&[&ta, &tb]).await;
     assert_eq!(
         v,
-        vec![("x".into(), 2), ("x-during".into(), 7), ("y".into(), 2), ("y-during".into(), 7)]
+        vec![
+            ("x".into(), 2),
+            ("x-during".into(), 7),
+            ("y".into(), 2),
+            ("y-during".into(), 7)
+        ]
     );
 }
 
@@ -344,7 +370,10 @@ async fn write_returns_when_the_peer_dies_before_acking() {
     members(&[&ta, &tb], 1).await;
     mesh.split(&[0], &[1]);
     // b cannot ack; the write returns once b is detected down (idle timeout), not never.
-    tokio::time::timeout(WAIT, ta.insert("k".into(), 1)).await.expect("write returned").unwrap();
+    tokio::time::timeout(WAIT, ta.insert("k".into(), 1))
+        .await
+        .expect("write returned")
+        .unwrap();
     assert!(ta.nodes().is_empty());
 }
 
@@ -392,9 +421,20 @@ async fn wait_for_ready_returns_after_the_tables_are_copied_and_handles_a_bad_no
     write_n(&ta, "a", 100).await;
     // A new node whose discovery lists both nodes and an address nobody listens on.
     let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let (c, hc) = start_node("c").await;
-    hc.set(vec![mesh.nodes[0].local_addr(), mesh.nodes[1].local_addr(), dead.local_addr().unwrap()]);
+    let list = vec![
+        mesh.nodes[0].local_addr(),
+        mesh.nodes[1].local_addr(),
+        dead.local_addr().unwrap(),
+    ];
     drop(dead);
+    let c = cets::Node::builder("c")
+        .listen("127.0.0.1:0".parse().unwrap())
+        .cookie("mesh")
+        .config(cets::NodeConfig::fast_failover())
+        .discovery(cets::discovery::StaticDiscovery::new(list))
+        .start()
+        .await
+        .unwrap();
     let tc: T = c.start("t", TableOptions::set()).await.unwrap();
     c.wait_for_ready(WAIT).await.unwrap();
     assert_eq!(tc.len(), 100, "ready means the table was copied");

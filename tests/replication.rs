@@ -142,7 +142,11 @@ fn check(t: &Table<K, V>, node: &str, m: &Model, step: &str) {
         let want = m.map.get(&k).cloned().unwrap_or_default();
         assert_eq!(t.get(&k), want.first().cloned(), "get({k}) {at}");
         assert_eq!(t.lookup(&k), want, "lookup({k}) {at}");
-        assert_eq!(t.contains_key(&k), !want.is_empty(), "contains_key({k}) {at}");
+        assert_eq!(
+            t.contains_key(&k),
+            !want.is_empty(),
+            "contains_key({k}) {at}"
+        );
     }
     let in_range = |lo: K, hi: K| -> Vec<(K, V)> {
         expected
@@ -155,9 +159,17 @@ fn check(t: &Table<K, V>, node: &str, m: &Model, step: &str) {
         TableKind::OrderedSet => {
             assert_eq!(t.range(2..6).unwrap(), in_range(2, 6), "range(2..6) {at}");
             assert_eq!(t.range(0..100).unwrap(), expected, "range(0..100) {at}");
-            assert_eq!(t.range(5..=9).unwrap(), in_range(5, 10), "range(5..=9) {at}");
+            assert_eq!(
+                t.range(5..=9).unwrap(),
+                in_range(5, 10),
+                "range(5..=9) {at}"
+            );
             assert_eq!(t.range(..4).unwrap(), in_range(0, 4), "range(..4) {at}");
-            assert_eq!(t.range(7..).unwrap(), in_range(7, K::MAX), "range(7..) {at}");
+            assert_eq!(
+                t.range(7..).unwrap(),
+                in_range(7, K::MAX),
+                "range(7..) {at}"
+            );
             assert_eq!(t.range(50..60).unwrap(), vec![], "empty range {at}");
         }
         kind => {
@@ -283,7 +295,8 @@ async fn burst(t: Table<K, V>, seed: u64, ops: usize, with_objects: bool) {
             3 => {
                 let k2 = rng.random_range(0..BURST_KEYS);
                 if rng.random_bool(0.5) {
-                    t.insert_many(vec![(k, v), (k2, format!("s{seed}-{i}"))]).await
+                    t.insert_many(vec![(k, v), (k2, format!("s{seed}-{i}"))])
+                        .await
                 } else {
                     t.delete_many(vec![k, k2]).await
                 }
@@ -409,10 +422,14 @@ async fn insert_returns_after_every_peer_applied_it_and_sync_is_a_barrier() {
         let mut f: Pending<'_> = if i % 3 == 0 {
             let (t0, k) = (t[0].clone(), i % 200);
             expected.remove(&k);
-            Box::pin(tokio::task::unconstrained(async move { t0.delete(&k).await }))
+            Box::pin(tokio::task::unconstrained(
+                async move { t0.delete(&k).await },
+            ))
         } else {
             expected.insert(1000 + i, format!("y{i}"));
-            Box::pin(tokio::task::unconstrained(t[0].insert(1000 + i, format!("y{i}"))))
+            Box::pin(tokio::task::unconstrained(
+                t[0].insert(1000 + i, format!("y{i}")),
+            ))
         };
         // One poll queues the write (the queue has room, and `unconstrained` keeps Tokio's
         // co-operative budget from turning the send into a yield); the call then waits for
@@ -422,7 +439,10 @@ async fn insert_returns_after_every_peer_applied_it_and_sync_is_a_barrier() {
             Poll::Pending => pending.push(f),
         }
     }
-    assert!(!pending.is_empty(), "the writes wait for acks, so some are pending");
+    assert!(
+        !pending.is_empty(),
+        "the writes wait for acks, so some are pending"
+    );
     t[0].sync().await.unwrap();
     let expected: Vec<(K, V)> = expected.into_iter().collect();
     assert_eq!(sorted(t[0].to_vec()), expected, "a after sync");

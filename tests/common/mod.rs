@@ -118,7 +118,10 @@ where
     let end = Instant::now() + period;
     let mut samples = 0u32;
     loop {
-        assert!(cond().await, "stopped holding after {samples} samples: {what}");
+        assert!(
+            cond().await,
+            "stopped holding after {samples} samples: {what}"
+        );
         samples += 1;
         if Instant::now() > end {
             return;

@@ -36,7 +36,10 @@ pub async fn start_node(name: &str) -> (Node, StaticDiscoveryHandle) {
 impl Mesh {
     /// Names must be given in increasing order.
     pub async fn start(names: &[&str]) -> Mesh {
-        assert!(names.windows(2).all(|w| w[0] < w[1]), "names must be sorted");
+        assert!(
+            names.windows(2).all(|w| w[0] < w[1]),
+            "names must be sorted"
+        );
         let mut nodes = Vec::new();
         let mut handles = Vec::new();
         for n in names {
@@ -44,7 +47,11 @@ impl Mesh {
             nodes.push(node);
             handles.push(h);
         }
-        let mut mesh = Mesh { nodes, handles, relays: BTreeMap::new() };
+        let mut mesh = Mesh {
+            nodes,
+            handles,
+            relays: BTreeMap::new(),
+        };
         for i in 0..names.len() {
             for j in i + 1..names.len() {
                 let p = Proxy::start(mesh.nodes[j].local_addr()).await;
@@ -59,8 +66,12 @@ impl Mesh {
 
     /// Re-points node `i`'s discovery at the relays to every larger node.
     pub fn refresh(&self, i: usize) {
-        let addrs: Vec<SocketAddr> =
-            self.relays.iter().filter(|((a, _), _)| *a == i).map(|(_, p)| p.addr()).collect();
+        let addrs: Vec<SocketAddr> = self
+            .relays
+            .iter()
+            .filter(|((a, _), _)| *a == i)
+            .map(|(_, p)| p.addr())
+            .collect();
         self.handles[i].set(addrs);
     }
 

@@ -25,7 +25,8 @@ impl Proxy {
         let cut = Arc::new(AtomicBool::new(false));
         let client: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
         let t1 = {
-            let (front, back, cut, client) = (front.clone(), back.clone(), cut.clone(), client.clone());
+            let (front, back, cut, client) =
+                (front.clone(), back.clone(), cut.clone(), client.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 while let Ok((n, from)) = front.recv_from(&mut buf).await {
@@ -37,7 +38,8 @@ impl Proxy {
             })
         };
         let t2 = {
-            let (front, back, cut, client) = (front.clone(), back.clone(), cut.clone(), client.clone());
+            let (front, back, cut, client) =
+                (front.clone(), back.clone(), cut.clone(), client.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 while let Ok((n, _)) = back.recv_from(&mut buf).await {
@@ -48,7 +50,11 @@ impl Proxy {
                 }
             })
         };
-        Proxy { addr, cut, tasks: vec![t1, t2] }
+        Proxy {
+            addr,
+            cut,
+            tasks: vec![t1, t2],
+        }
     }
 
     /// Where the client should send.
