@@ -357,14 +357,21 @@ async fn merge<K: Key, V: Value>(
         f("before_apply").await;
     }
     // 5. Apply everywhere, the member list with the last chunk.
-    let mut waits = Vec::new();
-    for ((_, targets), delta) in groups.iter().zip(deltas) {
+    // One group after the other, so that a coordinator that dies in between leaves a
+    // half-finished join (which the epoch check repairs) rather than an unknown state.
+    for (g, ((_, targets), delta)) in groups.iter().zip(deltas).enumerate() {
+        if g > 0 {
+            if let Some(f) = &ctx.checkpoint {
+                f("between_groups").await;
+            }
+        }
         let chunks: Vec<Vec<WireRecord<K, V>>> = if delta.is_empty() {
             vec![Vec::new()]
         } else {
             delta.chunks(ctx.chunk).map(|c| c.to_vec()).collect()
         };
         let n = chunks.len();
+        let mut waits = Vec::new();
         for t in targets {
             for (i, records) in chunks.iter().enumerate() {
                 let members = (i + 1 == n).then(|| everyone.clone());
@@ -377,13 +384,13 @@ async fn merge<K: Key, V: Value>(
                 waits.push((t.clone(), ctx.request(t, body)));
             }
         }
-    }
-    for (t, mut rx) in waits {
-        lease.renew(ctx);
-        match ctx.next(&t, &mut rx).await? {
-            JoinRep::Applied => {}
-            JoinRep::Refused { reason } => return Err(ctx.fail(&t, reason)),
-            _ => return Err(ctx.fail(&t, "unexpected reply to Apply")),
+        for (t, mut rx) in waits {
+            lease.renew(ctx);
+            match ctx.next(&t, &mut rx).await? {
+                JoinRep::Applied => {}
+                JoinRep::Refused { reason } => return Err(ctx.fail(&t, reason)),
+                _ => return Err(ctx.fail(&t, "unexpected reply to Apply")),
+            }
         }
     }
     tracing::info!(peer = %peer, nodes = everyone.len(), conflicts, "join done");

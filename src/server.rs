@@ -1101,14 +1101,16 @@ impl<K: Key, V: Value> Server<K, V> {
                 }
             }
         }
-        if self.ticks.is_multiple_of(ANNOUNCE_EVERY) && !self.members.is_empty() {
+        if self.ticks.is_multiple_of(ANNOUNCE_EVERY) {
+            // To every linked peer, not only members: a peer that is a member on one side only
+            // learns our epoch this way.
             let msg = PeerMsg::<K, V>::Tick {
                 clock: self.clock.now(),
                 epoch: self.epoch,
             };
             if let Ok(f) = frame::encode(&msg) {
-                for k in &self.members {
-                    if let Some(out) = self.links.get(k).and_then(|l| l.out.as_ref()) {
+                for l in self.links.values().filter(|l| l.ready()) {
+                    if let Some(out) = &l.out {
                         let _ = out.send(f.clone());
                     }
                 }

@@ -389,8 +389,16 @@ async fn node_reachable_by_only_some_members_is_reported_and_not_half_joined() {
     // b joins one of them first; the third cannot be joined to that pair, since a and c cannot
     // reach each other: it stays outside, and b reports it.
     members(&[&tables[1]], 1).await;
-    let outside = if tables[1].nodes() == vec!["a".to_string()] { "c" } else { "a" };
-    let out_table = if outside == "a" { &tables[0] } else { &tables[2] };
+    let outside = if tables[1].nodes() == vec!["a".to_string()] {
+        "c"
+    } else {
+        "a"
+    };
+    let out_table = if outside == "a" {
+        &tables[0]
+    } else {
+        &tables[2]
+    };
     let b = mesh.nodes[1].clone();
     eventually("b reports the third node as not joined", || {
         let b = b.clone();
@@ -409,7 +417,10 @@ async fn node_reachable_by_only_some_members_is_reported_and_not_half_joined() {
     assert!(out_table.nodes().is_empty());
     assert_eq!(tables[1].nodes().len(), 1);
     let text = mesh.nodes[1].status().await.to_string();
-    assert!(text.contains(&format!("not joined yet: {outside}")), "{text}");
+    assert!(
+        text.contains(&format!("not joined yet: {outside}")),
+        "{text}"
+    );
     // Healing the link lets the join of all three happen.
     mesh.heal(&[0], &[2]);
     members(&tables.iter().collect::<Vec<_>>(), 2).await;
@@ -444,4 +455,51 @@ async fn wait_for_ready_returns_after_the_tables_are_copied_and_handles_a_bad_no
     let s = c.status().await;
     assert_eq!(s.connected.len(), 2);
     assert_eq!(s.unavailable.len(), 1, "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_finished_join_is_detected_and_repaired() {
+    let mesh = Mesh::start(&["a", "b", "c"]).await;
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reached = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let hooked = || {
+        let (armed, reached, release) = (armed.clone(), reached.clone(), release.clone());
+        TableOptions::set().join_checkpoint(move |c| {
+            let hold = c == "between_groups" && armed.swap(false, Ordering::SeqCst);
+            let (reached, release) = (reached.clone(), release.clone());
+            async move {
+                if hold {
+                    reached.notify_one();
+                    release.notified().await;
+                }
+            }
+        })
+    };
+    let ta: T = mesh.nodes[0].start("t", hooked()).await.unwrap();
+    let tb: T = mesh.nodes[1].start("t", hooked()).await.unwrap();
+    members(&[&ta, &tb], 1).await;
+    write_n(&ta, "a", 3).await;
+    armed.store(true, Ordering::SeqCst);
+    let tc: T = mesh.nodes[2].start("t", TableOptions::set()).await.unwrap();
+    write_n(&tc, "c", 3).await;
+    // The coordinator stalls after {a, b} got the new member list and before c did.
+    reached.notified().await;
+    let a = mesh.nodes[0].clone();
+    eventually("a sees that c disagrees on the member list", || {
+        let a = a.clone();
+        async move { a.status().await.tables[0].disagreeing == vec!["c".to_string()] }
+    })
+    .await;
+    // Repaired without the stalled coordinator: c is dropped and joined again.
+    let all = [&ta, &tb, &tc];
+    eventually("all three joined with the same records", || async {
+        all.iter().all(|t| t.nodes().len() == 2) && all.iter().all(|t| t.len() == 6)
+    })
+    .await;
+    release.notify_one();
+    for t in all {
+        t.sync().await.unwrap();
+    }
+    assert_eq!(same_everywhere(&all).await.len(), 6);
 }

@@ -1,0 +1,1064 @@
+//! The transport over real QUIC on loopback: one connection per pair, cookie authentication,
+//! refusal of incompatible tables, robustness against garbage from the network, restarts.
+//!
+//! The robustness tests speak the wire protocol themselves with a raw quinn client (TLS, the
+//! cookie handshake, frames), built here from `src/transport/` and `src/proto.rs`.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use cets::discovery::{StaticDiscovery, StaticDiscoveryHandle};
+use cets::{Node, NodeConfig, NodeId, Table, TableOptions};
+use common::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+type T = Table<u64, String>;
+
+const COOKIE: &str = "test-cookie";
+
+/// Two connected nodes `n1`, `n2` (in this name order) with a joined set table `t` each, and
+/// the `on_node_down` calls their tables saw.
+struct Pair {
+    nodes: Vec<Node>,
+    tables: Vec<T>,
+    downs: Vec<Downs>,
+    _handles: Vec<StaticDiscoveryHandle>,
+}
+
+async fn pair_with(config: NodeConfig) -> Pair {
+    let mut nodes = Vec::new();
+    let mut handles = Vec::new();
+    for n in ["n1", "n2"] {
+        let (node, h) = node_with(n, COOKIE, config.clone()).await;
+        nodes.push(node);
+        handles.push(h);
+    }
+    let addrs: Vec<SocketAddr> = nodes.iter().map(Node::local_addr).collect();
+    for h in &handles {
+        h.set(addrs.clone());
+    }
+    let mut tables = Vec::new();
+    let mut downs = Vec::new();
+    for n in &nodes {
+        let d = Downs::default();
+        tables.push(n.start("t", d.opts(TableOptions::set())).await.unwrap());
+        downs.push(d);
+    }
+    joined(&tables.iter().collect::<Vec<_>>()).await;
+    Pair {
+        nodes,
+        tables,
+        downs,
+        _handles: handles,
+    }
+}
+
+impl Pair {
+    /// Incarnations each node is connected to now.
+    async fn links(&self) -> Vec<Vec<NodeId>> {
+        let mut out = Vec::new();
+        for n in &self.nodes {
+            out.push(
+                n.status()
+                    .await
+                    .connected
+                    .into_iter()
+                    .map(|(id, _)| id)
+                    .collect(),
+            );
+        }
+        out
+    }
+
+    /// Writes on each node are on the other one when the write returns; nobody went down.
+    async fn still_replicates(&self, tag: u64) {
+        for (i, t) in self.tables.iter().enumerate() {
+            let k = tag * 10 + i as u64;
+            t.insert(k, format!("w{k}")).await.unwrap();
+            for u in &self.tables {
+                assert_eq!(u.get(&k), Some(format!("w{k}")), "write {k} replicated");
+            }
+        }
+        for d in &self.downs {
+            assert_eq!(d.calls(), vec![], "no node went down");
+        }
+        for (i, t) in self.tables.iter().enumerate() {
+            assert_eq!(t.nodes(), vec![["n2", "n1"][i]]);
+        }
+    }
+
+    async fn shutdown(&self) {
+        shutdown_all(&self.nodes).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Simultaneous dial.
+
+/// A port that was free a moment ago (so both nodes can be told each other's address before
+/// either starts).
+fn free_port() -> SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+async fn start_at(name: &str, addr: SocketAddr, peers: Vec<SocketAddr>) -> Node {
+    init_tracing();
+    Node::builder(name)
+        .listen(addr)
+        .cookie(COOKIE)
+        .config(NodeConfig::fast_failover())
+        .discovery(StaticDiscovery::new(peers))
+        .start()
+        .await
+        .expect("node starts")
+}
+
+/// Exactly one connection between `a` and `b`, the same one at every sample over `period`
+/// (same peer incarnation, no table saw the other go down), while `poke` runs before each
+/// sample.
+async fn one_stable_connection(
+    a: &Node,
+    b: &Node,
+    ta: &T,
+    tb: &T,
+    downs: &[Downs],
+    period: Duration,
+    poke: impl Fn(),
+) {
+    for (x, y) in [(a, b), (b, a)] {
+        let (x, y) = (x.clone(), y.id().clone());
+        eventually(WAIT, "connected", || {
+            let (x, y) = (x.clone(), y.clone());
+            async move { x.status().await.connected.iter().map(|c| &c.0).eq([&y]) }
+        })
+        .await;
+    }
+    joined(&[ta, tb]).await;
+    always(period, "one connection, never replaced", || {
+        poke();
+        let (a, b, ta, tb) = (a.clone(), b.clone(), ta.clone(), tb.clone());
+        let downs = downs.to_vec();
+        async move {
+            let sa = a.status().await;
+            let sb = b.status().await;
+            sa.connected.len() == 1
+                && sb.connected.len() == 1
+                && sa.connected[0].0 == *b.id()
+                && sb.connected[0].0 == *a.id()
+                && sa.connected[0].1 == b.local_addr()
+                && sb.connected[0].1 == a.local_addr()
+                && ta.nodes() == [b.name()]
+                && tb.nodes() == [a.name()]
+                && downs.iter().all(|d| d.calls().is_empty())
+        }
+    })
+    .await;
+    ta.insert(1, "from a".into()).await.unwrap();
+    assert_eq!(tb.get(&1).as_deref(), Some("from a"));
+    tb.insert(2, "from b".into()).await.unwrap();
+    assert_eq!(ta.get(&2).as_deref(), Some("from b"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_discovering_each_other_at_once_keep_one_connection() {
+    let (pa, pb) = (free_port(), free_port());
+    // Both start together, each with the other in its discovery: both dial at once.
+    let (a, b) = tokio::join!(start_at("a", pa, vec![pb]), start_at("b", pb, vec![pa]));
+    let (da, db) = (Downs::default(), Downs::default());
+    let ta: T = a.start("t", da.opts(TableOptions::set())).await.unwrap();
+    let tb: T = b.start("t", db.opts(TableOptions::set())).await.unwrap();
+    one_stable_connection(&a, &b, &ta, &tb, &[da, db], Duration::from_secs(1), || {}).await;
+    shutdown_all([&a, &b]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_called_on_both_sides_at_once_keeps_one_connection() {
+    for round in 0..3 {
+        let (a, _ha) = node("a").await;
+        let (b, _hb) = node("b").await;
+        let (da, db) = (Downs::default(), Downs::default());
+        let ta: T = a.start("t", da.opts(TableOptions::set())).await.unwrap();
+        let tb: T = b.start("t", db.opts(TableOptions::set())).await.unwrap();
+        let (aa, ba) = (a.local_addr(), b.local_addr());
+        a.connect(ba);
+        b.connect(aa);
+        // Keep dialing from both sides while checking that the one connection stays.
+        let period = Duration::from_millis(if round == 0 { 1000 } else { 300 });
+        let (a2, b2) = (a.clone(), b.clone());
+        one_stable_connection(&a, &b, &ta, &tb, &[da, db], period, move || {
+            a2.connect(ba);
+            b2.connect(aa);
+        })
+        .await;
+        shutdown_all([&a, &b]).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Authentication.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_with_different_cookies_never_connect() {
+    let (x, hx) = node_with("x", "a", NodeConfig::fast_failover()).await;
+    let (y, hy) = node_with("y", "b", NodeConfig::fast_failover()).await;
+    let tx: T = x.start("t", TableOptions::set()).await.unwrap();
+    let ty: T = y.start("t", TableOptions::set()).await.unwrap();
+    tx.insert(1, "x".into()).await.unwrap();
+    ty.insert(2, "y".into()).await.unwrap();
+    hx.set(vec![y.local_addr()]);
+    hy.set(vec![x.local_addr()]);
+    // Both dial (both discover the other); each is refused, and says why.
+    for (n, other) in [(&x, &y), (&y, &x)] {
+        let (n, addr) = (n.clone(), other.local_addr());
+        eventually(
+            WAIT,
+            "the peer is reported unavailable for its cookie",
+            || {
+                let n = n.clone();
+                async move {
+                    n.status()
+                        .await
+                        .unavailable
+                        .iter()
+                        .any(|(a, why)| *a == addr && why.contains("bad cookie"))
+                }
+            },
+        )
+        .await;
+    }
+    let rounds = x.status().await.discovery_rounds;
+    always(Duration::from_secs(1), "never connected", || {
+        let (x, y, tx, ty) = (x.clone(), y.clone(), tx.clone(), ty.clone());
+        async move {
+            let (sx, sy) = (x.status().await, y.status().await);
+            sx.connected.is_empty()
+                && sy.connected.is_empty()
+                && !sx.unavailable.is_empty()
+                && !sy.unavailable.is_empty()
+                && tx.nodes().is_empty()
+                && ty.nodes().is_empty()
+                && sx.tables.iter().all(|t| t.members.is_empty())
+                && sy.tables.iter().all(|t| t.members.is_empty())
+        }
+    })
+    .await;
+    // The dials were retried meanwhile (a discovery round every 200 ms).
+    assert!(x.status().await.discovery_rounds >= rounds + 3);
+    tx.insert(3, "x".into()).await.unwrap();
+    assert_eq!(sorted(tx.to_vec()), vec![(1, "x".into()), (3, "x".into())]);
+    assert_eq!(ty.to_vec(), vec![(2, "y".to_string())]);
+    shutdown_all([&x, &y]).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Incompatible tables.
+
+async fn incompatible<V1: cets::Value, V2: cets::Value>(
+    o1: TableOptions<u64, V1>,
+    o2: TableOptions<u64, V2>,
+    v1: V1,
+    v2: V2,
+    why: &str,
+) {
+    let c = cluster(&["x", "y"]).await;
+    let (x, y) = (&c[0].0, &c[1].0);
+    let tx: Table<u64, V1> = x.start("t", o1).await.unwrap();
+    let ty: Table<u64, V2> = y.start("t", o2).await.unwrap();
+    // A compatible table on the same nodes: the connection itself works.
+    let ox: T = x.start("ok", TableOptions::set()).await.unwrap();
+    let oy: T = y.start("ok", TableOptions::set()).await.unwrap();
+    joined(&[&ox, &oy]).await;
+    // Both sides refuse the other's table, with the reason.
+    for (n, other) in [(x, "y"), (y, "x")] {
+        let n = n.clone();
+        eventually(
+            WAIT,
+            &format!("{} refuses {other}'s table", n.name()),
+            || {
+                let n = n.clone();
+                async move {
+                    let s = n.status().await;
+                    let t = s.tables.iter().find(|t| t.name == "t").unwrap();
+                    t.refused.iter().any(|(p, r)| {
+                        p == other && (r.contains(why) || r.contains("refused by the peer"))
+                    })
+                }
+            },
+        )
+        .await;
+    }
+    // A refused peer does not count as a join still due.
+    x.wait_for_ready(WAIT).await.unwrap();
+    y.wait_for_ready(WAIT).await.unwrap();
+    tx.insert(1, v1.clone()).await.unwrap();
+    ty.insert(2, v2.clone()).await.unwrap();
+    ox.insert(7, "ok".into()).await.unwrap();
+    assert_eq!(oy.get(&7).as_deref(), Some("ok"));
+    always(Duration::from_millis(800), "no records cross", || {
+        let (x, tx, ty) = (x.clone(), tx.clone(), ty.clone());
+        async move {
+            let s = x.status().await;
+            let t = s.tables.iter().find(|t| t.name == "t").unwrap();
+            s.connected.len() == 1
+                && tx.nodes().is_empty()
+                && ty.nodes().is_empty()
+                && t.members.is_empty()
+                && t.not_joined.is_empty()
+                && tx.len() == 1
+                && ty.len() == 1
+                && tx.get(&2).is_none()
+                && ty.get(&1).is_none()
+        }
+    })
+    .await;
+    shutdown_all(c.iter().map(|(n, _)| n)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_of_another_kind_is_refused_both_ways() {
+    incompatible(
+        TableOptions::<u64, String>::set(),
+        TableOptions::<u64, String>::bag(),
+        "x".to_string(),
+        "y".to_string(),
+        "kind",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_of_another_value_type_is_refused_both_ways() {
+    incompatible(
+        TableOptions::<u64, String>::set(),
+        TableOptions::<u64, u64>::set(),
+        "x".to_string(),
+        9u64,
+        "types",
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Restarts.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_restarted_under_its_name_is_a_new_incarnation() {
+    let names = ["a", "b", "c"];
+    let mut c = cluster(&names).await;
+    let mut tables = Vec::new();
+    let mut downs = Vec::new();
+    for (n, _) in &c {
+        let d = Downs::default();
+        tables.push(n.start("t", d.opts(TableOptions::set())).await.unwrap());
+        downs.push(d);
+    }
+    joined(&tables.iter().collect::<Vec<_>>()).await;
+    for (i, t) in tables.iter().enumerate() {
+        t.insert_many(
+            (0..10)
+                .map(|j| (i as u64 * 100 + j, names[i].to_string()))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    }
+    let old = c[2].0.id().clone();
+    c[2].0.shutdown().await.unwrap();
+    // Graceful: the survivors drop c's records at once.
+    for i in 0..2 {
+        eventually(WAIT, "c's records dropped", || {
+            let t = tables[i].clone();
+            async move { t.len() == 20 && t.nodes() == [["b", "a"][i]] }
+        })
+        .await;
+    }
+
+    let (c2, h2) = node("c").await;
+    assert_ne!(c2.id().incarnation, old.incarnation);
+    let addrs: Vec<SocketAddr> = vec![c[0].0.local_addr(), c[1].0.local_addr(), c2.local_addr()];
+    for (_, h) in &c[..2] {
+        h.set(addrs.clone());
+    }
+    h2.set(addrs);
+    let d2 = Downs::default();
+    let t2: T = c2.start("t", d2.opts(TableOptions::set())).await.unwrap();
+    c[2] = (c2.clone(), h2);
+    tables[2] = t2.clone();
+    joined(&tables.iter().collect::<Vec<_>>()).await;
+    for n in &c[..2] {
+        let s = n.0.status().await;
+        let seen: Vec<&NodeId> = s
+            .connected
+            .iter()
+            .map(|(id, _)| id)
+            .filter(|id| id.name == "c")
+            .collect();
+        assert_eq!(seen, vec![c2.id()], "the new incarnation, only");
+    }
+    // The new c got a's and b's records, none of the old c's.
+    assert_eq!(t2.len(), 20);
+    assert!(t2.get(&200).is_none());
+    t2.insert(300, "c2".into()).await.unwrap();
+    tables[0].insert(301, "a".into()).await.unwrap();
+    for t in &tables {
+        assert_eq!(t.len(), 22);
+        assert_eq!(t.get(&300).as_deref(), Some("c2"));
+        assert_eq!(t.get(&301).as_deref(), Some("a"));
+    }
+    for d in &downs[..2] {
+        assert_eq!(d.calls(), vec![(old.clone(), 10)], "old c went down once");
+    }
+    shutdown_all(c.iter().map(|(n, _)| n)).await;
+}
+
+/// The old incarnation is still running (a hung process whose connections have not timed out)
+/// when the new one appears: the new one replaces it on every node, deterministically.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_incarnation_replaces_a_live_old_one() {
+    let names = ["a", "b", "c"];
+    let c = cluster(&names).await;
+    let mut tables = Vec::new();
+    let mut downs = Vec::new();
+    for (n, _) in &c {
+        let d = Downs::default();
+        tables.push(n.start("t", d.opts(TableOptions::set())).await.unwrap());
+        downs.push(d);
+    }
+    joined(&tables.iter().collect::<Vec<_>>()).await;
+    for (i, t) in tables.iter().enumerate() {
+        t.insert_many(
+            (0..10)
+                .map(|j| (i as u64 * 100 + j, names[i].to_string()))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    }
+    let old = c[2].0.clone();
+    // The old c dials nobody any more, and a and b only know the new address.
+    c[2].1.clear();
+    let (c2, h2) = node("c").await;
+    let addrs = vec![c[0].0.local_addr(), c[1].0.local_addr(), c2.local_addr()];
+    c[0].1.set(addrs.clone());
+    c[1].1.set(addrs.clone());
+    h2.set(addrs);
+    let d2 = Downs::default();
+    let t2: T = c2.start("t", d2.opts(TableOptions::set())).await.unwrap();
+    joined(&[&tables[0], &tables[1], &t2]).await;
+    for i in 0..2 {
+        let (n, d, c2) = (c[i].0.clone(), downs[i].clone(), c2.clone());
+        let old = old.id().clone();
+        eventually(WAIT, "old c replaced and dropped", || {
+            let (n, d, c2, old) = (n.clone(), d.clone(), c2.clone(), old.clone());
+            async move {
+                let s = n.status().await;
+                let cs: Vec<&NodeId> = s
+                    .connected
+                    .iter()
+                    .map(|(id, _)| id)
+                    .filter(|id| id.name == "c")
+                    .collect();
+                cs == [c2.id()] && d.calls() == [(old, 10)]
+            }
+        })
+        .await;
+    }
+    // The old incarnation lost both connections and, alone, dropped a's and b's records.
+    let o = old.clone();
+    eventually(WAIT, "old c is alone", || {
+        let o = o.clone();
+        async move { o.status().await.connected.is_empty() }
+    })
+    .await;
+    assert_eq!(sorted(tables[2].to_vec()).len(), 10);
+    assert_eq!(tables[2].nodes(), Vec::<String>::new());
+    // The cluster works with the new c, which never saw the old c's records.
+    assert_eq!(t2.len(), 20);
+    t2.insert(300, "c2".into()).await.unwrap();
+    tables[1].insert(301, "b".into()).await.unwrap();
+    for t in [&tables[0], &tables[1], &t2] {
+        assert_eq!(t.len(), 22);
+        assert_eq!(t.get(&300).as_deref(), Some("c2"));
+        assert!(t.get(&200).is_none());
+    }
+    let (a, c2c) = (c[0].0.clone(), c2.clone());
+    always(
+        Duration::from_millis(500),
+        "the old c does not come back",
+        || {
+            let (a, c2c) = (a.clone(), c2c.clone());
+            async move {
+                let s = a.status().await;
+                s.connected
+                    .iter()
+                    .filter(|(id, _)| id.name == "c")
+                    .map(|(id, _)| id)
+                    .eq([c2c.id()])
+            }
+        },
+    )
+    .await;
+    shutdown_all(c.iter().map(|(n, _)| n).chain([&c2])).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Garbage from the network.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_datagrams_do_not_disturb_a_node() {
+    let p = pair_with(NodeConfig::fast_failover()).await;
+    let before = p.links().await;
+    let targets: Vec<SocketAddr> = p.nodes.iter().map(Node::local_addr).collect();
+    let blaster = tokio::spawn(async move {
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut rng = StdRng::seed_from_u64(0x5eed);
+        for i in 0..4000usize {
+            let len = match i % 5 {
+                0 => rng.random_range(1..8),
+                1 => rng.random_range(8..64),
+                2 => rng.random_range(64..1200),
+                _ => rng.random_range(1200..1500),
+            };
+            let mut buf = vec![0u8; len];
+            rng.fill(&mut buf[..]);
+            if len >= 7 && i % 2 == 0 {
+                // Looks like a QUIC long header: Initial, version 1 or an unknown version,
+                // with a plausible connection id length.
+                buf[0] = 0xc0 | (buf[0] & 0x0f);
+                let v: u32 = if i % 4 == 0 { 1 } else { rng.random() };
+                buf[1..5].copy_from_slice(&v.to_be_bytes());
+                buf[5] = 8;
+            } else if len >= 1 && i % 3 == 0 {
+                // A short header (1-RTT) packet with a random connection id.
+                buf[0] = 0x40 | (buf[0] & 0x3f);
+            }
+            let _ = sock.send_to(&buf, targets[i % targets.len()]).await;
+            if i % 64 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    // Replicate while the garbage arrives.
+    let mut tag = 1;
+    while !blaster.is_finished() {
+        p.still_replicates(tag).await;
+        tag += 1;
+    }
+    eprintln!("DBG rounds {tag}");
+    blaster.await.unwrap();
+    p.still_replicates(tag).await;
+    assert_eq!(p.links().await, before, "the same connections");
+    p.shutdown().await;
+}
+
+/// A raw QUIC client that speaks (or breaks) the cets wire protocol.
+mod raw {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use cets::{NodeId, TableKind};
+    use quinn::crypto::rustls::QuicClientConfig;
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::crypto::CryptoProvider;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::DigitallySignedStruct;
+    use serde::{Deserialize, Serialize};
+
+    pub const ALPN: &[u8] = b"cets/1";
+
+    /// Accepts any server certificate (the nodes' are self-signed); checks the signatures.
+    #[derive(Debug)]
+    struct AnyCert(Arc<CryptoProvider>);
+
+    impl ServerCertVerifier for AnyCert {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    /// A client-only endpoint on loopback, with keep-alives so that an idle connection is
+    /// closed by the node's decision, not by the idle timer.
+    pub fn endpoint() -> quinn::Endpoint {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let mut cfg = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(Duration::from_millis(200)));
+        cfg.transport_config(Arc::new(transport));
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(cfg);
+        ep
+    }
+
+    pub async fn connect(ep: &quinn::Endpoint, addr: SocketAddr) -> quinn::Connection {
+        ep.connect(addr, "cets")
+            .unwrap()
+            .await
+            .expect("TLS with the node")
+    }
+
+    /// `proto::Hello`.
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct Hello {
+        pub magic: [u8; 4],
+        pub version: u32,
+        pub node: NodeId,
+        pub proof: Vec<u8>,
+    }
+
+    /// `proto::StreamHeader`.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    pub struct StreamHeader {
+        pub table: String,
+        pub kind: TableKind,
+        pub fingerprint: u64,
+    }
+
+    /// `proto::OpKind`.
+    #[derive(Debug, Serialize, Deserialize)]
+    pub enum OpKind<K, V> {
+        Insert(Vec<(K, V)>),
+        Delete(Vec<K>),
+    }
+
+    /// `proto::Op`.
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct Op<K, V> {
+        pub ts: u64,
+        pub kind: OpKind<K, V>,
+    }
+
+    /// The first variants of `proto::PeerMsg` (postcard tags variants by index).
+    #[derive(Debug, Serialize, Deserialize)]
+    pub enum PeerMsg<K, V> {
+        Ops { seq: u64, ops: Vec<Op<K, V>> },
+        Ack { seq: u64, clock: u64 },
+        Tick { clock: u64, epoch: u64 },
+    }
+
+    /// `node::fingerprint::<K, V>()`: FNV-1a of the type names.
+    pub fn fingerprint<K, V>() -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in std::any::type_name::<K>()
+            .bytes()
+            .chain([0u8])
+            .chain(std::any::type_name::<V>().bytes())
+        {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h
+    }
+
+    /// A frame: `u32` little-endian length, then postcard.
+    pub fn frame<T: Serialize>(msg: &T) -> Vec<u8> {
+        let body = postcard::to_stdvec(msg).unwrap();
+        let mut f = (body.len() as u32).to_le_bytes().to_vec();
+        f.extend_from_slice(&body);
+        f
+    }
+
+    pub async fn read_frame(recv: &mut quinn::RecvStream) -> Vec<u8> {
+        let mut len = [0u8; 4];
+        recv.read_exact(&mut len).await.unwrap();
+        let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+        recv.read_exact(&mut body).await.unwrap();
+        body
+    }
+
+    /// HMAC-SHA256(cookie, role || len(name) || name || incarnation || TLS exporter).
+    pub fn proof(cookie: &str, conn: &quinn::Connection, role: u8, node: &NodeId) -> Vec<u8> {
+        let mut exporter = [0u8; 32];
+        conn.export_keying_material(&mut exporter, b"EXPORTER-cets-cookie-v1", b"")
+            .unwrap();
+        let mut msg = vec![role];
+        msg.extend_from_slice(&(node.name.len() as u64).to_le_bytes());
+        msg.extend_from_slice(node.name.as_bytes());
+        msg.extend_from_slice(&node.incarnation.to_le_bytes());
+        msg.extend_from_slice(&exporter);
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, cookie.as_bytes());
+        ring::hmac::sign(&key, &msg).as_ref().to_vec()
+    }
+
+    pub fn hello(cookie: &str, conn: &quinn::Connection, me: &NodeId) -> Hello {
+        Hello {
+            magic: *b"CETS",
+            version: 1,
+            node: me.clone(),
+            proof: proof(cookie, conn, b'D', me),
+        }
+    }
+
+    /// The dialer's side of the cookie handshake; checks the node's proof; returns the node.
+    pub async fn handshake(conn: &quinn::Connection, cookie: &str, me: &NodeId) -> NodeId {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&frame(&hello(cookie, conn, me)))
+            .await
+            .unwrap();
+        let theirs: Hello = postcard::from_bytes(&read_frame(&mut recv).await).unwrap();
+        assert_eq!(&theirs.magic, b"CETS");
+        let expected = proof(cookie, conn, b'A', &theirs.node);
+        assert_eq!(theirs.proof, expected, "the node proves the cookie");
+        let _ = send.finish();
+        theirs.node
+    }
+
+    /// How the node closed the connection (panics if it did not within the wait, or if the
+    /// connection ended some other way, e.g. by idle timeout).
+    pub async fn closed_by_node(conn: &quinn::Connection) -> quinn::ApplicationClose {
+        match tokio::time::timeout(super::WAIT, conn.closed()).await {
+            Ok(quinn::ConnectionError::ApplicationClosed(c)) => c,
+            Ok(other) => panic!("connection ended otherwise: {other}"),
+            Err(_) => panic!("the node did not close the connection"),
+        }
+    }
+}
+
+fn reason(c: &quinn::ApplicationClose) -> String {
+    String::from_utf8_lossy(&c.reason).into_owned()
+}
+
+const PROTOCOL: u32 = 2;
+const VERSION: u32 = 3;
+const AUTH: u32 = 1;
+const REDIRECT: u32 = 4;
+
+fn code(c: &quinn::ApplicationClose) -> u32 {
+    u32::try_from(c.error_code.into_inner()).unwrap()
+}
+
+/// Connections that break the protocol before authenticating are closed by the node, and its
+/// real connection and replication go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_before_the_handshake_closes_only_that_connection() {
+    let mut config = NodeConfig::fast_failover();
+    config.handshake_timeout = Duration::from_secs(1);
+    let p = pair_with(config).await;
+    let before = p.links().await;
+    let ep = raw::endpoint();
+    let target = p.nodes[0].local_addr();
+    let mut rng = StdRng::seed_from_u64(42);
+
+    // 1. A length prefix far above the hello limit.
+    let conn = raw::connect(&ep, target).await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let mut junk = u32::MAX.to_le_bytes().to_vec();
+    junk.extend((0..100).map(|_| rng.random::<u8>()));
+    send.write_all(&junk).await.unwrap();
+    let c = raw::closed_by_node(&conn).await;
+    eprintln!("DBG case1 {c:?}");
+    assert_ne!(
+        reason(&c),
+        "handshake timed out",
+        "closed for the frame, not by the timer"
+    );
+    p.still_replicates(1).await;
+
+    // 2. A well-framed hello that does not decode.
+    let conn = raw::connect(&ep, target).await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
+    let c = raw::closed_by_node(&conn).await;
+    assert_eq!(code(&c), VERSION, "{c}");
+    assert!(reason(&c).contains("undecodable hello"), "{c}");
+    p.still_replicates(2).await;
+
+    // 3. Random bytes, then the end of the stream.
+    for size in [1usize, 3, 4, 17, 1000, 5000] {
+        let conn = raw::connect(&ep, target).await;
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        let junk: Vec<u8> = (0..size).map(|_| rng.random()).collect();
+        send.write_all(&junk).await.unwrap();
+        let _ = send.finish();
+        let c = raw::closed_by_node(&conn).await;
+        eprintln!("DBG case3 {size} {c:?}");
+        assert_ne!(reason(&c), "handshake timed out", "{size} bytes: {c}");
+    }
+    p.still_replicates(3).await;
+
+    // 4. A hello in the right format with a forged proof, and one of another version.
+    let me = NodeId {
+        name: "a-raw".into(),
+        incarnation: 1,
+    };
+    let conn = raw::connect(&ep, target).await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let mut h = raw::hello("not-the-cookie", &conn, &me);
+    send.write_all(&raw::frame(&h)).await.unwrap();
+    let c = raw::closed_by_node(&conn).await;
+    assert_eq!(
+        (code(&c), reason(&c)),
+        (AUTH, "bad cookie from a-raw".into())
+    );
+    let conn = raw::connect(&ep, target).await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    h = raw::hello(COOKIE, &conn, &me);
+    h.version = 2;
+    send.write_all(&raw::frame(&h)).await.unwrap();
+    let c = raw::closed_by_node(&conn).await;
+    assert_eq!(code(&c), VERSION, "{c}");
+    // A hello proven for another TLS session (a replay) is refused too.
+    let first = raw::connect(&ep, target).await;
+    let replayed = raw::hello(COOKIE, &first, &me);
+    let conn = raw::connect(&ep, target).await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&raw::frame(&replayed)).await.unwrap();
+    let c = raw::closed_by_node(&conn).await;
+    assert_eq!(code(&c), AUTH, "{c}");
+    first.close(0u32.into(), b"");
+    p.still_replicates(4).await;
+
+    // 5. Silence: the handshake timer closes it.
+    let conn = raw::connect(&ep, target).await;
+    let c = raw::closed_by_node(&conn).await;
+    assert_eq!(
+        (code(&c), reason(&c)),
+        (PROTOCOL, "handshake timed out".into())
+    );
+    let conn = raw::connect(&ep, target).await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[200, 0, 0, 0, 1, 2, 3]).await.unwrap(); // half a frame, never finished
+    let c = raw::closed_by_node(&conn).await;
+    assert_eq!(
+        (code(&c), reason(&c)),
+        (PROTOCOL, "handshake timed out".into())
+    );
+
+    p.still_replicates(5).await;
+    assert_eq!(
+        p.links().await,
+        before,
+        "the real connection was never replaced"
+    );
+    ep.close(0u32.into(), b"");
+    p.shutdown().await;
+}
+
+/// Authenticates as `a-raw` (which sorts before `n1`, so the node keeps the connection).
+async fn authenticated(ep: &quinn::Endpoint, node: &Node) -> quinn::Connection {
+    let conn = raw::connect(ep, node.local_addr()).await;
+    let me = NodeId {
+        name: "a-raw".into(),
+        incarnation: rand::random(),
+    };
+    let theirs = raw::handshake(&conn, COOKIE, &me).await;
+    assert_eq!(&theirs, node.id());
+    conn
+}
+
+/// The header of the node's table stream towards us, checked against what we send.
+async fn their_header(conn: &quinn::Connection) -> quinn::RecvStream {
+    let mut recv = conn.accept_uni().await.unwrap();
+    let header: raw::StreamHeader =
+        postcard::from_bytes(&raw::read_frame(&mut recv).await).unwrap();
+    assert_eq!(
+        header,
+        our_header("t"),
+        "the fingerprint is computed as the node does"
+    );
+    recv
+}
+
+fn our_header(table: &str) -> raw::StreamHeader {
+    raw::StreamHeader {
+        table: table.into(),
+        kind: cets::TableKind::Set,
+        fingerprint: raw::fingerprint::<u64, String>(),
+    }
+}
+
+/// An authenticated peer that breaks the protocol on a table stream is disconnected; the
+/// node's other connections and its replication go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_from_an_authenticated_peer_close_only_that_connection() {
+    let p = pair_with(NodeConfig::fast_failover()).await;
+    let before = p.links().await;
+    let ep = raw::endpoint();
+    let n1 = &p.nodes[0];
+
+    // (0) The protocol as the node speaks it: a write from a non-member is acknowledged, not
+    // applied.
+    let conn = authenticated(&ep, n1).await;
+    let mut theirs = their_header(&conn).await;
+    let mut ours = conn.open_uni().await.unwrap();
+    ours.write_all(&raw::frame(&our_header("t"))).await.unwrap();
+    let ops = raw::PeerMsg::<u64, String>::Ops {
+        seq: 1,
+        ops: vec![raw::Op {
+            ts: 1,
+            kind: raw::OpKind::Insert(vec![(999, "evil".into())]),
+        }],
+    };
+    ours.write_all(&raw::frame(&ops)).await.unwrap();
+    loop {
+        let msg: raw::PeerMsg<u64, String> =
+            postcard::from_bytes(&raw::read_frame(&mut theirs).await).unwrap();
+        match msg {
+            raw::PeerMsg::Ack { seq, .. } => {
+                assert_eq!(seq, 1);
+                break;
+            }
+            raw::PeerMsg::Tick { .. } => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(p.tables[0].get(&999).is_none(), "not a member: not applied");
+    // (i) then an undecodable frame (no such PeerMsg variant).
+    ours.write_all(&[1, 0, 0, 0, 0x7f]).await.unwrap();
+    let c = raw::closed_by_node(&conn).await;
+    assert_eq!(
+        (code(&c), reason(&c)),
+        (PROTOCOL, "undecodable frame".into())
+    );
+    p.still_replicates(1).await;
+
+    // (ii) a frame announcing one byte more than the 64 MiB limit.
+    let conn = authenticated(&ep, n1).await;
+    let mut ours = conn.open_uni().await.unwrap();
+    ours.write_all(&raw::frame(&our_header("t"))).await.unwrap();
+    ours.write_all(&(64u32 * 1024 * 1024 + 1).to_le_bytes())
+        .await
+        .unwrap();
+    ours.write_all(&[0; 512]).await.unwrap();
+    let c = raw::closed_by_node(&conn).await;
+    assert_eq!((code(&c), reason(&c)), (PROTOCOL, "frame too large".into()));
+    p.still_replicates(2).await;
+
+    // (iii) a stream header that does not decode.
+    let conn = authenticated(&ep, n1).await;
+    let mut ours = conn.open_uni().await.unwrap();
+    ours.write_all(&[2, 0, 0, 0, 0xff, 0xff]).await.unwrap();
+    let c = raw::closed_by_node(&conn).await;
+    assert_eq!(
+        (code(&c), reason(&c)),
+        (PROTOCOL, "bad stream header".into())
+    );
+    p.still_replicates(3).await;
+
+    // (iv) a name that sorts after the node's: the node closes and dials back (which fails:
+    // this client accepts no connections).
+    let conn = raw::connect(&ep, n1.local_addr()).await;
+    let me = NodeId {
+        name: "z-raw".into(),
+        incarnation: 5,
+    };
+    raw::handshake(&conn, COOKIE, &me).await;
+    let c = raw::closed_by_node(&conn).await;
+    assert_eq!(code(&c), REDIRECT, "{c}");
+    p.still_replicates(4).await;
+
+    assert_eq!(
+        p.links().await,
+        before,
+        "the real connection was never replaced"
+    );
+    ep.close(0u32.into(), b"");
+    p.shutdown().await;
+}
+
+/// A stream for a table the node does not run, or runs with other types, is stopped; the
+/// connection stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_or_incompatible_table_stream_is_stopped_not_the_connection() {
+    let p = pair_with(NodeConfig::fast_failover()).await;
+    let ep = raw::endpoint();
+    let n1 = &p.nodes[0];
+    let conn = authenticated(&ep, n1).await;
+    let _theirs = their_header(&conn).await;
+
+    let mut s = conn.open_uni().await.unwrap();
+    s.write_all(&raw::frame(&our_header("nope"))).await.unwrap();
+    assert_eq!(
+        s.stopped().await.unwrap(),
+        Some(1u32.into()),
+        "UNKNOWN_TABLE"
+    );
+
+    let mut s = conn.open_uni().await.unwrap();
+    let mut h = our_header("t");
+    h.fingerprint ^= 1;
+    s.write_all(&raw::frame(&h)).await.unwrap();
+    assert_eq!(
+        s.stopped().await.unwrap(),
+        Some(2u32.into()),
+        "INCOMPATIBLE"
+    );
+    let n = n1.clone();
+    eventually(WAIT, "n1 reports the refused table", || {
+        let n = n.clone();
+        async move {
+            let s = n.status().await;
+            s.tables[0].refused.iter().any(|(p, _)| p == "a-raw")
+        }
+    })
+    .await;
+
+    let mut s = conn.open_uni().await.unwrap();
+    let mut h = our_header("t");
+    h.kind = cets::TableKind::Bag;
+    s.write_all(&raw::frame(&h)).await.unwrap();
+    assert_eq!(
+        s.stopped().await.unwrap(),
+        Some(2u32.into()),
+        "INCOMPATIBLE"
+    );
+
+    assert!(conn.close_reason().is_none(), "the connection stays");
+    let s = n1.status().await;
+    assert!(s.connected.iter().any(|(id, _)| id.name == "a-raw"), "{s}");
+    p.still_replicates(1).await;
+    conn.close(0u32.into(), b"bye");
+    ep.close(0u32.into(), b"");
+    p.shutdown().await;
+}
