@@ -1,5 +1,20 @@
 //! Membership that heals itself: node down, restart, partitions and their merge, joins that
 //! fail halfway, status. Nodes talk real QUIC through cuttable UDP relays on loopback.
+//!
+//! Behaviour ported from CETS test cases (names from esl/cets):
+//! - `handle_down_is_called`, `node_list_is_correct`: graceful_shutdown_drops_records_and_calls_handle_down_once
+//!   (and `replication.rs` for `test_multinode`)
+//! - `join_works_with_existing_data_with_conflicts_and_defined_conflict_handler_and_more_keys`,
+//!   `join_done_already_while_waiting_for_lock_so_do_nothing` (four coordinators race; one
+//!   joins, the others find the work done): partition_2_plus_2_heals_identically_with_one_handler_call_per_conflict
+//! - `events_are_applied_in_the_correct_order_after_unpause`,
+//!   `remote_ops_are_not_sent_before_last_server_got_dump`: writes_during_a_join_are_applied_once_in_order_after_unpause
+//! - `join_fails_before_send_dump`: joiner_killed_before_sending_records_leaves_nobody_paused,
+//!   stalled_joiner_releases_the_others_by_lease_and_the_next_join_succeeds
+//! - `write_returns_if_remote_server_crashes`: write_returns_when_the_peer_dies_before_acking
+//! - `test_disco_handles_bad_node`: wait_for_ready_returns_after_the_tables_are_copied_and_handles_a_bad_node
+//! - `status_conflict_nodes`: node_reachable_by_only_some_members_is_reported_and_not_half_joined,
+//!   half_finished_join_is_detected_and_repaired
 
 #[path = "support/mesh.rs"]
 mod mesh;
@@ -502,4 +517,60 @@ async fn half_finished_join_is_detected_and_repaired() {
         t.sync().await.unwrap();
     }
     assert_eq!(same_everywhere(&all).await.len(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_function_decides_whose_records_go_with_a_node() {
+    let mesh = Mesh::start(&["a", "b", "c"]).await;
+    // A key "node/x" is owned by node `node`, whoever wrote it.
+    let opts = || {
+        TableOptions::set()
+            .owner(|k: &String, _v: &u64| k.split('/').next().unwrap_or("").to_string())
+    };
+    let mut tables = Vec::new();
+    for n in &mesh.nodes {
+        let t: T = n.start("t", opts()).await.unwrap();
+        tables.push(t);
+    }
+    members(&tables.iter().collect::<Vec<_>>(), 2).await;
+    tables[0].insert("c/1".into(), 1).await.unwrap(); // written by a, owned by c
+    tables[0].insert("a/1".into(), 1).await.unwrap();
+    tables[1].insert("b/1".into(), 1).await.unwrap();
+    mesh.nodes[2].shutdown().await.unwrap();
+    for t in &tables[..2] {
+        let t = t.clone();
+        eventually("c-owned record dropped", || {
+            let t = t.clone();
+            async move { t.len() == 2 && !t.contains_key(&"c/1".to_string()) }
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bags_merge_as_the_union_of_both_partitions() {
+    let mesh = Mesh::start(&["a", "b"]).await;
+    let ta: Table<String, u64> = mesh.nodes[0]
+        .start("bag", TableOptions::bag())
+        .await
+        .unwrap();
+    let tb: Table<String, u64> = mesh.nodes[1]
+        .start("bag", TableOptions::bag())
+        .await
+        .unwrap();
+    members(&[&ta, &tb], 1).await;
+    ta.insert("k".into(), 1).await.unwrap();
+    mesh.split(&[0], &[1]);
+    members(&[&ta, &tb], 0).await;
+    ta.insert("k".into(), 2).await.unwrap();
+    tb.insert("k".into(), 3).await.unwrap();
+    tb.insert("k".into(), 2).await.unwrap();
+    mesh.heal(&[0], &[1]);
+    members(&[&ta, &tb], 1).await;
+    for t in [&ta, &tb] {
+        let mut v = t.lookup(&"k".to_string());
+        v.sort();
+        // 1 was a's (kept by a, dropped by b at the split, sent back by the join).
+        assert_eq!(v, vec![1, 2, 3], "on {}", t.name());
+    }
 }
