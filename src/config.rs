@@ -55,7 +55,9 @@ pub struct NodeConfig {
     pub join_backoff: Duration,
     /// Upper bound of the join retry delay. Default 5 s.
     pub join_max_backoff: Duration,
-    /// Records per chunk when a join streams a table dump. Default 10 000.
+    /// Records per chunk when a join streams a table dump or its result. Default 10 000.
+    /// Chunks are also cut at a quarter of `max_frame_size` in encoded bytes, whatever the
+    /// size of the values.
     pub join_chunk_records: usize,
 }
 

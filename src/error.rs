@@ -44,16 +44,6 @@ pub enum Error {
     /// A table with this name is already running on this node.
     #[error("table {0:?} is already started on this node")]
     TableExists(String),
-    /// Two nodes run the same table with a different kind or key/value types.
-    #[error("table {table:?} is incompatible with the one on {node}: {reason}")]
-    Incompatible {
-        /// The table name.
-        table: String,
-        /// The other node.
-        node: String,
-        /// What differs.
-        reason: String,
-    },
     /// The operation does not exist for this kind of table (e.g. `range` on a `set`).
     #[error("operation not supported by a {0} table")]
     Unsupported(&'static str),

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use crate::conflict::Conflict;
 use crate::hlc::HybridClock;
 use crate::membership::NodeId;
-use crate::proto::{JoinRep, JoinReq, WireRecord};
+use crate::proto::{Chunker, JoinRep, JoinReq, WireRecord};
 use crate::server::Control;
 use crate::store::same_value;
 use crate::table::{Key, TableKind, Value};
@@ -34,6 +34,7 @@ pub(crate) struct JoinCtx<K, V> {
     pub clock: Arc<HybridClock>,
     pub lease: Duration,
     pub chunk: usize,
+    pub chunk_bytes: usize,
     pub table: String,
     pub checkpoint: Option<crate::table::JoinCheckpointFn>,
 }
@@ -270,6 +271,7 @@ async fn merge<K: Key, V: Value>(
                         })
                         .collect();
                     for rec in records {
+                        ctx.clock.observe(rec.ts);
                         let Some(&owner) = map.get(rec.owner as usize) else {
                             continue;
                         };
@@ -365,11 +367,9 @@ async fn merge<K: Key, V: Value>(
                 f("between_groups").await;
             }
         }
-        let chunks: Vec<Vec<WireRecord<K, V>>> = if delta.is_empty() {
-            vec![Vec::new()]
-        } else {
-            delta.chunks(ctx.chunk).map(|c| c.to_vec()).collect()
-        };
+        let mut chunker = Chunker::new(ctx.chunk, ctx.chunk_bytes);
+        delta.into_iter().for_each(|r| chunker.push(r));
+        let chunks = chunker.finish();
         let n = chunks.len();
         let mut waits = Vec::new();
         for t in targets {

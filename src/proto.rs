@@ -72,9 +72,9 @@ pub(crate) enum PeerMsg<K, V> {
     /// Every `Ops` batch up to `seq` that the receiver sent has been applied here.
     Ack { seq: u64, clock: u64 },
     /// Sent periodically to members: advances the receiver's view of the sender's clock (lets
-    /// it forget tombstones) and tells it the sender's membership epoch (detects half-finished
-    /// joins).
-    Tick { clock: u64, epoch: u64 },
+    /// it forget tombstones) and tells it the sender's view: a hash of its epoch and member list
+    /// (detects half-finished joins and one-sided membership).
+    Tick { clock: u64, view: u64 },
     /// A request of a join coordinator.
     Join { req: u64, body: JoinReq<K, V> },
     /// The answer to a join request.
@@ -157,4 +157,45 @@ pub(crate) mod stop {
     pub(crate) const UNKNOWN_TABLE: u32 = 1;
     /// The receiving node's table has another kind or other types.
     pub(crate) const INCOMPATIBLE: u32 = 2;
+}
+
+/// Cuts a stream of records into chunks of at most `max_records` records and about
+/// `max_bytes` encoded bytes (a chunk always takes at least one record), so that a join never
+/// builds a frame above the peer's limit, whatever the size of the values.
+pub(crate) struct Chunker<K, V> {
+    max_records: usize,
+    max_bytes: usize,
+    bytes: usize,
+    chunks: Vec<Vec<WireRecord<K, V>>>,
+}
+
+impl<K: Serialize, V: Serialize> Chunker<K, V> {
+    pub(crate) fn new(max_records: usize, max_bytes: usize) -> Self {
+        Self {
+            max_records,
+            max_bytes,
+            bytes: 0,
+            chunks: vec![Vec::new()],
+        }
+    }
+
+    pub(crate) fn push(&mut self, rec: WireRecord<K, V>) {
+        let size = postcard::experimental::serialized_size(&rec).unwrap_or(self.max_bytes);
+        let full = self.chunks.last().is_some_and(|c| {
+            !c.is_empty() && (c.len() >= self.max_records || self.bytes + size > self.max_bytes)
+        });
+        if full {
+            self.chunks.push(Vec::new());
+            self.bytes = 0;
+        }
+        self.bytes += size;
+        if let Some(c) = self.chunks.last_mut() {
+            c.push(rec);
+        }
+    }
+
+    /// The chunks; at least one (possibly empty).
+    pub(crate) fn finish(self) -> Vec<Vec<WireRecord<K, V>>> {
+        self.chunks
+    }
 }

@@ -28,7 +28,9 @@ use crate::config::NodeConfig;
 use crate::hlc::HybridClock;
 use crate::join::{self, JoinCtx};
 use crate::membership::{NodeId, OwnerIdx, Owners};
-use crate::proto::{close, stop, JoinRep, JoinReq, Op, OpKind, PeerMsg, StreamHeader, WireRecord};
+use crate::proto::{
+    close, stop, Chunker, JoinRep, JoinReq, Op, OpKind, PeerMsg, StreamHeader, WireRecord,
+};
 use crate::registry::{PeerConn, TableEvent};
 use crate::status::TableStatus;
 use crate::store::{same_value, Rec};
@@ -42,9 +44,9 @@ const TICK: Duration = Duration::from_millis(100);
 const ANNOUNCE_EVERY: u32 = 5;
 /// Batches in flight (sent, not fully acknowledged) before new writes wait.
 const MAX_IN_FLIGHT: usize = 1024;
-/// A member whose epoch differs from ours for this long is dropped from the member list (both
+/// A member whose view differs from ours for this long is dropped from the member list (both
 /// sides do it), so that the next join repairs a half-finished one.
-const EPOCH_GRACE: Duration = Duration::from_secs(2);
+const VIEW_GRACE: Duration = Duration::from_secs(2);
 
 /// A client write (or, with `op: None`, a sync barrier).
 pub(crate) struct Write<K, V> {
@@ -96,7 +98,8 @@ struct Link {
     refused: Option<String>,
     acked: u64,
     watermark: u64,
-    epoch: Option<u64>,
+    /// The peer's last announced view (hash of its epoch and member list).
+    view: Option<u64>,
     disagree_since: Option<Instant>,
 }
 
@@ -141,6 +144,9 @@ pub(crate) struct Server<K, V> {
     pending: VecDeque<Pending>,
     tombstones: HashMap<K, (u64, OwnerIdx)>,
     paused: Option<Pause>,
+    /// Joins whose pause ended (unpaused, lease expired, coordinator gone): a late renewal of
+    /// one of them must not pause the table again.
+    released: VecDeque<u64>,
     pause_waiters: Vec<Origin<K, V>>,
     join_replies: HashMap<u64, (OwnerIdx, mpsc::UnboundedSender<JoinRep<K, V>>)>,
     next_req: u64,
@@ -198,6 +204,7 @@ impl<K: Key, V: Value> Server<K, V> {
             pending: VecDeque::new(),
             tombstones: HashMap::new(),
             paused: None,
+            released: VecDeque::new(),
             pause_waiters: Vec::new(),
             join_replies: HashMap::new(),
             next_req: 0,
@@ -328,7 +335,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 refused: None,
                 acked: 0,
                 watermark: 0,
-                epoch: None,
+                view: None,
                 disagree_since: None,
             },
         );
@@ -382,7 +389,7 @@ impl<K: Key, V: Value> Server<K, V> {
             .retain(|o| !matches!(o, Origin::Peer(k, _) if *k == key));
         if self.paused.as_ref().is_some_and(|p| &p.coordinator == id) {
             tracing::warn!(coordinator = %id, "join coordinator is gone; unpausing");
-            self.paused = None;
+            self.unpause();
         }
         let removed = self.shared.store.remove_owned(key);
         if was_member {
@@ -397,6 +404,17 @@ impl<K: Key, V: Value> Server<K, V> {
             }
         }
         self.complete_pending();
+    }
+
+    /// Ends the current pause; buffered writes go on.
+    fn unpause(&mut self) {
+        if let Some(p) = self.paused.take() {
+            self.released.push_back(p.join);
+            if self.released.len() > 64 {
+                self.released.pop_front();
+            }
+        }
+        self.pause_waiters.clear();
     }
 
     fn publish_members(&self) {
@@ -535,10 +553,6 @@ impl<K: Key, V: Value> Server<K, V> {
 
     // ------------------------------------------------------------------ applying writes
 
-    fn owner_name(&self, idx: OwnerIdx) -> &str {
-        self.owners.get(idx).map(|n| n.name.as_str()).unwrap_or("")
-    }
-
     /// Whether a write stamped `(ts, owner)` beats what is stored for `k` (or its tombstone).
     fn newer(&self, k: &K, ts: u64, owner: OwnerIdx) -> bool {
         let current = self
@@ -548,7 +562,8 @@ impl<K: Key, V: Value> Server<K, V> {
             .or_else(|| self.tombstones.get(k).copied());
         match current {
             None => true,
-            Some((cts, cowner)) => (ts, self.owner_name(owner)) > (cts, self.owner_name(cowner)),
+            // The same order as the join's last-writer-wins: timestamp, then owner identity.
+            Some((cts, cowner)) => (ts, self.owners.get(owner)) > (cts, self.owners.get(cowner)),
         }
     }
 
@@ -707,11 +722,11 @@ impl<K: Key, V: Value> Server<K, V> {
                 }
                 self.complete_pending();
             }
-            PeerMsg::Tick { clock, epoch } => {
+            PeerMsg::Tick { clock, view } => {
                 self.clock.observe(clock);
                 if let Some(l) = self.links.get_mut(&key) {
                     l.watermark = l.watermark.max(clock);
-                    l.epoch = Some(epoch);
+                    l.view = Some(view);
                 }
             }
             PeerMsg::Join { req, body } => self.on_join_req(Origin::Peer(key, req), body),
@@ -811,6 +826,11 @@ impl<K: Key, V: Value> Server<K, V> {
                     return;
                 };
                 let deadline = Instant::now() + Duration::from_millis(lease_ms);
+                if self.released.contains(&join) {
+                    let reason = "this join's pause already ended".to_string();
+                    self.reply(origin, JoinRep::Refused { reason });
+                    return;
+                }
                 match &mut self.paused {
                     Some(p) if p.join != join => {
                         let by = p.coordinator.name.clone();
@@ -864,11 +884,20 @@ impl<K: Key, V: Value> Server<K, V> {
                     );
                     return;
                 }
-                let map: Vec<OwnerIdx> = owners.iter().map(|id| self.owners.intern(id)).collect();
+                // Records of owners that are not alive here (a node that died during the
+                // join) are not stored: nothing would ever remove them.
+                let map: Vec<Option<OwnerIdx>> = owners
+                    .iter()
+                    .map(|id| {
+                        let alive = *id == self.me || self.links.values().any(|l| l.id == *id);
+                        alive.then(|| self.owners.intern(id))
+                    })
+                    .collect();
                 for r in records {
-                    let Some(&owner) = map.get(r.owner as usize) else {
+                    let Some(&Some(owner)) = map.get(r.owner as usize) else {
                         continue;
                     };
+                    self.clock.observe(r.ts);
                     self.tombstones.remove(&r.key);
                     self.shared.store.put(
                         r.key,
@@ -887,8 +916,7 @@ impl<K: Key, V: Value> Server<K, V> {
             JoinReq::Unpause { join } => {
                 if self.paused_by(join) {
                     tracing::debug!(join, "unpaused");
-                    self.paused = None;
-                    self.pause_waiters.clear();
+                    self.unpause();
                 }
                 self.reply(origin, JoinRep::Unpaused);
             }
@@ -900,17 +928,13 @@ impl<K: Key, V: Value> Server<K, V> {
             .map_while(|i| self.owners.get(i).map(|id| alive.contains(id)))
             .collect();
         let owners: Vec<NodeId> = (0..).map_while(|i| self.owners.get(i).cloned()).collect();
-        let chunk_size = self.config.join_chunk_records;
-        let mut chunks: Vec<Vec<WireRecord<K, V>>> = vec![Vec::with_capacity(chunk_size.min(4096))];
+        let mut chunker = Chunker::new(
+            self.config.join_chunk_records,
+            self.config.max_frame_size / 4,
+        );
         self.shared.store.for_each(|k, r| {
-            if !alive.get(r.owner as usize).copied().unwrap_or(false) {
-                return;
-            }
-            if chunks.last().is_some_and(|c| c.len() >= chunk_size) {
-                chunks.push(Vec::with_capacity(chunk_size.min(4096)));
-            }
-            if let Some(c) = chunks.last_mut() {
-                c.push(WireRecord {
+            if alive.get(r.owner as usize).copied().unwrap_or(false) {
+                chunker.push(WireRecord {
                     key: k.clone(),
                     value: r.value.clone(),
                     ts: r.ts,
@@ -918,6 +942,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 });
             }
         });
+        let chunks = chunker.finish();
         let n = chunks.len();
         for (i, records) in chunks.into_iter().enumerate() {
             let body = JoinRep::Chunk {
@@ -1042,6 +1067,7 @@ impl<K: Key, V: Value> Server<K, V> {
             clock: self.clock.clone(),
             lease: self.config.join_lease,
             chunk: self.config.join_chunk_records,
+            chunk_bytes: self.config.max_frame_size / 4,
             table: self.shared.name.clone(),
             checkpoint: self.opts.join_checkpoint.clone(),
         };
@@ -1062,8 +1088,7 @@ impl<K: Key, V: Value> Server<K, V> {
         self.ticks = self.ticks.wrapping_add(1);
         if self.paused.as_ref().is_some_and(|p| now > p.deadline) {
             tracing::warn!("join lease expired; unpausing");
-            self.paused = None;
-            self.pause_waiters.clear();
+            self.unpause();
         }
         while self.pending.front().is_some_and(|p| now > p.deadline) {
             let Some(p) = self.pending.pop_front() else {
@@ -1106,7 +1131,7 @@ impl<K: Key, V: Value> Server<K, V> {
             // learns our epoch this way.
             let msg = PeerMsg::<K, V>::Tick {
                 clock: self.clock.now(),
-                epoch: self.epoch,
+                view: self.view(),
             };
             if let Ok(f) = frame::encode(&msg) {
                 for l in self.links.values().filter(|l| l.ready()) {
@@ -1115,7 +1140,7 @@ impl<K: Key, V: Value> Server<K, V> {
                     }
                 }
             }
-            self.check_epochs(now);
+            self.check_views(now);
         }
         let keys: Vec<OwnerIdx> = self.links.keys().copied().collect();
         for k in keys {
@@ -1123,22 +1148,23 @@ impl<K: Key, V: Value> Server<K, V> {
         }
     }
 
-    /// A member that reports another membership epoch than ours for longer than
-    /// [`EPOCH_GRACE`] took part in a join that did not finish everywhere. Both sides drop
+    /// A member that reports another view (epoch and member list) than ours for longer than
+    /// [`VIEW_GRACE`] took part in a join that did not finish everywhere. Both sides drop
     /// each other from their member lists; the next join merges them again.
-    fn check_epochs(&mut self, now: Instant) {
+    fn check_views(&mut self, now: Instant) {
         if self.paused.is_some() {
             return;
         }
         let mut split = Vec::new();
+        let view = self.view();
         for k in &self.members {
             let Some(l) = self.links.get_mut(k) else {
                 continue;
             };
-            match l.epoch {
-                Some(e) if e != self.epoch => {
+            match l.view {
+                Some(v) if v != view => {
                     let since = *l.disagree_since.get_or_insert(now);
-                    if now.duration_since(since) > EPOCH_GRACE {
+                    if now.duration_since(since) > VIEW_GRACE {
                         split.push(*k);
                     }
                 }
@@ -1149,7 +1175,7 @@ impl<K: Key, V: Value> Server<K, V> {
             if let Some(l) = self.links.get_mut(&k) {
                 tracing::warn!(peer = %l.id, "member lists disagree (half-finished join); leaving it to a new join");
                 l.disagree_since = None;
-                l.epoch = None;
+                l.view = None;
             }
             self.members.remove(&k);
         }
@@ -1157,7 +1183,26 @@ impl<K: Key, V: Value> Server<K, V> {
         self.complete_pending();
     }
 
+    /// A hash of the epoch and the member list including this node: equal on every member of a
+    /// consistent table.
+    fn view(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut mix = |bytes: &[u8]| {
+            for b in bytes {
+                h ^= u64::from(*b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        mix(&self.epoch.to_le_bytes());
+        for id in self.member_ids_with_me() {
+            mix(id.name.as_bytes());
+            mix(&id.incarnation.to_le_bytes());
+        }
+        h
+    }
+
     fn status(&self) -> TableStatus {
+        let view = self.view();
         let name_of = |k: &OwnerIdx| self.links.get(k).map(|l| l.id.name.clone());
         let mut not_joined: Vec<String> = self
             .links
@@ -1190,7 +1235,7 @@ impl<K: Key, V: Value> Server<K, V> {
             .members
             .iter()
             .filter_map(|k| self.links.get(k))
-            .filter(|l| l.epoch.is_some_and(|e| e != self.epoch))
+            .filter(|l| l.view.is_some_and(|v| v != view))
             .map(|l| l.id.name.clone())
             .collect();
         disagreeing.sort();

@@ -61,7 +61,14 @@ impl Pair {
     async fn links(&self) -> Vec<Vec<NodeId>> {
         let mut out = Vec::new();
         for n in &self.nodes {
-            out.push(n.status().await.connected.into_iter().map(|(id, _)| id).collect());
+            out.push(
+                n.status()
+                    .await
+                    .connected
+                    .into_iter()
+                    .map(|(id, _)| id)
+                    .collect(),
+            );
         }
         out
     }
@@ -209,16 +216,20 @@ async fn nodes_with_different_cookies_never_connect() {
     // Both dial (both discover the other); each is refused, and says why.
     for (n, other) in [(&x, &y), (&y, &x)] {
         let (n, addr) = (n.clone(), other.local_addr());
-        eventually(WAIT, "the peer is reported unavailable for its cookie", || {
-            let n = n.clone();
-            async move {
-                n.status()
-                    .await
-                    .unavailable
-                    .iter()
-                    .any(|(a, why)| *a == addr && why.contains("bad cookie"))
-            }
-        })
+        eventually(
+            WAIT,
+            "the peer is reported unavailable for its cookie",
+            || {
+                let n = n.clone();
+                async move {
+                    n.status()
+                        .await
+                        .unavailable
+                        .iter()
+                        .any(|(a, why)| *a == addr && why.contains("bad cookie"))
+                }
+            },
+        )
         .await;
     }
     let rounds = x.status().await.discovery_rounds;
@@ -266,16 +277,20 @@ async fn incompatible<V1: cets::Value, V2: cets::Value>(
     // Both sides refuse the other's table, with the reason.
     for (n, other) in [(x, "y"), (y, "x")] {
         let n = n.clone();
-        eventually(WAIT, &format!("{} refuses {other}'s table", n.name()), || {
-            let n = n.clone();
-            async move {
-                let s = n.status().await;
-                let t = s.tables.iter().find(|t| t.name == "t").unwrap();
-                t.refused
-                    .iter()
-                    .any(|(p, r)| p == other && (r.contains(why) || r.contains("refused by the peer")))
-            }
-        })
+        eventually(
+            WAIT,
+            &format!("{} refuses {other}'s table", n.name()),
+            || {
+                let n = n.clone();
+                async move {
+                    let s = n.status().await;
+                    let t = s.tables.iter().find(|t| t.name == "t").unwrap();
+                    t.refused.iter().any(|(p, r)| {
+                        p == other && (r.contains(why) || r.contains("refused by the peer"))
+                    })
+                }
+            },
+        )
         .await;
     }
     // A refused peer does not count as a join still due.
@@ -345,9 +360,13 @@ async fn node_restarted_under_its_name_is_a_new_incarnation() {
     }
     joined(&tables.iter().collect::<Vec<_>>()).await;
     for (i, t) in tables.iter().enumerate() {
-        t.insert_many((0..10).map(|j| (i as u64 * 100 + j, names[i].to_string())).collect())
-            .await
-            .unwrap();
+        t.insert_many(
+            (0..10)
+                .map(|j| (i as u64 * 100 + j, names[i].to_string()))
+                .collect(),
+        )
+        .await
+        .unwrap();
     }
     let old = c[2].0.id().clone();
     c[2].0.shutdown().await.unwrap();
@@ -374,7 +393,12 @@ async fn node_restarted_under_its_name_is_a_new_incarnation() {
     joined(&tables.iter().collect::<Vec<_>>()).await;
     for n in &c[..2] {
         let s = n.0.status().await;
-        let seen: Vec<&NodeId> = s.connected.iter().map(|(id, _)| id).filter(|id| id.name == "c").collect();
+        let seen: Vec<&NodeId> = s
+            .connected
+            .iter()
+            .map(|(id, _)| id)
+            .filter(|id| id.name == "c")
+            .collect();
         assert_eq!(seen, vec![c2.id()], "the new incarnation, only");
     }
     // The new c got a's and b's records, none of the old c's.
@@ -408,9 +432,13 @@ async fn new_incarnation_replaces_a_live_old_one() {
     }
     joined(&tables.iter().collect::<Vec<_>>()).await;
     for (i, t) in tables.iter().enumerate() {
-        t.insert_many((0..10).map(|j| (i as u64 * 100 + j, names[i].to_string())).collect())
-            .await
-            .unwrap();
+        t.insert_many(
+            (0..10)
+                .map(|j| (i as u64 * 100 + j, names[i].to_string()))
+                .collect(),
+        )
+        .await
+        .unwrap();
     }
     let old = c[2].0.clone();
     // The old c dials nobody any more, and a and b only know the new address.
@@ -430,8 +458,12 @@ async fn new_incarnation_replaces_a_live_old_one() {
             let (n, d, c2, old) = (n.clone(), d.clone(), c2.clone(), old.clone());
             async move {
                 let s = n.status().await;
-                let cs: Vec<&NodeId> =
-                    s.connected.iter().map(|(id, _)| id).filter(|id| id.name == "c").collect();
+                let cs: Vec<&NodeId> = s
+                    .connected
+                    .iter()
+                    .map(|(id, _)| id)
+                    .filter(|id| id.name == "c")
+                    .collect();
                 cs == [c2.id()] && d.calls() == [(old, 10)]
             }
         })
@@ -456,13 +488,21 @@ async fn new_incarnation_replaces_a_live_old_one() {
         assert!(t.get(&200).is_none());
     }
     let (a, c2c) = (c[0].0.clone(), c2.clone());
-    always(Duration::from_millis(500), "the old c does not come back", || {
-        let (a, c2c) = (a.clone(), c2c.clone());
-        async move {
-            let s = a.status().await;
-            s.connected.iter().filter(|(id, _)| id.name == "c").map(|(id, _)| id).eq([c2c.id()])
-        }
-    })
+    always(
+        Duration::from_millis(500),
+        "the old c does not come back",
+        || {
+            let (a, c2c) = (a.clone(), c2c.clone());
+            async move {
+                let s = a.status().await;
+                s.connected
+                    .iter()
+                    .filter(|(id, _)| id.name == "c")
+                    .map(|(id, _)| id)
+                    .eq([c2c.id()])
+            }
+        },
+    )
     .await;
     shutdown_all(c.iter().map(|(n, _)| n).chain([&c2])).await;
 }
@@ -553,7 +593,12 @@ mod raw {
             c: &CertificateDer<'_>,
             d: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
         }
         fn verify_tls13_signature(
             &self,
@@ -561,7 +606,12 @@ mod raw {
             c: &CertificateDer<'_>,
             d: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
         }
         fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
             self.0.signature_verification_algorithms.supported_schemes()
@@ -589,7 +639,10 @@ mod raw {
     }
 
     pub async fn connect(ep: &quinn::Endpoint, addr: SocketAddr) -> quinn::Connection {
-        ep.connect(addr, "cets").unwrap().await.expect("TLS with the node")
+        ep.connect(addr, "cets")
+            .unwrap()
+            .await
+            .expect("TLS with the node")
     }
 
     /// `proto::Hello`.
@@ -687,7 +740,9 @@ mod raw {
     /// The dialer's side of the cookie handshake; checks the node's proof; returns the node.
     pub async fn handshake(conn: &quinn::Connection, cookie: &str, me: &NodeId) -> NodeId {
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        send.write_all(&frame(&hello(cookie, conn, me))).await.unwrap();
+        send.write_all(&frame(&hello(cookie, conn, me)))
+            .await
+            .unwrap();
         let theirs: Hello = postcard::from_bytes(&read_frame(&mut recv).await).unwrap();
         assert_eq!(&theirs.magic, b"CETS");
         let expected = proof(cookie, conn, b'A', &theirs.node);
@@ -739,13 +794,19 @@ async fn garbage_before_the_handshake_closes_only_that_connection() {
     junk.extend((0..100).map(|_| rng.random::<u8>()));
     send.write_all(&junk).await.unwrap();
     let c = raw::closed_by_node(&conn).await;
-    assert_ne!(reason(&c), "handshake timed out", "closed for the frame, not by the timer");
+    assert_ne!(
+        reason(&c),
+        "handshake timed out",
+        "closed for the frame, not by the timer"
+    );
     p.still_replicates(1).await;
 
     // 2. A well-framed hello that does not decode.
     let conn = raw::connect(&ep, target).await;
     let (mut send, _recv) = conn.open_bi().await.unwrap();
-    send.write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff]).await.unwrap();
+    send.write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
     let c = raw::closed_by_node(&conn).await;
     assert_eq!(code(&c), VERSION, "{c}");
     assert!(reason(&c).contains("undecodable hello"), "{c}");
@@ -773,7 +834,10 @@ async fn garbage_before_the_handshake_closes_only_that_connection() {
     let mut h = raw::hello("not-the-cookie", &conn, &me);
     send.write_all(&raw::frame(&h)).await.unwrap();
     let c = raw::closed_by_node(&conn).await;
-    assert_eq!((code(&c), reason(&c)), (AUTH, "bad cookie from a-raw".into()));
+    assert_eq!(
+        (code(&c), reason(&c)),
+        (AUTH, "bad cookie from a-raw".into())
+    );
     let conn = raw::connect(&ep, target).await;
     let (mut send, _recv) = conn.open_bi().await.unwrap();
     h = raw::hello(COOKIE, &conn, &me);
@@ -795,15 +859,25 @@ async fn garbage_before_the_handshake_closes_only_that_connection() {
     // 5. Silence: the handshake timer closes it.
     let conn = raw::connect(&ep, target).await;
     let c = raw::closed_by_node(&conn).await;
-    assert_eq!((code(&c), reason(&c)), (PROTOCOL, "handshake timed out".into()));
+    assert_eq!(
+        (code(&c), reason(&c)),
+        (PROTOCOL, "handshake timed out".into())
+    );
     let conn = raw::connect(&ep, target).await;
     let (mut send, _recv) = conn.open_bi().await.unwrap();
     send.write_all(&[200, 0, 0, 0, 1, 2, 3]).await.unwrap(); // half a frame, never finished
     let c = raw::closed_by_node(&conn).await;
-    assert_eq!((code(&c), reason(&c)), (PROTOCOL, "handshake timed out".into()));
+    assert_eq!(
+        (code(&c), reason(&c)),
+        (PROTOCOL, "handshake timed out".into())
+    );
 
     p.still_replicates(5).await;
-    assert_eq!(p.links().await, before, "the real connection was never replaced");
+    assert_eq!(
+        p.links().await,
+        before,
+        "the real connection was never replaced"
+    );
     ep.close(0u32.into(), b"");
     p.shutdown().await;
 }
@@ -823,8 +897,13 @@ async fn authenticated(ep: &quinn::Endpoint, node: &Node) -> quinn::Connection {
 /// The header of the node's table stream towards us, checked against what we send.
 async fn their_header(conn: &quinn::Connection) -> quinn::RecvStream {
     let mut recv = conn.accept_uni().await.unwrap();
-    let header: raw::StreamHeader = postcard::from_bytes(&raw::read_frame(&mut recv).await).unwrap();
-    assert_eq!(header, our_header("t"), "the fingerprint is computed as the node does");
+    let header: raw::StreamHeader =
+        postcard::from_bytes(&raw::read_frame(&mut recv).await).unwrap();
+    assert_eq!(
+        header,
+        our_header("t"),
+        "the fingerprint is computed as the node does"
+    );
     recv
 }
 
@@ -875,14 +954,19 @@ async fn bad_frames_from_an_authenticated_peer_close_only_that_connection() {
     // (i) then an undecodable frame (no such PeerMsg variant).
     ours.write_all(&[1, 0, 0, 0, 0x7f]).await.unwrap();
     let c = raw::closed_by_node(&conn).await;
-    assert_eq!((code(&c), reason(&c)), (PROTOCOL, "undecodable frame".into()));
+    assert_eq!(
+        (code(&c), reason(&c)),
+        (PROTOCOL, "undecodable frame".into())
+    );
     p.still_replicates(1).await;
 
     // (ii) a frame announcing one byte more than the 64 MiB limit.
     let conn = authenticated(&ep, n1).await;
     let mut ours = conn.open_uni().await.unwrap();
     ours.write_all(&raw::frame(&our_header("t"))).await.unwrap();
-    ours.write_all(&(64u32 * 1024 * 1024 + 1).to_le_bytes()).await.unwrap();
+    ours.write_all(&(64u32 * 1024 * 1024 + 1).to_le_bytes())
+        .await
+        .unwrap();
     ours.write_all(&[0; 512]).await.unwrap();
     let c = raw::closed_by_node(&conn).await;
     assert_eq!((code(&c), reason(&c)), (PROTOCOL, "frame too large".into()));
@@ -893,22 +977,33 @@ async fn bad_frames_from_an_authenticated_peer_close_only_that_connection() {
     let mut ours = conn.open_uni().await.unwrap();
     ours.write_all(&[2, 0, 0, 0, 0xff, 0xff]).await.unwrap();
     let c = raw::closed_by_node(&conn).await;
-    assert_eq!((code(&c), reason(&c)), (PROTOCOL, "bad stream header".into()));
+    assert_eq!(
+        (code(&c), reason(&c)),
+        (PROTOCOL, "bad stream header".into())
+    );
     p.still_replicates(3).await;
 
-    // (iv) a name that sorts after the node's: the node closes and dials back (which fails:
-    // this client accepts no connections).
+    // (iv) a name that sorts after the node's: the node answers the hello, closes at once
+    // (possibly before we read its hello) and dials back, which fails: this client accepts no
+    // connections.
     let conn = raw::connect(&ep, n1.local_addr()).await;
     let me = NodeId {
         name: "z-raw".into(),
         incarnation: 5,
     };
-    raw::handshake(&conn, COOKIE, &me).await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&raw::frame(&raw::hello(COOKIE, &conn, &me)))
+        .await
+        .unwrap();
     let c = raw::closed_by_node(&conn).await;
     assert_eq!(code(&c), REDIRECT, "{c}");
     p.still_replicates(4).await;
 
-    assert_eq!(p.links().await, before, "the real connection was never replaced");
+    assert_eq!(
+        p.links().await,
+        before,
+        "the real connection was never replaced"
+    );
     ep.close(0u32.into(), b"");
     p.shutdown().await;
 }
@@ -925,13 +1020,21 @@ async fn unknown_or_incompatible_table_stream_is_stopped_not_the_connection() {
 
     let mut s = conn.open_uni().await.unwrap();
     s.write_all(&raw::frame(&our_header("nope"))).await.unwrap();
-    assert_eq!(s.stopped().await.unwrap(), Some(1u32.into()), "UNKNOWN_TABLE");
+    assert_eq!(
+        s.stopped().await.unwrap(),
+        Some(1u32.into()),
+        "UNKNOWN_TABLE"
+    );
 
     let mut s = conn.open_uni().await.unwrap();
     let mut h = our_header("t");
     h.fingerprint ^= 1;
     s.write_all(&raw::frame(&h)).await.unwrap();
-    assert_eq!(s.stopped().await.unwrap(), Some(2u32.into()), "INCOMPATIBLE");
+    assert_eq!(
+        s.stopped().await.unwrap(),
+        Some(2u32.into()),
+        "INCOMPATIBLE"
+    );
     let n = n1.clone();
     eventually(WAIT, "n1 reports the refused table", || {
         let n = n.clone();
@@ -946,7 +1049,11 @@ async fn unknown_or_incompatible_table_stream_is_stopped_not_the_connection() {
     let mut h = our_header("t");
     h.kind = cets::TableKind::Bag;
     s.write_all(&raw::frame(&h)).await.unwrap();
-    assert_eq!(s.stopped().await.unwrap(), Some(2u32.into()), "INCOMPATIBLE");
+    assert_eq!(
+        s.stopped().await.unwrap(),
+        Some(2u32.into()),
+        "INCOMPATIBLE"
+    );
 
     assert!(conn.close_reason().is_none(), "the connection stays");
     let s = n1.status().await;
@@ -994,12 +1101,20 @@ async fn oversized_stream_header_is_refused_at_once() {
     let ep = raw::endpoint();
     let conn = authenticated(&ep, &p.nodes[0]).await;
     let mut ours = conn.open_uni().await.unwrap();
-    ours.write_all(&(32u32 * 1024 * 1024).to_le_bytes()).await.unwrap();
+    ours.write_all(&(32u32 * 1024 * 1024).to_le_bytes())
+        .await
+        .unwrap();
     ours.write_all(&[0; 8192]).await.unwrap();
     let started = std::time::Instant::now();
     let c = raw::closed_by_node(&conn).await;
-    assert_eq!((code(&c), reason(&c)), (PROTOCOL, "bad stream header".into()));
-    assert!(started.elapsed() < Duration::from_secs(5), "refused at once");
+    assert_eq!(
+        (code(&c), reason(&c)),
+        (PROTOCOL, "bad stream header".into())
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused at once"
+    );
     p.still_replicates(1).await;
     ep.close(0u32.into(), b"");
     p.shutdown().await;

@@ -44,6 +44,10 @@ pub(crate) enum Command {
     Dial(SocketAddr),
     Authenticated(Authenticated),
     DialFailed(SocketAddr, String),
+    /// The peer closed our dial because it dials us instead.
+    Redirected(SocketAddr),
+    /// The address is this node's own.
+    DialedSelf(SocketAddr),
     Closed {
         name: String,
         stable_id: usize,
@@ -120,6 +124,15 @@ impl PeerManager {
             match cmd {
                 Command::Dial(addr) => self.dial(addr),
                 Command::Authenticated(a) => self.authenticated(a),
+                Command::Redirected(addr) => {
+                    self.dialing.remove(&addr);
+                    self.unavailable.remove(&addr);
+                }
+                Command::DialedSelf(addr) => {
+                    self.dialing.remove(&addr);
+                    self.unavailable.remove(&addr);
+                    self.self_addrs.insert(addr);
+                }
                 Command::DialFailed(addr, reason) => {
                     self.dialing.remove(&addr);
                     tracing::debug!(%addr, %reason, "dial failed");
@@ -194,6 +207,7 @@ impl PeerManager {
         let timeout = self.config.handshake_timeout;
         tokio::spawn(
             async move {
+                let mut dialed: Option<Connection> = None;
                 let result = async {
                     let connecting = endpoint
                         .connect(addr, super::tls::SERVER_NAME)
@@ -202,11 +216,22 @@ impl PeerManager {
                         .await
                         .map_err(|_| crate::Error::Timeout(timeout))?
                         .map_err(|e| crate::Error::Transport(e.to_string()))?;
+                    dialed = Some(conn.clone());
                     handshake::dialer(conn, &me, &key, timeout).await
                 }
                 .await;
+                // The peer may close before we read its hello: REDIRECT (it dials back) and SELF
+                // are answers, not failures.
+                let closed_with = dialed.as_ref().and_then(|c| match c.close_reason() {
+                    Some(quinn::ConnectionError::ApplicationClosed(a)) => {
+                        u32::try_from(a.error_code.into_inner()).ok()
+                    }
+                    _ => None,
+                });
                 let _ = tx.send(match result {
                     Ok(a) => Command::Authenticated(a),
+                    Err(_) if closed_with == Some(close::REDIRECT) => Command::Redirected(addr),
+                    Err(_) if closed_with == Some(close::SELF) => Command::DialedSelf(addr),
                     Err(e) => {
                         if matches!(e, crate::Error::Handshake { .. }) {
                             tracing::warn!(%addr, error = %e, "handshake refused");
