@@ -638,16 +638,18 @@ impl<K: Key, V: Value> Server<K, V> {
                 }
             }
             OpKind::DeleteObject(objs) => {
+                // Removes one version (the stored record, if it has this value). Its tombstone
+                // carries that version's stamp, not the delete's: it stops the deleted version
+                // from coming back, but any other write of the key still wins by its own stamp.
                 for (k, v) in objs {
-                    let matches = self
-                        .shared
-                        .store
-                        .get(&k)
-                        .is_some_and(|cur| same_value(&cur, &v));
-                    if matches && self.newer(&k, ts, writer) {
-                        self.shared.store.remove(&k);
-                        if keep_tombstones {
-                            self.tombstones.insert(k, (ts, writer));
+                    let version = self.shared.store.get(&k).filter(|cur| same_value(cur, &v));
+                    let meta = self.shared.store.meta(&k);
+                    if let (Some(_), Some(stamp)) = (version, meta) {
+                        if self.newer(&k, ts, writer) {
+                            self.shared.store.remove(&k);
+                            if keep_tombstones {
+                                self.tombstones.insert(k, stamp);
+                            }
                         }
                     }
                 }

@@ -74,6 +74,11 @@ impl FrameReader {
         }
     }
 
+    /// Changes the largest frame accepted from now on.
+    pub(crate) fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
+    }
+
     /// Tells the sender to stop with an application code.
     pub(crate) fn stop(&mut self, code: u32) {
         let _ = self.recv.stop(quinn::VarInt::from_u32(code));

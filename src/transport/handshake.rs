@@ -102,7 +102,7 @@ async fn read_hello(conn: &Connection, reader: &mut FrameReader) -> Result<Hello
                     reason: reason.to_string(),
                 });
             }
-            return Err(e);
+            return Err(fail(conn, close::PROTOCOL, format!("bad hello: {e}")));
         }
     };
     frame::decode::<Hello>(&body).map_err(|e| {

@@ -411,34 +411,26 @@ async fn route_streams(peer: PeerConn, registry: Arc<Registry>, limit: usize) {
         let (peer, registry) = (peer.clone(), registry.clone());
         tokio::spawn(
             async move {
-                let mut reader = FrameReader::new(recv, limit);
-                let header = match tokio::time::timeout(std::time::Duration::from_secs(10), async {
-                    let mut small = reader;
-                    let r = match small.next().await {
-                        Ok(Some(body)) if body.len() <= HEADER_LIMIT => frame::decode::<StreamHeader>(&body),
-                        Ok(Some(_)) => Err(crate::Error::Transport("stream header too large".into())),
-                        Ok(None) => Err(crate::Error::Transport("stream closed before its header".into())),
-                        Err(e) => Err(e),
-                    };
-                    (small, r)
-                })
-                .await
-                {
-                    Ok((r, Ok(h))) => {
-                        reader = r;
-                        h
-                    }
-                    Ok((_, Err(e))) => {
-                        tracing::warn!(peer = %peer.id, error = %e, "bad table stream; closing the connection");
-                        peer.conn.close(VarInt::from_u32(close::PROTOCOL), b"bad stream header");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::warn!(peer = %peer.id, "table stream sent no header; closing the connection");
-                        peer.conn.close(VarInt::from_u32(close::PROTOCOL), b"no stream header");
+                // The header is read with a small limit, then the stream gets the full one.
+                let mut reader = FrameReader::new(recv, HEADER_LIMIT);
+                let read = tokio::time::timeout(std::time::Duration::from_secs(10), reader.next()).await;
+                let header = match read {
+                    Ok(Ok(Some(body))) => frame::decode::<StreamHeader>(&body),
+                    Ok(Ok(None)) => Err(crate::Error::Transport("stream closed before its header".into())),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(crate::Error::Transport("no stream header within 10 s".into())),
+                };
+                let header = match header {
+                    Ok(h) => h,
+                    Err(e) => {
+                        if peer.conn.close_reason().is_none() {
+                            tracing::warn!(peer = %peer.id, error = %e, "bad table stream; closing the connection");
+                            peer.conn.close(VarInt::from_u32(close::PROTOCOL), b"bad stream header");
+                        }
                         return;
                     }
                 };
+                reader.set_limit(limit);
                 registry.route_inbound(peer, header, reader);
             }
             .in_current_span(),
