@@ -142,7 +142,7 @@ pub(crate) struct Server<K, V> {
     epoch: u64,
     seq: u64,
     pending: VecDeque<Pending>,
-    tombstones: HashMap<K, (u64, OwnerIdx)>,
+    tombstones: HashMap<K, (u64, OwnerIdx), foldhash::fast::RandomState>,
     paused: Option<Pause>,
     /// Joins whose pause ended (unpaused, lease expired, coordinator gone): a late renewal of
     /// one of them must not pause the table again.
@@ -202,7 +202,7 @@ impl<K: Key, V: Value> Server<K, V> {
             epoch: 0,
             seq: 0,
             pending: VecDeque::new(),
-            tombstones: HashMap::new(),
+            tombstones: HashMap::default(),
             paused: None,
             released: VecDeque::new(),
             pause_waiters: Vec::new(),
@@ -555,11 +555,13 @@ impl<K: Key, V: Value> Server<K, V> {
 
     /// Whether a write stamped `(ts, owner)` beats what is stored for `k` (or its tombstone).
     fn newer(&self, k: &K, ts: u64, owner: OwnerIdx) -> bool {
-        let current = self
-            .shared
-            .store
-            .meta(k)
-            .or_else(|| self.tombstones.get(k).copied());
+        let current = self.shared.store.meta(k).or_else(|| {
+            if self.tombstones.is_empty() {
+                None
+            } else {
+                self.tombstones.get(k).copied()
+            }
+        });
         match current {
             None => true,
             // The same order as the join's last-writer-wins: timestamp, then owner identity.
@@ -615,7 +617,9 @@ impl<K: Key, V: Value> Server<K, V> {
                 for (k, v) in recs {
                     let owner = self.owner_of(&k, &v, writer);
                     if self.newer(&k, ts, owner) {
-                        self.tombstones.remove(&k);
+                        if !self.tombstones.is_empty() {
+                            self.tombstones.remove(&k);
+                        }
                         self.shared.store.put(
                             k,
                             Rec {
