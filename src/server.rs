@@ -449,10 +449,21 @@ impl<K: Key, V: Value> Server<K, V> {
                     kind,
                 };
                 let mut accepted = true;
+                let limit = self.config.max_frame_size / 2;
+                let refuse = |e: Error, reply: &mut Option<oneshot::Sender<Result<()>>>| {
+                    if let Some(r) = reply.take() {
+                        let _ = r.send(Err(e));
+                    }
+                };
+                let too_large = || {
+                    Error::Config(format!(
+                        "one write may encode to at most half of max_frame_size ({limit} bytes); split it"
+                    ))
+                };
                 if replicate {
                     let before = body.len();
                     match postcard::to_extend(&op, std::mem::take(&mut body)) {
-                        Ok(b) if b.len() - before <= self.config.max_frame_size / 2 => {
+                        Ok(b) if b.len() - before <= limit => {
                             body = b;
                             count += 1;
                         }
@@ -460,18 +471,25 @@ impl<K: Key, V: Value> Server<K, V> {
                             b.truncate(before);
                             body = b;
                             accepted = false;
-                            let limit = self.config.max_frame_size / 2;
-                            if let Some(r) = reply.take() {
-                                let _ = r.send(Err(Error::Config(format!(
-                                    "one write may encode to at most half of max_frame_size ({limit} bytes); split it"
-                                ))));
-                            }
+                            refuse(too_large(), &mut reply);
                         }
                         Err(e) => {
                             accepted = false;
-                            if let Some(r) = reply.take() {
-                                let _ = r.send(Err(Error::Codec(e)));
-                            }
+                            refuse(Error::Codec(e), &mut reply);
+                        }
+                    }
+                } else {
+                    // Alone, the write is not sent now, but a later join will send it: a record
+                    // that could never cross is refused here too.
+                    match postcard::experimental::serialized_size(&op) {
+                        Ok(n) if n <= limit => {}
+                        Ok(_) => {
+                            accepted = false;
+                            refuse(too_large(), &mut reply);
+                        }
+                        Err(e) => {
+                            accepted = false;
+                            refuse(Error::Codec(e), &mut reply);
                         }
                     }
                 }
@@ -554,18 +572,21 @@ impl<K: Key, V: Value> Server<K, V> {
     // ------------------------------------------------------------------ applying writes
 
     /// Whether a write stamped `(ts, owner)` beats what is stored for `k` (or its tombstone).
+    /// Whether a write stamped `(ts, owner)` beats what is stored for `k` (or its tombstone),
+    /// in the join's last-writer-wins order: timestamp, then owner identity. An equal stamp
+    /// beats a stored record (the later record of one `insert_many` wins, and a repeated write
+    /// changes nothing) but not a tombstone (a deleted version must not come back).
     fn newer(&self, k: &K, ts: u64, owner: OwnerIdx) -> bool {
-        let current = self.shared.store.meta(k).or_else(|| {
-            if self.tombstones.is_empty() {
-                None
-            } else {
-                self.tombstones.get(k).copied()
-            }
-        });
-        match current {
+        let stamp = (ts, self.owners.get(owner));
+        if let Some((cts, cowner)) = self.shared.store.meta(k) {
+            return stamp >= (cts, self.owners.get(cowner));
+        }
+        if self.tombstones.is_empty() {
+            return true;
+        }
+        match self.tombstones.get(k) {
+            Some(&(cts, cowner)) => stamp > (cts, self.owners.get(cowner)),
             None => true,
-            // The same order as the join's last-writer-wins: timestamp, then owner identity.
-            Some((cts, cowner)) => (ts, self.owners.get(owner)) > (cts, self.owners.get(cowner)),
         }
     }
 

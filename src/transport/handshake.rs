@@ -90,7 +90,9 @@ async fn read_hello(conn: &Connection, reader: &mut FrameReader) -> Result<Hello
     let body = match reader.next().await {
         Ok(Some(b)) => b,
         Ok(None) => {
-            return Err(Error::Transport(
+            return Err(fail(
+                conn,
+                close::PROTOCOL,
                 "control stream closed during handshake".into(),
             ))
         }

@@ -336,7 +336,9 @@ impl PeerManager {
                 reason: reason.to_string(),
             });
         });
-        // Route the table streams the peer opens.
+        // Tables hear PeerUp before any stream of the peer reaches them (the registry's
+        // channels keep order), so a refusal always finds the peer's link.
+        self.registry.broadcast(|| TableEvent::PeerUp(pc.clone()));
         tokio::spawn(
             route_streams(
                 pc.clone(),
@@ -345,7 +347,6 @@ impl PeerManager {
             )
             .in_current_span(),
         );
-        self.registry.broadcast(|| TableEvent::PeerUp(pc.clone()));
     }
 
     fn closed(&mut self, name: &str, stable_id: usize, reason: &str) {
