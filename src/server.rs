@@ -143,6 +143,8 @@ pub(crate) struct Server<K, V> {
     seq: u64,
     pending: VecDeque<Pending>,
     tombstones: HashMap<K, (u64, OwnerIdx), foldhash::fast::RandomState>,
+    /// Tombstones in the order they were made, for forgetting them without a scan.
+    tombstone_queue: VecDeque<(u64, K)>,
     paused: Option<Pause>,
     /// Joins whose pause ended (unpaused, lease expired, coordinator gone): a late renewal of
     /// one of them must not pause the table again.
@@ -203,6 +205,7 @@ impl<K: Key, V: Value> Server<K, V> {
             seq: 0,
             pending: VecDeque::new(),
             tombstones: HashMap::default(),
+            tombstone_queue: VecDeque::new(),
             paused: None,
             released: VecDeque::new(),
             pause_waiters: Vec::new(),
@@ -590,6 +593,11 @@ impl<K: Key, V: Value> Server<K, V> {
         }
     }
 
+    fn add_tombstone(&mut self, k: K, stamp: (u64, OwnerIdx)) {
+        self.tombstone_queue.push_back((stamp.0, k.clone()));
+        self.tombstones.insert(k, stamp);
+    }
+
     fn owner_of(&self, k: &K, v: &V, writer: OwnerIdx) -> OwnerIdx {
         let Some(f) = &self.opts.owner else {
             return writer;
@@ -637,28 +645,44 @@ impl<K: Key, V: Value> Server<K, V> {
             OpKind::Insert(recs) => {
                 for (k, v) in recs {
                     let owner = self.owner_of(&k, &v, writer);
-                    if self.newer(&k, ts, owner) {
-                        if !self.tombstones.is_empty() {
-                            self.tombstones.remove(&k);
-                        }
-                        self.shared.store.put(
-                            k,
-                            Rec {
-                                value: v,
-                                ts,
-                                owner,
-                            },
-                        );
+                    let stamp = (ts, self.owners.get(owner));
+                    let tombstoned = (!self.tombstones.is_empty()).then(|| k.clone());
+                    let (owners, tombstones) = (&self.owners, &self.tombstones);
+                    let rec = Rec {
+                        value: v,
+                        ts,
+                        owner,
+                    };
+                    let stored = self.shared.store.put_if(k, rec, |cur| match cur {
+                        // An equal stamp beats a stored record: the later record of one
+                        // insert_many wins, and a repeated write changes nothing.
+                        Some((cts, co)) => stamp >= (cts, owners.get(co)),
+                        None => match tombstoned.as_ref().and_then(|k| tombstones.get(k)) {
+                            // A tombstone wins ties: a deleted version must not come back.
+                            Some(&(cts, co)) => stamp > (cts, owners.get(co)),
+                            None => true,
+                        },
+                    });
+                    if let (true, Some(k)) = (stored, tombstoned) {
+                        self.tombstones.remove(&k);
                     }
                 }
             }
             OpKind::Delete(keys) => {
                 for k in keys {
-                    if self.newer(&k, ts, writer) {
-                        self.shared.store.remove(&k);
-                        if keep_tombstones {
-                            self.tombstones.insert(k, (ts, writer));
-                        }
+                    let stamp = (ts, self.owners.get(writer));
+                    let owners = &self.owners;
+                    let removed = self
+                        .shared
+                        .store
+                        .remove_if(&k, |(cts, co)| stamp >= (cts, owners.get(co)));
+                    let tombstone = match removed {
+                        Some(removed) => removed,
+                        // No record: the delete still stops older writes still in flight.
+                        None => self.newer(&k, ts, writer),
+                    };
+                    if tombstone && keep_tombstones {
+                        self.add_tombstone(k, (ts, writer));
                     }
                 }
             }
@@ -673,7 +697,7 @@ impl<K: Key, V: Value> Server<K, V> {
                         if self.newer(&k, ts, writer) {
                             self.shared.store.remove(&k);
                             if keep_tombstones {
-                                self.tombstones.insert(k, stamp);
+                                self.add_tombstone(k, stamp);
                             }
                         }
                     }
@@ -1137,19 +1161,26 @@ impl<K: Key, V: Value> Server<K, V> {
             }
         }
         self.complete_pending();
-        // Tombstones: forget those older than every member's clock.
-        if !self.tombstones.is_empty() {
-            if self.members.is_empty() {
-                self.tombstones.clear();
-            } else {
-                let min = self
-                    .members
-                    .iter()
-                    .filter_map(|k| self.links.get(k))
-                    .map(|l| l.watermark)
-                    .min();
-                if let Some(min) = min {
-                    self.tombstones.retain(|_, (ts, _)| *ts > min);
+        // Tombstones: forget those older than every member's clock (no member: all of them).
+        if !self.tombstone_queue.is_empty() {
+            let min = self
+                .members
+                .iter()
+                .filter_map(|k| self.links.get(k))
+                .map(|l| l.watermark)
+                .min()
+                .unwrap_or(u64::MAX);
+            while self
+                .tombstone_queue
+                .front()
+                .is_some_and(|(ts, _)| *ts <= min)
+            {
+                let Some((ts, k)) = self.tombstone_queue.pop_front() else {
+                    break;
+                };
+                // The key may have a newer tombstone queued later, or none any more.
+                if self.tombstones.get(&k).is_some_and(|(cur, _)| *cur == ts) {
+                    self.tombstones.remove(&k);
                 }
             }
         }

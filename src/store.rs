@@ -174,6 +174,75 @@ where
         }
     }
 
+    /// set/ordered_set: stores `rec` if `wins(stamp of the stored record)` holds (`None`: no
+    /// record), with one probe of the hash table for a set. `wins` must not touch the store.
+    pub(crate) fn put_if(
+        &self,
+        k: K,
+        rec: Rec<V>,
+        wins: impl FnOnce(Option<(u64, OwnerIdx)>) -> bool,
+    ) -> bool {
+        match self {
+            Store::Set(m) => match m.entry(k) {
+                dashmap::mapref::entry::Entry::Occupied(mut e) => {
+                    let won = wins(Some((e.get().ts, e.get().owner)));
+                    if won {
+                        *e.get_mut() = rec;
+                    }
+                    won
+                }
+                dashmap::mapref::entry::Entry::Vacant(e) => {
+                    let won = wins(None);
+                    if won {
+                        e.insert(rec);
+                    }
+                    won
+                }
+            },
+            Store::Ordered(m) => {
+                let won = wins(m.get(&k).map(|e| (e.value().ts, e.value().owner)));
+                if won {
+                    m.insert(k, rec);
+                }
+                won
+            }
+            Store::Bag { .. } => {
+                self.put(k, rec);
+                true
+            }
+        }
+    }
+
+    /// set/ordered_set: removes the key's record if `wins(its stamp)` holds. `None`: there was no
+    /// record; `Some(removed)` otherwise. `wins` must not touch the store.
+    pub(crate) fn remove_if(
+        &self,
+        k: &K,
+        wins: impl FnOnce((u64, OwnerIdx)) -> bool,
+    ) -> Option<bool> {
+        match self {
+            Store::Set(m) => {
+                let mut seen = false;
+                let removed = m
+                    .remove_if(k, |_, r| {
+                        seen = true;
+                        wins((r.ts, r.owner))
+                    })
+                    .is_some();
+                seen.then_some(removed)
+            }
+            Store::Ordered(m) => {
+                let stamp = m.get(k).map(|e| (e.value().ts, e.value().owner))?;
+                let won = wins(stamp);
+                if won {
+                    m.remove(k);
+                }
+                Some(won)
+            }
+            Store::Bag { .. } => Some(self.remove(k)),
+        }
+    }
+
     /// Removes a key (every object of it, for a bag). Returns whether anything was removed.
     pub(crate) fn remove(&self, k: &K) -> bool {
         match self {
