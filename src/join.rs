@@ -39,6 +39,13 @@ pub(crate) struct JoinCtx<K, V> {
     pub checkpoint: Option<crate::table::JoinCheckpointFn>,
 }
 
+/// Every version of one key seen in the dumps, with the index of the source that had it; the
+/// first one inline, so that a key only one side has costs no allocation.
+struct Versions<V> {
+    first: (usize, Version<V>),
+    rest: Vec<(usize, Version<V>)>,
+}
+
 /// A record of the merge, owner as an index into the join's owner list.
 #[derive(Clone)]
 struct Version<V> {
@@ -245,7 +252,7 @@ async fn merge<K: Key, V: Value>(
     // 3. Dumps.
     let mut owners: Vec<NodeId> = Vec::new();
     let mut owner_idx: HashMap<NodeId, u32> = HashMap::new();
-    let mut versions: BTreeMap<K, Vec<(usize, Version<V>)>> = BTreeMap::new();
+    let mut versions: HashMap<K, Versions<V>, foldhash::fast::RandomState> = HashMap::default();
     for (src_i, (src, _)) in groups.iter().enumerate() {
         let mut rx = ctx.request(
             src,
@@ -270,19 +277,31 @@ async fn merge<K: Key, V: Value>(
                             })
                         })
                         .collect();
+                    versions.reserve(records.len());
                     for rec in records {
                         ctx.clock.observe(rec.ts);
                         let Some(&owner) = map.get(rec.owner as usize) else {
                             continue;
                         };
-                        versions.entry(rec.key).or_default().push((
+                        let v = (
                             src_i,
                             Version {
                                 value: rec.value,
                                 ts: rec.ts,
                                 owner,
                             },
-                        ));
+                        );
+                        match versions.entry(rec.key) {
+                            std::collections::hash_map::Entry::Occupied(mut e) => {
+                                e.get_mut().rest.push(v)
+                            }
+                            std::collections::hash_map::Entry::Vacant(e) => {
+                                e.insert(Versions {
+                                    first: v,
+                                    rest: Vec::new(),
+                                });
+                            }
+                        }
                     }
                     lease.renew(ctx);
                     if last {
@@ -299,12 +318,35 @@ async fn merge<K: Key, V: Value>(
     let mut deltas: Vec<Vec<WireRecord<K, V>>> = vec![Vec::new(); groups.len()];
     let mut conflicts = 0u64;
     for (key, vs) in versions {
+        // The common case: a key only one source has. Every other source gets it as it is.
+        if vs.rest.is_empty() {
+            let (src, v) = vs.first;
+            let others: Vec<usize> = (0..deltas.len()).filter(|i| *i != src).collect();
+            if let Some((&last, rest)) = others.split_last() {
+                for &i in rest {
+                    deltas[i].push(WireRecord {
+                        key: key.clone(),
+                        value: v.value.clone(),
+                        ts: v.ts,
+                        owner: v.owner,
+                    });
+                }
+                deltas[last].push(WireRecord {
+                    key,
+                    value: v.value,
+                    ts: v.ts,
+                    owner: v.owner,
+                });
+            }
+            continue;
+        }
+        let vs: Vec<(usize, Version<V>)> = std::iter::once(vs.first).chain(vs.rest).collect();
         if ctx.kind == TableKind::Bag {
             // Union of objects: every source gets the objects it lacks.
-            let mut objects: Vec<Version<V>> = Vec::new();
+            let mut objects: Vec<&Version<V>> = Vec::new();
             for (_, v) in &vs {
                 if !objects.iter().any(|o| same_value(&o.value, &v.value)) {
-                    objects.push(v.clone());
+                    objects.push(v);
                 }
             }
             for (src_i, delta) in deltas.iter_mut().enumerate() {
@@ -358,9 +400,10 @@ async fn merge<K: Key, V: Value>(
     if let Some(f) = &ctx.checkpoint {
         f("before_apply").await;
     }
-    // 5. Apply everywhere, the member list with the last chunk.
-    // One group after the other, so that a coordinator that dies in between leaves a
-    // half-finished join (which the epoch check repairs) rather than an unknown state.
+    // 5. Apply everywhere, the member list with the last chunk. The groups are sent one after
+    // the other (then all run at once): a coordinator that dies in between leaves a
+    // half-finished join, which the view check detects and a new join repairs.
+    let mut waits = Vec::new();
     for (g, ((_, targets), delta)) in groups.iter().zip(deltas).enumerate() {
         if g > 0 {
             if let Some(f) = &ctx.checkpoint {
@@ -369,28 +412,32 @@ async fn merge<K: Key, V: Value>(
         }
         let mut chunker = Chunker::new(ctx.chunk, ctx.chunk_bytes);
         delta.into_iter().for_each(|r| chunker.push(r));
-        let chunks = chunker.finish();
+        let mut chunks = chunker.finish();
         let n = chunks.len();
-        let mut waits = Vec::new();
-        for t in targets {
+        let apply = |i: usize, records| JoinReq::Apply {
+            join,
+            owners: owners.clone(),
+            records,
+            members: (i + 1 == n).then(|| everyone.clone()),
+        };
+        let Some((last, others)) = targets.split_last() else {
+            continue;
+        };
+        for t in others {
             for (i, records) in chunks.iter().enumerate() {
-                let members = (i + 1 == n).then(|| everyone.clone());
-                let body = JoinReq::Apply {
-                    join,
-                    owners: owners.clone(),
-                    records: records.clone(),
-                    members,
-                };
-                waits.push((t.clone(), ctx.request(t, body)));
+                waits.push((t.clone(), ctx.request(t, apply(i, records.clone()))));
             }
         }
-        for (t, mut rx) in waits {
-            lease.renew(ctx);
-            match ctx.next(&t, &mut rx).await? {
-                JoinRep::Applied => {}
-                JoinRep::Refused { reason } => return Err(ctx.fail(&t, reason)),
-                _ => return Err(ctx.fail(&t, "unexpected reply to Apply")),
-            }
+        for (i, records) in chunks.drain(..).enumerate() {
+            waits.push((last.clone(), ctx.request(last, apply(i, records))));
+        }
+    }
+    for (t, mut rx) in waits {
+        lease.renew(ctx);
+        match ctx.next(&t, &mut rx).await? {
+            JoinRep::Applied => {}
+            JoinRep::Refused { reason } => return Err(ctx.fail(&t, reason)),
+            _ => return Err(ctx.fail(&t, "unexpected reply to Apply")),
         }
     }
     tracing::info!(peer = %peer, nodes = everyone.len(), conflicts, "join done");
