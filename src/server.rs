@@ -1165,6 +1165,8 @@ impl<K: Key, V: Value> Server<K, V> {
             }
         }
         self.complete_pending();
+        // Requests whose coordinator gave up (its join ended) wait for no reply any more.
+        self.join_replies.retain(|_, (_, tx)| !tx.is_closed());
         // Tombstones: forget those older than every member's clock (no member: all of them).
         if !self.tombstone_queue.is_empty() {
             let min = self

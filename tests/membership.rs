@@ -574,3 +574,29 @@ async fn bags_merge_as_the_union_of_both_partitions() {
         assert_eq!(v, vec![1, 2, 3], "on {}", t.name());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_of_different_tables_run_in_parallel() {
+    let mesh = Mesh::start(&["a", "b"]).await;
+    let (opts, reached, release) = gate("locked");
+    let slow_a: T = mesh.nodes[0].start("slow", opts).await.unwrap();
+    let slow_b: T = mesh.nodes[1]
+        .start("slow", TableOptions::set())
+        .await
+        .unwrap();
+    reached.notified().await; // the join of "slow" holds both servers of "slow" paused
+    let fast_a: T = mesh.nodes[0]
+        .start("fast", TableOptions::set())
+        .await
+        .unwrap();
+    let fast_b: T = mesh.nodes[1]
+        .start("fast", TableOptions::set())
+        .await
+        .unwrap();
+    members(&[&fast_a, &fast_b], 1).await;
+    fast_a.insert("k".into(), 1).await.unwrap();
+    assert_eq!(fast_b.get(&"k".to_string()), Some(1));
+    assert!(slow_b.status().await.unwrap().paused);
+    release.notify_one();
+    members(&[&slow_a, &slow_b], 1).await;
+}
