@@ -162,73 +162,9 @@ pub async fn shutdown_all<'a>(nodes: impl IntoIterator<Item = &'a Node>) {
     }
 }
 
-/// A UDP relay between one client and `target` that a test can cut (drop every datagram,
-/// both ways) and heal: a partition on loopback. Point the client's discovery at `addr()`.
-pub struct Relay {
-    addr: SocketAddr,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Relay {
-    pub async fn start(target: SocketAddr) -> Relay {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use std::sync::{Arc, Mutex};
-        use tokio::net::UdpSocket;
-        let front = Arc::new(UdpSocket::bind(loopback()).await.unwrap());
-        let back = Arc::new(UdpSocket::bind(loopback()).await.unwrap());
-        let addr = front.local_addr().unwrap();
-        let cut = Arc::new(AtomicBool::new(false));
-        let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
-        let up = {
-            let (front, back, cut, client) =
-                (front.clone(), back.clone(), cut.clone(), client.clone());
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                while let Ok((n, from)) = front.recv_from(&mut buf).await {
-                    *client.lock().unwrap() = Some(from);
-                    if !cut.load(Ordering::SeqCst) {
-                        let _ = back.send_to(&buf[..n], target).await;
-                    }
-                }
-            })
-        };
-        let down = {
-            let cut = cut.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                while let Ok((n, _)) = back.recv_from(&mut buf).await {
-                    let to = *client.lock().unwrap();
-                    if let (Some(to), false) = (to, cut.load(Ordering::SeqCst)) {
-                        let _ = front.send_to(&buf[..n], to).await;
-                    }
-                }
-            })
-        };
-        Relay {
-            addr,
-            cut,
-            tasks: vec![up, down],
-        }
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    pub fn cut(&self) {
-        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    pub fn heal(&self) {
-        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
-}
+/// A UDP relay between one client and a target that a test can cut and heal (see
+/// `tests/support/proxy.rs`).
+#[path = "../support/proxy.rs"]
+mod proxy;
+#[allow(unused_imports)]
+pub use proxy::Proxy as Relay;
