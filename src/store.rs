@@ -1,9 +1,10 @@
-//! The local copy of a table: concurrent reads without locks, one writer (the table server).
+//! The local copy of a table: concurrent reads, one writer (the table server).
 //!
 //! - `set`: `dashmap::DashMap` with 64 shards and foldhash: a read takes one shard's read lock
 //!   for the few nanoseconds of a lookup and copies the value out; the only writer (the table
 //!   server) holds one shard's write lock per record, so a reader waits at most one record's
-//!   insert (or, when a shard grows, that shard's rehash), never a batch. Records are stored inline (no allocation per record).
+//!   insert (or, when a shard grows, that shard's rehash), never a batch. Records are stored
+//!   inline (no allocation per record).
 //! - `ordered_set`: `crossbeam_skiplist::SkipMap` (lock-free reads and ordered ranges).
 //! - `bag`: the same `DashMap`, of key to the list of distinct values, edited under the
 //!   shard lock, so a reader sees either the old or the new list, never a half-edited one.
