@@ -300,9 +300,16 @@ async fn writes_during_a_join_are_applied_once_in_order_after_unpause() {
             t.insert(format!("{k}-during"), 7).await.unwrap();
         }));
     }
-    // The writes wait for the unpause: nothing changed locally yet.
-    tokio::task::yield_now().await;
-    assert_eq!(ta.get(&"x".to_string()), Some(1));
+    // The writes wait for the unpause: for a while, nothing changes locally and no write returns.
+    let until = Instant::now() + Duration::from_millis(200);
+    while Instant::now() < until {
+        assert_eq!(ta.get(&"x".to_string()), Some(1));
+        assert!(
+            writers.iter().all(|w| !w.is_finished()),
+            "a write returned while paused"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     release.notify_one();
     for w in writers {
         w.await.unwrap();
