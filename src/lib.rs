@@ -56,3 +56,4 @@ pub use membership::NodeId;
 pub use node::{Node, NodeBuilder, DEFAULT_COOKIE};
 pub use status::{NodeStatus, TableStatus};
 pub use table::{Key, NodeDownFn, OwnerFn, Table, TableKind, TableOptions, Value};
+pub use transport::tls::TlsConfig;

@@ -31,6 +31,7 @@ pub struct NodeBuilder {
     cookie: Vec<u8>,
     discovery: Option<Box<dyn Discovery>>,
     config: NodeConfig,
+    tls: Option<crate::TlsConfig>,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -64,6 +65,14 @@ impl NodeBuilder {
         self
     }
 
+    /// Mutual TLS with a cluster CA (see [`crate::TlsConfig`]): only nodes whose certificate the
+    /// CA signed can connect. The cookie handshake still runs on top. Default: self-signed
+    /// certificates, authentication by cookie alone.
+    pub fn tls(mut self, tls: crate::TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Timeouts, buffer sizes and batching (see [`NodeConfig`]).
     pub fn config(mut self, config: NodeConfig) -> Self {
         self.config = config;
@@ -82,7 +91,7 @@ impl NodeBuilder {
             return Err(Error::Config("the cookie must not be empty".into()));
         }
         let id = NodeId::new(self.name);
-        let endpoint = crate::transport::endpoint(self.listen, &self.config)?;
+        let endpoint = crate::transport::endpoint(self.listen, &self.config, self.tls.as_ref())?;
         let local_addr = endpoint.local_addr()?;
         let registry = Arc::new(Registry::default());
         let peers = PeerManager::spawn(
@@ -218,6 +227,7 @@ impl Node {
             cookie: DEFAULT_COOKIE.as_bytes().to_vec(),
             discovery: None,
             config: NodeConfig::default(),
+            tls: None,
         }
     }
 

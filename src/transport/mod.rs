@@ -58,8 +58,12 @@ fn bind(listen: SocketAddr, cfg: &NodeConfig) -> Result<std::net::UdpSocket> {
 }
 
 /// Binds the node's QUIC endpoint: server and client on one UDP socket.
-pub(crate) fn endpoint(listen: SocketAddr, cfg: &NodeConfig) -> Result<Endpoint> {
-    let (server_crypto, client_crypto) = tls::configs()?;
+pub(crate) fn endpoint(
+    listen: SocketAddr,
+    cfg: &NodeConfig,
+    mtls: Option<&tls::TlsConfig>,
+) -> Result<Endpoint> {
+    let (server_crypto, client_crypto) = tls::configs(mtls)?;
     let transport = Arc::new(transport_config(cfg)?);
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
     server.transport_config(transport.clone());

@@ -1,8 +1,13 @@
 //! TLS for the QUIC endpoint.
 //!
-//! Every node makes a fresh self-signed certificate at start. The certificate only gives the
-//! connection its encryption; who the peer is gets proven afterwards by the cookie handshake
-//! (see [`super::handshake`]), which binds an HMAC of the shared cookie to this very TLS session.
+//! Without [`TlsConfig`], every node makes a fresh self-signed certificate at start. The
+//! certificate only gives the connection its encryption; who the peer is gets proven afterwards
+//! by the cookie handshake (see [`super::handshake`]), which binds an HMAC of the shared cookie to
+//! this very TLS session.
+//!
+//! With [`TlsConfig`] (mutual TLS), both sides must present a certificate chain signed by the
+//! cluster CA, checked by rustls's WebPKI verifiers, before the cookie handshake even starts.
+//! Names in the certificates are not checked: membership of the cluster is what the CA says.
 //! Every config is built with the `ring` provider explicitly, never the process default, so a
 //! second crypto provider elsewhere in the program cannot make it panic.
 
@@ -15,6 +20,81 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::DigitallySignedStruct;
 
 use crate::{Error, Result};
+
+/// Mutual TLS with a cluster CA: every node presents a certificate chain signed by the CA and
+/// accepts only peers that do. Pass it to [`crate::NodeBuilder::tls`]. The cookie handshake
+/// still runs on top (with the default cookie unless one is set).
+pub struct TlsConfig {
+    ca: Vec<CertificateDer<'static>>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Clone for TlsConfig {
+    fn clone(&self) -> Self {
+        Self {
+            ca: self.ca.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("ca_certificates", &self.ca.len())
+            .field("chain", &self.chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsConfig {
+    /// Reads PEM files: the CA certificate(s), this node's certificate chain, its private key.
+    pub fn from_pem_files(
+        ca: impl AsRef<std::path::Path>,
+        cert: impl AsRef<std::path::Path>,
+        key: impl AsRef<std::path::Path>,
+    ) -> Result<Self> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| Error::Tls(format!("cannot read {}: {e}", p.display())))
+        };
+        Self::from_pem(
+            &read(ca.as_ref())?,
+            &read(cert.as_ref())?,
+            &read(key.as_ref())?,
+        )
+    }
+
+    /// Parses PEM data: the CA certificate(s), this node's certificate chain, its private key.
+    pub fn from_pem(ca: &[u8], cert: &[u8], key: &[u8]) -> Result<Self> {
+        use rustls::pki_types::pem::PemObject;
+        let certs = |pem: &[u8], what: &str| -> Result<Vec<CertificateDer<'static>>> {
+            let v = CertificateDer::pem_slice_iter(pem)
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| Error::Tls(format!("bad {what} PEM: {e}")))?;
+            if v.is_empty() {
+                return Err(Error::Tls(format!("no certificate in the {what} PEM")));
+            }
+            Ok(v)
+        };
+        let key = PrivateKeyDer::from_pem_slice(key)
+            .map_err(|e| Error::Tls(format!("bad private key PEM: {e}")))?;
+        Ok(Self {
+            ca: certs(ca, "CA")?,
+            chain: certs(cert, "certificate")?,
+            key,
+        })
+    }
+
+    fn roots(&self) -> Result<Arc<rustls::RootCertStore>> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in &self.ca {
+            roots.add(c.clone()).map_err(tls_err)?;
+        }
+        Ok(Arc::new(roots))
+    }
+}
 
 /// Server name every node presents and every client asks for.
 pub(crate) const SERVER_NAME: &str = "cets";
@@ -30,7 +110,10 @@ fn tls_err(e: impl std::fmt::Display) -> Error {
 }
 
 /// The server and client crypto configs of one node.
-pub(crate) fn configs() -> Result<(QuicServerConfig, QuicClientConfig)> {
+pub(crate) fn configs(mtls: Option<&TlsConfig>) -> Result<(QuicServerConfig, QuicClientConfig)> {
+    if let Some(t) = mtls {
+        return mutual_configs(t);
+    }
     let certified =
         rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()]).map_err(tls_err)?;
     let cert: CertificateDer<'static> = certified.cert.der().clone();
@@ -58,6 +141,87 @@ pub(crate) fn configs() -> Result<(QuicServerConfig, QuicClientConfig)> {
         QuicServerConfig::try_from(server).map_err(tls_err)?,
         QuicClientConfig::try_from(client).map_err(tls_err)?,
     ))
+}
+
+fn mutual_configs(t: &TlsConfig) -> Result<(QuicServerConfig, QuicClientConfig)> {
+    let roots = t.roots()?;
+    let client_verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .map_err(tls_err)?;
+    let mut server = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .with_client_cert_verifier(client_verifier)
+        .with_single_cert(t.chain.clone(), t.key.clone_key())
+        .map_err(tls_err)?;
+    server.alpn_protocols = vec![ALPN.to_vec()];
+    let server_verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+            .build()
+            .map_err(tls_err)?;
+    let mut client = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(CaOnly(server_verifier)))
+        .with_client_auth_cert(t.chain.clone(), t.key.clone_key())
+        .map_err(tls_err)?;
+    client.alpn_protocols = vec![ALPN.to_vec()];
+    Ok((
+        QuicServerConfig::try_from(server).map_err(tls_err)?,
+        QuicClientConfig::try_from(client).map_err(tls_err)?,
+    ))
+}
+
+/// Checks the server's chain against the cluster CA, but not the name in it: nodes dial
+/// addresses, and the CA alone decides who belongs to the cluster.
+#[derive(Debug)]
+struct CaOnly(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl ServerCertVerifier for CaOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(NotValidForName))
+            | Err(rustls::Error::InvalidCertificate(NotValidForNameContext { .. })) => {
+                Ok(ServerCertVerified::assertion())
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 /// Accepts any server certificate but still checks the handshake signature, so the session
