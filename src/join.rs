@@ -112,13 +112,16 @@ pub(crate) async fn run<K: Key, V: Value>(ctx: JoinCtx<K, V>, peer: NodeId) -> R
     let mut locked: Vec<NodeId> = Vec::new();
     let mut views: BTreeMap<NodeId, (Vec<NodeId>, u64)> = BTreeMap::new();
     let mut reach: BTreeMap<NodeId, Vec<NodeId>> = BTreeMap::new();
+    let mut sizes: BTreeMap<NodeId, u64> = BTreeMap::new();
     for n in &all {
         match ctx.ask(n, JoinReq::Pause { join, lease_ms }).await {
             Ok(JoinRep::Paused {
                 members,
                 epoch,
                 reachable,
+                len,
             }) => {
+                sizes.insert(n.clone(), len);
                 locked.push(n.clone());
                 views.insert(n.clone(), (members, epoch));
                 reach.insert(n.clone(), reachable);
@@ -149,7 +152,7 @@ pub(crate) async fn run<K: Key, V: Value>(ctx: JoinCtx<K, V>, peer: NodeId) -> R
     }
     let result = match unreachable_pair(&all, &reach) {
         Some((a, b)) => Err(ctx.fail(&peer, format!("{a} cannot reach {b}; not joining"))),
-        None => merge(&ctx, &peer, join, &all, &views, &mut lease).await,
+        None => merge(&ctx, &peer, join, &all, &views, &sizes, &mut lease).await,
     };
     release(&ctx, &locked, join).await;
     result
@@ -215,6 +218,7 @@ async fn merge<K: Key, V: Value>(
     join: u64,
     all: &BTreeSet<NodeId>,
     views: &BTreeMap<NodeId, (Vec<NodeId>, u64)>,
+    sizes: &BTreeMap<NodeId, u64>,
     lease: &mut Lease,
 ) -> Result<u64> {
     let everyone: Vec<NodeId> = all.iter().cloned().collect();
@@ -252,7 +256,10 @@ async fn merge<K: Key, V: Value>(
     // 3. Dumps.
     let mut owners: Vec<NodeId> = Vec::new();
     let mut owner_idx: HashMap<NodeId, u32> = HashMap::new();
-    let mut versions: HashMap<K, Versions<V>, foldhash::fast::RandomState> = HashMap::default();
+    // Sized once from what the sources said they hold (capped: the figure comes from the network).
+    let expected: u64 = groups.iter().filter_map(|(src, _)| sizes.get(src)).sum();
+    let mut versions: HashMap<K, Versions<V>, foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(expected.min(1 << 21) as usize, Default::default());
     for (src_i, (src, _)) in groups.iter().enumerate() {
         let mut rx = ctx.request(
             src,
@@ -277,7 +284,6 @@ async fn merge<K: Key, V: Value>(
                             })
                         })
                         .collect();
-                    versions.reserve(records.len());
                     for rec in records {
                         ctx.clock.observe(rec.ts);
                         let Some(&owner) = map.get(rec.owner as usize) else {

@@ -115,6 +115,8 @@ pub(crate) enum JoinRep<K, V> {
         members: Vec<NodeId>,
         epoch: u64,
         reachable: Vec<NodeId>,
+        /// Records held (lets the coordinator size its merge once).
+        len: u64,
     },
     Busy {
         by: String,

@@ -833,6 +833,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 .filter(|l| l.ready())
                 .map(|l| l.id.clone())
                 .collect(),
+            len: self.shared.store.len() as u64,
         }
     }
 
