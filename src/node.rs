@@ -442,6 +442,10 @@ async fn discovery_loop(
         match result {
             Ok(list) => {
                 delay = config.discovery_interval;
+                let addrs = list.iter().map(|p| p.addr).collect();
+                if peers.send(Command::Discovered(addrs)).is_err() {
+                    return;
+                }
                 for p in list {
                     if peers.send(Command::Dial(p.addr)).is_err() {
                         return;

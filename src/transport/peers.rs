@@ -54,6 +54,8 @@ pub(crate) enum Command {
         reason: String,
     },
     View(oneshot::Sender<PeersView>),
+    /// The addresses discovery returns now: forget failures of addresses it no longer lists.
+    Discovered(Vec<SocketAddr>),
     /// A table started: tell it about every connected peer.
     Announce(String),
     Shutdown(oneshot::Sender<()>),
@@ -160,6 +162,9 @@ impl PeerManager {
                         connected,
                         unavailable,
                     });
+                }
+                Command::Discovered(addrs) => {
+                    self.unavailable.retain(|a, _| addrs.contains(a));
                 }
                 Command::Announce(table) => {
                     for a in self.active.values() {
