@@ -138,6 +138,9 @@ async fn cut_node_is_dropped_then_rejoins_with_its_records() {
         })
         .await;
     }
+    // A write through each server orders these checks after its on_node_down calls.
+    tables[0].sync().await.unwrap();
+    tables[2].sync().await.unwrap();
     assert_eq!(*downs[0].lock().unwrap(), vec![("c".to_string(), 10)]);
     let mut seen_by_c = downs[2].lock().unwrap().clone();
     seen_by_c.sort();
