@@ -131,7 +131,10 @@ async fn srv_records_added_to_the_zone_make_nodes_join() {
     // The node may have been joined through the other node's poll before its own next poll.
     let deadline = Instant::now() + Duration::from_secs(5);
     while a.status().await.discovery_error.is_some() {
-        assert!(Instant::now() < deadline, "the error should clear once the name resolves");
+        assert!(
+            Instant::now() < deadline,
+            "the error should clear once the name resolves"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // A third node appears in DNS later and catches up.
