@@ -201,3 +201,43 @@ impl<K: Serialize, V: Serialize> Chunker<K, V> {
         self.chunks
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(key: u64, bytes: usize) -> WireRecord<u64, Vec<u8>> {
+        WireRecord {
+            key,
+            value: vec![7; bytes],
+            ts: 1,
+            owner: 0,
+        }
+    }
+
+    #[test]
+    fn chunks_are_cut_by_count_and_by_size_and_never_empty() {
+        let mut c = Chunker::new(3, 1 << 20);
+        (0..7).for_each(|k| c.push(rec(k, 1)));
+        assert_eq!(
+            c.finish().iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![3, 3, 1]
+        );
+        let mut c = Chunker::new(100, 2500);
+        (0..5).for_each(|k| c.push(rec(k, 1000)));
+        assert_eq!(
+            c.finish().iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![2, 2, 1]
+        );
+        // A record above the byte budget still travels, alone.
+        let mut c = Chunker::new(100, 10);
+        c.push(rec(1, 50));
+        c.push(rec(2, 50));
+        assert_eq!(
+            c.finish().iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![1, 1]
+        );
+        let c: Chunker<u64, Vec<u8>> = Chunker::new(3, 10);
+        assert_eq!(c.finish().len(), 1);
+    }
+}

@@ -325,3 +325,71 @@ where
         removed
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(value: u32, ts: u64, owner: OwnerIdx) -> Rec<u32> {
+        Rec { value, ts, owner }
+    }
+
+    #[test]
+    fn set_put_if_respects_the_rule_and_remove_owned_returns_records() {
+        let s: Store<u64, u32> = Store::new(TableKind::Set);
+        assert!(s.put_if(1, rec(10, 5, 0), |cur| cur.is_none()));
+        assert!(!s.put_if(1, rec(11, 4, 1), |cur| cur.is_some_and(|(ts, _)| 4 > ts)));
+        assert_eq!(s.get(&1), Some(10));
+        assert!(s.put_if(1, rec(12, 6, 1), |cur| cur.is_some_and(|(ts, _)| 6 > ts)));
+        assert_eq!(s.meta(&1), Some((6, 1)));
+        s.put(2, rec(20, 1, 0));
+        assert_eq!(s.remove_if(&3, |_| true), None);
+        assert_eq!(s.remove_if(&2, |_| false), Some(false));
+        let mut gone = s.remove_owned(1);
+        gone.sort();
+        assert_eq!(gone, vec![(1, 12)]);
+        assert_eq!(s.to_vec(), vec![(2, 20)]);
+    }
+
+    #[test]
+    fn bag_keeps_distinct_values_and_counts_objects() {
+        let s: Store<u64, u32> = Store::new(TableKind::Bag);
+        s.put(1, rec(1, 1, 0));
+        s.put(1, rec(1, 2, 1)); // same object: kept once
+        s.put(1, rec(2, 3, 1));
+        s.put(2, rec(3, 4, 1));
+        assert_eq!(s.len(), 3);
+        let mut v = s.lookup(&1);
+        v.sort();
+        assert_eq!(v, vec![1, 2]);
+        assert!(s.remove_object(&1, &2));
+        assert!(!s.remove_object(&1, &2));
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.remove_owned(1), vec![(2, 3)]);
+        assert_eq!(s.len(), 1);
+        assert!(s.remove(&1));
+        assert!(s.is_empty_for_test());
+    }
+
+    #[test]
+    fn ordered_set_ranges_in_key_order() {
+        let s: Store<u64, u32> = Store::new(TableKind::OrderedSet);
+        for k in [5u64, 1, 3, 9] {
+            s.put(k, rec(k as u32, 1, 0));
+        }
+        assert_eq!(s.range(2..6), Some(vec![(3, 3), (5, 5)]));
+        assert_eq!(s.to_vec().first(), Some(&(1, 1)));
+        let set: Store<u64, u32> = Store::new(TableKind::Set);
+        assert_eq!(set.range(..), None);
+    }
+
+    impl<K, V> Store<K, V>
+    where
+        K: Hash + Eq + Ord + Clone + Send + Sync + 'static,
+        V: Clone + Serialize + Send + Sync + 'static,
+    {
+        fn is_empty_for_test(&self) -> bool {
+            self.len() == 0 && self.to_vec().is_empty()
+        }
+    }
+}
