@@ -193,7 +193,8 @@ fn unreachable_pair(
     reach: &BTreeMap<NodeId, Vec<NodeId>>,
 ) -> Option<(NodeId, NodeId)> {
     for a in all {
-        let seen = reach.get(a)?;
+        // A node that did not report what it reaches counts as reaching nobody.
+        let seen = reach.get(a).map(Vec::as_slice).unwrap_or_default();
         if let Some(b) = all.iter().find(|b| *b != a && !seen.contains(b)) {
             return Some((a.clone(), b.clone()));
         }

@@ -239,12 +239,9 @@ impl<K: Key, V: Value> Server<K, V> {
                 biased;
                 Some(ev) = self.events.recv() => self.on_event(ev),
                 Some(c) = self.control.recv() => {
-                    if let Control::Stop(done) = c {
-                        self.stop();
-                        let _ = done.send(());
+                    if self.on_control(c) {
                         return;
                     }
-                    self.on_control(c);
                 }
                 Some(input) = self.inputs.recv() => {
                     self.on_input(input);
@@ -1045,7 +1042,8 @@ impl<K: Key, V: Value> Server<K, V> {
 
     // ------------------------------------------------------------------ joins (coordinator)
 
-    fn on_control(&mut self, c: Control<K, V>) {
+    /// Serves one control request; returns true when the server must stop.
+    fn on_control(&mut self, c: Control<K, V>) -> bool {
         match c {
             Control::Status(reply) => {
                 let _ = reply.send(self.status());
@@ -1053,14 +1051,14 @@ impl<K: Key, V: Value> Server<K, V> {
             Control::JoinRequest { to, body, replies } => {
                 if to == self.me {
                     self.on_join_req(Origin::Local(replies), body);
-                    return;
+                    return false;
                 }
                 let Some(key) = self
                     .owners
                     .lookup(&to)
                     .filter(|k| self.links.get(k).is_some_and(Link::ready))
                 else {
-                    return; // dropping `replies` tells the coordinator the node is unreachable
+                    return false; // dropping `replies` tells the coordinator the node is unreachable
                 };
                 self.next_req += 1;
                 let req = self.next_req;
@@ -1096,8 +1094,13 @@ impl<K: Key, V: Value> Server<K, V> {
                     }
                 }
             }
-            Control::Stop(_) => {}
+            Control::Stop(done) => {
+                self.stop();
+                let _ = done.send(());
+                return true;
+            }
         }
+        false
     }
 
     /// Starts a join with `key` if it is due: both sides run the table, it is not a member, and
