@@ -6,7 +6,9 @@
 //!    this task renews while it works (a busy server makes the whole join back off);
 //! 3. dump one server per partition (or every server, if a partition is not consistent),
 //!    without records of owners that are not alive;
-//! 4. merge: per key, the conflict rule picks one winner, once; each node is sent what it lacks;
+//! 4. two consistent sides under last writer wins: each dump is forwarded to the other side as
+//!    it streams, and every receiver keeps the later version per key (`exchange`); otherwise
+//!    merge: per key, the conflict rule picks one winner, once; each node is sent what it lacks;
 //! 5. each node stores the records and, with the last chunk, the full member list;
 //! 6. unpause everyone (also on failure), so buffered writes go on to the new members.
 
@@ -254,6 +256,14 @@ async fn merge<K: Key, V: Value>(
             .collect()
     };
 
+    // Last writer wins between two consistent partitions needs no central decision: each
+    // side keeps the later version of a key, and both compare the same stamps.
+    if let ([a, b], Conflict::LastWriterWins, false) =
+        (groups.as_slice(), &ctx.conflict, ctx.kind == TableKind::Bag)
+    {
+        return exchange(ctx, peer, join, [a, b], &everyone, lease).await;
+    }
+
     // 3. Dumps.
     let mut owners: Vec<NodeId> = Vec::new();
     let mut owner_idx: HashMap<NodeId, u32> = HashMap::new();
@@ -426,6 +436,7 @@ async fn merge<K: Key, V: Value>(
             owners: owners.clone(),
             records,
             members: (i + 1 == n).then(|| everyone.clone()),
+            merge: false,
         };
         let Some((last, others)) = targets.split_last() else {
             continue;
@@ -442,12 +453,100 @@ async fn merge<K: Key, V: Value>(
     for (t, mut rx) in waits {
         lease.renew(ctx);
         match ctx.next(&t, &mut rx).await? {
-            JoinRep::Applied => {}
+            JoinRep::Applied { .. } => {}
             JoinRep::Refused { reason } => return Err(ctx.fail(&t, reason)),
             _ => return Err(ctx.fail(&t, "unexpected reply to Apply")),
         }
     }
     tracing::info!(peer = %peer, nodes = everyone.len(), conflicts, "join done");
+    Ok(conflicts)
+}
+
+/// Steps 3 to 5 for two consistent partitions under last writer wins: each source's dump is
+/// forwarded, chunk by chunk as it arrives, to the nodes of the other partition, which keep
+/// per key the later of their record and the forwarded one (`Apply { merge: true }`). Both
+/// sides compare the same `(timestamp, owner)` stamps, so they end identical, as with a
+/// central merge, without building the union in one place; receivers store while the dumps
+/// still stream. Group 0's targets get group 1's dump first, then group 1's targets get
+/// group 0's: a coordinator that stops in between leaves the same half-finished join as the
+/// central merge, which the view check repairs.
+async fn exchange<K: Key, V: Value>(
+    ctx: &JoinCtx<K, V>,
+    peer: &NodeId,
+    join: u64,
+    groups: [&(NodeId, Vec<NodeId>); 2],
+    everyone: &[NodeId],
+    lease: &mut Lease,
+) -> Result<u64> {
+    // Both sources start dumping at once; the second dump waits in its channel meanwhile.
+    let dump = |src: &NodeId| {
+        ctx.request(
+            src,
+            JoinReq::Dump {
+                join,
+                alive: everyone.to_vec(),
+            },
+        )
+    };
+    let mut dumps = [dump(&groups[0].0), dump(&groups[1].0)];
+    if let Some(f) = &ctx.checkpoint {
+        f("before_apply").await;
+    }
+    let mut waits = Vec::new();
+    for (to, from) in [(0usize, 1usize), (1, 0)] {
+        if to == 1 {
+            if let Some(f) = &ctx.checkpoint {
+                f("between_groups").await;
+            }
+        }
+        let (src, targets) = (&groups[from].0, &groups[to].1);
+        loop {
+            let (owners, records, last) = match ctx.next(src, &mut dumps[from]).await? {
+                JoinRep::Chunk {
+                    owners,
+                    records,
+                    last,
+                } => (owners, records, last),
+                JoinRep::Refused { reason } => return Err(ctx.fail(src, reason)),
+                _ => return Err(ctx.fail(src, "unexpected reply to Dump")),
+            };
+            lease.renew(ctx);
+            let apply = |owners, records| JoinReq::Apply {
+                join,
+                owners,
+                records,
+                members: last.then(|| everyone.to_vec()),
+                merge: true,
+            };
+            if let Some((final_target, others)) = targets.split_last() {
+                for t in others {
+                    let rx = ctx.request(t, apply(owners.clone(), records.clone()));
+                    waits.push((t.clone(), to, rx));
+                }
+                let rx = ctx.request(final_target, apply(owners, records));
+                waits.push((final_target.clone(), to, rx));
+            }
+            if last {
+                break;
+            }
+        }
+    }
+    // Every target of a group sees the same conflicts: count them at one.
+    let counter = |g: usize| groups[g].1.first();
+    let mut conflicts = 0;
+    for (t, g, mut rx) in waits {
+        lease.renew(ctx);
+        match ctx.next(&t, &mut rx).await? {
+            JoinRep::Applied { conflicts: n } => {
+                if g == 0 && counter(0) == Some(&t) {
+                    conflicts += n;
+                }
+            }
+            JoinRep::Refused { reason } => return Err(ctx.fail(&t, reason)),
+            _ => return Err(ctx.fail(&t, "unexpected reply to Apply")),
+        }
+    }
+    tracing::info!(peer = %peer, nodes = everyone.len(), conflicts, "join done (exchange)");
     Ok(conflicts)
 }
 

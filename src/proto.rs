@@ -15,7 +15,7 @@ use crate::membership::NodeId;
 use crate::table::TableKind;
 
 /// Version of the wire protocol. Nodes with different versions refuse each other.
-pub(crate) const PROTOCOL_VERSION: u32 = 1;
+pub(crate) const PROTOCOL_VERSION: u32 = 2;
 /// First bytes of every [`Hello`].
 pub(crate) const MAGIC: [u8; 4] = *b"CETS";
 
@@ -92,11 +92,15 @@ pub(crate) enum JoinReq<K, V> {
     /// Stream your records, minus those owned by nodes not in `alive`.
     Dump { join: u64, alive: Vec<NodeId> },
     /// Store these records; on the last chunk, `members` is the table's new member list.
+    /// `merge: false`: the coordinator already decided, store them as they are. `merge: true`:
+    /// they are the other partition's dump, forwarded as it streams; keep, per key, the later
+    /// of the stored record and this one by last writer wins.
     Apply {
         join: u64,
         owners: Vec<NodeId>,
         records: Vec<WireRecord<K, V>>,
         members: Option<Vec<NodeId>>,
+        merge: bool,
     },
     /// The join is over (done or abandoned): unpause.
     Unpause { join: u64 },
@@ -126,7 +130,10 @@ pub(crate) enum JoinRep<K, V> {
         records: Vec<WireRecord<K, V>>,
         last: bool,
     },
-    Applied,
+    /// The chunk is stored; `conflicts`: keys of a `merge` chunk that held another version.
+    Applied {
+        conflicts: u64,
+    },
     Unpaused,
     Refused {
         reason: String,

@@ -15,7 +15,7 @@
 //! tombstone), so concurrent writes to one key end the same on every node. Tombstones are
 //! forgotten once every member's clock, as seen on its ordered stream, has passed them.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{hash_map, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -444,6 +444,7 @@ impl<K: Key, V: Value> Server<K, V> {
         let mut body = Vec::new();
         let mut count = 0usize;
         let mut replies = Vec::new();
+        let mut accepted_ops = Vec::new();
         let mut next = Some(first);
         while let Some(Write { op, reply }) = next.take() {
             let mut reply = Some(reply);
@@ -498,7 +499,7 @@ impl<K: Key, V: Value> Server<K, V> {
                     }
                 }
                 if accepted {
-                    self.apply(op, self.me_idx);
+                    accepted_ops.push(op);
                 }
             }
             if let Some(r) = reply {
@@ -511,19 +512,21 @@ impl<K: Key, V: Value> Server<K, V> {
             }
             next = self.writes.try_recv().ok();
         }
-        if replies.is_empty() {
-            return;
-        }
         if !replicate {
+            self.apply_local(accepted_ops);
             for r in replies {
                 let _ = r.send(Ok(()));
             }
+            return;
+        }
+        if replies.is_empty() {
             return;
         }
         self.seq += 1;
         let frame = match ops_frame(self.seq, count, &body) {
             Ok(f) => f,
             Err(e) => {
+                // Nothing was applied or sent: the writes fail as a whole.
                 let msg = e.to_string();
                 for r in replies {
                     let _ = r.send(Err(Error::Transport(msg.clone())));
@@ -539,6 +542,10 @@ impl<K: Key, V: Value> Server<K, V> {
                 }
             }
         }
+        // Sent first, applied here second: the local apply overlaps the round trip and the
+        // peers' own apply. Replies wait for the acks, which this task handles after the
+        // apply, so a caller still finds its write on every node when its call returns.
+        self.apply_local(accepted_ops);
         self.pending.push_back(Pending {
             seq: self.seq,
             replies,
@@ -546,6 +553,12 @@ impl<K: Key, V: Value> Server<K, V> {
             deadline: Instant::now() + self.opts.ack_timeout,
         });
         self.complete_pending();
+    }
+
+    fn apply_local(&mut self, ops: Vec<Op<K, V>>) {
+        for op in ops {
+            self.apply(op, self.me_idx);
+        }
     }
 
     /// Completes, in order, every batch acknowledged by all its members (or whose missing
@@ -591,6 +604,40 @@ impl<K: Key, V: Value> Server<K, V> {
         match self.tombstones.get(k) {
             Some(&(cts, cowner)) => stamp > (cts, self.owners.get(cowner)),
             None => true,
+        }
+    }
+
+    /// Forgets the tombstones older than every member's clock (no member: all of them): no
+    /// write they must stop is still on its way. Runs at every ack, so the map stays as small
+    /// as the writes in flight (and in cache) under a stream of deletes.
+    fn forget_tombstones(&mut self) {
+        let Some(&(oldest, _)) = self.tombstone_queue.front() else {
+            return;
+        };
+        let min = self
+            .members
+            .iter()
+            .filter_map(|k| self.links.get(k))
+            .map(|l| l.watermark)
+            .min()
+            .unwrap_or(u64::MAX);
+        if oldest > min {
+            return;
+        }
+        while self
+            .tombstone_queue
+            .front()
+            .is_some_and(|(ts, _)| *ts <= min)
+        {
+            let Some((ts, k)) = self.tombstone_queue.pop_front() else {
+                break;
+            };
+            // The key may have a newer tombstone queued later, or none any more.
+            if let hash_map::Entry::Occupied(e) = self.tombstones.entry(k) {
+                if e.get().0 == ts {
+                    e.remove();
+                }
+            }
         }
     }
 
@@ -773,6 +820,7 @@ impl<K: Key, V: Value> Server<K, V> {
                     l.watermark = l.watermark.max(clock);
                 }
                 self.complete_pending();
+                self.forget_tombstones();
             }
             PeerMsg::Tick { clock, view } => {
                 self.clock.observe(clock);
@@ -927,6 +975,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 owners,
                 records,
                 members,
+                merge,
             } => {
                 if !self.paused_by(join) {
                     self.reply(
@@ -946,25 +995,45 @@ impl<K: Key, V: Value> Server<K, V> {
                         alive.then(|| self.owners.intern(id))
                     })
                     .collect();
+                let mut conflicts = 0;
                 for r in records {
                     let Some(&Some(owner)) = map.get(r.owner as usize) else {
                         continue;
                     };
                     self.clock.observe(r.ts);
-                    self.tombstones.remove(&r.key);
-                    self.shared.store.put(
-                        r.key,
-                        Rec {
-                            value: r.value,
-                            ts: r.ts,
-                            owner,
-                        },
-                    );
+                    let rec = Rec {
+                        value: r.value,
+                        ts: r.ts,
+                        owner,
+                    };
+                    // Dumps carry no tombstones: a record the other side still holds comes
+                    // back, whoever decides.
+                    if !self.tombstones.is_empty() {
+                        self.tombstones.remove(&r.key);
+                    }
+                    if merge {
+                        // The join's rule, as the coordinator would apply it: the larger
+                        // (timestamp, owner identity) wins; an equal stamp is the same version.
+                        let owners = &self.owners;
+                        let stamp = (r.ts, owners.get(owner));
+                        let mut other_version = false;
+                        self.shared.store.put_if(r.key, rec, |cur| match cur {
+                            None => true,
+                            Some((cts, co)) => {
+                                let cur = (cts, owners.get(co));
+                                other_version = cur != stamp;
+                                stamp > cur
+                            }
+                        });
+                        conflicts += u64::from(other_version);
+                    } else {
+                        self.shared.store.put(r.key, rec);
+                    }
                 }
                 if let Some(members) = members {
                     self.set_members(&members, join);
                 }
-                self.reply(origin, JoinRep::Applied);
+                self.reply(origin, JoinRep::Applied { conflicts });
             }
             JoinReq::Unpause { join } => {
                 if self.paused_by(join) {
@@ -1171,29 +1240,7 @@ impl<K: Key, V: Value> Server<K, V> {
         self.complete_pending();
         // Requests whose coordinator gave up (its join ended) wait for no reply any more.
         self.join_replies.retain(|_, (_, tx)| !tx.is_closed());
-        // Tombstones: forget those older than every member's clock (no member: all of them).
-        if !self.tombstone_queue.is_empty() {
-            let min = self
-                .members
-                .iter()
-                .filter_map(|k| self.links.get(k))
-                .map(|l| l.watermark)
-                .min()
-                .unwrap_or(u64::MAX);
-            while self
-                .tombstone_queue
-                .front()
-                .is_some_and(|(ts, _)| *ts <= min)
-            {
-                let Some((ts, k)) = self.tombstone_queue.pop_front() else {
-                    break;
-                };
-                // The key may have a newer tombstone queued later, or none any more.
-                if self.tombstones.get(&k).is_some_and(|(cur, _)| *cur == ts) {
-                    self.tombstones.remove(&k);
-                }
-            }
-        }
+        self.forget_tombstones();
         if self.ticks.is_multiple_of(ANNOUNCE_EVERY) {
             // To every linked peer, not only members: a peer that is a member on one side only
             // learns our epoch this way.

@@ -245,6 +245,23 @@ async fn partition_2_plus_2_heals_identically_with_one_handler_call_per_conflict
     assert_eq!(total, 10);
 }
 
+/// Waits until the wall clock's millisecond changed: last writer wins compares hybrid clocks,
+/// whose physical part has millisecond resolution, so two partitioned nodes only order their
+/// writes by time when a millisecond passed between them (otherwise the owner decides).
+async fn next_millisecond() {
+    let ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0)
+    };
+    let start = ms();
+    eventually("the wall clock moved on a millisecond", || async move {
+        ms() > start
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_handler_conflicts_converge_to_the_last_writer() {
     let mesh = Mesh::start(&["a", "b"]).await;
@@ -254,11 +271,58 @@ async fn without_handler_conflicts_converge_to_the_last_writer() {
     mesh.split(&[0], &[1]);
     members(&[&ta, &tb], 0).await;
     ta.insert("k".into(), 1).await.unwrap();
+    next_millisecond().await;
     tb.insert("k".into(), 2).await.unwrap(); // written later: wins
     mesh.heal(&[0], &[1]);
     members(&[&ta, &tb], 1).await;
     let v = same_everywhere(&[&ta, &tb]).await;
     assert_eq!(v, vec![("k".to_string(), 2)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_2_plus_2_without_handler_heals_to_the_last_writers() {
+    let mesh = Mesh::start(&["a", "b", "c", "d"]).await;
+    let mut tables = Vec::new();
+    for n in &mesh.nodes {
+        tables.push(n.start("t", TableOptions::set()).await.unwrap());
+    }
+    let all: Vec<&T> = tables.iter().collect();
+    members(&all, 3).await;
+    write_n(&tables[0], "before", 4).await;
+    mesh.split(&[0, 1], &[2, 3]);
+    members(&all, 1).await;
+    // k0..k9 written on the left, then on the right, then k5..k9 on the left again: each
+    // side wins half of the conflicts. Keys of their own on both sides, and keys both sides
+    // hold in the same version (written before the split): not conflicts.
+    for i in 0..10u64 {
+        tables[0].insert(format!("k{i}"), 100 + i).await.unwrap();
+    }
+    next_millisecond().await;
+    for i in 0..10u64 {
+        tables[3].insert(format!("k{i}"), 200 + i).await.unwrap();
+    }
+    next_millisecond().await;
+    for i in 5..10u64 {
+        tables[1].insert(format!("k{i}"), 300 + i).await.unwrap();
+    }
+    write_n(&tables[1], "left", 5).await;
+    write_n(&tables[2], "right", 5).await;
+    mesh.heal(&[0, 1], &[2, 3]);
+    members(&all, 3).await;
+    for t in &tables {
+        t.sync().await.unwrap();
+    }
+    let v = same_everywhere(&all).await;
+    assert_eq!(v.len(), 4 + 10 + 5 + 5);
+    for i in 0..10u64 {
+        let want = if i < 5 { 200 + i } else { 300 + i };
+        assert_eq!(tables[0].get(&format!("k{i}")), Some(want), "k{i}");
+    }
+    let mut total = 0;
+    for n in &mesh.nodes {
+        total += n.status().await.conflicts();
+    }
+    assert_eq!(total, 10, "one conflict per key held in two versions");
 }
 
 /// A hook that holds the first join of a table at `checkpoint` until released.

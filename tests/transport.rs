@@ -653,6 +653,9 @@ mod raw {
             .expect("TLS with the node")
     }
 
+    /// `proto::PROTOCOL_VERSION`.
+    pub const PROTOCOL_VERSION: u32 = 2;
+
     /// `proto::Hello`.
     #[derive(Debug, Serialize, Deserialize)]
     pub struct Hello {
@@ -739,7 +742,7 @@ mod raw {
     pub fn hello(cookie: &str, conn: &quinn::Connection, me: &NodeId) -> Hello {
         Hello {
             magic: *b"CETS",
-            version: 1,
+            version: PROTOCOL_VERSION,
             node: me.clone(),
             proof: proof(cookie, conn, b'D', me),
         }
@@ -849,7 +852,7 @@ async fn garbage_before_the_handshake_closes_only_that_connection() {
     let conn = raw::connect(&ep, target).await;
     let (mut send, _recv) = conn.open_bi().await.unwrap();
     h = raw::hello(COOKIE, &conn, &me);
-    h.version = 2;
+    h.version = raw::PROTOCOL_VERSION + 1;
     send.write_all(&raw::frame(&h)).await.unwrap();
     let c = raw::closed_by_node(&conn).await;
     assert_eq!(code(&c), VERSION, "{c}");
