@@ -41,6 +41,7 @@ mod node;
 mod proto;
 mod registry;
 mod server;
+mod sharded_map;
 pub mod status;
 mod store;
 mod table;

@@ -1,18 +1,20 @@
 //! The local copy of a table: concurrent reads, one writer (the table server).
 //!
-//! - `set`: `dashmap::DashMap` with 64 shards and foldhash: a read takes one shard's read lock
-//!   for the few nanoseconds of a lookup and copies the value out; the only writer (the table
-//!   server) holds one shard's write lock per record, so a reader waits at most one record's
-//!   insert (or, when a shard grows, that shard's rehash), never a batch. Records are stored
-//!   inline (no allocation per record).
+//! - `set`: a [`ShardedMap`] (shards of staggered sizes, `hashbrown` tables, foldhash): a
+//!   read takes one shard's read lock for the few nanoseconds of a lookup and copies the value
+//!   out; the only writer (the table server) holds one shard's write lock per record, so a
+//!   reader waits at most one record's insert (or, when a shard grows, that shard's rehash),
+//!   never a batch. Records are stored inline (no allocation per record).
 //! - `ordered_set`: `crossbeam_skiplist::SkipMap` (lock-free reads and ordered ranges).
-//! - `bag`: the same `DashMap`, of key to the list of distinct values, edited under the
-//!   shard lock, so a reader sees either the old or the new list, never a half-edited one.
+//! - `bag`: the same map, of key to the list of distinct values, edited under the shard lock,
+//!   so a reader sees either the old or the new list, never a half-edited one.
 //!
 //! papaya (lock-free) was the first choice; `cargo bench --bench cluster` measured it at a
 //! third of `std::collections::HashMap::get` (a pointer chase per read to a boxed entry and a
-//! reclamation guard per read) and at 0.6 µs per insert (an allocation per record); the
-//! sharded map reads and writes faster on the same run.
+//! reclamation guard per read) and at 0.6 µs per insert (an allocation per record); a sharded
+//! map reads and writes faster on the same run. `dashmap` (64 equal shards) came next; the
+//! staggered shards replaced it to keep memory per record flat across sizes (see
+//! `sharded_map.rs`).
 //!
 //! Every record carries its write timestamp and owner; readers only ever see the value.
 
@@ -24,6 +26,7 @@ use crossbeam_skiplist::SkipMap;
 use serde::Serialize;
 
 use crate::membership::OwnerIdx;
+use crate::sharded_map::ShardedMap;
 use crate::table::TableKind;
 
 /// A stored record's value and metadata.
@@ -34,14 +37,14 @@ pub(crate) struct Rec<V> {
     pub owner: OwnerIdx,
 }
 
-type Hasher = foldhash::fast::RandomState;
-type Map<K, T> = dashmap::DashMap<K, T, Hasher>;
+type Map<K, T> = ShardedMap<K, T>;
 
-/// Shards of a hash table: enough that two threads rarely want the same one.
+/// Shards of a hash table: enough that two threads rarely want the same one, and enough steps
+/// between the smallest and the largest to spread their doublings (see `sharded_map.rs`).
 const SHARDS: usize = 64;
 
 fn map<K: Hash + Eq, T>() -> Map<K, T> {
-    Map::with_hasher_and_shard_amount(Hasher::default(), SHARDS)
+    Map::new(SHARDS)
 }
 
 pub(crate) enum Store<K, V> {
@@ -81,17 +84,18 @@ where
 
     pub(crate) fn get(&self, k: &K) -> Option<V> {
         match self {
-            Store::Set(m) => m.get(k).map(|r| r.value.clone()),
+            Store::Set(m) => m.read(k, |r| r.value.clone()),
             Store::Ordered(m) => m.get(k).map(|e| e.value().value.clone()),
-            Store::Bag { map, .. } => map.get(k).and_then(|v| v.first().map(|r| r.value.clone())),
+            Store::Bag { map, .. } => map
+                .read(k, |v| v.first().map(|r| r.value.clone()))
+                .flatten(),
         }
     }
 
     pub(crate) fn lookup(&self, k: &K) -> Vec<V> {
         match self {
             Store::Bag { map, .. } => map
-                .get(k)
-                .map(|v| v.iter().map(|r| r.value.clone()).collect())
+                .read(k, |v| v.iter().map(|r| r.value.clone()).collect())
                 .unwrap_or_default(),
             _ => self.get(k).into_iter().collect(),
         }
@@ -134,13 +138,9 @@ where
     /// Visits every record (for a bag, every object). `f` must not write to the store.
     pub(crate) fn for_each(&self, mut f: impl FnMut(&K, &Rec<V>)) {
         match self {
-            Store::Set(m) => m.iter().for_each(|e| f(e.key(), e.value())),
+            Store::Set(m) => m.for_each(f),
             Store::Ordered(m) => m.iter().for_each(|e| f(e.key(), e.value())),
-            Store::Bag { map, .. } => {
-                for e in map.iter() {
-                    e.value().iter().for_each(|r| f(e.key(), r));
-                }
-            }
+            Store::Bag { map, .. } => map.for_each(|k, list| list.iter().for_each(|r| f(k, r))),
         }
     }
 
@@ -149,7 +149,7 @@ where
     /// Timestamp and owner of a set/ordered_set record.
     pub(crate) fn meta(&self, k: &K) -> Option<(u64, OwnerIdx)> {
         match self {
-            Store::Set(m) => m.get(k).map(|r| (r.ts, r.owner)),
+            Store::Set(m) => m.read(k, |r| (r.ts, r.owner)),
             Store::Ordered(m) => m.get(k).map(|e| (e.value().ts, e.value().owner)),
             Store::Bag { .. } => None,
         }
@@ -166,9 +166,19 @@ where
                 m.insert(k, rec);
             }
             Store::Bag { map, objects } => {
-                let mut list = map.entry(k).or_default();
-                if !list.iter().any(|r| same_value(&r.value, &rec.value)) {
-                    list.push(rec);
+                let added = map.edit(
+                    k,
+                    Some(Vec::new),
+                    |list| {
+                        let add = !list.iter().any(|r| same_value(&r.value, &rec.value));
+                        if add {
+                            list.push(rec);
+                        }
+                        add
+                    },
+                    |list| !list.is_empty(),
+                );
+                if added == Some(true) {
                     objects.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -184,22 +194,7 @@ where
         wins: impl FnOnce(Option<(u64, OwnerIdx)>) -> bool,
     ) -> bool {
         match self {
-            Store::Set(m) => match m.entry(k) {
-                dashmap::mapref::entry::Entry::Occupied(mut e) => {
-                    let won = wins(Some((e.get().ts, e.get().owner)));
-                    if won {
-                        *e.get_mut() = rec;
-                    }
-                    won
-                }
-                dashmap::mapref::entry::Entry::Vacant(e) => {
-                    let won = wins(None);
-                    if won {
-                        e.insert(rec);
-                    }
-                    won
-                }
-            },
+            Store::Set(m) => m.insert_if(k, rec, |cur| wins(cur.map(|r| (r.ts, r.owner)))),
             Store::Ordered(m) => {
                 let won = wins(m.get(&k).map(|e| (e.value().ts, e.value().owner)));
                 if won {
@@ -222,16 +217,9 @@ where
         wins: impl FnOnce((u64, OwnerIdx)) -> bool,
     ) -> Option<bool> {
         match self {
-            Store::Set(m) => {
-                let mut seen = false;
-                let removed = m
-                    .remove_if(k, |_, r| {
-                        seen = true;
-                        wins((r.ts, r.owner))
-                    })
-                    .is_some();
-                seen.then_some(removed)
-            }
+            Store::Set(m) => m
+                .remove_if(k, |r| wins((r.ts, r.owner)))
+                .map(|removed| removed.is_some()),
             Store::Ordered(m) => {
                 let stamp = m.get(k).map(|e| (e.value().ts, e.value().owner))?;
                 let won = wins(stamp);
@@ -250,7 +238,7 @@ where
             Store::Set(m) => m.remove(k).is_some(),
             Store::Ordered(m) => m.remove(k).is_some(),
             Store::Bag { map, objects } => match map.remove(k) {
-                Some((_, list)) => {
+                Some(list) => {
                     objects.fetch_sub(list.len(), Ordering::Relaxed);
                     true
                 }
@@ -263,17 +251,20 @@ where
     pub(crate) fn remove_object(&self, k: &K, v: &V) -> bool {
         match self {
             Store::Bag { map, objects } => {
-                let removed = match map.get_mut(k) {
-                    Some(mut list) => {
-                        let before = list.len();
-                        list.retain(|r| !same_value(&r.value, v));
-                        before - list.len()
-                    }
-                    None => 0,
-                };
+                let removed = map
+                    .edit(
+                        k.clone(),
+                        None::<fn() -> Vec<Rec<V>>>,
+                        |list| {
+                            let before = list.len();
+                            list.retain(|r| !same_value(&r.value, v));
+                            before - list.len()
+                        },
+                        |list| !list.is_empty(),
+                    )
+                    .unwrap_or(0);
                 if removed > 0 {
                     objects.fetch_sub(removed, Ordering::Relaxed);
-                    map.remove_if(k, |_, list| list.is_empty());
                 }
                 removed > 0
             }
