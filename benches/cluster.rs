@@ -836,11 +836,12 @@ fn child_memory(n: u64) -> Res<()> {
     Ok(())
 }
 
-fn memory(s: &Settings) -> Res<Vec<Row>> {
+/// Runs the memory child for `n` records: (table, RSS growth, std HashMap) bytes per record.
+fn memory_child(n: u64) -> Res<(f64, f64, f64)> {
     let exe = std::env::current_exe()?;
     let out = std::process::Command::new(exe)
         .env("CETS_BENCH_CHILD", "memory")
-        .env("CETS_BENCH_RECORDS", s.records.to_string())
+        .env("CETS_BENCH_RECORDS", n.to_string())
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout
@@ -856,22 +857,64 @@ fn memory(s: &Settings) -> Res<Vec<Row>> {
         .split_whitespace()
         .map(|x| x.parse::<f64>())
         .collect::<Result<_, _>>()?;
-    let n = s.records as f64;
-    let per = f[0] / n;
-    let rss = f[1] / n;
-    let map = f[2] / n;
-    Ok(vec![Row::new(format!(
-        "memory, {}M records (u64 key, 16-byte value), set, one node",
-        s.records / 1_000_000
-    ))
-    .value(format!("{per:.1} B/record"))
-    .baseline("24 B payload")
-    .ratio(ratio(per / 24.0))
-    .target("≤ 80 B/record", per <= 80.0)
-    .notes(format!(
-        "live heap bytes (counting allocator) after insert_many; RSS growth {rss:.1} B/record; \
-         std HashMap of the same records {map:.1} B/record; CETS (ETS) 96 B"
-    ))])
+    let n = n as f64;
+    match f.as_slice() {
+        [table, rss, map] => Ok((table / n, rss / n, map / n)),
+        _ => Err(format!("memory child printed {line:?}").into()),
+    }
+}
+
+fn memory(s: &Settings) -> Res<Vec<Row>> {
+    let (per, rss, map) = memory_child(s.records)?;
+    // Hash tables double their slots, so bytes per record depend on where the count falls;
+    // the same figure at other sizes shows how much.
+    let mut sizes = Vec::new();
+    for tenths in [6u64, 8, 12, 15, 20] {
+        let n = s.records * tenths / 10;
+        let (t, _, m) = memory_child(n)?;
+        sizes.push((n, t, m));
+    }
+    sizes.push((s.records, per, map));
+    sizes.sort_by_key(|x| x.0);
+    let span = |f: fn(&(u64, f64, f64)) -> f64| {
+        let v: Vec<f64> = sizes.iter().map(f).collect();
+        let min = v.iter().copied().fold(f64::MAX, f64::min);
+        let max = v.iter().copied().fold(0.0, f64::max);
+        (min, max)
+    };
+    let (tmin, tmax) = span(|x| x.1);
+    let (mmin, mmax) = span(|x| x.2);
+    let each: Vec<String> = sizes
+        .iter()
+        .map(|(n, t, _)| format!("{:.1}M: {t:.0} B", *n as f64 / 1e6))
+        .collect();
+    Ok(vec![
+        Row::new(format!(
+            "memory, {}M records (u64 key, 16-byte value), set, one node",
+            s.records / 1_000_000
+        ))
+        .value(format!("{per:.1} B/record"))
+        .baseline("24 B payload")
+        .ratio(ratio(per / 24.0))
+        .target("≤ 80 B/record", per <= 80.0)
+        .notes(format!(
+            "live heap bytes (counting allocator) after insert_many; RSS growth {rss:.1} B/record; \
+             std HashMap of the same records {map:.1} B/record; CETS (ETS) 96 B"
+        )),
+        Row::new(format!(
+            "memory across sizes, {:.1}M to {:.1}M records",
+            sizes[0].0 as f64 / 1e6,
+            sizes[sizes.len() - 1].0 as f64 / 1e6
+        ))
+        .value(format!("{tmin:.0} to {tmax:.0} B/record"))
+        .baseline(format!("std HashMap {mmin:.0} to {mmax:.0} B/record"))
+        .ratio(ratio((tmax / tmin) / (mmax / mmin)))
+        .notes(format!(
+            "for reference: the ratio compares the spreads (largest / smallest figure) of cets and of the std HashMap; \
+             shards of staggered sizes keep cets flat where one table doubles at once; {}",
+            each.join(", ")
+        )),
+    ])
 }
 
 // ------------------------------------------------------------------------------------------
