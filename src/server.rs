@@ -624,6 +624,16 @@ impl<K: Key, V: Value> Server<K, V> {
         if oldest > min {
             return;
         }
+        // The usual case under a stream of deletes: every tombstone is old enough at once.
+        if self
+            .tombstone_queue
+            .back()
+            .is_some_and(|(ts, _)| *ts <= min)
+        {
+            self.tombstone_queue.clear();
+            self.tombstones.clear();
+            return;
+        }
         while self
             .tombstone_queue
             .front()
