@@ -700,6 +700,28 @@ impl<K: Key, V: Value> Server<K, V> {
         }
         let keep_tombstones = !self.members.is_empty();
         match kind {
+            OpKind::Insert(recs) if self.tombstones.is_empty() => {
+                // No tombstone to consult: the whole op goes to the store as one batch.
+                let recs: Vec<(K, Rec<V>)> = recs
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let owner = self.owner_of(&k, &v, writer);
+                        let rec = Rec {
+                            value: v,
+                            ts,
+                            owner,
+                        };
+                        (k, rec)
+                    })
+                    .collect();
+                let owners = &self.owners;
+                store.put_many_if(recs, |_, new, cur| match cur {
+                    // An equal stamp beats a stored record: the later record of one
+                    // insert_many wins, and a repeated write changes nothing.
+                    Some((cts, co)) => (new.ts, owners.get(new.owner)) >= (cts, owners.get(co)),
+                    None => true,
+                });
+            }
             OpKind::Insert(recs) => {
                 for (k, v) in recs {
                     let owner = self.owner_of(&k, &v, writer);
@@ -727,13 +749,12 @@ impl<K: Key, V: Value> Server<K, V> {
                 }
             }
             OpKind::Delete(keys) => {
-                for k in keys {
+                let outcomes = {
                     let stamp = (ts, self.owners.get(writer));
                     let owners = &self.owners;
-                    let removed = self
-                        .shared
-                        .store
-                        .remove_if(&k, |(cts, co)| stamp >= (cts, owners.get(co)));
+                    store.remove_many_if(&keys, |(cts, co)| stamp >= (cts, owners.get(co)))
+                };
+                for (k, removed) in keys.into_iter().zip(outcomes) {
                     let tombstone = match removed {
                         Some(removed) => removed,
                         // No record: the delete still stops older writes still in flight.
@@ -1005,41 +1026,43 @@ impl<K: Key, V: Value> Server<K, V> {
                         alive.then(|| self.owners.intern(id))
                     })
                     .collect();
-                let mut conflicts = 0;
+                let mut recs = Vec::with_capacity(records.len());
+                let mut newest = 0;
                 for r in records {
                     let Some(&Some(owner)) = map.get(r.owner as usize) else {
                         continue;
                     };
-                    self.clock.observe(r.ts);
-                    let rec = Rec {
-                        value: r.value,
-                        ts: r.ts,
-                        owner,
-                    };
+                    newest = newest.max(r.ts);
                     // Dumps carry no tombstones: a record the other side still holds comes
                     // back, whoever decides.
                     if !self.tombstones.is_empty() {
                         self.tombstones.remove(&r.key);
                     }
-                    if merge {
+                    let rec = Rec {
+                        value: r.value,
+                        ts: r.ts,
+                        owner,
+                    };
+                    recs.push((r.key, rec));
+                }
+                self.clock.observe(newest);
+                let mut conflicts = 0;
+                let owners = &self.owners;
+                self.shared
+                    .store
+                    .put_many_if(recs, |_, new, cur| match cur {
+                        None => true,
+                        // The coordinator decided: store as it is.
+                        Some(_) if !merge => true,
                         // The join's rule, as the coordinator would apply it: the larger
                         // (timestamp, owner identity) wins; an equal stamp is the same version.
-                        let owners = &self.owners;
-                        let stamp = (r.ts, owners.get(owner));
-                        let mut other_version = false;
-                        self.shared.store.put_if(r.key, rec, |cur| match cur {
-                            None => true,
-                            Some((cts, co)) => {
-                                let cur = (cts, owners.get(co));
-                                other_version = cur != stamp;
-                                stamp > cur
-                            }
-                        });
-                        conflicts += u64::from(other_version);
-                    } else {
-                        self.shared.store.put(r.key, rec);
-                    }
-                }
+                        Some((cts, co)) => {
+                            let stamp = (new.ts, owners.get(new.owner));
+                            let cur = (cts, owners.get(co));
+                            conflicts += u64::from(cur != stamp);
+                            stamp > cur
+                        }
+                    });
                 if let Some(members) = members {
                     self.set_members(&members, join);
                 }

@@ -21,7 +21,7 @@ use crossbeam_utils::CachePadded;
 use hashbrown::hash_table::{Entry, HashTable};
 // dashmap's lock, not parking_lot's: it prefers readers (a reader waits only for a writer that
 // holds the lock, never for one that waits), and readers are the side that must not stall.
-use dashmap::RwLock;
+use dashmap::{RwLock, RwLockWriteGuard};
 
 type Hasher = foldhash::fast::RandomState;
 
@@ -30,6 +30,14 @@ const ROUTE_SLOTS: usize = 4096;
 /// The routing index comes from these hash bits: below the top 7 bits (which `hashbrown` uses
 /// for its control bytes) and far above the low bits (its slot index).
 const ROUTE_SHIFT: u32 = 45;
+
+/// Item indexes of a batch sorted by shard: `order[start[s]..start[s + 1]]` are shard `s`'s;
+/// `routed[i]` is item `i`'s (shard, hash).
+struct Grouped {
+    routed: Vec<(usize, u64)>,
+    start: Vec<usize>,
+    order: Vec<usize>,
+}
 
 /// One shard: a hash table of entries behind a reader-writer lock, alone on its cache line.
 type Shard<K, T> = CachePadded<RwLock<HashTable<(K, T)>>>;
@@ -69,7 +77,7 @@ fn slices(shards: usize) -> Vec<usize> {
     counts
 }
 
-impl<K: Hash + Eq, T> ShardedMap<K, T> {
+impl<K: Hash + Eq + Clone, T: Clone> ShardedMap<K, T> {
     /// An empty map of `shards` shards (1 to 256).
     pub(crate) fn new(shards: usize) -> Self {
         let shards = shards.clamp(1, 256);
@@ -87,11 +95,17 @@ impl<K: Hash + Eq, T> ShardedMap<K, T> {
         }
     }
 
-    fn locate(&self, k: &K) -> (u64, &Shard<K, T>) {
+    /// The key's hash and shard index.
+    fn route(&self, k: &K) -> (u64, usize) {
         let hash = self.hasher.hash_one(k);
         let slice = (hash >> ROUTE_SHIFT) as usize & (ROUTE_SLOTS - 1);
         let shard = self.route.get(slice).copied().unwrap_or(0) as usize;
-        (hash, &self.shards[shard % self.shards.len()])
+        (hash, shard % self.shards.len())
+    }
+
+    fn locate(&self, k: &K) -> (u64, &Shard<K, T>) {
+        let (hash, shard) = self.route(k);
+        (hash, &self.shards[shard])
     }
 
     /// Calls `f` with the key's value, under the shard's read lock.
@@ -117,10 +131,182 @@ impl<K: Hash + Eq, T> ShardedMap<K, T> {
         }
     }
 
+    /// A copy of `table` with room for `additional` more entries, made when it has no room:
+    /// grown the way hashbrown grows (rebuilt at its size when at most half of it is live
+    /// entries, the rest being slots of removed ones; otherwise doubled, or more).
+    fn grown(&self, table: &HashTable<(K, T)>, additional: usize) -> Option<HashTable<(K, T)>> {
+        if table.capacity() - table.len() >= additional {
+            return None;
+        }
+        let usable = table.num_buckets() / 8 * 7;
+        let needed = table.len() + additional;
+        let wanted = if needed <= usable / 2 {
+            usable
+        } else {
+            needed.max(usable + 1)
+        };
+        let mut bigger = HashTable::with_capacity(wanted.max(16));
+        for (ek, et) in table.iter() {
+            bigger.insert_unique(
+                self.hasher.hash_one(ek),
+                (ek.clone(), et.clone()),
+                |(ek, _)| self.hasher.hash_one(ek),
+            );
+        }
+        Some(bigger)
+    }
+
+    /// `shard`, write-locked for changing the entries of `hashes` (at most that many new),
+    /// taken so that its readers wait as little as possible: the entries' memory is first
+    /// read under the read lock (the cache misses are paid while readers go on), and a full
+    /// shard is grown into a copy made under the read lock too, so the write lock is held for
+    /// in-cache changes, never for a rehash.
+    fn write_lock<'s, 'k>(
+        &'s self,
+        shard: &'s Shard<K, T>,
+        hashes: impl Iterator<Item = (u64, &'k K)>,
+        additional: usize,
+    ) -> RwLockWriteGuard<'s, HashTable<(K, T)>>
+    where
+        K: 'k,
+    {
+        let grown = {
+            let guard = shard.read();
+            for (hash, k) in hashes {
+                std::hint::black_box(guard.find(hash, |(ek, _)| ek == k).is_some());
+            }
+            self.grown(&guard, additional)
+        };
+        let mut guard = shard.write();
+        if let Some(bigger) = grown {
+            // Only this thread writes, so nothing changed since the copy. The old table is
+            // freed after the lock is released.
+            let old = std::mem::replace(&mut *guard, bigger);
+            drop(guard);
+            drop(old);
+            guard = shard.write();
+        }
+        guard
+    }
+
+    /// Routes `keys` and sorts their indexes by shard, stably (a key's items keep their order).
+    fn group<'k>(&self, keys: impl Iterator<Item = &'k K>) -> Grouped
+    where
+        K: 'k,
+    {
+        let n = self.shards.len();
+        let routed: Vec<(usize, u64)> = keys
+            .map(|k| {
+                let (hash, shard) = self.route(k);
+                (shard, hash)
+            })
+            .collect();
+        let mut start = vec![0usize; n + 1];
+        for &(shard, _) in &routed {
+            start[shard + 1] += 1;
+        }
+        for i in 0..n {
+            start[i + 1] += start[i];
+        }
+        let mut next = start.clone();
+        let mut order = vec![0usize; routed.len()];
+        for (i, &(shard, _)) in routed.iter().enumerate() {
+            order[next[shard]] = i;
+            next[shard] += 1;
+        }
+        Grouped {
+            routed,
+            start,
+            order,
+        }
+    }
+
+    /// Removes each key's value if `pred(key, value)` holds, grouped by shard like
+    /// `insert_many_if`. Returns, per key in order: `None` (no value), `Some(removed)`.
+    pub(crate) fn remove_many_if(
+        &self,
+        keys: &[K],
+        mut pred: impl FnMut(&K, &T) -> bool,
+    ) -> Vec<Option<bool>> {
+        let Grouped {
+            routed,
+            start,
+            order,
+        } = self.group(keys.iter());
+        let mut out = vec![None; keys.len()];
+        for shard in 0..self.shards.len() {
+            let group = &order[start[shard]..start[shard + 1]];
+            if group.is_empty() {
+                continue;
+            }
+            let warm = group.iter().map(|&i| (routed[i].1, &keys[i]));
+            let mut guard = self.write_lock(&self.shards[shard], warm, 0);
+            for &i in group {
+                let k = &keys[i];
+                if let Ok(e) = guard.find_entry(routed[i].1, |(ek, _)| ek == k) {
+                    let remove = pred(k, &e.get().1);
+                    if remove {
+                        e.remove();
+                    }
+                    out[i] = Some(remove);
+                }
+            }
+        }
+        out
+    }
+
+    /// Stores each `(k, t)` for which `wins(k, t, the stored value)` holds, in order (a later
+    /// item of the same key sees the earlier one stored). The items are grouped by shard: one
+    /// read-locked pass warms the group's entries and makes room, then one write lock applies
+    /// the group, so a batch costs two lock round trips per shard instead of per record, and
+    /// the write lock is never held across a cache miss or a rehash.
+    pub(crate) fn insert_many_if(
+        &self,
+        items: Vec<(K, T)>,
+        mut wins: impl FnMut(&K, &T, Option<&T>) -> bool,
+    ) {
+        let n = self.shards.len();
+        let Grouped {
+            routed,
+            start,
+            order,
+        } = self.group(items.iter().map(|(k, _)| k));
+        let mut items: Vec<Option<(K, T)>> = items.into_iter().map(Some).collect();
+        for shard in 0..n {
+            let group = &order[start[shard]..start[shard + 1]];
+            if group.is_empty() {
+                continue;
+            }
+            let keys: Vec<(u64, &K)> = group
+                .iter()
+                .filter_map(|&i| Some((routed[i].1, &items[i].as_ref()?.0)))
+                .collect();
+            let mut guard = self.write_lock(&self.shards[shard], keys.into_iter(), group.len());
+            for &i in group {
+                let Some((k, t)) = items[i].take() else {
+                    continue;
+                };
+                let hash = routed[i].1;
+                match guard.entry(hash, |(ek, _)| *ek == k, |(ek, _)| self.hasher.hash_one(ek)) {
+                    Entry::Occupied(mut e) => {
+                        if wins(&k, &t, Some(&e.get().1)) {
+                            e.get_mut().1 = t;
+                        }
+                    }
+                    Entry::Vacant(e) => {
+                        if wins(&k, &t, None) {
+                            e.insert((k, t));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Inserts or replaces; returns the replaced value.
     pub(crate) fn insert(&self, k: K, t: T) -> Option<T> {
         let (hash, shard) = self.locate(&k);
-        let mut guard = shard.write();
+        let mut guard = self.write_lock(shard, std::iter::once((hash, &k)), 1);
         match guard.entry(hash, |(ek, _)| *ek == k, |(ek, _)| self.hasher.hash_one(ek)) {
             Entry::Occupied(mut e) => Some(std::mem::replace(&mut e.get_mut().1, t)),
             Entry::Vacant(e) => {
@@ -134,7 +320,7 @@ impl<K: Hash + Eq, T> ShardedMap<K, T> {
     /// Returns whether it did.
     pub(crate) fn insert_if(&self, k: K, t: T, wins: impl FnOnce(Option<&T>) -> bool) -> bool {
         let (hash, shard) = self.locate(&k);
-        let mut guard = shard.write();
+        let mut guard = self.write_lock(shard, std::iter::once((hash, &k)), 1);
         match guard.entry(hash, |(ek, _)| *ek == k, |(ek, _)| self.hasher.hash_one(ek)) {
             Entry::Occupied(mut e) => {
                 let won = wins(Some(&e.get().1));
@@ -163,7 +349,7 @@ impl<K: Hash + Eq, T> ShardedMap<K, T> {
         keep: impl FnOnce(&T) -> bool,
     ) -> Option<R> {
         let (hash, shard) = self.locate(&k);
-        let mut guard = shard.write();
+        let mut guard = self.write_lock(shard, std::iter::once((hash, &k)), 1);
         let mut e = match guard.entry(hash, |(ek, _)| *ek == k, |(ek, _)| self.hasher.hash_one(ek))
         {
             Entry::Occupied(e) => e,
@@ -248,6 +434,73 @@ mod tests {
             n += 1;
         });
         assert_eq!(n, m.len());
+    }
+
+    #[test]
+    fn batches_apply_in_order_per_key_and_report_per_key() {
+        let m: ShardedMap<u64, u64> = ShardedMap::new(64);
+        // Into an empty map: every shard grows during the batch; key 7 three times, in order.
+        let mut items: Vec<(u64, u64)> = (0..5_000).map(|k| (k, k)).collect();
+        items.push((7, 70));
+        items.push((7, 700));
+        m.insert_many_if(items, |_, _, _| true);
+        assert_eq!(m.len(), 5_000);
+        assert_eq!(m.read(&7, |v| *v), Some(700));
+        // Only larger values win; the decision sees the earlier item of the same batch.
+        m.insert_many_if(vec![(1, 0), (2, 20), (2, 10), (9_999, 5)], |_, new, cur| {
+            cur.is_none_or(|c| new > c)
+        });
+        assert_eq!(m.read(&1, |v| *v), Some(1));
+        assert_eq!(m.read(&2, |v| *v), Some(20));
+        assert_eq!(m.read(&9_999, |v| *v), Some(5));
+        let out = m.remove_many_if(&[3, 4, 123_456, 3], |k, _| *k != 4);
+        assert_eq!(out, vec![Some(true), Some(false), None, None]);
+        assert_eq!(m.len(), 5_000);
+    }
+
+    #[test]
+    fn a_shard_full_of_removed_slots_is_rebuilt_not_doubled() {
+        let m: ShardedMap<u64, u64> = ShardedMap::new(1);
+        for round in 0..20u64 {
+            let keys: Vec<u64> = (round * 1000..(round + 1) * 1000).collect();
+            m.insert_many_if(keys.iter().map(|&k| (k, k)).collect(), |_, _, _| true);
+            m.remove_many_if(&keys, |_, _| true);
+        }
+        assert_eq!(m.len(), 0);
+        let buckets = m.shards[0].read().num_buckets();
+        assert!(
+            buckets <= 2048,
+            "{buckets} buckets for at most 1000 live entries"
+        );
+    }
+
+    #[test]
+    fn readers_see_whole_values_while_batches_grow_the_map() {
+        let m: std::sync::Arc<ShardedMap<u64, (u64, u64)>> =
+            std::sync::Arc::new(ShardedMap::new(8));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (m, stop) = (m.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut seen = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for k in 0..2_000 {
+                        if let Some((a, b)) = m.read(&k, |v| *v) {
+                            assert_eq!(b, a * 2, "torn value for {k}");
+                            seen += 1;
+                        }
+                    }
+                }
+                seen
+            })
+        };
+        for round in 1..=50u64 {
+            let items = (0..2_000 * round / 10).map(|k| (k, (k + round, (k + round) * 2)));
+            m.insert_many_if(items.collect(), |_, _, _| true);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(reader.join().expect("reader") > 0);
+        assert_eq!(m.len(), 10_000);
     }
 
     #[test]

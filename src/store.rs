@@ -43,7 +43,7 @@ type Map<K, T> = ShardedMap<K, T>;
 /// between the smallest and the largest to spread their doublings (see `sharded_map.rs`).
 const SHARDS: usize = 64;
 
-fn map<K: Hash + Eq, T>() -> Map<K, T> {
+fn map<K: Hash + Eq + Clone, T: Clone>() -> Map<K, T> {
     Map::new(SHARDS)
 }
 
@@ -209,6 +209,30 @@ where
         }
     }
 
+    /// set/ordered_set: `put_if` for many records, in order, with `wins(key, new record, stamp
+    /// of the stored record)`. On a set the records are grouped by shard (see
+    /// `ShardedMap::insert_many_if`). A bag adds each object as `put` does.
+    pub(crate) fn put_many_if(
+        &self,
+        recs: Vec<(K, Rec<V>)>,
+        mut wins: impl FnMut(&K, &Rec<V>, Option<(u64, OwnerIdx)>) -> bool,
+    ) {
+        match self {
+            Store::Set(m) => m.insert_many_if(recs, |k, new, cur| {
+                wins(k, new, cur.map(|r| (r.ts, r.owner)))
+            }),
+            Store::Ordered(m) => {
+                for (k, rec) in recs {
+                    let cur = m.get(&k).map(|e| (e.value().ts, e.value().owner));
+                    if wins(&k, &rec, cur) {
+                        m.insert(k, rec);
+                    }
+                }
+            }
+            Store::Bag { .. } => recs.into_iter().for_each(|(k, rec)| self.put(k, rec)),
+        }
+    }
+
     /// set/ordered_set: removes the key's record if `wins(its stamp)` holds. `None`: there was no
     /// record; `Some(removed)` otherwise. `wins` must not touch the store.
     pub(crate) fn remove_if(
@@ -229,6 +253,19 @@ where
                 Some(won)
             }
             Store::Bag { .. } => Some(self.remove(k)),
+        }
+    }
+
+    /// `remove_if` for many keys; on a set grouped by shard (see
+    /// `ShardedMap::remove_many_if`). Per key in order: `None` (no record), `Some(removed)`.
+    pub(crate) fn remove_many_if(
+        &self,
+        keys: &[K],
+        mut wins: impl FnMut((u64, OwnerIdx)) -> bool,
+    ) -> Vec<Option<bool>> {
+        match self {
+            Store::Set(m) => m.remove_many_if(keys, |_, r| wins((r.ts, r.owner))),
+            _ => keys.iter().map(|k| self.remove_if(k, &mut wins)).collect(),
         }
     }
 
