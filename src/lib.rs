@@ -1,7 +1,7 @@
 //! # cets: replicated in-memory tables for Rust clusters
 //!
-//! Every node that starts a table of a given name holds a full copy of it. Reads are local and
-//! lock-free; writes are applied locally and replicated to every other node of the table over
+//! Every node that starts a table of a given name holds a full copy of it. Reads are local (one
+//! shard's shared lock for one lookup, never a network round trip); writes are applied locally and replicated to every other node of the table over
 //! QUIC, and return once every live peer acknowledged them. Nodes find each other through a
 //! [`discovery`] backend; when two partitions meet, their tables are merged (conflicts resolved
 //! once, the same way on every node), and when a node goes down every survivor drops the

@@ -700,7 +700,7 @@ impl<K: Key, V: Value> Server<K, V> {
         }
         let keep_tombstones = !self.members.is_empty();
         match kind {
-            OpKind::Insert(recs) if self.tombstones.is_empty() => {
+            OpKind::Insert(recs) if self.tombstones.is_empty() && recs.len() > 1 => {
                 // No tombstone to consult: the whole op goes to the store as one batch.
                 let recs: Vec<(K, Rec<V>)> = recs
                     .into_iter()

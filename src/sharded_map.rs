@@ -31,6 +31,10 @@ const ROUTE_SLOTS: usize = 4096;
 /// for its control bytes) and far above the low bits (its slot index).
 const ROUTE_SHIFT: u32 = 45;
 
+/// Batches smaller than this are applied record by record (each still warmed under the read
+/// lock first): sorting them by shard costs more than the lock round trips it saves.
+const SMALL_BATCH: usize = 16;
+
 /// Item indexes of a batch sorted by shard: `order[start[s]..start[s + 1]]` are shard `s`'s;
 /// `routed[i]` is item `i`'s (shard, hash).
 struct Grouped {
@@ -228,6 +232,12 @@ impl<K: Hash + Eq + Clone, T: Clone> ShardedMap<K, T> {
         keys: &[K],
         mut pred: impl FnMut(&K, &T) -> bool,
     ) -> Vec<Option<bool>> {
+        if keys.len() < SMALL_BATCH {
+            return keys
+                .iter()
+                .map(|k| self.remove_if(k, |t| pred(k, t)).map(|r| r.is_some()))
+                .collect();
+        }
         let Grouped {
             routed,
             start,
@@ -265,6 +275,13 @@ impl<K: Hash + Eq + Clone, T: Clone> ShardedMap<K, T> {
         items: Vec<(K, T)>,
         mut wins: impl FnMut(&K, &T, Option<&T>) -> bool,
     ) {
+        if items.len() < SMALL_BATCH {
+            // Sorting costs more than it saves: one record at a time.
+            for (k, t) in items {
+                self.insert_if(k, t, &mut wins);
+            }
+            return;
+        }
         let n = self.shards.len();
         let Grouped {
             routed,
@@ -318,19 +335,24 @@ impl<K: Hash + Eq + Clone, T: Clone> ShardedMap<K, T> {
 
     /// Stores `t` if `wins(the stored value)` holds (`None`: no value), with one probe.
     /// Returns whether it did.
-    pub(crate) fn insert_if(&self, k: K, t: T, wins: impl FnOnce(Option<&T>) -> bool) -> bool {
+    pub(crate) fn insert_if(
+        &self,
+        k: K,
+        t: T,
+        wins: impl FnOnce(&K, &T, Option<&T>) -> bool,
+    ) -> bool {
         let (hash, shard) = self.locate(&k);
         let mut guard = self.write_lock(shard, std::iter::once((hash, &k)), 1);
         match guard.entry(hash, |(ek, _)| *ek == k, |(ek, _)| self.hasher.hash_one(ek)) {
             Entry::Occupied(mut e) => {
-                let won = wins(Some(&e.get().1));
+                let won = wins(&k, &t, Some(&e.get().1));
                 if won {
                     e.get_mut().1 = t;
                 }
                 won
             }
             Entry::Vacant(e) => {
-                let won = wins(None);
+                let won = wins(&k, &t, None);
                 if won {
                     e.insert((k, t));
                 }
@@ -413,9 +435,9 @@ mod tests {
         assert_eq!(m.len(), 10_000);
         assert_eq!(m.insert(5, 50), Some(5));
         assert_eq!(m.read(&5, |v| *v), Some(50));
-        assert!(!m.insert_if(5, 7, |cur| cur.is_some_and(|v| *v < 10)));
-        assert!(m.insert_if(5, 7, |cur| cur.is_some_and(|v| *v == 50)));
-        assert!(m.insert_if(20_000, 1, |cur| cur.is_none()));
+        assert!(!m.insert_if(5, 7, |_, _, cur| cur.is_some_and(|v| *v < 10)));
+        assert!(m.insert_if(5, 7, |_, _, cur| cur.is_some_and(|v| *v == 50)));
+        assert!(m.insert_if(20_000, 1, |_, _, cur| cur.is_none()));
         assert_eq!(m.remove_if(&5, |v| *v == 8), Some(None));
         assert_eq!(m.remove_if(&5, |v| *v == 7), Some(Some(7)));
         assert_eq!(m.remove_if(&5, |_| true), None);

@@ -2,9 +2,9 @@
 //!
 //! - `set`: a [`ShardedMap`] (shards of staggered sizes, `hashbrown` tables, foldhash): a
 //!   read takes one shard's read lock for the few nanoseconds of a lookup and copies the value
-//!   out; the only writer (the table server) holds one shard's write lock per record, so a
-//!   reader waits at most one record's insert (or, when a shard grows, that shard's rehash),
-//!   never a batch. Records are stored inline (no allocation per record).
+//!   out; the only writer (the table server) applies a batch shard by shard, paying the cache
+//!   misses and any growth under the read lock and holding the write lock only for in-cache
+//!   changes. Records are stored inline (no allocation per record).
 //! - `ordered_set`: `crossbeam_skiplist::SkipMap` (lock-free reads and ordered ranges).
 //! - `bag`: the same map, of key to the list of distinct values, edited under the shard lock,
 //!   so a reader sees either the old or the new list, never a half-edited one.
@@ -194,7 +194,7 @@ where
         wins: impl FnOnce(Option<(u64, OwnerIdx)>) -> bool,
     ) -> bool {
         match self {
-            Store::Set(m) => m.insert_if(k, rec, |cur| wins(cur.map(|r| (r.ts, r.owner)))),
+            Store::Set(m) => m.insert_if(k, rec, |_, _, cur| wins(cur.map(|r| (r.ts, r.owner)))),
             Store::Ordered(m) => {
                 let won = wins(m.get(&k).map(|e| (e.value().ts, e.value().owner)));
                 if won {

@@ -295,7 +295,9 @@ impl<K: crate::table::Key, V: crate::table::Value> Table<K, V> {
         self.write(None).await
     }
 
-    /// The value of a key (the first value, for a bag). Local, lock-free.
+    /// The value of a key (the first value, for a bag). Local: one lookup under a shard's
+    /// shared lock (`set`, `bag`) or lock-free (`ordered_set`); the table server holds a
+    /// shard's write lock only for changes already in cache.
     pub fn get(&self, key: &K) -> Option<V> {
         self.shared.store.get(key)
     }
