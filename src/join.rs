@@ -6,8 +6,8 @@
 //!    this task renews while it works (a busy server makes the whole join back off);
 //! 3. dump one server per partition (or every server, if a partition is not consistent),
 //!    without records of owners that are not alive;
-//! 4. two consistent sides under last writer wins: each dump is forwarded to the other side as
-//!    it streams, and every receiver keeps the later version per key (`exchange`); otherwise
+//! 4. two consistent sides under last writer wins: each dump goes to the other side, and every
+//!    receiver keeps the later version per key (`exchange`); otherwise
 //!    merge: per key, the conflict rule picks one winner, once; each node is sent what it lacks;
 //! 5. each node stores the records and, with the last chunk, the full member list;
 //! 6. unpause everyone (also on failure), so buffered writes go on to the new members.
@@ -436,7 +436,7 @@ async fn merge<K: Key, V: Value>(
             owners: owners.clone(),
             records,
             members: (i + 1 == n).then(|| everyone.clone()),
-            merge: false,
+            merge: None,
         };
         let Some((last, others)) = targets.split_last() else {
             continue;
@@ -462,14 +462,17 @@ async fn merge<K: Key, V: Value>(
     Ok(conflicts)
 }
 
-/// Steps 3 to 5 for two consistent partitions under last writer wins: each source's dump is
-/// forwarded, chunk by chunk as it arrives, to the nodes of the other partition, which keep
-/// per key the later of their record and the forwarded one (`Apply { merge: true }`). Both
-/// sides compare the same `(timestamp, owner)` stamps, so they end identical, as with a
-/// central merge, without building the union in one place; receivers store while the dumps
-/// still stream. Group 0's targets get group 1's dump first, then group 1's targets get
-/// group 0's: a coordinator that stops in between leaves the same half-finished join as the
-/// central merge, which the view check repairs.
+/// A source's dump: its chunks, each with the owner list its records index.
+type Dump<K, V> = Vec<(Vec<NodeId>, Vec<WireRecord<K, V>>)>;
+
+/// Steps 3 to 5 for two consistent partitions under last writer wins: each source's dump goes
+/// to the nodes of the other partition, which keep per key the later of their record and the
+/// dumped one (`Apply { merge: Some(all) }`, where a stored record whose owner is not in `all`
+/// counts as absent: it was not dumped, as in a central merge). Both sides compare the same
+/// `(timestamp, owner)` stamps, so they end identical, as with a central merge, without building
+/// the union in one place. Both dumps are complete before anything is applied, so a source that
+/// fails halfway leaves nothing behind; group 0's targets get group 1's dump first, then group 1's
+/// targets get group 0's, as the central merge sends its groups.
 async fn exchange<K: Key, V: Value>(
     ctx: &JoinCtx<K, V>,
     peer: &NodeId,
@@ -478,8 +481,8 @@ async fn exchange<K: Key, V: Value>(
     everyone: &[NodeId],
     lease: &mut Lease,
 ) -> Result<u64> {
-    // Both sources start dumping at once; the second dump waits in its channel meanwhile.
-    let dump = |src: &NodeId| {
+    // Both sources dump at once; the chunks wait in their channels until read.
+    let request = |src: &NodeId| {
         ctx.request(
             src,
             JoinReq::Dump {
@@ -488,35 +491,48 @@ async fn exchange<K: Key, V: Value>(
             },
         )
     };
-    let mut dumps = [dump(&groups[0].0), dump(&groups[1].0)];
+    let mut rx = [request(&groups[0].0), request(&groups[1].0)];
+    let mut dumps: [Dump<K, V>; 2] = [Vec::new(), Vec::new()];
+    for (from, dump) in dumps.iter_mut().enumerate() {
+        let src = &groups[from].0;
+        loop {
+            match ctx.next(src, &mut rx[from]).await? {
+                JoinRep::Chunk {
+                    owners,
+                    records,
+                    last,
+                } => {
+                    dump.push((owners, records));
+                    lease.renew(ctx);
+                    if last {
+                        break;
+                    }
+                }
+                JoinRep::Refused { reason } => return Err(ctx.fail(src, reason)),
+                _ => return Err(ctx.fail(src, "unexpected reply to Dump")),
+            }
+        }
+    }
     if let Some(f) = &ctx.checkpoint {
         f("before_apply").await;
     }
+    let [dump0, dump1] = dumps;
     let mut waits = Vec::new();
-    for (to, from) in [(0usize, 1usize), (1, 0)] {
+    for (to, dump) in [(0usize, dump1), (1, dump0)] {
         if to == 1 {
             if let Some(f) = &ctx.checkpoint {
                 f("between_groups").await;
             }
         }
-        let (src, targets) = (&groups[from].0, &groups[to].1);
-        loop {
-            let (owners, records, last) = match ctx.next(src, &mut dumps[from]).await? {
-                JoinRep::Chunk {
-                    owners,
-                    records,
-                    last,
-                } => (owners, records, last),
-                JoinRep::Refused { reason } => return Err(ctx.fail(src, reason)),
-                _ => return Err(ctx.fail(src, "unexpected reply to Dump")),
-            };
-            lease.renew(ctx);
+        let targets = &groups[to].1;
+        let n = dump.len();
+        for (i, (owners, records)) in dump.into_iter().enumerate() {
             let apply = |owners, records| JoinReq::Apply {
                 join,
                 owners,
                 records,
-                members: last.then(|| everyone.to_vec()),
-                merge: true,
+                members: (i + 1 == n).then(|| everyone.to_vec()),
+                merge: Some(everyone.to_vec()),
             };
             if let Some((final_target, others)) = targets.split_last() {
                 for t in others {
@@ -526,19 +542,16 @@ async fn exchange<K: Key, V: Value>(
                 let rx = ctx.request(final_target, apply(owners, records));
                 waits.push((final_target.clone(), to, rx));
             }
-            if last {
-                break;
-            }
         }
     }
     // Every target of a group sees the same conflicts: count them at one.
-    let counter = |g: usize| groups[g].1.first();
+    let counter = groups[0].1.first();
     let mut conflicts = 0;
     for (t, g, mut rx) in waits {
         lease.renew(ctx);
         match ctx.next(&t, &mut rx).await? {
             JoinRep::Applied { conflicts: n } => {
-                if g == 0 && counter(0) == Some(&t) {
+                if g == 0 && counter == Some(&t) {
                     conflicts += n;
                 }
             }

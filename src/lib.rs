@@ -45,6 +45,7 @@ mod sharded_map;
 pub mod status;
 mod store;
 mod table;
+mod tombstones;
 mod transport;
 
 /// Discovery backends (re-export of the `cets-discovery` crate).

@@ -92,15 +92,16 @@ pub(crate) enum JoinReq<K, V> {
     /// Stream your records, minus those owned by nodes not in `alive`.
     Dump { join: u64, alive: Vec<NodeId> },
     /// Store these records; on the last chunk, `members` is the table's new member list.
-    /// `merge: false`: the coordinator already decided, store them as they are. `merge: true`:
-    /// they are the other partition's dump, forwarded as it streams; keep, per key, the later
-    /// of the stored record and this one by last writer wins.
+    /// `merge: None`: the coordinator already decided, store them as they are.
+    /// `merge: Some(all)`: they are the other partition's dump; keep, per key, the later of the
+    /// stored record and this one by last writer wins, a stored record whose owner is not in
+    /// `all` counting as absent (dumps leave such records out).
     Apply {
         join: u64,
         owners: Vec<NodeId>,
         records: Vec<WireRecord<K, V>>,
         members: Option<Vec<NodeId>>,
-        merge: bool,
+        merge: Option<Vec<NodeId>>,
     },
     /// The join is over (done or abandoned): unpause.
     Unpause { join: u64 },

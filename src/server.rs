@@ -15,7 +15,7 @@
 //! tombstone), so concurrent writes to one key end the same on every node. Tombstones are
 //! forgotten once every member's clock, as seen on its ordered stream, has passed them.
 
-use std::collections::{hash_map, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,7 @@ use crate::registry::{PeerConn, TableEvent};
 use crate::status::TableStatus;
 use crate::store::{same_value, Rec};
 use crate::table::{Key, Shared, TableKind, TableOptions, Value};
+use crate::tombstones::Tombstones;
 use crate::transport::frame::{self, FrameReader};
 use crate::{Error, Result};
 
@@ -146,9 +147,7 @@ pub(crate) struct Server<K, V> {
     epoch: u64,
     seq: u64,
     pending: VecDeque<Pending>,
-    tombstones: HashMap<K, (u64, OwnerIdx), foldhash::fast::RandomState>,
-    /// Tombstones in the order they were made, for forgetting them without a scan.
-    tombstone_queue: VecDeque<(u64, K)>,
+    tombstones: Tombstones<K>,
     paused: Option<Pause>,
     /// Joins whose pause ended (unpaused, lease expired, coordinator gone): a late renewal of
     /// one of them must not pause the table again.
@@ -208,8 +207,7 @@ impl<K: Key, V: Value> Server<K, V> {
             epoch: 0,
             seq: 0,
             pending: VecDeque::new(),
-            tombstones: HashMap::default(),
-            tombstone_queue: VecDeque::new(),
+            tombstones: Tombstones::new(),
             paused: None,
             released: VecDeque::new(),
             pause_waiters: Vec::new(),
@@ -611,9 +609,9 @@ impl<K: Key, V: Value> Server<K, V> {
     /// write they must stop is still on its way. Runs at every ack, so the map stays as small
     /// as the writes in flight (and in cache) under a stream of deletes.
     fn forget_tombstones(&mut self) {
-        let Some(&(oldest, _)) = self.tombstone_queue.front() else {
+        if self.tombstones.oldest_queued().is_none() {
             return;
-        };
+        }
         let min = self
             .members
             .iter()
@@ -621,39 +619,11 @@ impl<K: Key, V: Value> Server<K, V> {
             .map(|l| l.watermark)
             .min()
             .unwrap_or(u64::MAX);
-        if oldest > min {
-            return;
-        }
-        // The usual case under a stream of deletes: every tombstone is old enough at once.
-        if self
-            .tombstone_queue
-            .back()
-            .is_some_and(|(ts, _)| *ts <= min)
-        {
-            self.tombstone_queue.clear();
-            self.tombstones.clear();
-            return;
-        }
-        while self
-            .tombstone_queue
-            .front()
-            .is_some_and(|(ts, _)| *ts <= min)
-        {
-            let Some((ts, k)) = self.tombstone_queue.pop_front() else {
-                break;
-            };
-            // The key may have a newer tombstone queued later, or none any more.
-            if let hash_map::Entry::Occupied(e) = self.tombstones.entry(k) {
-                if e.get().0 == ts {
-                    e.remove();
-                }
-            }
-        }
+        self.tombstones.forget_up_to(min);
     }
 
     fn add_tombstone(&mut self, k: K, stamp: (u64, OwnerIdx)) {
-        self.tombstone_queue.push_back((stamp.0, k.clone()));
-        self.tombstones.insert(k, stamp);
+        self.tombstones.add(k, stamp);
     }
 
     fn owner_of(&self, k: &K, v: &V, writer: OwnerIdx) -> OwnerIdx {
@@ -1046,6 +1016,14 @@ impl<K: Key, V: Value> Server<K, V> {
                     recs.push((r.key, rec));
                 }
                 self.clock.observe(newest);
+                // For a merge: which stored owners the other side's dump could have included.
+                let dumped: Vec<bool> = match &merge {
+                    Some(all) => (0..)
+                        .map_while(|i| self.owners.get(i).map(|id| all.contains(id)))
+                        .collect(),
+                    None => Vec::new(),
+                };
+                let merge = merge.is_some();
                 let mut conflicts = 0;
                 let owners = &self.owners;
                 self.shared
@@ -1054,6 +1032,9 @@ impl<K: Key, V: Value> Server<K, V> {
                         None => true,
                         // The coordinator decided: store as it is.
                         Some(_) if !merge => true,
+                        // Not a version the join sees (its owner is outside the join): as if
+                        // absent, as in a central merge, which never receives it.
+                        Some((_, co)) if !dumped.get(co as usize).copied().unwrap_or(false) => true,
                         // The join's rule, as the coordinator would apply it: the larger
                         // (timestamp, owner identity) wins; an equal stamp is the same version.
                         Some((cts, co)) => {

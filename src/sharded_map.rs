@@ -18,7 +18,7 @@
 use std::hash::{BuildHasher, Hash};
 
 use crossbeam_utils::CachePadded;
-use hashbrown::hash_table::{Entry, HashTable};
+use hashbrown::hash_table::HashTable;
 // dashmap's lock, not parking_lot's: it prefers readers (a reader waits only for a writer that
 // holds the lock, never for one that waits), and readers are the side that must not stall.
 use dashmap::{RwLock, RwLockWriteGuard};
@@ -160,7 +160,7 @@ impl<K: Hash + Eq + Clone, T: Clone> ShardedMap<K, T> {
         Some(bigger)
     }
 
-    /// `shard`, write-locked for changing the entries of `hashes` (at most that many new),
+    /// `shard`, write-locked for changing the entries of `hashes` (those not stored yet are new),
     /// taken so that its readers wait as little as possible: the entries' memory is first
     /// read under the read lock (the cache misses are paid while readers go on), and a full
     /// shard is grown into a copy made under the read lock too, so the write lock is held for
@@ -169,17 +169,23 @@ impl<K: Hash + Eq + Clone, T: Clone> ShardedMap<K, T> {
         &'s self,
         shard: &'s Shard<K, T>,
         hashes: impl Iterator<Item = (u64, &'k K)>,
-        additional: usize,
+        may_add: bool,
     ) -> RwLockWriteGuard<'s, HashTable<(K, T)>>
     where
         K: 'k,
     {
         let grown = {
             let guard = shard.read();
-            for (hash, k) in hashes {
-                std::hint::black_box(guard.find(hash, |(ek, _)| ek == k).is_some());
+            // Looking every entry up brings it into cache; the keys not found are the room
+            // needed (a key repeated in the batch is counted twice: a little more room).
+            let missing = hashes
+                .filter(|(hash, k)| guard.find(*hash, |(ek, _)| ek == *k).is_none())
+                .count();
+            if may_add {
+                self.grown(&guard, missing)
+            } else {
+                None
             }
-            self.grown(&guard, additional)
         };
         let mut guard = shard.write();
         if let Some(bigger) = grown {
@@ -250,7 +256,7 @@ impl<K: Hash + Eq + Clone, T: Clone> ShardedMap<K, T> {
                 continue;
             }
             let warm = group.iter().map(|&i| (routed[i].1, &keys[i]));
-            let mut guard = self.write_lock(&self.shards[shard], warm, 0);
+            let mut guard = self.write_lock(&self.shards[shard], warm, false);
             for &i in group {
                 let k = &keys[i];
                 if let Ok(e) = guard.find_entry(routed[i].1, |(ek, _)| ek == k) {
@@ -298,39 +304,52 @@ impl<K: Hash + Eq + Clone, T: Clone> ShardedMap<K, T> {
                 .iter()
                 .filter_map(|&i| Some((routed[i].1, &items[i].as_ref()?.0)))
                 .collect();
-            let mut guard = self.write_lock(&self.shards[shard], keys.into_iter(), group.len());
+            let mut guard = self.write_lock(&self.shards[shard], keys.into_iter(), true);
             for &i in group {
                 let Some((k, t)) = items[i].take() else {
                     continue;
                 };
-                let hash = routed[i].1;
-                match guard.entry(hash, |(ek, _)| *ek == k, |(ek, _)| self.hasher.hash_one(ek)) {
-                    Entry::Occupied(mut e) => {
-                        if wins(&k, &t, Some(&e.get().1)) {
-                            e.get_mut().1 = t;
-                        }
-                    }
-                    Entry::Vacant(e) => {
-                        if wins(&k, &t, None) {
-                            e.insert((k, t));
-                        }
-                    }
-                }
+                self.put_locked(&mut guard, routed[i].1, k, t, &mut wins);
             }
         }
     }
 
-    /// Inserts or replaces; returns the replaced value.
-    pub(crate) fn insert(&self, k: K, t: T) -> Option<T> {
-        let (hash, shard) = self.locate(&k);
-        let mut guard = self.write_lock(shard, std::iter::once((hash, &k)), 1);
-        match guard.entry(hash, |(ek, _)| *ek == k, |(ek, _)| self.hasher.hash_one(ek)) {
-            Entry::Occupied(mut e) => Some(std::mem::replace(&mut e.get_mut().1, t)),
-            Entry::Vacant(e) => {
-                e.insert((k, t));
-                None
+    /// Stores `(k, t)` in a write-locked table if `wins(k, t, stored value)` holds; returns
+    /// whether it did. Looks the key up without hashbrown's `entry`, which makes room for one
+    /// more entry even when the key is stored (a rehash under the write lock when the table is
+    /// full); a new key goes in with `insert_unique` into the room `write_lock` made.
+    fn put_locked(
+        &self,
+        table: &mut HashTable<(K, T)>,
+        hash: u64,
+        k: K,
+        t: T,
+        wins: impl FnOnce(&K, &T, Option<&T>) -> bool,
+    ) -> bool {
+        if let Some((_, cur)) = table.find_mut(hash, |(ek, _)| *ek == k) {
+            let won = wins(&k, &t, Some(cur));
+            if won {
+                *cur = t;
             }
+            return won;
         }
+        let won = wins(&k, &t, None);
+        if won {
+            table.insert_unique(hash, (k, t), |(ek, _)| self.hasher.hash_one(ek));
+        }
+        won
+    }
+
+    /// Inserts or replaces; returns whether a value was replaced.
+    pub(crate) fn insert(&self, k: K, t: T) -> bool {
+        let (hash, shard) = self.locate(&k);
+        let mut guard = self.write_lock(shard, std::iter::once((hash, &k)), true);
+        let mut replaced = false;
+        self.put_locked(&mut guard, hash, k, t, |_, _, cur| {
+            replaced = cur.is_some();
+            true
+        });
+        replaced
     }
 
     /// Stores `t` if `wins(the stored value)` holds (`None`: no value), with one probe.
@@ -342,23 +361,8 @@ impl<K: Hash + Eq + Clone, T: Clone> ShardedMap<K, T> {
         wins: impl FnOnce(&K, &T, Option<&T>) -> bool,
     ) -> bool {
         let (hash, shard) = self.locate(&k);
-        let mut guard = self.write_lock(shard, std::iter::once((hash, &k)), 1);
-        match guard.entry(hash, |(ek, _)| *ek == k, |(ek, _)| self.hasher.hash_one(ek)) {
-            Entry::Occupied(mut e) => {
-                let won = wins(&k, &t, Some(&e.get().1));
-                if won {
-                    e.get_mut().1 = t;
-                }
-                won
-            }
-            Entry::Vacant(e) => {
-                let won = wins(&k, &t, None);
-                if won {
-                    e.insert((k, t));
-                }
-                won
-            }
-        }
+        let mut guard = self.write_lock(shard, std::iter::once((hash, &k)), true);
+        self.put_locked(&mut guard, hash, k, t, wins)
     }
 
     /// Edits the key's value in place (inserting `default()` first if there is none); the entry
@@ -371,17 +375,26 @@ impl<K: Hash + Eq + Clone, T: Clone> ShardedMap<K, T> {
         keep: impl FnOnce(&T) -> bool,
     ) -> Option<R> {
         let (hash, shard) = self.locate(&k);
-        let mut guard = self.write_lock(shard, std::iter::once((hash, &k)), 1);
-        let mut e = match guard.entry(hash, |(ek, _)| *ek == k, |(ek, _)| self.hasher.hash_one(ek))
-        {
-            Entry::Occupied(e) => e,
-            Entry::Vacant(v) => v.insert((k, default?())),
-        };
-        let r = f(&mut e.get_mut().1);
-        if !keep(&e.get().1) {
-            e.remove();
+        let mut guard = self.write_lock(shard, std::iter::once((hash, &k)), default.is_some());
+        match guard.find_entry(hash, |(ek, _)| *ek == k) {
+            Ok(mut e) => {
+                let r = f(&mut e.get_mut().1);
+                if !keep(&e.get().1) {
+                    e.remove();
+                }
+                Some(r)
+            }
+            Err(absent) => {
+                let mut t = default?();
+                let r = f(&mut t);
+                if keep(&t) {
+                    absent
+                        .into_table()
+                        .insert_unique(hash, (k, t), |(ek, _)| self.hasher.hash_one(ek));
+                }
+                Some(r)
+            }
         }
-        Some(r)
     }
 
     /// Removes the key's value if `pred` holds for it. `None`: no value; `Some(removed)`.
@@ -430,10 +443,10 @@ mod tests {
     fn map_operations() {
         let m: ShardedMap<u64, u64> = ShardedMap::new(64);
         for k in 0..10_000 {
-            assert_eq!(m.insert(k, k), None);
+            assert!(!m.insert(k, k));
         }
         assert_eq!(m.len(), 10_000);
-        assert_eq!(m.insert(5, 50), Some(5));
+        assert!(m.insert(5, 50));
         assert_eq!(m.read(&5, |v| *v), Some(50));
         assert!(!m.insert_if(5, 7, |_, _, cur| cur.is_some_and(|v| *v < 10)));
         assert!(m.insert_if(5, 7, |_, _, cur| cur.is_some_and(|v| *v == 50)));
@@ -494,6 +507,21 @@ mod tests {
             buckets <= 2048,
             "{buckets} buckets for at most 1000 live entries"
         );
+    }
+
+    #[test]
+    fn updates_of_stored_keys_make_no_room() {
+        let m: ShardedMap<u64, u64> = ShardedMap::new(1);
+        let mut k = 0;
+        while k < 16 || m.shards[0].read().capacity() > m.len() {
+            m.insert(k, 0);
+            k += 1;
+        }
+        let buckets = m.shards[0].read().num_buckets();
+        m.insert_many_if((0..k).map(|k| (k, 1)).collect(), |_, _, _| true);
+        m.insert(0, 2);
+        assert_eq!(m.shards[0].read().num_buckets(), buckets);
+        assert_eq!(m.read(&(k - 1), |v| *v), Some(1));
     }
 
     #[test]

@@ -325,6 +325,35 @@ async fn partition_2_plus_2_without_handler_heals_to_the_last_writers() {
     assert_eq!(total, 10, "one conflict per key held in two versions");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_owned_by_a_node_outside_the_join_does_not_split_the_sides() {
+    // c is connected to a and b but runs no table "t"; the owner function gives it the records
+    // whose value is at least 100. Dumps leave records of owners outside the join out, so the
+    // side holding such a version must not keep it against the other side's version.
+    let mesh = Mesh::start(&["a", "b", "c"]).await;
+    let opts = || {
+        TableOptions::set()
+            .owner(|_k: &String, v: &u64| if *v >= 100 { "c" } else { "" }.to_string())
+    };
+    let ta: T = mesh.nodes[0].start("t", opts()).await.unwrap();
+    let tb: T = mesh.nodes[1].start("t", opts()).await.unwrap();
+    members(&[&ta, &tb], 1).await;
+    mesh.split(&[0], &[1]);
+    members(&[&ta, &tb], 0).await;
+    tb.insert("k".into(), 5).await.unwrap();
+    next_millisecond().await;
+    ta.insert("k".into(), 100).await.unwrap(); // later, but owned by c
+    write_n(&ta, "a", 2).await;
+    write_n(&tb, "b", 2).await;
+    mesh.heal(&[0], &[1]);
+    members(&[&ta, &tb], 1).await;
+    for t in [&ta, &tb] {
+        t.sync().await.unwrap();
+    }
+    let v = same_everywhere(&[&ta, &tb]).await;
+    assert_eq!(v.len(), 5, "{v:?}");
+}
+
 /// A hook that holds the first join of a table at `checkpoint` until released.
 fn gate(
     checkpoint: &'static str,

@@ -1,0 +1,128 @@
+//! Tombstones of a table server: for each recently deleted key, the stamp of the delete, so that
+//! an older write still in flight cannot bring the key back (ALGORITHM.md, section 7.3).
+//!
+//! A tombstone can be forgotten once every member's clock passed its timestamp: no member can
+//! still send an older write. The tombstones are also queued in the order they were made, so
+//! forgetting them needs no scan of the map. That order is not timestamp order (own and peers'
+//! deletes interleave, and a `delete_object` tombstone carries the deleted version's stamp), so
+//! the queue is popped only while its front is old enough, and emptied at once only when its
+//! newest timestamp is.
+
+use std::collections::hash_map::{self, HashMap};
+use std::collections::VecDeque;
+use std::hash::Hash;
+
+use crate::membership::OwnerIdx;
+
+/// A delete's stamp: timestamp and the writer's owner index.
+pub(crate) type Stamp = (u64, OwnerIdx);
+
+pub(crate) struct Tombstones<K> {
+    map: HashMap<K, Stamp, foldhash::fast::RandomState>,
+    /// Keys in the order their tombstones were made, with the tombstone's timestamp.
+    queue: VecDeque<(u64, K)>,
+    /// At least the largest timestamp in `queue`.
+    newest: u64,
+}
+
+impl<K: Hash + Eq + Clone> Tombstones<K> {
+    pub(crate) fn new() -> Self {
+        Self {
+            map: HashMap::default(),
+            queue: VecDeque::new(),
+            newest: 0,
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub(crate) fn get(&self, k: &K) -> Option<&Stamp> {
+        self.map.get(k)
+    }
+
+    /// Forgets the key's tombstone (a newer record was stored).
+    pub(crate) fn remove(&mut self, k: &K) {
+        self.map.remove(k);
+    }
+
+    /// Records (or replaces) the key's tombstone.
+    pub(crate) fn add(&mut self, k: K, stamp: Stamp) {
+        self.newest = self.newest.max(stamp.0);
+        self.queue.push_back((stamp.0, k.clone()));
+        self.map.insert(k, stamp);
+    }
+
+    /// Forgets every tombstone with a timestamp at or below `min` that the queue order lets it
+    /// reach: all of them when the newest is old enough (the usual case at an ack under a
+    /// stream of deletes), otherwise those queued before the first younger one.
+    pub(crate) fn forget_up_to(&mut self, min: u64) {
+        if self.newest <= min {
+            self.queue.clear();
+            self.map.clear();
+            self.newest = 0;
+            return;
+        }
+        while self.queue.front().is_some_and(|(ts, _)| *ts <= min) {
+            let Some((ts, k)) = self.queue.pop_front() else {
+                break;
+            };
+            // The key may have a newer tombstone queued later, or none any more.
+            if let hash_map::Entry::Occupied(e) = self.map.entry(k) {
+                if e.get().0 == ts {
+                    e.remove();
+                }
+            }
+        }
+        if self.queue.is_empty() {
+            self.newest = 0;
+        }
+    }
+
+    /// Whether any tombstone is queued (for a cheap check before computing `min`).
+    pub(crate) fn oldest_queued(&self) -> Option<u64> {
+        self.queue.front().map(|(ts, _)| *ts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_old_front_and_back_do_not_forget_a_newer_tombstone_in_between() {
+        let mut t = Tombstones::new();
+        t.add("x", (80, 0));
+        t.add("k", (100, 0)); // this node's delete
+        t.add("j", (90, 1)); // a peer's delete, received later with an older timestamp
+        t.forget_up_to(92);
+        assert!(t.get(&"x").is_none());
+        assert_eq!(
+            t.get(&"k"),
+            Some(&(100, 0)),
+            "still needed: a write at 95 may be in flight"
+        );
+        assert!(
+            t.get(&"j").is_some(),
+            "kept until the queue reaches it (conservative)"
+        );
+        t.forget_up_to(100);
+        assert!(t.is_empty());
+        assert_eq!(t.oldest_queued(), None);
+    }
+
+    #[test]
+    fn a_replaced_tombstone_is_forgotten_by_its_own_entry() {
+        let mut t = Tombstones::new();
+        t.add("k", (10, 0));
+        t.add("z", (30, 0));
+        t.add("k", (20, 0));
+        t.forget_up_to(15);
+        assert_eq!(t.get(&"k"), Some(&(20, 0)));
+        t.remove(&"k");
+        t.forget_up_to(25);
+        assert!(t.get(&"k").is_none());
+        assert!(t.get(&"z").is_some());
+    }
+}
