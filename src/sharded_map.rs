@@ -300,11 +300,10 @@ impl<K: Hash + Eq + Clone, T: Clone> ShardedMap<K, T> {
             if group.is_empty() {
                 continue;
             }
-            let keys: Vec<(u64, &K)> = group
+            let keys = group
                 .iter()
-                .filter_map(|&i| Some((routed[i].1, &items[i].as_ref()?.0)))
-                .collect();
-            let mut guard = self.write_lock(&self.shards[shard], keys.into_iter(), true);
+                .filter_map(|&i| Some((routed[i].1, &items[i].as_ref()?.0)));
+            let mut guard = self.write_lock(&self.shards[shard], keys, true);
             for &i in group {
                 let Some((k, t)) = items[i].take() else {
                     continue;
