@@ -31,6 +31,20 @@ const ROUTE_SLOTS: usize = 4096;
 /// for its control bytes) and far above the low bits (its slot index).
 const ROUTE_SHIFT: u32 = 45;
 
+/// The capacity to rebuild a table of `buckets` slots at when it must hold `needed` entries
+/// and has no room left (its free slots are used up by removed entries or live ones): its own
+/// size when at most half of it would be live, otherwise larger (hashbrown's own rule). A table
+/// of `buckets >= 8` slots holds `buckets / 8 * 7` entries.
+fn room_for(buckets: usize, needed: usize) -> usize {
+    let usable = buckets / 8 * 7;
+    let wanted = if needed <= usable / 2 {
+        usable
+    } else {
+        needed.max(usable + 1)
+    };
+    wanted.max(16)
+}
+
 /// Batches smaller than this are applied record by record (each still warmed under the read
 /// lock first): sorting them by shard costs more than the lock round trips it saves.
 const SMALL_BATCH: usize = 16;
@@ -142,14 +156,8 @@ impl<K: Hash + Eq + Clone, T: Clone> ShardedMap<K, T> {
         if table.capacity() - table.len() >= additional {
             return None;
         }
-        let usable = table.num_buckets() / 8 * 7;
-        let needed = table.len() + additional;
-        let wanted = if needed <= usable / 2 {
-            usable
-        } else {
-            needed.max(usable + 1)
-        };
-        let mut bigger = HashTable::with_capacity(wanted.max(16));
+        let wanted = room_for(table.num_buckets(), table.len() + additional);
+        let mut bigger = HashTable::with_capacity(wanted);
         for (ek, et) in table.iter() {
             bigger.insert_unique(
                 self.hasher.hash_one(ek),
@@ -493,19 +501,28 @@ mod tests {
     }
 
     #[test]
-    fn a_shard_full_of_removed_slots_is_rebuilt_not_doubled() {
-        let m: ShardedMap<u64, u64> = ShardedMap::new(1);
-        for round in 0..20u64 {
-            let keys: Vec<u64> = (round * 1000..(round + 1) * 1000).collect();
-            m.insert_many_if(keys.iter().map(|&k| (k, k)).collect(), |_, _, _| true);
-            m.remove_many_if(&keys, |_, _| true);
-        }
-        assert_eq!(m.len(), 0);
-        let buckets = m.shards[0].read().num_buckets();
-        assert!(
-            buckets <= 2048,
-            "{buckets} buckets for at most 1000 live entries"
+    fn a_table_full_of_removed_slots_is_rebuilt_at_its_size_not_doubled() {
+        // 2048 slots hold 1792 entries.
+        assert_eq!(room_for(2048, 500), 1792, "mostly removed slots: same size");
+        assert_eq!(room_for(2048, 896), 1792);
+        assert_eq!(
+            room_for(2048, 897),
+            1793,
+            "over half live: the next size up"
         );
+        assert_eq!(
+            room_for(2048, 5000),
+            5000,
+            "a large batch gets all its room at once"
+        );
+        assert_eq!(room_for(0, 1), 16);
+        for (buckets, needed) in [(2048, 500), (2048, 1500), (0, 1), (64, 60)] {
+            let t: HashTable<u64> = HashTable::with_capacity(room_for(buckets, needed));
+            assert!(t.capacity() >= needed);
+            if needed <= buckets / 8 * 7 / 2 {
+                assert_eq!(t.num_buckets(), buckets);
+            }
+        }
     }
 
     #[test]
