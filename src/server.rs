@@ -670,8 +670,8 @@ impl<K: Key, V: Value> Server<K, V> {
         }
         let keep_tombstones = !self.members.is_empty();
         match kind {
-            OpKind::Insert(recs) if self.tombstones.is_empty() && recs.len() > 1 => {
-                // No tombstone to consult: the whole op goes to the store as one batch.
+            OpKind::Insert(recs) => {
+                // One batch for the whole op (the store applies small ones record by record).
                 let recs: Vec<(K, Rec<V>)> = recs
                     .into_iter()
                     .map(|(k, v)| {
@@ -684,38 +684,30 @@ impl<K: Key, V: Value> Server<K, V> {
                         (k, rec)
                     })
                     .collect();
-                let owners = &self.owners;
-                store.put_many_if(recs, |_, new, cur| match cur {
-                    // An equal stamp beats a stored record: the later record of one
-                    // insert_many wins, and a repeated write changes nothing.
-                    Some((cts, co)) => (new.ts, owners.get(new.owner)) >= (cts, owners.get(co)),
-                    None => true,
-                });
-            }
-            OpKind::Insert(recs) => {
-                for (k, v) in recs {
-                    let owner = self.owner_of(&k, &v, writer);
-                    let stamp = (ts, self.owners.get(owner));
-                    let tombstoned = (!self.tombstones.is_empty()).then(|| k.clone());
-                    let (owners, tombstones) = (&self.owners, &self.tombstones);
-                    let rec = Rec {
-                        value: v,
-                        ts,
-                        owner,
-                    };
-                    let stored = self.shared.store.put_if(k, rec, |cur| match cur {
+                let (owners, tombstones) = (&self.owners, &self.tombstones);
+                let mut untombstoned = Vec::new();
+                store.put_many_if(recs, |k, new, cur| {
+                    let stamp = (new.ts, owners.get(new.owner));
+                    match cur {
                         // An equal stamp beats a stored record: the later record of one
                         // insert_many wins, and a repeated write changes nothing.
                         Some((cts, co)) => stamp >= (cts, owners.get(co)),
-                        None => match tombstoned.as_ref().and_then(|k| tombstones.get(k)) {
+                        None if tombstones.is_empty() => true,
+                        None => match tombstones.get(k) {
                             // A tombstone wins ties: a deleted version must not come back.
-                            Some(&(cts, co)) => stamp > (cts, owners.get(co)),
+                            Some(&(cts, co)) => {
+                                let won = stamp > (cts, owners.get(co));
+                                if won {
+                                    untombstoned.push(k.clone());
+                                }
+                                won
+                            }
                             None => true,
                         },
-                    });
-                    if let (true, Some(k)) = (stored, tombstoned) {
-                        self.tombstones.remove(&k);
                     }
+                });
+                for k in untombstoned {
+                    self.tombstones.remove(&k);
                 }
             }
             OpKind::Delete(keys) => {

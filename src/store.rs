@@ -185,32 +185,9 @@ where
         }
     }
 
-    /// set/ordered_set: stores `rec` if `wins(stamp of the stored record)` holds (`None`: no
-    /// record), with one probe of the hash table for a set. `wins` must not touch the store.
-    pub(crate) fn put_if(
-        &self,
-        k: K,
-        rec: Rec<V>,
-        wins: impl FnOnce(Option<(u64, OwnerIdx)>) -> bool,
-    ) -> bool {
-        match self {
-            Store::Set(m) => m.insert_if(k, rec, |_, _, cur| wins(cur.map(|r| (r.ts, r.owner)))),
-            Store::Ordered(m) => {
-                let won = wins(m.get(&k).map(|e| (e.value().ts, e.value().owner)));
-                if won {
-                    m.insert(k, rec);
-                }
-                won
-            }
-            Store::Bag { .. } => {
-                self.put(k, rec);
-                true
-            }
-        }
-    }
-
-    /// set/ordered_set: `put_if` for many records, in order, with `wins(key, new record, stamp
-    /// of the stored record)`. On a set the records are grouped by shard (see
+    /// set/ordered_set: stores each record, in order, if `wins(key, new record, stamp of the
+    /// stored record)` holds (`None`: no record); a later record of a key sees the earlier one.
+    /// `wins` must not touch the store. On a set the records are grouped by shard (see
     /// `ShardedMap::insert_many_if`). A bag adds each object as `put` does.
     pub(crate) fn put_many_if(
         &self,
@@ -363,13 +340,21 @@ mod tests {
     }
 
     #[test]
-    fn set_put_if_respects_the_rule_and_remove_owned_returns_records() {
+    fn set_put_many_if_respects_the_rule_and_remove_owned_returns_records() {
+        for kind in [TableKind::Set, TableKind::OrderedSet] {
+            let s: Store<u64, u32> = Store::new(kind);
+            // Newer timestamp wins; the second record of key 1 is older and loses, the third
+            // is newer and wins over the first.
+            let newer = |_: &u64, new: &Rec<u32>, cur: Option<(u64, OwnerIdx)>| {
+                cur.is_none_or(|(ts, _)| new.ts > ts)
+            };
+            s.put_many_if(vec![(1, rec(10, 5, 0)), (1, rec(11, 4, 1))], newer);
+            assert_eq!(s.get(&1), Some(10));
+            s.put_many_if(vec![(1, rec(12, 6, 1))], newer);
+            assert_eq!(s.meta(&1), Some((6, 1)));
+        }
         let s: Store<u64, u32> = Store::new(TableKind::Set);
-        assert!(s.put_if(1, rec(10, 5, 0), |cur| cur.is_none()));
-        assert!(!s.put_if(1, rec(11, 4, 1), |cur| cur.is_some_and(|(ts, _)| 4 > ts)));
-        assert_eq!(s.get(&1), Some(10));
-        assert!(s.put_if(1, rec(12, 6, 1), |cur| cur.is_some_and(|(ts, _)| 6 > ts)));
-        assert_eq!(s.meta(&1), Some((6, 1)));
+        s.put(1, rec(12, 6, 1));
         s.put(2, rec(20, 1, 0));
         assert_eq!(s.remove_if(&3, |_| true), None);
         assert_eq!(s.remove_if(&2, |_| false), Some(false));
