@@ -793,7 +793,14 @@ impl<K: Key, V: Value> Server<K, V> {
             PeerMsg::Ops { seq, ops } => {
                 let member = self.members.contains(&key);
                 if !member && !ops.is_empty() {
-                    tracing::debug!(peer = %self.links[&key].id, "writes from a non-member acknowledged, not applied");
+                    // The link can be gone already: frames read before the node went down may
+                    // still be queued after the node-down event was handled.
+                    match self.links.get(&key) {
+                        Some(l) => {
+                            tracing::debug!(peer = %l.id, "writes from a non-member acknowledged, not applied")
+                        }
+                        None => tracing::debug!("writes from a node that is down dropped"),
+                    }
                 }
                 for op in ops {
                     self.clock.observe(op.ts);

@@ -703,3 +703,71 @@ async fn joins_of_different_tables_run_in_parallel() {
     release.notify_one();
     members(&[&slow_a, &slow_b], 1).await;
 }
+
+/// A peer's frames can still be queued at a table server when that peer's connection is
+/// closed: the server hears the node-down event first (events are handled before peer input),
+/// then the frames. They must be dropped quietly, and the table must keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_still_queued_when_their_node_shuts_down_are_dropped_and_the_table_goes_on() {
+    let mesh = Mesh::start(&["a", "b"]).await;
+    let ta: T = mesh.nodes[0].start("t", TableOptions::set()).await.unwrap();
+    let tb: T = mesh.nodes[1].start("t", TableOptions::set()).await.unwrap();
+    members(&[&ta, &tb], 1).await;
+    // Many large batches from a: b is busy applying one while the next ones wait in its queue.
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let ta = ta.clone();
+            tokio::spawn(async move {
+                for round in 0..50u64 {
+                    let recs = (0..20_000u64)
+                        .map(|i| (format!("a-{w}-{round}-{i}"), i))
+                        .collect();
+                    if ta.insert_many(recs).await.is_err() {
+                        return;
+                    }
+                }
+            })
+        })
+        .collect();
+    // b's own large batches keep its table server busy while a's frames arrive and queue.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let b_writer = {
+        let (tb, stop) = (tb.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut round = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let recs = (0..50_000u64)
+                    .map(|i| (format!("b-{round}-{i}"), i))
+                    .collect();
+                if tb.insert_many(recs).await.is_err() {
+                    return false;
+                }
+                round += 1;
+            }
+            true
+        })
+    };
+    eventually("b receives a's writes", || {
+        let tb = tb.clone();
+        async move { tb.to_vec().iter().any(|(k, _)| k.starts_with("a-")) }
+    })
+    .await;
+    mesh.nodes[0].shutdown().await.unwrap();
+    for w in writers {
+        w.await.unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(b_writer.await.unwrap(), "b's table server stopped");
+    tb.delete_many((0..1u64).map(|_| String::new()).collect())
+        .await
+        .unwrap();
+    eventually("a's records dropped on b", || {
+        let tb = tb.clone();
+        async move {
+            tb.nodes().is_empty() && !tb.to_vec().iter().any(|(k, _)| k.starts_with("a-"))
+        }
+    })
+    .await;
+    tb.insert("b-1".to_string(), 1).await.unwrap();
+    assert_eq!(tb.get(&"b-1".to_string()), Some(1));
+}
