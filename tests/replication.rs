@@ -11,7 +11,8 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
 
-use cets::{Error, Table, TableKind, TableOptions};
+use cets::discovery::StaticDiscoveryHandle;
+use cets::{Error, Node, Table, TableKind, TableOptions};
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -532,13 +533,12 @@ async fn delete_object_racing_an_insert_of_another_value_converges() {
 // ---------------------------------------------------------------------------------------------
 // Join of a table whose records do not fit in one frame.
 
-/// `NodeConfig::max_frame_size` promises that the frames a node sends stay below it, join
-/// dumps included. (Join dumps and applies used to be split by record count only,
-/// `join_chunk_records` = 10 000, so a table of 100 records of 2 KiB travelled as one 200 KiB
-/// frame, which the peer refused by closing the connection; the nodes reconnected, joined
-/// again and failed again, for ever.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn join_of_records_larger_than_one_frame_completes() {
+/// Two nodes that do not know each other yet, each running table `t`, with frames limited to
+/// 64 KiB (and write batches to 16 KiB).
+async fn two_nodes_with_64_kib_frames() -> (
+    (Node, StaticDiscoveryHandle, Table<K, V>),
+    (Node, StaticDiscoveryHandle, Table<K, V>),
+) {
     let mut config = cets::NodeConfig::fast_failover();
     config.max_frame_size = 64 * 1024;
     config.max_batch_bytes = 16 * 1024;
@@ -546,6 +546,17 @@ async fn join_of_records_larger_than_one_frame_completes() {
     let (b, hb) = node_with("b", "test-cookie", config).await;
     let ta: Table<K, V> = a.start("t", TableOptions::set()).await.unwrap();
     let tb: Table<K, V> = b.start("t", TableOptions::set()).await.unwrap();
+    ((a, ha, ta), (b, hb, tb))
+}
+
+/// `NodeConfig::max_frame_size` promises that the frames a node sends stay below it, join
+/// dumps included. (Join dumps and applies used to be split by record count only,
+/// `join_chunk_records` = 10 000, so a table of 100 records of 2 KiB travelled as one 200 KiB
+/// frame, which the peer refused by closing the connection; the nodes reconnected, joined
+/// again and failed again, for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_of_records_larger_than_one_frame_completes() {
+    let ((a, ha, ta), (b, hb, tb)) = two_nodes_with_64_kib_frames().await;
     // Written while alone: each write is far below the frame limit.
     for i in 0..100u64 {
         ta.insert(i, "x".repeat(2048)).await.unwrap();
@@ -563,13 +574,7 @@ async fn join_of_records_larger_than_one_frame_completes() {
 /// encode to at most half of max_frame_size") — or the join delivers it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn record_too_large_for_a_frame_is_refused_or_joined() {
-    let mut config = cets::NodeConfig::fast_failover();
-    config.max_frame_size = 64 * 1024;
-    config.max_batch_bytes = 16 * 1024;
-    let (a, ha) = node_with("a", "test-cookie", config.clone()).await;
-    let (b, hb) = node_with("b", "test-cookie", config).await;
-    let ta: Table<K, V> = a.start("t", TableOptions::set()).await.unwrap();
-    let tb: Table<K, V> = b.start("t", TableOptions::set()).await.unwrap();
+    let ((a, ha, ta), (b, hb, tb)) = two_nodes_with_64_kib_frames().await;
     let big = "x".repeat(100 * 1024);
     let alone = ta.insert(1, big.clone()).await;
     ta.insert(2, "small".into()).await.unwrap();
