@@ -23,6 +23,9 @@
 //! More shards (256 instead of 64) cut the times a reader waits for a preempted writer from
 //! about 50 to about 10 per benchmark run, but the writer, which must find each of four times
 //! as many locks free of readers, fell from 4-6 M to 1.1 M records/s beside two readers.
+//! A lock-free table of pointers to immutable entries freed through `crossbeam-epoch` read at
+//! half the speed (two dependent cache misses per read instead of one) and its readers, which
+//! run the writer's deferred frees, blocked more often, not less (ALGORITHM.md, section 7.5).
 //!
 //! Every record carries its write timestamp and owner; readers only ever see the value.
 
