@@ -18,7 +18,7 @@ use crate::server::{Control, Server, ServerParts};
 use crate::status::{NodeStatus, TableStatus};
 use crate::store::Store;
 use crate::table::{Key, Shared, Table, TableOptions, Value};
-use crate::transport::peers::{Command, PeerManager, PeersView};
+use crate::transport::peers::{canonical, Command, PeerManager, PeersView};
 use crate::{Error, Result};
 
 /// The cookie used when none is configured. Fine on a laptop; set your own in production.
@@ -317,6 +317,12 @@ impl Node {
 
     /// The health report.
     pub async fn status(&self) -> NodeStatus {
+        self.status_and_own_addrs().await.0
+    }
+
+    /// The health report, and the addresses found to be this node's own (a discovered address
+    /// this node dialed and reached itself at).
+    async fn status_and_own_addrs(&self) -> (NodeStatus, Vec<SocketAddr>) {
         let (tx, rx) = oneshot::channel();
         let view = if self.inner.peers.send(Command::View(tx)).is_ok() {
             rx.await.unwrap_or_default()
@@ -350,9 +356,11 @@ impl Node {
         let unavailable = view
             .unavailable
             .into_iter()
-            .filter(|(a, _)| discovered.contains(a) && !connected_addrs.contains(a))
+            .filter(|(a, _)| {
+                discovered.iter().any(|d| canonical(*d) == *a) && !connected_addrs.contains(a)
+            })
             .collect();
-        NodeStatus {
+        let status = NodeStatus {
             node: self.inner.id.clone(),
             local_addr: self.inner.local_addr,
             discovered,
@@ -361,7 +369,8 @@ impl Node {
             discovery_rounds: rounds,
             discovery_error: error,
             tables,
-        }
+        };
+        (status, view.own)
     }
 
     /// Waits until the first discovery poll was tried, every discovered address was either
@@ -370,11 +379,15 @@ impl Node {
     pub async fn wait_for_ready(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let s = self.status().await;
+            let (s, own) = self.status_and_own_addrs().await;
+            // Addresses compared the way the connection manager keys them (an IPv4-mapped
+            // address is its IPv4 one).
+            let same = |a: &SocketAddr, b: &SocketAddr| canonical(*a) == canonical(*b);
             let settled = s.discovered.iter().all(|a| {
-                *a == s.local_addr
-                    || s.connected.iter().any(|(_, c)| c == a)
-                    || s.unavailable.iter().any(|(u, _)| u == a)
+                same(a, &s.local_addr)
+                    || own.iter().any(|o| same(o, a))
+                    || s.connected.iter().any(|(_, c)| same(c, a))
+                    || s.unavailable.iter().any(|(u, _)| same(u, a))
             });
             // Every connected node is, for every table, a member, known to lack the table, or
             // refused; none is still to be joined.

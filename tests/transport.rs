@@ -417,6 +417,77 @@ async fn node_restarted_under_its_name_is_a_new_incarnation() {
     shutdown_all(c.iter().map(|(n, _)| n)).await;
 }
 
+/// A node bound to the IPv6 wildcard (dual stack) sees an IPv4 peer as `[::ffff:a.b.c.d]:p`,
+/// while discovery hands it `a.b.c.d:p`. It must still know the two are one address: after the
+/// peer restarts, it dials the new incarnation (it used to keep the old address marked as being
+/// dialed forever), and `wait_for_ready` settles on its own discovered address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dual_stack_node_reconnects_to_a_restarted_ipv4_peer() {
+    if std::net::UdpSocket::bind("[::]:0").is_err() {
+        eprintln!("skipped: this machine has no IPv6 socket");
+        return;
+    }
+    init_tracing();
+    let b_addr = free_port();
+    let b = start_at("b", b_addr, Vec::new()).await;
+    let a_wild: SocketAddr = "[::]:0".parse().unwrap();
+    let disco = StaticDiscovery::new(vec![b_addr]);
+    let a_list = disco.handle();
+    let a = Node::builder("a")
+        .listen(a_wild)
+        .cookie(COOKIE)
+        .config(NodeConfig::fast_failover())
+        .discovery(disco)
+        .start()
+        .await
+        .expect("a starts on [::]");
+    // The nodes file lists every node, a too, by an address other than the one it is bound to.
+    let a_v4 = SocketAddr::new([127, 0, 0, 1].into(), a.local_addr().port());
+    a_list.set(vec![a_v4, b_addr]);
+    let connected_to = |id: NodeId| {
+        let a = a.clone();
+        move || {
+            let (a, id) = (a.clone(), id.clone());
+            async move { a.status().await.connected.iter().any(|(c, _)| *c == id) }
+        }
+    };
+    eventually(WAIT, "a connected to b", connected_to(b.id().clone())).await;
+    a.wait_for_ready(WAIT).await.expect("a settles");
+
+    // b restarts on the same address; a (the smaller name) must dial the new incarnation.
+    let old = b.id().clone();
+    b.shutdown().await.unwrap();
+    drop(b);
+    let mut b2 = None;
+    for _ in 0..100 {
+        match Node::builder("b")
+            .listen(b_addr)
+            .cookie(COOKIE)
+            .config(NodeConfig::fast_failover())
+            .discovery(StaticDiscovery::new(Vec::new()))
+            .start()
+            .await
+        {
+            Ok(n) => {
+                b2 = Some(n);
+                break;
+            }
+            // The old socket may not be released yet.
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let b2 = b2.expect("b restarts on its address");
+    assert_ne!(b2.id(), &old);
+    eventually(
+        WAIT,
+        "a connected to b's new incarnation",
+        connected_to(b2.id().clone()),
+    )
+    .await;
+    a.wait_for_ready(WAIT).await.expect("a settles again");
+    shutdown_all([&a, &b2]).await;
+}
+
 /// The old incarnation is still running (a hung process whose connections have not timed out)
 /// when the new one appears: the new one replaces it on every node, deterministically.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

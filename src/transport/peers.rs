@@ -29,6 +29,13 @@ use crate::membership::NodeId;
 use crate::proto::{close, StreamHeader};
 use crate::registry::{PeerConn, Registry, TableEvent};
 
+/// The address as this node keys it: an IPv4-mapped IPv6 address (what a socket bound to
+/// `[::]` reports for an IPv4 peer) becomes the IPv4 address, so a peer dialed as `10.0.0.2:p` and
+/// seen as `[::ffff:10.0.0.2]:p` is one address.
+pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 /// Largest stream header accepted.
 const HEADER_LIMIT: usize = 4096;
 
@@ -37,12 +44,19 @@ const HEADER_LIMIT: usize = 4096;
 pub(crate) struct PeersView {
     pub connected: Vec<(NodeId, SocketAddr)>,
     pub unavailable: Vec<(SocketAddr, String)>,
+    /// Addresses this node reached itself at (a node bound to `[::]` or `0.0.0.0` learns its
+    /// own addresses by dialing them).
+    pub own: Vec<SocketAddr>,
 }
 
 pub(crate) enum Command {
     /// Connect to this address unless already connected or dialing.
     Dial(SocketAddr),
-    Authenticated(Authenticated),
+    /// A connection passed the handshake; `dialed` is the address this node dialed, if it did.
+    Authenticated {
+        auth: Authenticated,
+        dialed: Option<SocketAddr>,
+    },
     DialFailed(SocketAddr, String),
     /// The peer closed our dial because it dials us instead.
     Redirected(SocketAddr),
@@ -92,7 +106,7 @@ impl PeerManager {
         let key = Arc::new(handshake::cookie_key(cookie));
         let mut self_addrs = HashSet::new();
         if let Ok(a) = endpoint.local_addr() {
-            self_addrs.insert(a);
+            self_addrs.insert(canonical(a));
         }
         let span = tracing::info_span!("cets_node", node = %me.name);
         tokio::spawn(
@@ -124,8 +138,16 @@ impl PeerManager {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
         while let Some(cmd) = rx.recv().await {
             match cmd {
-                Command::Dial(addr) => self.dial(addr),
-                Command::Authenticated(a) => self.authenticated(a),
+                Command::Dial(addr) => self.dial(canonical(addr)),
+                Command::Authenticated { auth, dialed } => {
+                    if let Some(addr) = dialed {
+                        // The dialed address, not `remote_address()`: a socket bound to `[::]`
+                        // reports an IPv4 peer as IPv4-mapped IPv6.
+                        self.dialing.remove(&addr);
+                        self.unavailable.remove(&addr);
+                    }
+                    self.authenticated(auth)
+                }
                 Command::Redirected(addr) => {
                     self.dialing.remove(&addr);
                     self.unavailable.remove(&addr);
@@ -149,7 +171,7 @@ impl PeerManager {
                     let mut connected: Vec<_> = self
                         .active
                         .values()
-                        .map(|a| (a.id.clone(), a.conn.remote_address()))
+                        .map(|a| (a.id.clone(), canonical(a.conn.remote_address())))
                         .collect();
                     connected.sort();
                     let mut unavailable: Vec<_> = self
@@ -158,12 +180,16 @@ impl PeerManager {
                         .map(|(a, r)| (*a, r.clone()))
                         .collect();
                     unavailable.sort();
+                    let mut own: Vec<_> = self.self_addrs.iter().copied().collect();
+                    own.sort();
                     let _ = reply.send(PeersView {
                         connected,
                         unavailable,
+                        own,
                     });
                 }
                 Command::Discovered(addrs) => {
+                    let addrs: HashSet<SocketAddr> = addrs.into_iter().map(canonical).collect();
                     self.unavailable.retain(|a, _| addrs.contains(a));
                 }
                 Command::Announce(table) => {
@@ -198,7 +224,7 @@ impl PeerManager {
         if self
             .active
             .values()
-            .any(|a| a.conn.remote_address() == addr && a.conn.close_reason().is_none())
+            .any(|a| canonical(a.conn.remote_address()) == addr && a.conn.close_reason().is_none())
         {
             return;
         }
@@ -234,7 +260,10 @@ impl PeerManager {
                     _ => None,
                 });
                 let _ = tx.send(match result {
-                    Ok(a) => Command::Authenticated(a),
+                    Ok(auth) => Command::Authenticated {
+                        auth,
+                        dialed: Some(addr),
+                    },
                     Err(_) if closed_with == Some(close::REDIRECT) => Command::Redirected(addr),
                     Err(_) if closed_with == Some(close::SELF) => Command::DialedSelf(addr),
                     Err(e) => {
@@ -250,10 +279,7 @@ impl PeerManager {
     }
 
     fn authenticated(&mut self, a: Authenticated) {
-        let addr = a.conn.remote_address();
-        if a.dialed {
-            self.dialing.remove(&addr);
-        }
+        let addr = canonical(a.conn.remote_address());
         self.unavailable.remove(&addr);
         let peer = a.peer.clone();
         if peer.name == self.me.name {
@@ -363,7 +389,7 @@ impl PeerManager {
             if let Some(a) = self.active.remove(name) {
                 tracing::info!(peer = %a.id, %reason, "connection lost; node is down");
                 self.unavailable
-                    .insert(a.conn.remote_address(), reason.to_string());
+                    .insert(canonical(a.conn.remote_address()), reason.to_string());
                 let id = a.id;
                 self.registry.broadcast(|| TableEvent::PeerDown(id.clone()));
             }
@@ -397,7 +423,10 @@ async fn accept_loop(
                 };
                 match handshake::acceptor(conn, &me, &key, timeout).await {
                     Ok(a) => {
-                        let _ = tx.send(Command::Authenticated(a));
+                        let _ = tx.send(Command::Authenticated {
+                            auth: a,
+                            dialed: None,
+                        });
                     }
                     Err(e) => tracing::warn!(%addr, error = %e, "refused incoming connection"),
                 }
