@@ -182,6 +182,16 @@ pub(crate) struct ServerParts<K, V> {
     pub events: mpsc::UnboundedReceiver<TableEvent>,
 }
 
+/// A `Vec` that postcard appends to by reference, so the bytes before an encode that fails are
+/// not lost with it (`to_extend` takes its writer by value and drops it on error).
+struct Append<'a>(&'a mut Vec<u8>);
+
+impl Extend<u8> for Append<'_> {
+    fn extend<I: IntoIterator<Item = u8>>(&mut self, bytes: I) {
+        self.0.extend(bytes);
+    }
+}
+
 impl<K: Key, V: Value> Server<K, V> {
     pub(crate) fn spawn(parts: ServerParts<K, V>) -> Result<tokio::task::JoinHandle<()>> {
         let header = frame::encode(&StreamHeader {
@@ -464,19 +474,19 @@ impl<K: Key, V: Value> Server<K, V> {
                     ))
                 };
                 if replicate {
+                    // Appended in place; on any refusal the body is cut back to the writes
+                    // before this one (an encode that fails may have written part of it).
                     let before = body.len();
-                    match postcard::to_extend(&op, std::mem::take(&mut body)) {
-                        Ok(b) if b.len() - before <= limit => {
-                            body = b;
-                            count += 1;
-                        }
-                        Ok(mut b) => {
-                            b.truncate(before);
-                            body = b;
+                    let encoded = postcard::to_extend(&op, Append(&mut body)).map(drop);
+                    match encoded {
+                        Ok(()) if body.len() - before <= limit => count += 1,
+                        Ok(()) => {
+                            body.truncate(before);
                             accepted = false;
                             refuse(too_large(), &mut reply);
                         }
                         Err(e) => {
+                            body.truncate(before);
                             accepted = false;
                             refuse(Error::Codec(e), &mut reply);
                         }

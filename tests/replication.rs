@@ -591,3 +591,63 @@ async fn record_too_large_for_a_frame_is_refused_or_joined() {
     assert!(matches!(ta.insert(3, big).await, Err(Error::Config(_))));
     shutdown_all([&a, &b]).await;
 }
+
+/// A value whose encoding fails when it is `Refused(true)`: such a write is refused with a codec
+/// error, and must not take the writes batched with it down too.
+#[derive(Clone, Debug, PartialEq)]
+struct Refused(bool);
+
+impl serde::Serialize for Refused {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0 {
+            Err(serde::ser::Error::custom("this value cannot be encoded"))
+        } else {
+            s.serialize_bool(false)
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Refused {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Refused(<bool as serde::Deserialize>::deserialize(d)?))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_fails_to_encode_is_refused_alone() {
+    let c = cluster(&["a", "b"]).await;
+    let ta: Table<u64, Refused> = c[0].0.start("t", TableOptions::set()).await.unwrap();
+    let tb: Table<u64, Refused> = c[1].0.start("t", TableOptions::set()).await.unwrap();
+    joined(&[&ta, &tb]).await;
+    // Concurrent writes, so the table server batches good and bad ones into the same frames.
+    let writes: Vec<_> = (0..300u64)
+        .map(|i| {
+            let t = ta.clone();
+            tokio::spawn(async move { (i, t.insert(i, Refused(i % 3 == 1)).await) })
+        })
+        .collect();
+    let mut acked = Vec::new();
+    for w in writes {
+        let (i, r) = w.await.unwrap();
+        match r {
+            Ok(()) => acked.push(i),
+            Err(e) => {
+                assert_eq!(i % 3, 1, "only the bad values are refused: {i}: {e}");
+                assert!(matches!(e, Error::Codec(_)), "{e}");
+            }
+        }
+    }
+    assert_eq!(acked.len(), 200, "every good write is acknowledged");
+    let missing: Vec<u64> = acked
+        .iter()
+        .copied()
+        .filter(|i| tb.get(i).is_none())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged writes missing on b: {missing:?}"
+    );
+    assert_eq!(tb.len(), 200);
+    assert_eq!(ta.nodes(), ["b"], "the connection survived");
+    shutdown_all(c.iter().map(|(n, _)| n)).await;
+}
