@@ -3,7 +3,7 @@
 //! Start from [`NodeConfig::default`] (a LAN cluster) and adjust single fields, or use
 //! [`NodeConfig::fast_failover`] for tests and latency-sensitive clusters on a reliable network.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Tuning of one node. All fields are public; the defaults are documented on each field.
 #[derive(Debug, Clone)]
@@ -48,7 +48,7 @@ pub struct NodeConfig {
     pub socket_send_buffer_size: usize,
     /// How long a table stays paused for a join without hearing from the join's coordinator.
     /// The coordinator renews the lease while it works; if it dies or stalls, the table unpauses
-    /// by itself. Default 5 s.
+    /// by itself. Default 5 s. A node honours at most 60 s of a peer's lease.
     pub join_lease: Duration,
     /// Retry delay of a failed or refused join; doubled (with jitter) on each failure up to
     /// `join_max_backoff`. Default 100 ms.
@@ -121,4 +121,13 @@ impl NodeConfig {
         }
         Ok(())
     }
+}
+
+/// The instant `after` from now, or as far as the clock reaches: a duration such as
+/// `Duration::MAX` (a natural way to say "forever") must not overflow `Instant`.
+pub(crate) fn deadline_after(after: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(after)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(now)
 }

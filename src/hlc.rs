@@ -36,7 +36,13 @@ impl HybridClock {
         let wall = wall();
         let mut cur = self.last.load(Ordering::Relaxed);
         loop {
-            let next = if wall > cur { wall } else { cur + 1 };
+            // Saturating: a peer's stamp near `u64::MAX` (a bug, or a hostile peer) must not
+            // wrap the clock back to zero; the clock then stays there and ties go by owner.
+            let next = if wall > cur {
+                wall
+            } else {
+                cur.saturating_add(1)
+            };
             match self
                 .last
                 .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed)
@@ -70,5 +76,13 @@ mod tests {
         assert!(b > a);
         c.observe(b + (1000 << LOGICAL_BITS));
         assert!(c.now() > b + (1000 << LOGICAL_BITS));
+    }
+
+    #[test]
+    fn a_stamp_at_the_end_of_time_does_not_wrap_the_clock() {
+        let c = HybridClock::new();
+        c.observe(u64::MAX);
+        assert_eq!(c.now(), u64::MAX);
+        assert_eq!(c.now(), u64::MAX);
     }
 }

@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::config::NodeConfig;
+use crate::config::{deadline_after, NodeConfig};
 use crate::discovery::{Discovery, StaticDiscovery};
 use crate::hlc::HybridClock;
 use crate::membership::NodeId;
@@ -377,7 +377,7 @@ impl Node {
     /// connected or found unavailable, and every connected node running one of this node's
     /// tables has been joined. Call it before serving traffic that reads the tables.
     pub async fn wait_for_ready(&self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
             let (s, own) = self.status_and_own_addrs().await;
             // Addresses compared the way the connection manager keys them (an IPv4-mapped

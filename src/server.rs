@@ -24,7 +24,7 @@ use quinn::VarInt;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use crate::config::NodeConfig;
+use crate::config::{deadline_after, NodeConfig};
 use crate::hlc::HybridClock;
 use crate::join::{self, JoinCtx};
 use crate::membership::{NodeId, OwnerIdx, Owners};
@@ -52,6 +52,9 @@ const MAX_IN_FLIGHT: usize = 2;
 /// A member whose view differs from ours for this long is dropped from the member list (both
 /// sides do it), so that the next join repairs a half-finished one.
 const VIEW_GRACE: Duration = Duration::from_secs(2);
+/// The longest pause a join coordinator's lease holds this table for without a renewal; a
+/// longer lease from a peer is cut to this.
+const MAX_PAUSE_LEASE: Duration = Duration::from_secs(60);
 
 /// A client write (or, with `op: None`, a sync barrier).
 pub(crate) struct Write<K, V> {
@@ -558,7 +561,7 @@ impl<K: Key, V: Value> Server<K, V> {
             seq: self.seq,
             replies,
             waiting,
-            deadline: Instant::now() + self.opts.ack_timeout,
+            deadline: deadline_after(self.opts.ack_timeout),
         });
         self.complete_pending();
     }
@@ -936,7 +939,10 @@ impl<K: Key, V: Value> Server<K, V> {
                 let Some(coordinator) = self.origin_id(&origin) else {
                     return;
                 };
-                let deadline = Instant::now() + Duration::from_millis(lease_ms);
+                // The coordinator's lease, up to a bound: a peer cannot pause this table for
+                // longer than `MAX_PAUSE_LEASE` without renewing.
+                let lease = Duration::from_millis(lease_ms).min(MAX_PAUSE_LEASE);
+                let deadline = Instant::now() + lease;
                 if self.released.contains(&join) {
                     let reason = "this join's pause already ended".to_string();
                     self.reply(origin, JoinRep::Refused { reason });

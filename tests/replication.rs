@@ -651,3 +651,16 @@ async fn a_write_that_fails_to_encode_is_refused_alone() {
     assert_eq!(ta.nodes(), ["b"], "the connection survived");
     shutdown_all(c.iter().map(|(n, _)| n)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durations_meaning_forever_are_accepted() {
+    let c = cluster(&["a", "b"]).await;
+    let opts = || TableOptions::set().ack_timeout(Duration::MAX);
+    let ta: Table<u64, String> = c[0].0.start("t", opts()).await.unwrap();
+    let tb: Table<u64, String> = c[1].0.start("t", opts()).await.unwrap();
+    joined(&[&ta, &tb]).await;
+    c[0].0.wait_for_ready(Duration::MAX).await.unwrap();
+    ta.insert(1, "one".into()).await.unwrap();
+    assert_eq!(tb.get(&1).as_deref(), Some("one"));
+    shutdown_all(c.iter().map(|(n, _)| n)).await;
+}

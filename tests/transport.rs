@@ -758,12 +758,25 @@ mod raw {
         pub kind: OpKind<K, V>,
     }
 
-    /// The first variants of `proto::PeerMsg` (postcard tags variants by index).
+    /// The first variants of `proto::PeerMsg` (postcard tags variants by index). A
+    /// `JoinReply`'s body is left undecoded (postcard ignores trailing bytes).
     #[derive(Debug, Serialize, Deserialize)]
     pub enum PeerMsg<K, V> {
         Ops { seq: u64, ops: Vec<Op<K, V>> },
         Ack { seq: u64, clock: u64 },
         Tick { clock: u64, epoch: u64 },
+        Join { req: u64, body: JoinReq },
+        JoinReply { req: u64 },
+    }
+
+    /// `proto::JoinReq`, as far as `Unpause`; `Dump` and `Apply` are never sent from here.
+    #[derive(Debug, Serialize, Deserialize)]
+    pub enum JoinReq {
+        Info,
+        Pause { join: u64, lease_ms: u64 },
+        Dump(()),
+        Apply(()),
+        Unpause { join: u64 },
     }
 
     /// `node::fingerprint::<K, V>()`: FNV-1a of the type names.
@@ -995,6 +1008,44 @@ fn our_header(table: &str) -> raw::StreamHeader {
         kind: cets::TableKind::Set,
         fingerprint: raw::fingerprint::<u64, String>(),
     }
+}
+
+/// A peer's pause with an absurd lease (`u64::MAX` ms) is answered and ends with its unpause;
+/// the table server survives it and replicates on. (Without an unpause, the node cuts such a
+/// lease to `MAX_PAUSE_LEASE`, 60 s: too long to wait for here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_with_an_endless_lease_is_answered_and_ended_by_unpause() {
+    let p = pair_with(NodeConfig::fast_failover()).await;
+    let ep = raw::endpoint();
+    let conn = authenticated(&ep, &p.nodes[0]).await;
+    let mut theirs = their_header(&conn).await;
+    let mut ours = conn.open_uni().await.unwrap();
+    ours.write_all(&raw::frame(&our_header("t"))).await.unwrap();
+    let ask =
+        |req: u64, body: raw::JoinReq| raw::frame(&raw::PeerMsg::<u64, String>::Join { req, body });
+    let pause = raw::JoinReq::Pause {
+        join: 77,
+        lease_ms: u64::MAX,
+    };
+    ours.write_all(&ask(1, pause)).await.unwrap();
+    loop {
+        let msg: raw::PeerMsg<u64, String> =
+            postcard::from_bytes(&raw::read_frame(&mut theirs).await).unwrap();
+        match msg {
+            raw::PeerMsg::JoinReply { req } => {
+                assert_eq!(req, 1);
+                break;
+            }
+            raw::PeerMsg::Tick { .. } => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    ours.write_all(&ask(2, raw::JoinReq::Unpause { join: 77 }))
+        .await
+        .unwrap();
+    p.still_replicates(1).await;
+    ep.close(0u32.into(), b"");
+    p.shutdown().await;
 }
 
 /// An authenticated peer that breaks the protocol on a table stream is disconnected; the
