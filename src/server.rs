@@ -78,11 +78,14 @@ pub(crate) enum Control<K, V> {
     Stop(oneshot::Sender<()>),
 }
 
-/// What reader and writer tasks report.
+/// What reader and writer tasks report, tagged with the peer's key and the connection's
+/// `stable_id`: a node that reconnects keeps its key, and what its old connection's tasks
+/// still report must not be taken for the new link's.
 enum Input<K, V> {
-    Msg(OwnerIdx, PeerMsg<K, V>),
+    Msg(OwnerIdx, usize, PeerMsg<K, V>),
     LinkClosed {
         key: OwnerIdx,
+        conn: usize,
         reason: String,
         stop_code: Option<u32>,
     },
@@ -291,7 +294,9 @@ impl<K: Key, V: Value> Server<K, V> {
             }
             TableEvent::PeerDown(id) => self.peer_down(&id),
             TableEvent::Inbound(pc, reader) => {
-                let key = self.ensure_link(pc.clone());
+                let Some(key) = self.ensure_link(pc.clone()) else {
+                    return;
+                };
                 self.spawn_reader(pc, key, reader);
                 if let Some(link) = self.links.get_mut(&key) {
                     link.inbound = true;
@@ -320,12 +325,18 @@ impl<K: Key, V: Value> Server<K, V> {
         }
     }
 
-    /// The link to a connected peer, created (with its outbound stream) if new.
-    fn ensure_link(&mut self, pc: PeerConn) -> OwnerIdx {
+    /// The link to a connected peer, created (with its outbound stream) if new. `None` for a
+    /// connection already closed: its `PeerDown` may have been handled before this event, and
+    /// a link made now would never be removed.
+    fn ensure_link(&mut self, pc: PeerConn) -> Option<OwnerIdx> {
+        if pc.conn.close_reason().is_some() {
+            tracing::debug!(peer = %pc.id, "event of a connection already closed ignored");
+            return None;
+        }
         let key = self.owners.intern(&pc.id);
         if let Some(link) = self.links.get(&key) {
             if link.conn.stable_id() == pc.conn.stable_id() {
-                return key;
+                return Some(key);
             }
         }
         // A previous incarnation (or connection) of the same node is gone.
@@ -354,18 +365,19 @@ impl<K: Key, V: Value> Server<K, V> {
                 disagree_since: None,
             },
         );
-        key
+        Some(key)
     }
 
     fn spawn_reader(&self, pc: PeerConn, key: OwnerIdx, mut reader: FrameReader) {
         let inputs = self.inputs_tx.clone();
+        let conn = pc.conn.stable_id();
         tokio::spawn(
             async move {
                 loop {
                     match reader.next().await {
                         Ok(Some(body)) => match frame::decode::<PeerMsg<K, V>>(&body) {
                             Ok(msg) => {
-                                if inputs.send(Input::Msg(key, msg)).await.is_err() {
+                                if inputs.send(Input::Msg(key, conn, msg)).await.is_err() {
                                     return;
                                 }
                             }
@@ -762,18 +774,29 @@ impl<K: Key, V: Value> Server<K, V> {
 
     // ------------------------------------------------------------------ peer messages
 
+    /// Whether `conn` is the connection of the peer's current link.
+    fn is_current(&self, key: OwnerIdx, conn: usize) -> bool {
+        self.links
+            .get(&key)
+            .is_some_and(|l| l.conn.stable_id() == conn)
+    }
+
     fn on_input(&mut self, input: Input<K, V>) {
         match input {
-            Input::Msg(key, msg) => {
-                if self.links.contains_key(&key) {
+            Input::Msg(key, conn, msg) => {
+                if self.is_current(key, conn) {
                     self.on_peer_msg(key, msg);
                 }
             }
             Input::LinkClosed {
                 key,
+                conn,
                 reason,
                 stop_code,
             } => {
+                if !self.is_current(key, conn) {
+                    return;
+                }
                 let Some(link) = self.links.get_mut(&key) else {
                     return;
                 };
@@ -1247,18 +1270,45 @@ impl<K: Key, V: Value> Server<K, V> {
             tracing::warn!("join lease expired; unpausing");
             self.unpause();
         }
+        let mut expired = Vec::new();
         while self.pending.front().is_some_and(|p| now > p.deadline) {
-            let Some(p) = self.pending.pop_front() else {
-                break;
-            };
-            let missing: Vec<String> = p
+            if let Some(p) = self.pending.pop_front() {
+                expired.push(p);
+            }
+        }
+        // A member that acknowledged nothing for `ack_timeout` while its connection lives (its
+        // table server is stuck, or it stopped reading) is dropped from the member list before
+        // the callers hear of it: later writes stop waiting for it, and stop piling up in its
+        // queue; the next join merges it back with what it missed.
+        let mut dropped = false;
+        let mut failures = Vec::new();
+        for p in expired {
+            let missing: Vec<OwnerIdx> = p
                 .waiting
                 .iter()
+                .copied()
+                .filter(|k| self.links.get(k).is_some_and(|l| l.acked < p.seq))
+                .collect();
+            let names: Vec<String> = missing
+                .iter()
                 .filter_map(|k| self.links.get(k))
-                .filter(|l| l.acked < p.seq)
                 .map(|l| l.id.name.clone())
                 .collect();
-            for r in p.replies {
+            for k in missing {
+                if self.members.remove(&k) {
+                    if let Some(l) = self.links.get(&k) {
+                        tracing::warn!(peer = %l.id, timeout = ?self.opts.ack_timeout, "member acknowledged nothing in time; dropped until the next join");
+                    }
+                    dropped = true;
+                }
+            }
+            failures.push((p.replies, names));
+        }
+        if dropped {
+            self.publish_members();
+        }
+        for (replies, missing) in failures {
+            for r in replies {
                 let _ = r.send(Err(Error::AckTimeout {
                     table: self.shared.name.clone(),
                     missing: missing.clone(),
@@ -1436,6 +1486,7 @@ fn spawn_writer<K: Key, V: Value>(
     inputs: mpsc::Sender<Input<K, V>>,
 ) -> mpsc::UnboundedSender<Bytes> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+    let conn = pc.conn.stable_id();
     tokio::spawn(
         async move {
             let result: std::result::Result<(), quinn::WriteError> = async {
@@ -1483,6 +1534,7 @@ fn spawn_writer<K: Key, V: Value>(
                 let _ = inputs
                     .send(Input::LinkClosed {
                         key,
+                        conn,
                         reason: e.to_string(),
                         stop_code,
                     })

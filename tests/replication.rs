@@ -664,3 +664,69 @@ async fn durations_meaning_forever_are_accepted() {
     assert_eq!(tb.get(&1).as_deref(), Some("one"));
     shutdown_all(c.iter().map(|(n, _)| n)).await;
 }
+
+/// A member whose table server is stuck (here in a user callback) while its connection lives
+/// acknowledges nothing: the writer's call fails with `AckTimeout` once, the member is dropped,
+/// later writes go on without waiting for it, and once it is unstuck a join brings it back with
+/// every write it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_stops_acknowledging_is_dropped_and_joined_back() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Arc, Mutex};
+    let c = cluster(&["a", "b", "c"]).await;
+    let stuck = Arc::new(AtomicBool::new(false));
+    let (release, gate) = mpsc::channel::<()>();
+    let gate = Arc::new(Mutex::new(gate));
+    let b_opts = {
+        let stuck = stuck.clone();
+        TableOptions::set().on_node_down(move |_, _| {
+            stuck.store(true, Ordering::SeqCst);
+            // Blocks b's table server until the test releases it; `block_in_place` hands the
+            // runtime thread's other tasks to another thread meanwhile.
+            tokio::task::block_in_place(|| {
+                let _ = gate.lock().unwrap().recv();
+            });
+        })
+    };
+    let ta: Table<u64, String> = c[0]
+        .0
+        .start(
+            "t",
+            TableOptions::set().ack_timeout(Duration::from_millis(300)),
+        )
+        .await
+        .unwrap();
+    let tb: Table<u64, String> = c[1].0.start("t", b_opts).await.unwrap();
+    let tc: Table<u64, String> = c[2].0.start("t", TableOptions::set()).await.unwrap();
+    joined(&[&ta, &tb, &tc]).await;
+    drop(tc);
+    c[2].0.shutdown().await.unwrap();
+    eventually(WAIT, "b's table server stuck", || {
+        let stuck = stuck.clone();
+        async move { stuck.load(Ordering::SeqCst) }
+    })
+    .await;
+
+    match ta.insert(1, "one".into()).await {
+        Err(Error::AckTimeout { missing, .. }) => assert_eq!(missing, ["b"]),
+        other => panic!("expected an ack timeout from b, got {other:?}"),
+    }
+    assert!(ta.nodes().is_empty(), "b dropped: {:?}", ta.nodes());
+    ta.insert(2, "two".into()).await.unwrap();
+
+    // Dropping the sender opens the gate for good (b's later on_node_down calls pass).
+    drop(release);
+    eventually(WAIT, "b joined back with both writes", || {
+        let (ta, tb) = (ta.clone(), tb.clone());
+        async move {
+            ta.nodes() == ["b"]
+                && tb.nodes() == ["a"]
+                && tb.get(&1).as_deref() == Some("one")
+                && tb.get(&2).as_deref() == Some("two")
+        }
+    })
+    .await;
+    ta.insert(3, "three".into()).await.unwrap();
+    assert_eq!(tb.get(&3).as_deref(), Some("three"));
+    shutdown_all(c[..2].iter().map(|(n, _)| n)).await;
+}
