@@ -1048,6 +1048,40 @@ async fn a_pause_with_an_endless_lease_is_answered_and_ended_by_unpause() {
     p.shutdown().await;
 }
 
+/// A peer may not open table stream after table stream to one table: each may hold a frame of
+/// up to `max_frame_size` bytes in memory. The fifth open one closes the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_streams_to_one_table_close_the_connection() {
+    let p = pair_with(NodeConfig::fast_failover()).await;
+    let before = p.links().await;
+    let ep = raw::endpoint();
+    let conn = authenticated(&ep, &p.nodes[0]).await;
+    let mut streams = Vec::new();
+    for _ in 0..5 {
+        let mut s = conn.open_uni().await.unwrap();
+        s.write_all(&raw::frame(&our_header("t"))).await.unwrap();
+        // Half a frame announcing 60 MiB: the node must not reserve it up front either.
+        s.write_all(&(60u32 * 1024 * 1024).to_le_bytes())
+            .await
+            .unwrap();
+        s.write_all(&[0; 100]).await.unwrap();
+        streams.push(s);
+    }
+    let c = raw::closed_by_node(&conn).await;
+    assert_eq!(
+        (code(&c), reason(&c)),
+        (PROTOCOL, "too many streams for one table".into())
+    );
+    p.still_replicates(1).await;
+    assert_eq!(
+        p.links().await,
+        before,
+        "the real connection was never replaced"
+    );
+    ep.close(0u32.into(), b"");
+    p.shutdown().await;
+}
+
 /// An authenticated peer that breaks the protocol on a table stream is disconnected; the
 /// node's other connections and its replication go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1218,6 +1252,21 @@ async fn malformed_hello_is_closed_with_the_protocol_code_and_a_reason() {
         assert_eq!(code(&c), PROTOCOL, "{junk:?}: {c:?}");
         assert!(!c.reason.is_empty(), "{junk:?}: {c:?}");
     }
+    // A well-formed, correctly proven hello whose name no node could have.
+    let conn = raw::connect(&ep, n.local_addr()).await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let long = NodeId {
+        name: "x".repeat(300),
+        incarnation: 1,
+    };
+    send.write_all(&raw::frame(&raw::hello(COOKIE, &conn, &long)))
+        .await
+        .unwrap();
+    let c = raw::closed_by_node(&conn).await;
+    assert_eq!(
+        (code(&c), reason(&c)),
+        (PROTOCOL, "node name of 300 bytes (1 to 255 allowed)".into())
+    );
     ep.close(0u32.into(), b"");
     n.shutdown().await.unwrap();
 }

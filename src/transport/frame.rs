@@ -35,14 +35,30 @@ pub(crate) struct FrameReader {
     recv: quinn::RecvStream,
     buf: BytesMut,
     limit: usize,
+    /// Run when the reader is dropped (the connection's count of live table streams).
+    on_drop: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
+
+impl Drop for FrameReader {
+    fn drop(&mut self) {
+        if let Some(f) = self.on_drop.take() {
+            f();
+        }
+    }
+}
+
+/// A frame's buffer grows by at most this much ahead of the bytes that arrived: a prefix that
+/// announces a large frame reserves memory as the frame comes, not at once.
+const GROW_AHEAD: usize = 1024 * 1024;
 
 impl FrameReader {
     pub(crate) fn new(recv: quinn::RecvStream, limit: usize) -> Self {
         Self {
             recv,
-            buf: BytesMut::with_capacity(64 * 1024),
+            // Small while only a header is expected (many streams may be opened at once).
+            buf: BytesMut::with_capacity(limit.min(64 * 1024)),
             limit,
+            on_drop: None,
         }
     }
 
@@ -63,7 +79,8 @@ impl FrameReader {
                     self.buf.advance(PREFIX);
                     return Ok(Some(self.buf.split_to(len).freeze()));
                 }
-                self.buf.reserve(PREFIX + len - self.buf.len());
+                self.buf
+                    .reserve((PREFIX + len - self.buf.len()).min(GROW_AHEAD));
             }
             match self.recv.read_chunk(256 * 1024, true).await {
                 Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
@@ -77,6 +94,11 @@ impl FrameReader {
     /// Changes the largest frame accepted from now on.
     pub(crate) fn set_limit(&mut self, limit: usize) {
         self.limit = limit;
+    }
+
+    /// Runs `f` when this reader is dropped.
+    pub(crate) fn on_drop(&mut self, f: impl FnOnce() + Send + Sync + 'static) {
+        self.on_drop = Some(Box::new(f));
     }
 
     /// Tells the sender to stop with an application code.

@@ -76,6 +76,16 @@ fn check(key: &hmac::Key, conn: &Connection, role: Role, hello: &Hello) -> Resul
             ),
         ));
     }
+    // The rule a node applies to its own name (`NodeBuilder::start`): a longer one is no
+    // cets node's, and would cost every table's owner map its length.
+    let name = &hello.node.name;
+    if name.is_empty() || name.len() > 255 {
+        return Err(fail(
+            conn,
+            close::PROTOCOL,
+            format!("node name of {} bytes (1 to 255 allowed)", name.len()),
+        ));
+    }
     let msg = proof_message(conn, role, &hello.node)?;
     hmac::verify(key, &msg, &hello.proof).map_err(|_| {
         fail(

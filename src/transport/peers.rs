@@ -36,6 +36,10 @@ pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
+/// Table streams a peer may have open to one table at once: one, and a few more while old ones
+/// end (a table stopped and started again on the peer).
+const STREAMS_PER_TABLE: usize = 4;
+
 /// Largest stream header accepted.
 const HEADER_LIMIT: usize = 4096;
 
@@ -438,12 +442,14 @@ async fn accept_loop(
 
 /// Accepts the table streams a peer opens and hands each to its table.
 async fn route_streams(peer: PeerConn, registry: Arc<Registry>, limit: usize) {
+    // Table name -> this connection's table streams of it that are being read.
+    let open: Arc<std::sync::Mutex<HashMap<String, usize>>> = Arc::default();
     loop {
         let recv = match peer.conn.accept_uni().await {
             Ok(r) => r,
             Err(_) => return,
         };
-        let (peer, registry) = (peer.clone(), registry.clone());
+        let (peer, registry, open_streams) = (peer.clone(), registry.clone(), open.clone());
         tokio::spawn(
             async move {
                 // The header is read with a small limit, then the stream gets the full one.
@@ -465,6 +471,30 @@ async fn route_streams(peer: PeerConn, registry: Arc<Registry>, limit: usize) {
                         return;
                     }
                 };
+                // A table stream at a time per table, and a few more while an old one ends (the
+                // peer restarted its table): each may buffer a frame of up to `limit` bytes, so
+                // a peer that opens many must not multiply that.
+                let live = {
+                    let mut open = open_streams.lock().unwrap_or_else(|p| p.into_inner());
+                    let n = open.entry(header.table.clone()).or_insert(0);
+                    *n += 1;
+                    *n
+                };
+                let (open, table) = (open_streams.clone(), header.table.clone());
+                reader.on_drop(move || {
+                    let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(n) = open.get_mut(&table) {
+                        *n -= 1;
+                        if *n == 0 {
+                            open.remove(&table);
+                        }
+                    }
+                });
+                if live > STREAMS_PER_TABLE {
+                    tracing::warn!(peer = %peer.id, table = %header.table, "too many streams for one table; closing the connection");
+                    peer.conn.close(VarInt::from_u32(close::PROTOCOL), b"too many streams for one table");
+                    return;
+                }
                 reader.set_limit(limit);
                 registry.route_inbound(peer, header, reader);
             }
