@@ -132,11 +132,15 @@ pub(crate) async fn run<K: Key, V: Value>(ctx: JoinCtx<K, V>, peer: NodeId) -> R
                 release(&ctx, &locked, join).await;
                 return Err(ctx.fail(n, format!("busy with a join coordinated by {by}")));
             }
+            // `n` may still pause after we give up on it (its answer waits for its pending
+            // writes): it hears the unpause too, and refuses a pause of this join after it.
             Ok(_) => {
+                locked.push(n.clone());
                 release(&ctx, &locked, join).await;
                 return Err(ctx.fail(n, "unexpected reply to Pause"));
             }
             Err(e) => {
+                locked.push(n.clone());
                 release(&ctx, &locked, join).await;
                 return Err(e);
             }

@@ -436,12 +436,19 @@ impl<K: Key, V: Value> Server<K, V> {
     /// Ends the current pause; buffered writes go on.
     fn unpause(&mut self) {
         if let Some(p) = self.paused.take() {
-            self.released.push_back(p.join);
+            self.remember_released(p.join);
+        }
+        self.pause_waiters.clear();
+    }
+
+    /// Joins whose pause ended (the last 64): a late pause or renewal of one is refused.
+    fn remember_released(&mut self, join: u64) {
+        if !self.released.contains(&join) {
+            self.released.push_back(join);
             if self.released.len() > 64 {
                 self.released.pop_front();
             }
         }
-        self.pause_waiters.clear();
     }
 
     fn publish_members(&self) {
@@ -1091,6 +1098,10 @@ impl<K: Key, V: Value> Server<K, V> {
                 if self.paused_by(join) {
                     tracing::debug!(join, "unpaused");
                     self.unpause();
+                } else {
+                    // The coordinator gave up before our pause (its request still queued here,
+                    // or our answer late): a pause of this join arriving now is refused.
+                    self.remember_released(join);
                 }
                 self.reply(origin, JoinRep::Unpaused);
             }

@@ -758,15 +758,16 @@ mod raw {
         pub kind: OpKind<K, V>,
     }
 
-    /// The first variants of `proto::PeerMsg` (postcard tags variants by index). A
-    /// `JoinReply`'s body is left undecoded (postcard ignores trailing bytes).
+    /// The first variants of `proto::PeerMsg` (postcard tags variants by index). Of a
+    /// `JoinReply`'s body only the variant of `proto::JoinRep` is decoded (postcard ignores
+    /// trailing bytes): 1 is `Paused`, 5 `Unpaused`, 6 `Refused`.
     #[derive(Debug, Serialize, Deserialize)]
     pub enum PeerMsg<K, V> {
         Ops { seq: u64, ops: Vec<Op<K, V>> },
         Ack { seq: u64, clock: u64 },
         Tick { clock: u64, epoch: u64 },
         Join { req: u64, body: JoinReq },
-        JoinReply { req: u64 },
+        JoinReply { req: u64, reply: u32 },
     }
 
     /// `proto::JoinReq`, as far as `Unpause`; `Dump` and `Apply` are never sent from here.
@@ -1010,39 +1011,45 @@ fn our_header(table: &str) -> raw::StreamHeader {
     }
 }
 
-/// A peer's pause with an absurd lease (`u64::MAX` ms) is answered and ends with its unpause;
-/// the table server survives it and replicates on. (Without an unpause, the node cuts such a
-/// lease to `MAX_PAUSE_LEASE`, 60 s: too long to wait for here.)
+/// Pause and unpause from a join coordinator, spoken by a raw peer: a pause with an absurd lease
+/// (`u64::MAX` ms) is answered and ends with its unpause (without one, the node cuts such a
+/// lease to `MAX_PAUSE_LEASE`, 60 s: too long to wait for here), and an unpause that overtakes
+/// its pause makes the node refuse that pause.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pause_with_an_endless_lease_is_answered_and_ended_by_unpause() {
+async fn join_pauses_from_a_peer_end_with_their_unpause_even_one_that_came_first() {
     let p = pair_with(NodeConfig::fast_failover()).await;
     let ep = raw::endpoint();
     let conn = authenticated(&ep, &p.nodes[0]).await;
     let mut theirs = their_header(&conn).await;
     let mut ours = conn.open_uni().await.unwrap();
     ours.write_all(&raw::frame(&our_header("t"))).await.unwrap();
-    let ask =
-        |req: u64, body: raw::JoinReq| raw::frame(&raw::PeerMsg::<u64, String>::Join { req, body });
-    let pause = raw::JoinReq::Pause {
-        join: 77,
+    let mut req = 0;
+    // Sends a join request; returns the variant of the node's reply.
+    let mut ask = async |body: raw::JoinReq| -> u32 {
+        req += 1;
+        let f = raw::frame(&raw::PeerMsg::<u64, String>::Join { req, body });
+        ours.write_all(&f).await.unwrap();
+        loop {
+            let msg: raw::PeerMsg<u64, String> =
+                postcard::from_bytes(&raw::read_frame(&mut theirs).await).unwrap();
+            match msg {
+                raw::PeerMsg::JoinReply { req: r, reply } if r == req => return reply,
+                raw::PeerMsg::Tick { .. } => continue,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    };
+    let (paused, unpaused, refused) = (1, 5, 6);
+    let pause = |join| raw::JoinReq::Pause {
+        join,
         lease_ms: u64::MAX,
     };
-    ours.write_all(&ask(1, pause)).await.unwrap();
-    loop {
-        let msg: raw::PeerMsg<u64, String> =
-            postcard::from_bytes(&raw::read_frame(&mut theirs).await).unwrap();
-        match msg {
-            raw::PeerMsg::JoinReply { req } => {
-                assert_eq!(req, 1);
-                break;
-            }
-            raw::PeerMsg::Tick { .. } => continue,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    ours.write_all(&ask(2, raw::JoinReq::Unpause { join: 77 }))
-        .await
-        .unwrap();
+    assert_eq!(ask(pause(77)).await, paused);
+    assert_eq!(ask(raw::JoinReq::Unpause { join: 77 }).await, unpaused);
+    // A coordinator that gave up on this node before its pause arrived sends the unpause first:
+    // the late pause is refused, so the table is not left paused for the lease.
+    assert_eq!(ask(raw::JoinReq::Unpause { join: 78 }).await, unpaused);
+    assert_eq!(ask(pause(78)).await, refused);
     p.still_replicates(1).await;
     ep.close(0u32.into(), b"");
     p.shutdown().await;
