@@ -188,7 +188,10 @@ impl<K, V> TableOptions<K, V> {
     }
 
     /// How long a write waits for the peers' acknowledgements before it returns
-    /// [`Error::AckTimeout`] (the write stays applied). Default 30 s.
+    /// [`Error::AckTimeout`] (the write stays applied). Default 30 s. The members that did not
+    /// acknowledge in time are dropped from the table's member list, so later writes do not wait
+    /// for them; the next join merges them back with what they missed. `Duration::MAX` waits
+    /// as long as their connections live.
     pub fn ack_timeout(mut self, d: Duration) -> Self {
         self.ack_timeout = d;
         self
