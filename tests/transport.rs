@@ -93,6 +93,19 @@ impl Pair {
     async fn shutdown(&self) {
         shutdown_all(&self.nodes).await;
     }
+
+    /// The end of a robustness test: the pair still replicates (writes tagged `tag`), over the
+    /// connection it had `before`; then the raw client's endpoint and the nodes are closed.
+    async fn ends_unharmed(&self, tag: u64, before: Vec<Vec<NodeId>>, ep: quinn::Endpoint) {
+        self.still_replicates(tag).await;
+        assert_eq!(
+            self.links().await,
+            before,
+            "the real connection was never replaced"
+        );
+        ep.close(0u32.into(), b"");
+        self.shutdown().await;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -968,14 +981,7 @@ async fn garbage_before_the_handshake_closes_only_that_connection() {
         (PROTOCOL, "handshake timed out".into())
     );
 
-    p.still_replicates(5).await;
-    assert_eq!(
-        p.links().await,
-        before,
-        "the real connection was never replaced"
-    );
-    ep.close(0u32.into(), b"");
-    p.shutdown().await;
+    p.ends_unharmed(5, before, ep).await;
 }
 
 /// Authenticates as `a-raw` (which sorts before `n1`, so the node keeps the connection).
@@ -1079,14 +1085,7 @@ async fn many_streams_to_one_table_close_the_connection() {
         (code(&c), reason(&c)),
         (PROTOCOL, "too many streams for one table".into())
     );
-    p.still_replicates(1).await;
-    assert_eq!(
-        p.links().await,
-        before,
-        "the real connection was never replaced"
-    );
-    ep.close(0u32.into(), b"");
-    p.shutdown().await;
+    p.ends_unharmed(1, before, ep).await;
 }
 
 /// An authenticated peer that breaks the protocol on a table stream is disconnected; the
