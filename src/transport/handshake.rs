@@ -7,6 +7,7 @@
 //! (dialer or acceptor) keeps a node from reflecting the peer's own proof back. A wrong proof or
 //! version closes the connection with a reason that the other side logs as well.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use quinn::{Connection, VarInt};
@@ -24,8 +25,9 @@ const HELLO_LIMIT: usize = 4096;
 pub(crate) struct Authenticated {
     pub conn: Connection,
     pub peer: NodeId,
-    /// This node dialed the connection.
-    pub dialed: bool,
+    /// The address this node dialed, if it dialed the connection. (Not always the connection's
+    /// `remote_address()`: a socket bound to `[::]` reports an IPv4 peer as IPv4-mapped IPv6.)
+    pub dialed: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy)]
@@ -129,6 +131,7 @@ async fn read_hello(conn: &Connection, reader: &mut FrameReader) -> Result<Hello
 /// Runs the dialer's side on a fresh connection.
 pub(crate) async fn dialer(
     conn: Connection,
+    addr: SocketAddr,
     me: &NodeId,
     key: &hmac::Key,
     timeout: Duration,
@@ -154,7 +157,7 @@ pub(crate) async fn dialer(
         Ok(Authenticated {
             conn: conn.clone(),
             peer: theirs.node,
-            dialed: true,
+            dialed: Some(addr),
         })
     };
     match tokio::time::timeout(timeout, work).await {
@@ -191,7 +194,7 @@ pub(crate) async fn acceptor(
         Ok(Authenticated {
             conn: conn.clone(),
             peer: theirs.node,
-            dialed: false,
+            dialed: None,
         })
     };
     match tokio::time::timeout(timeout, work).await {

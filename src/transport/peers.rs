@@ -56,11 +56,7 @@ pub(crate) struct PeersView {
 pub(crate) enum Command {
     /// Connect to this address unless already connected or dialing.
     Dial(SocketAddr),
-    /// A connection passed the handshake; `dialed` is the address this node dialed, if it did.
-    Authenticated {
-        auth: Authenticated,
-        dialed: Option<SocketAddr>,
-    },
+    Authenticated(Authenticated),
     DialFailed(SocketAddr, String),
     /// The peer closed our dial because it dials us instead.
     Redirected(SocketAddr),
@@ -143,15 +139,7 @@ impl PeerManager {
         while let Some(cmd) = rx.recv().await {
             match cmd {
                 Command::Dial(addr) => self.dial(canonical(addr)),
-                Command::Authenticated { auth, dialed } => {
-                    if let Some(addr) = dialed {
-                        // The dialed address, not `remote_address()`: a socket bound to `[::]`
-                        // reports an IPv4 peer as IPv4-mapped IPv6.
-                        self.dialing.remove(&addr);
-                        self.unavailable.remove(&addr);
-                    }
-                    self.authenticated(auth)
-                }
+                Command::Authenticated(a) => self.authenticated(a),
                 Command::Redirected(addr) => {
                     self.dialing.remove(&addr);
                     self.unavailable.remove(&addr);
@@ -252,7 +240,7 @@ impl PeerManager {
                         .map_err(|_| crate::Error::Timeout(timeout))?
                         .map_err(|e| crate::Error::Transport(e.to_string()))?;
                     dialed = Some(conn.clone());
-                    handshake::dialer(conn, &me, &key, timeout).await
+                    handshake::dialer(conn, addr, &me, &key, timeout).await
                 }
                 .await;
                 // The peer may close before we read its hello: REDIRECT (it dials back) and SELF
@@ -264,10 +252,7 @@ impl PeerManager {
                     _ => None,
                 });
                 let _ = tx.send(match result {
-                    Ok(auth) => Command::Authenticated {
-                        auth,
-                        dialed: Some(addr),
-                    },
+                    Ok(a) => Command::Authenticated(a),
                     Err(_) if closed_with == Some(close::REDIRECT) => Command::Redirected(addr),
                     Err(_) if closed_with == Some(close::SELF) => Command::DialedSelf(addr),
                     Err(e) => {
@@ -283,6 +268,11 @@ impl PeerManager {
     }
 
     fn authenticated(&mut self, a: Authenticated) {
+        if let Some(dialed) = a.dialed {
+            // The address that was dialed, which `remote_address()` may spell differently.
+            self.dialing.remove(&dialed);
+            self.unavailable.remove(&dialed);
+        }
         let addr = canonical(a.conn.remote_address());
         self.unavailable.remove(&addr);
         let peer = a.peer.clone();
@@ -302,13 +292,13 @@ impl PeerManager {
             }
             return;
         }
-        let dialer_is_smaller = if a.dialed {
+        let dialer_is_smaller = if a.dialed.is_some() {
             self.me.name < peer.name
         } else {
             peer.name < self.me.name
         };
         if !dialer_is_smaller {
-            if !a.dialed {
+            if a.dialed.is_none() {
                 // The larger node dialed us: close, and dial back so the canonical connection exists.
                 a.conn
                     .close(VarInt::from_u32(close::REDIRECT), b"the smaller name dials");
@@ -427,10 +417,7 @@ async fn accept_loop(
                 };
                 match handshake::acceptor(conn, &me, &key, timeout).await {
                     Ok(a) => {
-                        let _ = tx.send(Command::Authenticated {
-                            auth: a,
-                            dialed: None,
-                        });
+                        let _ = tx.send(Command::Authenticated(a));
                     }
                     Err(e) => tracing::warn!(%addr, error = %e, "refused incoming connection"),
                 }
