@@ -737,6 +737,26 @@ mod raw {
             .expect("TLS with the node")
     }
 
+    /// A server-only endpoint on loopback `ip` with a fresh self-signed certificate, speaking
+    /// the nodes' ALPN: something a node can dial.
+    pub fn server_endpoint(ip: &str) -> quinn::Endpoint {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certified = rcgen::generate_simple_self_signed(vec!["cets".into()]).unwrap();
+        let key =
+            rustls::pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![certified.cert.der().clone()], key)
+            .unwrap();
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let cfg = quinn::ServerConfig::with_crypto(Arc::new(
+            quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap(),
+        ));
+        quinn::Endpoint::server(cfg, format!("{ip}:0").parse().unwrap()).unwrap()
+    }
+
     /// `proto::PROTOCOL_VERSION`.
     pub const PROTOCOL_VERSION: u32 = 2;
 
@@ -879,6 +899,7 @@ const PROTOCOL: u32 = 2;
 const VERSION: u32 = 3;
 const AUTH: u32 = 1;
 const REDIRECT: u32 = 4;
+const SELF: u32 = 6;
 
 fn code(c: &quinn::ApplicationClose) -> u32 {
     u32::try_from(c.error_code.into_inner()).unwrap()
@@ -1322,4 +1343,47 @@ async fn empty_hello_stream_is_closed_with_the_protocol_code_and_a_reason() {
     assert!(!c.reason.is_empty(), "{c:?}");
     ep.close(0u32.into(), b"");
     n.shutdown().await.unwrap();
+}
+
+/// Something at a discovered address that closes every connection with the `SELF` code, before
+/// any hello, proves nothing: the node keeps dialing it and reports it unavailable. (It used to
+/// take the address for its own and never dial it again, so a real node that came up there
+/// later was never reached.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_self_close_without_a_hello_does_not_make_an_address_ours() {
+    init_tracing();
+    let fake = raw::server_endpoint("127.0.0.1");
+    let fake_addr = fake.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let server = fake.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = server.accept().await {
+            if let Ok(conn) = incoming.await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                conn.close(SELF.into(), b"self");
+            }
+        }
+    });
+    let own = free_port();
+    let a = start_at("a", own, vec![fake_addr, own]).await;
+    let dials = || accepted.load(std::sync::atomic::Ordering::SeqCst);
+    eventually(WAIT, "dialed again after a SELF close", || async move {
+        dials() >= 3
+    })
+    .await;
+    // Readiness settles: the fake address is unavailable, and the node's own address, where
+    // it met its own proven hello, is its own (not a failure).
+    a.wait_for_ready(WAIT).await.unwrap();
+    let s = a.status().await;
+    assert!(
+        s.unavailable.iter().any(|(u, _)| *u == fake_addr),
+        "the fake address is reported unavailable: {s}"
+    );
+    assert!(
+        !s.unavailable.iter().any(|(u, _)| *u == own) && s.connected.is_empty(),
+        "the own address is neither a failure nor a peer: {s}"
+    );
+    a.shutdown().await.unwrap();
+    fake.close(0u32.into(), b"");
 }

@@ -60,8 +60,6 @@ pub(crate) enum Command {
     DialFailed(SocketAddr, String),
     /// The peer closed our dial because it dials us instead.
     Redirected(SocketAddr),
-    /// The address is this node's own.
-    DialedSelf(SocketAddr),
     Closed {
         name: String,
         stable_id: usize,
@@ -144,11 +142,6 @@ impl PeerManager {
                     self.dialing.remove(&addr);
                     self.unavailable.remove(&addr);
                 }
-                Command::DialedSelf(addr) => {
-                    self.dialing.remove(&addr);
-                    self.unavailable.remove(&addr);
-                    self.self_addrs.insert(addr);
-                }
                 Command::DialFailed(addr, reason) => {
                     self.dialing.remove(&addr);
                     tracing::debug!(%addr, %reason, "dial failed");
@@ -183,6 +176,11 @@ impl PeerManager {
                 Command::Discovered(addrs) => {
                     let addrs: HashSet<SocketAddr> = addrs.into_iter().map(canonical).collect();
                     self.unavailable.retain(|a, _| addrs.contains(a));
+                    // Own addresses are remembered only while discovery lists them, so the
+                    // set is as large as the discovered list at most.
+                    let bound = self.endpoint.local_addr().ok().map(canonical);
+                    self.self_addrs
+                        .retain(|a| addrs.contains(a) || Some(*a) == bound);
                 }
                 Command::Announce(table) => {
                     for a in self.active.values() {
@@ -243,8 +241,9 @@ impl PeerManager {
                     handshake::dialer(conn, addr, &me, &key, timeout).await
                 }
                 .await;
-                // The peer may close before we read its hello: REDIRECT (it dials back) and SELF
-                // are answers, not failures.
+                // The peer may close before we read its hello: REDIRECT (it dials back) is an
+                // answer, not a failure. (SELF is not: this node only takes an address for its
+                // own after reading its own proven hello there, in `authenticated`.)
                 let closed_with = dialed.as_ref().and_then(|c| match c.close_reason() {
                     Some(quinn::ConnectionError::ApplicationClosed(a)) => {
                         u32::try_from(a.error_code.into_inner()).ok()
@@ -254,7 +253,6 @@ impl PeerManager {
                 let _ = tx.send(match result {
                     Ok(a) => Command::Authenticated(a),
                     Err(_) if closed_with == Some(close::REDIRECT) => Command::Redirected(addr),
-                    Err(_) if closed_with == Some(close::SELF) => Command::DialedSelf(addr),
                     Err(e) => {
                         if matches!(e, crate::Error::Handshake { .. }) {
                             tracing::warn!(%addr, error = %e, "handshake refused");
@@ -278,9 +276,20 @@ impl PeerManager {
         let peer = a.peer.clone();
         if peer.name == self.me.name {
             if peer.incarnation == self.me.incarnation {
-                tracing::debug!(%addr, "dialed myself; ignoring this address from now on");
-                self.self_addrs.insert(addr);
-                a.conn.close(VarInt::from_u32(close::SELF), b"self");
+                match a.dialed {
+                    // Our dial reached our own endpoint, which proved the cookie with our own
+                    // identity: that address is ours.
+                    Some(dialed) => {
+                        tracing::debug!(%dialed, "dialed myself; not dialing this address again");
+                        self.self_addrs.insert(dialed);
+                        self.self_addrs.insert(addr);
+                        a.conn.close(VarInt::from_u32(close::SELF), b"self");
+                    }
+                    // The accepting end of that dial: the dialing end closes it once it has
+                    // read this node's hello (closing here first would leave it without the
+                    // proof). The timer only covers a dialer that vanished.
+                    None => self.close_unless_closed(a.conn, close::SELF, b"self"),
+                }
             } else {
                 tracing::error!(%addr, name = %peer.name, "another node uses this node's name; refusing it");
                 self.unavailable
@@ -311,13 +320,7 @@ impl PeerManager {
                 }
             } else {
                 // We are the larger node: the peer closes this connection and dials back.
-                let conn = a.conn.clone();
-                let wait = self.config.handshake_timeout;
-                tokio::spawn(async move {
-                    if tokio::time::timeout(wait, conn.closed()).await.is_err() {
-                        conn.close(VarInt::from_u32(close::REDIRECT), b"not canonical");
-                    }
-                });
+                self.close_unless_closed(a.conn, close::REDIRECT, b"not canonical");
             }
             return;
         }
@@ -372,6 +375,17 @@ impl PeerManager {
             )
             .in_current_span(),
         );
+    }
+
+    /// Leaves a connection to the other end to close, and closes it after `handshake_timeout`
+    /// if it has not.
+    fn close_unless_closed(&self, conn: Connection, code: u32, reason: &'static [u8]) {
+        let wait = self.config.handshake_timeout;
+        tokio::spawn(async move {
+            if tokio::time::timeout(wait, conn.closed()).await.is_err() {
+                conn.close(VarInt::from_u32(code), reason);
+            }
+        });
     }
 
     fn closed(&mut self, name: &str, stable_id: usize, reason: &str) {
