@@ -21,6 +21,17 @@ pub struct NodeConfig {
     pub idle_timeout: Duration,
     /// How long the cookie handshake of a new connection may take. Default 5 s.
     pub handshake_timeout: Duration,
+    /// Incoming connections that may be in their handshake (QUIC, then the cookie) at once, from
+    /// all addresses. Default 256. One more is refused at its first packet, and its node tries
+    /// again on its next discovery round. Past half of this, a connection must first prove its
+    /// source address with a QUIC retry (one more round trip), so that packets with forged
+    /// source addresses cannot hold the slots. A handshake takes milliseconds, so only a flood,
+    /// or hundreds of nodes restarting at the same moment, come near it.
+    pub max_handshakes: usize,
+    /// Connections from one IP address that may run the cookie handshake at once. Default 16.
+    /// One more is closed with the `PROTOCOL` code and the reason "too many handshakes from
+    /// <ip>". Raise it where many nodes share an IP address (behind NAT) and restart together.
+    pub max_handshakes_per_ip: usize,
     /// How often the discovery backend is polled. Default 1 s. Polling is cheap (a file read or a
     /// DNS query); new nodes are found within one interval.
     pub discovery_interval: Duration,
@@ -67,6 +78,8 @@ impl Default for NodeConfig {
             keep_alive_interval: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(3),
             handshake_timeout: Duration::from_secs(5),
+            max_handshakes: 256,
+            max_handshakes_per_ip: 16,
             discovery_interval: Duration::from_secs(1),
             discovery_max_backoff: Duration::from_secs(30),
             max_frame_size: 64 * 1024 * 1024,
@@ -115,6 +128,9 @@ impl NodeConfig {
         }
         if self.max_batch_ops == 0 || self.write_queue == 0 || self.join_chunk_records == 0 {
             return bad("max_batch_ops, write_queue and join_chunk_records must be positive");
+        }
+        if self.max_handshakes == 0 || self.max_handshakes_per_ip == 0 {
+            return bad("max_handshakes and max_handshakes_per_ip must be positive");
         }
         if self.discovery_interval.is_zero() || self.join_lease.is_zero() {
             return bad("discovery_interval and join_lease must be positive");

@@ -713,6 +713,11 @@ mod raw {
     /// A client-only endpoint on loopback, with keep-alives so that an idle connection is
     /// closed by the node's decision, not by the idle timer.
     pub fn endpoint() -> quinn::Endpoint {
+        endpoint_at("127.0.0.1")
+    }
+
+    /// A client-only endpoint on the loopback address `ip` (any of 127.0.0.0/8 on Linux).
+    pub fn endpoint_at(ip: &str) -> quinn::Endpoint {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -725,7 +730,7 @@ mod raw {
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(Duration::from_millis(200)));
         cfg.transport_config(Arc::new(transport));
-        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut ep = quinn::Endpoint::client(format!("{ip}:0").parse().unwrap()).unwrap();
         ep.set_default_client_config(cfg);
         ep
     }
@@ -878,6 +883,34 @@ mod raw {
         assert_eq!(theirs.proof, expected, "the node proves the cookie");
         let _ = send.finish();
         theirs.node
+    }
+
+    /// The whole handshake as `me`; `false` on any failure instead of a panic (for polls).
+    pub async fn try_handshake(
+        ep: &quinn::Endpoint,
+        addr: SocketAddr,
+        cookie: &str,
+        me: &NodeId,
+    ) -> bool {
+        let attempt = async {
+            let conn = ep.connect(addr, "cets").ok()?.await.ok()?;
+            let (mut send, mut recv) = conn.open_bi().await.ok()?;
+            send.write_all(&frame(&hello(cookie, &conn, me)))
+                .await
+                .ok()?;
+            let mut len = [0u8; 4];
+            recv.read_exact(&mut len).await.ok()?;
+            let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+            recv.read_exact(&mut body).await.ok()?;
+            let theirs: Hello = postcard::from_bytes(&body).ok()?;
+            let ok = theirs.proof == proof(cookie, &conn, b'A', &theirs.node);
+            conn.close(0u32.into(), b"");
+            Some(ok)
+        };
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), attempt).await,
+            Ok(Some(true))
+        )
     }
 
     /// How the node closed the connection (panics if it did not within the wait, or if the
@@ -1386,4 +1419,75 @@ async fn a_self_close_without_a_hello_does_not_make_an_address_ours() {
     );
     a.shutdown().await.unwrap();
     fake.close(0u32.into(), b"");
+}
+
+/// Unauthenticated connections are rationed: a few at a time per IP address, a bounded number
+/// in all; the pair's own connection is untouched, and freed slots are usable again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_in_progress_are_rationed_per_address_and_in_all() {
+    let mut config = NodeConfig::fast_failover();
+    config.handshake_timeout = Duration::from_secs(10); // the idle ones hold their slots
+    config.max_handshakes = 12;
+    config.max_handshakes_per_ip = 4;
+    let p = pair_with(config).await;
+    let before = p.links().await;
+    let target = p.nodes[0].local_addr();
+
+    // Six silent connections from one address: four are let in, two closed at once.
+    let from2 = raw::endpoint_at("127.0.0.2");
+    let mut idle = Vec::new();
+    for _ in 0..6 {
+        idle.push(raw::connect(&from2, target).await);
+    }
+    let too_many = |c: &quinn::Connection| match c.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(a)) => {
+            code(&a) == PROTOCOL && reason(&a) == "too many handshakes from 127.0.0.2"
+        }
+        _ => false,
+    };
+    eventually(WAIT, "two closed for their address", || {
+        let n = idle.iter().filter(|c| too_many(c)).count();
+        async move { n == 2 }
+    })
+    .await;
+    assert_eq!(
+        idle.iter().filter(|c| c.close_reason().is_none()).count(),
+        4,
+        "the other four are still open"
+    );
+
+    // Eight more from two other addresses fill the twelve slots; past six, each first proved its
+    // address with a QUIC retry, which a real client passes without noticing.
+    let others = [raw::endpoint_at("127.0.0.3"), raw::endpoint_at("127.0.0.4")];
+    for ep in &others {
+        for _ in 0..4 {
+            idle.push(raw::connect(ep, target).await);
+        }
+    }
+    let from5 = raw::endpoint_at("127.0.0.5");
+    let refused = from5.connect(target, "cets").unwrap().await;
+    assert!(
+        matches!(refused, Err(quinn::ConnectionError::ConnectionClosed(_))),
+        "the thirteenth is refused, not {:?}",
+        refused.map(|_| "connected")
+    );
+    p.still_replicates(1).await;
+
+    // The silent ones go away: their slots, and their address's, are free again.
+    for c in &idle {
+        c.close(0u32.into(), b"");
+    }
+    let me = NodeId {
+        name: "a-raw".into(),
+        incarnation: 7,
+    };
+    eventually(WAIT, "a handshake from 127.0.0.2 is admitted", || {
+        let (from2, me) = (from2.clone(), me.clone());
+        async move { raw::try_handshake(&from2, target, COOKIE, &me).await }
+    })
+    .await;
+    for ep in others.iter().chain([&from2, &from5]) {
+        ep.close(0u32.into(), b"");
+    }
+    p.ends_unharmed(2, before, raw::endpoint()).await;
 }

@@ -1,10 +1,12 @@
 //! QUIC transport: one endpoint per node, one authenticated connection per pair of nodes.
 //!
+//! - [`admission`]: how many incoming connections may be in their handshake at once.
 //! - [`tls`]: certificates and rustls configs (ring provider, always explicit).
 //! - [`handshake`]: the cookie proof bound to the TLS session.
 //! - [`frame`]: length-prefixed postcard frames with a size limit.
 //! - [`peers`]: the connection manager, one task that owns every connection of the node.
 
+pub(crate) mod admission;
 pub(crate) mod frame;
 pub(crate) mod handshake;
 pub(crate) mod peers;

@@ -22,6 +22,7 @@ use ring::hmac;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
+use super::admission::{Admission, Admit};
 use super::frame::{self, FrameReader};
 use super::handshake::{self, Authenticated};
 use crate::config::NodeConfig;
@@ -412,12 +413,28 @@ async fn accept_loop(
     config: NodeConfig,
     tx: mpsc::UnboundedSender<Command>,
 ) {
+    let admission = Admission::new(config.max_handshakes, config.max_handshakes_per_ip);
     while let Some(incoming) = endpoint.accept().await {
+        let addr = incoming.remote_address();
+        let mut slot =
+            match admission.admit(incoming.remote_address_validated(), incoming.may_retry()) {
+                Admit::Yes(slot) => slot,
+                Admit::Retry => {
+                    if let Err(e) = incoming.retry() {
+                        e.into_incoming().refuse();
+                    }
+                    continue;
+                }
+                Admit::Refuse => {
+                    tracing::debug!(%addr, "too many handshakes in progress; connection refused");
+                    incoming.refuse();
+                    continue;
+                }
+            };
         let (me, key, tx) = (me.clone(), key.clone(), tx.clone());
         let timeout = config.handshake_timeout;
         tokio::spawn(
             async move {
-                let addr = incoming.remote_address();
                 let conn = match tokio::time::timeout(timeout, incoming).await {
                     Ok(Ok(c)) => c,
                     Ok(Err(e)) => {
@@ -429,6 +446,14 @@ async fn accept_loop(
                         return;
                     }
                 };
+                // The QUIC handshake proved the address: now it counts against its IP.
+                let ip = canonical(conn.remote_address()).ip();
+                if !slot.claim_ip(ip) {
+                    let reason = format!("too many handshakes from {ip}");
+                    tracing::warn!(%addr, "{reason}; connection closed");
+                    conn.close(VarInt::from_u32(close::PROTOCOL), reason.as_bytes());
+                    return;
+                }
                 match handshake::acceptor(conn, &me, &key, timeout).await {
                     Ok(a) => {
                         let _ = tx.send(Command::Authenticated(a));
