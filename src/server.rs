@@ -247,6 +247,7 @@ impl<K: Key, V: Value> Server<K, V> {
     async fn run(mut self) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_tick = Instant::now();
         loop {
             let can_write = self.paused.is_none() && self.pending.len() < MAX_IN_FLIGHT;
             tokio::select! {
@@ -266,9 +267,24 @@ impl<K: Key, V: Value> Server<K, V> {
                         }
                     }
                     self.flush_acks();
+                    // Peer input goes first, but a stream of it that never lets up must not shut
+                    // out this node's own writers and the tick: each gets a turn after a burst.
+                    if self.paused.is_none() && self.pending.len() < MAX_IN_FLIGHT {
+                        if let Ok(w) = self.writes.try_recv() {
+                            self.on_writes(w);
+                        }
+                    }
+                    if last_tick.elapsed() >= TICK {
+                        tick.reset();
+                        self.on_tick();
+                        last_tick = Instant::now();
+                    }
                 }
                 Some(w) = self.writes.recv(), if can_write => self.on_writes(w),
-                _ = tick.tick() => self.on_tick(),
+                _ = tick.tick() => {
+                    self.on_tick();
+                    last_tick = Instant::now();
+                }
             }
         }
     }
