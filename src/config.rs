@@ -30,7 +30,7 @@ pub struct NodeConfig {
     pub max_handshakes: usize,
     /// Connections from one IP address that may run the cookie handshake at once. Default 16.
     /// One more is closed with the `PROTOCOL` code and the reason "too many handshakes from
-    /// <ip>". Raise it where many nodes share an IP address (behind NAT) and restart together.
+    /// `<ip>`". Raise it where many nodes share an IP address (behind NAT) and restart together.
     pub max_handshakes_per_ip: usize,
     /// How often the discovery backend is polled. Default 1 s. Polling is cheap (a file read or a
     /// DNS query); new nodes are found within one interval.

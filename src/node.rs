@@ -18,6 +18,7 @@ use crate::server::{Control, Server, ServerParts};
 use crate::status::{NodeStatus, TableStatus};
 use crate::store::Store;
 use crate::table::{Key, Shared, Table, TableOptions, Value};
+use crate::transport::handshake::Credentials;
 use crate::transport::peers::{canonical, Command, PeerManager, PeersView};
 use crate::{Error, Result};
 
@@ -90,6 +91,9 @@ impl NodeBuilder {
         if self.cookie.is_empty() {
             return Err(Error::Config("the cookie must not be empty".into()));
         }
+        if let Some(tls) = &self.tls {
+            tls.check_own_name(&self.name)?;
+        }
         let id = NodeId::new(self.name);
         let endpoint = crate::transport::endpoint(self.listen, &self.config, self.tls.as_ref())?;
         let local_addr = endpoint.local_addr()?;
@@ -97,7 +101,10 @@ impl NodeBuilder {
         let peers = PeerManager::spawn(
             id.clone(),
             endpoint.clone(),
-            &self.cookie,
+            Credentials::new(
+                &self.cookie,
+                self.tls.as_ref().is_some_and(|t| t.requires_node_names()),
+            ),
             self.config.clone(),
             registry.clone(),
         );

@@ -93,3 +93,70 @@ fn bad_pem_is_a_clear_error() {
     let err = TlsConfig::from_pem_files("/nonexistent/ca.pem", "/x", "/y").unwrap_err();
     assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
 }
+
+/// With `require_node_names`, a certificate is good for the node names it carries only. An
+/// impostor holding another CA-signed certificate cannot take a live node's name (and so
+/// replace that node's connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_node_names_bind_certificates_to_names() {
+    let ca = ca();
+    let named = |name: &str| node_tls(&ca, name).require_node_names();
+    let a = node("a", Some(named("a")), vec![]).await;
+    let b = node("b", Some(named("b")), vec![a.local_addr()]).await;
+    let ta: Table<u64, u64> = a.start("t", TableOptions::set()).await.unwrap();
+    let tb: Table<u64, u64> = b.start("t", TableOptions::set()).await.unwrap();
+    until("joined", async || {
+        ta.nodes() == ["b"] && tb.nodes() == ["a"]
+    })
+    .await;
+    let real_b = b.id().clone();
+
+    // A second "b", whose certificate the CA signed for "mallory" (it does not check its own
+    // name, so it starts).
+    let impostor = node("b", Some(node_tls(&ca, "mallory")), vec![a.local_addr()]).await;
+    until("the impostor is refused", async || {
+        impostor
+            .status()
+            .await
+            .unavailable
+            .iter()
+            .any(|(_, why)| why.contains("does not name it"))
+    })
+    .await;
+    assert!(impostor.status().await.connected.is_empty());
+    let connected: Vec<_> = a
+        .status()
+        .await
+        .connected
+        .into_iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(connected, [real_b], "a kept the real b");
+    tb.insert(1, 2).await.unwrap();
+    assert_eq!(ta.get(&1), Some(2));
+    for n in [&a, &b, &impostor] {
+        n.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_certificate_does_not_name_it_does_not_start() {
+    let ca = ca();
+    let tls = node_tls(&ca, "other").require_node_names();
+    assert!(tls.requires_node_names());
+    let err = Node::builder("a")
+        .listen("127.0.0.1:0".parse().unwrap())
+        .tls(tls.clone())
+        .start()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, cets::Error::Tls(_)), "{err}");
+    assert!(err.to_string().contains("does not name it (a)"), "{err}");
+    let err = Node::builder("not a dns name")
+        .listen("127.0.0.1:0".parse().unwrap())
+        .tls(tls)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("is not a DNS name"), "{err}");
+}

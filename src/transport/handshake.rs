@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use quinn::{Connection, VarInt};
 use ring::hmac;
+use rustls::pki_types::CertificateDer;
 
 use super::frame::{self, FrameReader};
 use crate::membership::NodeId;
@@ -67,7 +68,7 @@ fn fail(conn: &Connection, code: u32, reason: String) -> Error {
     }
 }
 
-fn check(key: &hmac::Key, conn: &Connection, role: Role, hello: &Hello) -> Result<()> {
+fn check(auth: &Credentials, conn: &Connection, role: Role, hello: &Hello) -> Result<()> {
     if hello.magic != MAGIC || hello.version != PROTOCOL_VERSION {
         return Err(fail(
             conn,
@@ -89,13 +90,29 @@ fn check(key: &hmac::Key, conn: &Connection, role: Role, hello: &Hello) -> Resul
         ));
     }
     let msg = proof_message(conn, role, &hello.node)?;
-    hmac::verify(key, &msg, &hello.proof).map_err(|_| {
+    hmac::verify(&auth.key, &msg, &hello.proof).map_err(|_| {
         fail(
             conn,
             close::AUTH,
             format!("bad cookie from {}", hello.node.name),
         )
-    })
+    })?;
+    if auth.node_names {
+        let named = conn
+            .peer_identity()
+            .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .and_then(|chain| chain.first().cloned())
+            .ok_or_else(|| "no certificate".to_string())
+            .and_then(|leaf| super::tls::names_node(&leaf, name));
+        if let Err(why) = named {
+            return Err(fail(
+                conn,
+                close::AUTH,
+                format!("the certificate of {name} does not name it: {why}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 async fn read_hello(conn: &Connection, reader: &mut FrameReader) -> Result<Hello> {
@@ -133,7 +150,7 @@ pub(crate) async fn dialer(
     conn: Connection,
     addr: SocketAddr,
     me: &NodeId,
-    key: &hmac::Key,
+    auth: &Credentials,
     timeout: Duration,
 ) -> Result<Authenticated> {
     let work = async {
@@ -145,14 +162,14 @@ pub(crate) async fn dialer(
             magic: MAGIC,
             version: PROTOCOL_VERSION,
             node: me.clone(),
-            proof: proof(key, &conn, Role::Dialer, me)?,
+            proof: proof(&auth.key, &conn, Role::Dialer, me)?,
         };
         send.write_all(&frame::encode(&hello)?)
             .await
             .map_err(|e| Error::Transport(e.to_string()))?;
         let mut reader = FrameReader::new(recv, HELLO_LIMIT);
         let theirs = read_hello(&conn, &mut reader).await?;
-        check(key, &conn, Role::Acceptor, &theirs)?;
+        check(auth, &conn, Role::Acceptor, &theirs)?;
         let _ = send.finish();
         Ok(Authenticated {
             conn: conn.clone(),
@@ -170,7 +187,7 @@ pub(crate) async fn dialer(
 pub(crate) async fn acceptor(
     conn: Connection,
     me: &NodeId,
-    key: &hmac::Key,
+    auth: &Credentials,
     timeout: Duration,
 ) -> Result<Authenticated> {
     let work = async {
@@ -180,12 +197,12 @@ pub(crate) async fn acceptor(
             .map_err(|e| Error::Transport(e.to_string()))?;
         let mut reader = FrameReader::new(recv, HELLO_LIMIT);
         let theirs = read_hello(&conn, &mut reader).await?;
-        check(key, &conn, Role::Dialer, &theirs)?;
+        check(auth, &conn, Role::Dialer, &theirs)?;
         let hello = Hello {
             magic: MAGIC,
             version: PROTOCOL_VERSION,
             node: me.clone(),
-            proof: proof(key, &conn, Role::Acceptor, me)?,
+            proof: proof(&auth.key, &conn, Role::Acceptor, me)?,
         };
         send.write_all(&frame::encode(&hello)?)
             .await
@@ -203,7 +220,18 @@ pub(crate) async fn acceptor(
     }
 }
 
-/// The HMAC key of a cookie.
-pub(crate) fn cookie_key(cookie: &[u8]) -> hmac::Key {
-    hmac::Key::new(hmac::HMAC_SHA256, cookie)
+/// What a node checks a peer against: the cookie, and whether the peer's certificate must name
+/// it (mutual TLS with [`crate::TlsConfig::require_node_names`]).
+pub(crate) struct Credentials {
+    key: hmac::Key,
+    node_names: bool,
+}
+
+impl Credentials {
+    pub(crate) fn new(cookie: &[u8], node_names: bool) -> Self {
+        Self {
+            key: hmac::Key::new(hmac::HMAC_SHA256, cookie),
+            node_names,
+        }
+    }
 }

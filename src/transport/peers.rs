@@ -18,13 +18,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use quinn::{Connection, Endpoint, VarInt};
-use ring::hmac;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use super::admission::{Admission, Admit};
 use super::frame::{self, FrameReader};
-use super::handshake::{self, Authenticated};
+use super::handshake::{self, Authenticated, Credentials};
 use crate::config::NodeConfig;
 use crate::membership::NodeId;
 use crate::proto::{close, StreamHeader};
@@ -82,7 +81,7 @@ struct Active {
 pub(crate) struct PeerManager {
     me: NodeId,
     endpoint: Endpoint,
-    key: Arc<hmac::Key>,
+    auth: Arc<Credentials>,
     config: NodeConfig,
     registry: Arc<Registry>,
     tx: mpsc::UnboundedSender<Command>,
@@ -97,12 +96,12 @@ impl PeerManager {
     pub(crate) fn spawn(
         me: NodeId,
         endpoint: Endpoint,
-        cookie: &[u8],
+        auth: Credentials,
         config: NodeConfig,
         registry: Arc<Registry>,
     ) -> mpsc::UnboundedSender<Command> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let key = Arc::new(handshake::cookie_key(cookie));
+        let auth = Arc::new(auth);
         let mut self_addrs = HashSet::new();
         if let Ok(a) = endpoint.local_addr() {
             self_addrs.insert(canonical(a));
@@ -112,7 +111,7 @@ impl PeerManager {
             accept_loop(
                 endpoint.clone(),
                 me.clone(),
-                key.clone(),
+                auth.clone(),
                 config.clone(),
                 tx.clone(),
             )
@@ -121,7 +120,7 @@ impl PeerManager {
         let manager = PeerManager {
             me,
             endpoint,
-            key,
+            auth,
             config,
             registry,
             tx: tx.clone(),
@@ -220,10 +219,10 @@ impl PeerManager {
             return;
         }
         self.dialing.insert(addr);
-        let (endpoint, me, key, tx) = (
+        let (endpoint, me, auth, tx) = (
             self.endpoint.clone(),
             self.me.clone(),
-            self.key.clone(),
+            self.auth.clone(),
             self.tx.clone(),
         );
         let timeout = self.config.handshake_timeout;
@@ -239,7 +238,7 @@ impl PeerManager {
                         .map_err(|_| crate::Error::Timeout(timeout))?
                         .map_err(|e| crate::Error::Transport(e.to_string()))?;
                     dialed = Some(conn.clone());
-                    handshake::dialer(conn, addr, &me, &key, timeout).await
+                    handshake::dialer(conn, addr, &me, &auth, timeout).await
                 }
                 .await;
                 // The peer may close before we read its hello: REDIRECT (it dials back) is an
@@ -409,7 +408,7 @@ impl PeerManager {
 async fn accept_loop(
     endpoint: Endpoint,
     me: NodeId,
-    key: Arc<hmac::Key>,
+    auth: Arc<Credentials>,
     config: NodeConfig,
     tx: mpsc::UnboundedSender<Command>,
 ) {
@@ -431,7 +430,7 @@ async fn accept_loop(
                     continue;
                 }
             };
-        let (me, key, tx) = (me.clone(), key.clone(), tx.clone());
+        let (me, auth, tx) = (me.clone(), auth.clone(), tx.clone());
         let timeout = config.handshake_timeout;
         tokio::spawn(
             async move {
@@ -454,7 +453,7 @@ async fn accept_loop(
                     conn.close(VarInt::from_u32(close::PROTOCOL), reason.as_bytes());
                     return;
                 }
-                match handshake::acceptor(conn, &me, &key, timeout).await {
+                match handshake::acceptor(conn, &me, &auth, timeout).await {
                     Ok(a) => {
                         let _ = tx.send(Command::Authenticated(a));
                     }

@@ -7,7 +7,10 @@
 //!
 //! With [`TlsConfig`] (mutual TLS), both sides must present a certificate chain signed by the
 //! cluster CA, checked by rustls's WebPKI verifiers, before the cookie handshake even starts.
-//! Names in the certificates are not checked: membership of the cluster is what the CA says.
+//! By default the names in the certificates are not checked: membership of the cluster is what
+//! the CA says. With [`TlsConfig::require_node_names`], each node's certificate must also carry
+//! its node name (as a DNS subject alternative name), so that a node can claim no name but its
+//! own.
 //! Every config is built with the `ring` provider explicitly, never the process default, so a
 //! second crypto provider elsewhere in the program cannot make it panic.
 
@@ -28,6 +31,7 @@ pub struct TlsConfig {
     ca: Vec<CertificateDer<'static>>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    node_names: bool,
 }
 
 impl Clone for TlsConfig {
@@ -36,6 +40,7 @@ impl Clone for TlsConfig {
             ca: self.ca.clone(),
             chain: self.chain.clone(),
             key: self.key.clone_key(),
+            node_names: self.node_names,
         }
     }
 }
@@ -45,6 +50,7 @@ impl std::fmt::Debug for TlsConfig {
         f.debug_struct("TlsConfig")
             .field("ca_certificates", &self.ca.len())
             .field("chain", &self.chain.len())
+            .field("node_names", &self.node_names)
             .finish_non_exhaustive()
     }
 }
@@ -84,7 +90,39 @@ impl TlsConfig {
             ca: certs(ca, "CA")?,
             chain: certs(cert, "certificate")?,
             key,
+            node_names: false,
         })
+    }
+
+    /// Also require every node's certificate to name that node: the node name must be one of
+    /// the certificate's DNS subject alternative names (so node names must be valid DNS names,
+    /// such as `node-1` or `node-1.cluster.example`). A peer whose certificate does not name the
+    /// node it claims to be is refused with the `AUTH` close code, after the CA and cookie
+    /// checks; this node's own certificate is checked at [`crate::NodeBuilder::start`].
+    ///
+    /// Without it, any holder of a certificate the CA signed may use any node name, including a
+    /// live node's (and so replace that node's connection). Use it with per-node certificates;
+    /// every node of a cluster should agree on it.
+    pub fn require_node_names(mut self) -> Self {
+        self.node_names = true;
+        self
+    }
+
+    /// Whether [`TlsConfig::require_node_names`] is on.
+    pub fn requires_node_names(&self) -> bool {
+        self.node_names
+    }
+
+    /// Checks that this node's own certificate names it, when names are required.
+    pub(crate) fn check_own_name(&self, name: &str) -> Result<()> {
+        match self.chain.first() {
+            Some(leaf) if self.node_names => names_node(leaf, name).map_err(|why| {
+                Error::Tls(format!(
+                    "this node's certificate does not name it ({name}), and require_node_names is on: {why}"
+                ))
+            }),
+            _ => Ok(()),
+        }
     }
 
     fn roots(&self) -> Result<Arc<rustls::RootCertStore>> {
@@ -94,6 +132,20 @@ impl TlsConfig {
         }
         Ok(Arc::new(roots))
     }
+}
+
+/// Whether the certificate `leaf` carries `node` as a DNS subject alternative name; the reason
+/// if not.
+pub(crate) fn names_node(leaf: &CertificateDer<'_>, node: &str) -> std::result::Result<(), String> {
+    let name = ServerName::try_from(node)
+        .map_err(|_| format!("the node name {node:?} is not a DNS name"))?;
+    if !matches!(name, ServerName::DnsName(_)) {
+        return Err(format!("the node name {node:?} is not a DNS name"));
+    }
+    let cert =
+        webpki::EndEntityCert::try_from(leaf).map_err(|e| format!("bad certificate: {e}"))?;
+    cert.verify_is_valid_for_subject_name(&name)
+        .map_err(|_| format!("{node} is not among the certificate's DNS names"))
 }
 
 /// Server name every node presents and every client asks for.
