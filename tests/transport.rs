@@ -871,21 +871,34 @@ mod raw {
         }
     }
 
-    /// The dialer's side of the cookie handshake; checks the node's proof; returns the node.
-    pub async fn handshake(conn: &quinn::Connection, cookie: &str, me: &NodeId) -> NodeId {
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    /// The dialer's side of the cookie handshake on `conn`: our hello, then the node's, or
+    /// `None` on any failure.
+    async fn exchange(conn: &quinn::Connection, cookie: &str, me: &NodeId) -> Option<Hello> {
+        let (mut send, mut recv) = conn.open_bi().await.ok()?;
         send.write_all(&frame(&hello(cookie, conn, me)))
             .await
-            .unwrap();
-        let theirs: Hello = postcard::from_bytes(&read_frame(&mut recv).await).unwrap();
+            .ok()?;
+        let mut len = [0u8; 4];
+        recv.read_exact(&mut len).await.ok()?;
+        let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+        recv.read_exact(&mut body).await.ok()?;
+        let _ = send.finish();
+        postcard::from_bytes(&body).ok()
+    }
+
+    /// The dialer's side of the cookie handshake; checks the node's proof; returns the node.
+    pub async fn handshake(conn: &quinn::Connection, cookie: &str, me: &NodeId) -> NodeId {
+        let theirs = exchange(conn, cookie, me)
+            .await
+            .expect("the node answers with its hello");
         assert_eq!(&theirs.magic, b"CETS");
         let expected = proof(cookie, conn, b'A', &theirs.node);
         assert_eq!(theirs.proof, expected, "the node proves the cookie");
-        let _ = send.finish();
         theirs.node
     }
 
-    /// The whole handshake as `me`; `false` on any failure instead of a panic (for polls).
+    /// A new connection and the whole handshake as `me`; `false` on any failure instead of a
+    /// panic (for polls).
     pub async fn try_handshake(
         ep: &quinn::Endpoint,
         addr: SocketAddr,
@@ -894,15 +907,7 @@ mod raw {
     ) -> bool {
         let attempt = async {
             let conn = ep.connect(addr, "cets").ok()?.await.ok()?;
-            let (mut send, mut recv) = conn.open_bi().await.ok()?;
-            send.write_all(&frame(&hello(cookie, &conn, me)))
-                .await
-                .ok()?;
-            let mut len = [0u8; 4];
-            recv.read_exact(&mut len).await.ok()?;
-            let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
-            recv.read_exact(&mut body).await.ok()?;
-            let theirs: Hello = postcard::from_bytes(&body).ok()?;
+            let theirs = exchange(&conn, cookie, me).await?;
             let ok = theirs.proof == proof(cookie, &conn, b'A', &theirs.node);
             conn.close(0u32.into(), b"");
             Some(ok)
