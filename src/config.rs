@@ -46,7 +46,8 @@ pub struct NodeConfig {
     /// add latency, because a batch is cut from what is already queued, never waited for.
     pub max_batch_ops: usize,
     /// Group commit: a batch is closed once its encoded size reaches this many bytes.
-    /// Default 1 MiB.
+    /// Default 1 MiB. Must be at least 64 bytes below half of `max_frame_size` (the batch's last
+    /// write may take up to that half).
     pub max_batch_bytes: usize,
     /// Capacity of a table's queue of write calls. Callers wait (back-pressure) when it is full.
     /// Default 65 536.
@@ -123,8 +124,10 @@ impl NodeConfig {
         if self.max_frame_size < 1024 {
             return bad("max_frame_size must be at least 1024 bytes");
         }
-        if self.max_batch_bytes >= self.max_frame_size / 2 {
-            return bad("max_batch_bytes must be below half of max_frame_size");
+        // A batch stops once it holds max_batch_bytes, and its last write may take up to half of
+        // max_frame_size: both, and the frame's own head, must fit in one frame.
+        if self.max_batch_bytes.saturating_add(FRAME_HEAD_ROOM) > self.max_frame_size / 2 {
+            return bad("max_batch_bytes must be at least 64 bytes below half of max_frame_size");
         }
         if self.max_batch_ops == 0 || self.write_queue == 0 || self.join_chunk_records == 0 {
             return bad("max_batch_ops, write_queue and join_chunk_records must be positive");
@@ -138,6 +141,9 @@ impl NodeConfig {
         Ok(())
     }
 }
+
+/// Bytes a frame needs beyond its writes (message tag, sequence number, count), with a margin.
+const FRAME_HEAD_ROOM: usize = 64;
 
 /// The instant `after` from now, or as far as the clock reaches: a duration such as
 /// `Duration::MAX` (a natural way to say "forever") must not overflow `Instant`.

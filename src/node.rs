@@ -474,7 +474,7 @@ async fn discovery_loop(
             }
             Err(e) => {
                 tracing::warn!(error = %e, "discovery failed");
-                delay = (delay * 2).min(config.discovery_max_backoff);
+                delay = delay.saturating_mul(2).min(config.discovery_max_backoff);
             }
         }
         tokio::time::sleep(delay).await;

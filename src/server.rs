@@ -1233,7 +1233,10 @@ impl<K: Key, V: Value> Server<K, V> {
                         track.failures = track.failures.saturating_add(1);
                         let exp = base.saturating_mul(1u32 << track.failures.min(16)).min(max);
                         let jitter = rand::random_range(0.5..1.5);
-                        track.next = Some(Instant::now() + exp.mul_f64(jitter));
+                        // Saturating: a back-off of `Duration::MAX` means "do not retry".
+                        let wait =
+                            Duration::try_from_secs_f64(exp.as_secs_f64() * jitter).unwrap_or(exp);
+                        track.next = Some(crate::config::deadline_after(wait));
                         if track.failures >= 3 {
                             tracing::warn!(peer = %name, error = %e, failures = track.failures, "join failed; retrying");
                         } else {

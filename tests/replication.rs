@@ -730,3 +730,95 @@ async fn a_member_that_stops_acknowledging_is_dropped_and_joined_back() {
     assert_eq!(tb.get(&3).as_deref(), Some("three"));
     shutdown_all(c[..2].iter().map(|(n, _)| n)).await;
 }
+
+/// A join back-off of `Duration::MAX` ("never retry a failed join") is accepted: the first
+/// failed join leaves the table server running, with the peer not joined. (The back-off used to
+/// overflow and kill the table server.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_backoff_meaning_never_leaves_the_table_serving() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let mut config = cets::NodeConfig::fast_failover();
+    config.join_backoff = Duration::MAX;
+    config.join_max_backoff = Duration::MAX;
+    let (a, ha) = node_with("a", "test-cookie", config.clone()).await;
+    let (b, hb) = node_with("b", "test-cookie", config).await;
+    // a coordinates (smaller name); its first join stalls past the 2 s lease and fails.
+    let first = Arc::new(AtomicBool::new(true));
+    let stalled = Arc::new(AtomicBool::new(false));
+    let done = stalled.clone();
+    let opts = TableOptions::<u64, String>::set().join_checkpoint(move |at| {
+        let stall = at == "locked" && first.swap(false, Ordering::SeqCst);
+        let done = done.clone();
+        async move {
+            if stall {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                done.store(true, Ordering::SeqCst);
+            }
+        }
+    });
+    let ta: Table<u64, String> = a.start("t", opts).await.unwrap();
+    let _tb: Table<u64, String> = b.start("t", TableOptions::set()).await.unwrap();
+    ha.set(vec![a.local_addr(), b.local_addr()]);
+    hb.set(vec![a.local_addr(), b.local_addr()]);
+    eventually(
+        WAIT,
+        "the join stalled past its lease, failed, and b stays not joined",
+        || {
+            let (ta, stalled) = (ta.clone(), stalled.clone());
+            async move {
+                stalled.load(Ordering::SeqCst)
+                    && ta
+                        .status()
+                        .await
+                        .is_ok_and(|s| s.joining.is_empty() && s.not_joined == ["b"])
+            }
+        },
+    )
+    .await;
+    ta.insert(1, "one".into()).await.unwrap();
+    assert_eq!(ta.get(&1).as_deref(), Some("one"));
+    shutdown_all([&a, &b]).await;
+}
+
+/// A batch holds up to `max_batch_bytes` of writes and then one more, which may take half of
+/// `max_frame_size`: the configuration is refused unless both and the frame's head fit in one
+/// frame. (A `max_batch_bytes` just below half of the frame size used to be accepted, and a
+/// batch at both limits exceeded the peer's frame limit: the peer closed the connection and
+/// each side dropped the other's records.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_at_the_configured_limits_fits_in_one_frame() {
+    let mut config = cets::NodeConfig::fast_failover();
+    config.max_frame_size = 1024;
+    config.max_batch_bytes = 511;
+    let refused = Node::builder("a").config(config.clone()).start().await;
+    assert!(
+        matches!(refused, Err(Error::Config(_))),
+        "511 of 1024 is refused"
+    );
+    config.max_batch_bytes = 448; // the largest accepted
+    let (a, ha) = node_with("a", "test-cookie", config.clone()).await;
+    let (b, hb) = node_with("b", "test-cookie", config).await;
+    ha.set(vec![a.local_addr(), b.local_addr()]);
+    hb.set(vec![a.local_addr(), b.local_addr()]);
+    let downs = Downs::default();
+    let ta: Table<u64, String> = a.start("t", TableOptions::set()).await.unwrap();
+    let tb: Table<u64, String> = b.start("t", downs.opts(TableOptions::set())).await.unwrap();
+    joined(&[&ta, &tb]).await;
+    // Ops of 447 bytes (just under max_batch_bytes) and of 512 (half the frame), interleaved.
+    let writer = |k: u64, n: usize| {
+        let t = ta.clone();
+        tokio::spawn(async move {
+            for _ in 0..300 {
+                t.insert(k, "x".repeat(n)).await.unwrap();
+            }
+        })
+    };
+    let (w1, w2) = (writer(1, 433), writer(2, 498));
+    w1.await.unwrap();
+    w2.await.unwrap();
+    assert_eq!(downs.calls(), vec![], "b never saw a go down");
+    assert_eq!(tb.nodes(), ["a"]);
+    assert_eq!(tb.get(&2).map(|v| v.len()), Some(498));
+    shutdown_all([&a, &b]).await;
+}
