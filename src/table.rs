@@ -165,6 +165,12 @@ impl<K, V> TableOptions<K, V> {
     /// Names the node that owns a record (default: the node that wrote it). A record is
     /// dropped everywhere when its owner goes down. A name that is not a live node of the table
     /// leaves the record owned by the writer.
+    ///
+    /// Known limitation: every replica runs `f` itself and looks the name up among its own
+    /// connections, so a replica not (yet) connected to the named node, or connected to another
+    /// incarnation of it, records another owner, and the replicas can drop different records
+    /// when that node goes down (ALGORITHM.md, known gap 12). Name only nodes that every node
+    /// of the table is connected to, or leave the default.
     pub fn owner<F>(mut self, f: F) -> Self
     where
         F: Fn(&K, &V) -> String + Send + Sync + 'static,
