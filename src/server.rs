@@ -112,6 +112,9 @@ struct Link {
     /// The peer's last announced view (hash of its epoch and member list).
     view: Option<u64>,
     disagree_since: Option<Instant>,
+    /// The member was removed because this link's table stream closed: its node still counts
+    /// as a member for `on_node_down` when the `PeerDown` that follows arrives.
+    member_until_closed: bool,
 }
 
 impl Link {
@@ -379,6 +382,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 watermark: 0,
                 view: None,
                 disagree_since: None,
+                member_until_closed: false,
             },
         );
         Some(key)
@@ -424,8 +428,11 @@ impl<K: Key, V: Value> Server<K, V> {
         let Some(key) = self.owners.lookup(id) else {
             return;
         };
-        let was_link = self.links.remove(&key).is_some();
-        let was_member = self.members.remove(&key);
+        let link = self.links.remove(&key);
+        let was_link = link.is_some();
+        // A member whose table stream closed just before (the writer task reported the lost
+        // connection before the node's `PeerDown` got here) was a member all the same.
+        let was_member = self.members.remove(&key) | link.is_some_and(|l| l.member_until_closed);
         self.join_replies.retain(|_, (k, _)| *k != key);
         self.joins.remove(&key);
         self.pause_waiters
@@ -840,6 +847,8 @@ impl<K: Key, V: Value> Server<K, V> {
                     }
                 }
                 if self.members.remove(&key) {
+                    tracing::debug!(peer = %link.id, "member removed: its table stream closed");
+                    link.member_until_closed = true;
                     self.publish_members();
                 }
                 self.complete_pending();
