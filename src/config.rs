@@ -127,7 +127,9 @@ impl NodeConfig {
         // A batch stops once it holds max_batch_bytes, and its last write may take up to half of
         // max_frame_size: both, and the frame's own head, must fit in one frame.
         if self.max_batch_bytes.saturating_add(FRAME_HEAD_ROOM) > self.max_frame_size / 2 {
-            return bad("max_batch_bytes must be at least 64 bytes below half of max_frame_size");
+            return bad(&format!(
+                "max_batch_bytes must be at least {FRAME_HEAD_ROOM} bytes below half of max_frame_size"
+            ));
         }
         if self.max_batch_ops == 0 || self.write_queue == 0 || self.join_chunk_records == 0 {
             return bad("max_batch_ops, write_queue and join_chunk_records must be positive");
