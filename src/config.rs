@@ -71,6 +71,15 @@ pub struct NodeConfig {
     /// Chunks are also cut at a quarter of `max_frame_size` in encoded bytes, whatever the
     /// size of the values.
     pub join_chunk_records: usize,
+    /// Bytes of frames one table may have queued for one peer and not yet handed to QUIC.
+    /// Default 256 MiB. The table server never waits for a peer; a peer that stops reading
+    /// (flow control then holds the queue) makes writes, ticks and join replies pile up, and
+    /// the frame that would pass this bound closes the connection to that peer instead (code
+    /// `OVERLOAD`, logged as "outbound queue full"): its records are dropped everywhere, and
+    /// it joins again once it reconnects. A join sends a node's whole table to a peer at
+    /// once, so keep this above the encoded size of your largest table (about the key and value
+    /// plus 12 bytes per record) plus a few seconds of writes; at least `max_frame_size`.
+    pub max_link_queue_bytes: usize,
 }
 
 impl Default for NodeConfig {
@@ -93,6 +102,7 @@ impl Default for NodeConfig {
             join_backoff: Duration::from_millis(100),
             join_max_backoff: Duration::from_secs(5),
             join_chunk_records: 10_000,
+            max_link_queue_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -134,6 +144,9 @@ impl NodeConfig {
         if self.max_batch_ops == 0 || self.write_queue == 0 || self.join_chunk_records == 0 {
             return bad("max_batch_ops, write_queue and join_chunk_records must be positive");
         }
+        if self.max_link_queue_bytes < self.max_frame_size {
+            return bad("max_link_queue_bytes must be at least max_frame_size");
+        }
         if self.max_handshakes == 0 || self.max_handshakes_per_ip == 0 {
             return bad("max_handshakes and max_handshakes_per_ip must be positive");
         }
@@ -154,4 +167,21 @@ pub(crate) fn deadline_after(after: Duration) -> Instant {
     now.checked_add(after)
         .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
         .unwrap_or(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_link_queue_must_hold_a_frame() {
+        let mut c = NodeConfig::default();
+        assert!(c.validate().is_ok());
+        c.max_link_queue_bytes = c.max_frame_size - 1;
+        assert!(
+            matches!(c.validate(), Err(crate::Error::Config(m)) if m.contains("max_link_queue_bytes"))
+        );
+        c.max_link_queue_bytes = c.max_frame_size;
+        assert!(c.validate().is_ok());
+    }
 }

@@ -38,6 +38,7 @@ pub mod hlc;
 mod join;
 pub mod membership;
 mod node;
+mod outbox;
 mod proto;
 mod registry;
 mod server;

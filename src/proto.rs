@@ -159,6 +159,9 @@ pub(crate) mod close {
     pub(crate) const SELF: u32 = 6;
     /// A node with this name connected again under a new incarnation.
     pub(crate) const REPLACED: u32 = 7;
+    /// The peer did not read a table stream while frames for it piled up past
+    /// `NodeConfig::max_link_queue_bytes`.
+    pub(crate) const OVERLOAD: u32 = 8;
 }
 
 /// Stream stop codes.

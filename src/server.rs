@@ -28,6 +28,7 @@ use crate::config::{deadline_after, NodeConfig};
 use crate::hlc::HybridClock;
 use crate::join::{self, JoinCtx};
 use crate::membership::{NodeId, OwnerIdx, Owners};
+use crate::outbox::{outbox, Outbox, Refused};
 use crate::proto::{
     close, stop, Chunker, JoinRep, JoinReq, Op, OpKind, PeerMsg, StreamHeader, WireRecord,
 };
@@ -49,6 +50,11 @@ const ANNOUNCE_EVERY: u32 = 5;
 /// callers spread over 3 nodes went from 0.28 M to 0.48 M acked inserts/s against a limit of
 /// 1024, with no change to the latency of a lone caller.
 const MAX_IN_FLIGHT: usize = 2;
+
+/// A burst of peer input stops after this long, so that node events, local writes, the tick
+/// and the runtime's other tasks are not held up by heavy input (each join dump costs about
+/// 15 ns per byte of table).
+const MAX_BURST: Duration = Duration::from_millis(5);
 /// A member whose view differs from ours for this long is dropped from the member list (both
 /// sides do it), so that the next join repairs a half-finished one.
 const VIEW_GRACE: Duration = Duration::from_secs(2);
@@ -101,7 +107,7 @@ enum Origin<K, V> {
 struct Link {
     id: NodeId,
     conn: quinn::Connection,
-    out: Option<mpsc::UnboundedSender<Bytes>>,
+    out: Option<Outbox>,
     /// The peer opened its stream of this table to us (so it runs a compatible table).
     inbound: bool,
     /// The peer told us it runs no table of this name.
@@ -121,6 +127,34 @@ impl Link {
     fn ready(&self) -> bool {
         self.out.is_some() && self.inbound && self.refused.is_none()
     }
+
+    /// Whether frames queued now can still reach the peer.
+    fn open(&self) -> bool {
+        self.out.as_ref().is_some_and(|o| !o.is_closed())
+    }
+
+    /// Queues a frame on the link's table stream; false if it was not queued. The first frame
+    /// that would overflow the queue closes the connection to the peer: it has not read its
+    /// stream for too long, and the node-down that follows is how the table forgets it.
+    fn queue(&self, frame: Bytes) -> bool {
+        let Some(out) = &self.out else {
+            return false;
+        };
+        match out.send(frame) {
+            Ok(()) => true,
+            Err(Refused::Overflow { queued }) => {
+                tracing::warn!(
+                    peer = %self.id,
+                    queued,
+                    "outbound queue full (NodeConfig::max_link_queue_bytes): the peer does not read its table stream; closing the connection"
+                );
+                self.conn
+                    .close(VarInt::from_u32(close::OVERLOAD), b"outbound queue full");
+                false
+            }
+            Err(Refused::Closed) => false,
+        }
+    }
 }
 
 struct Pending {
@@ -134,6 +168,9 @@ struct Pause {
     join: u64,
     coordinator: NodeId,
     deadline: Instant,
+    /// The table's dump was sent for this join: a join asks each node once, and a second
+    /// request would queue another copy of the table.
+    dumped: bool,
 }
 
 #[derive(Default)]
@@ -262,8 +299,14 @@ impl<K: Key, V: Value> Server<K, V> {
                     }
                 }
                 Some(input) = self.inputs.recv() => {
+                    let burst = Instant::now();
                     self.on_input(input);
+                    let mut cut = false;
                     for _ in 0..256 {
+                        if burst.elapsed() >= MAX_BURST {
+                            cut = true;
+                            break;
+                        }
                         match self.inputs.try_recv() {
                             Ok(i) => self.on_input(i),
                             Err(_) => break,
@@ -281,6 +324,11 @@ impl<K: Key, V: Value> Server<K, V> {
                         tick.reset();
                         self.on_tick();
                         last_tick = Instant::now();
+                    }
+                    if cut {
+                        // Heavy input (join dumps): let the runtime's other tasks on this
+                        // thread run, whatever is left of this task's budget.
+                        tokio::task::yield_now().await;
                     }
                 }
                 Some(w) = self.writes.recv(), if can_write => self.on_writes(w),
@@ -329,6 +377,7 @@ impl<K: Key, V: Value> Server<K, V> {
                             self.header.clone(),
                             key,
                             self.inputs_tx.clone(),
+                            self.config.max_link_queue_bytes,
                         ));
                     }
                 }
@@ -368,7 +417,13 @@ impl<K: Key, V: Value> Server<K, V> {
         for id in stale {
             self.peer_down(&id);
         }
-        let out = spawn_writer(pc.clone(), self.header.clone(), key, self.inputs_tx.clone());
+        let out = spawn_writer(
+            pc.clone(),
+            self.header.clone(),
+            key,
+            self.inputs_tx.clone(),
+            self.config.max_link_queue_bytes,
+        );
         self.links.insert(
             key,
             Link {
@@ -589,10 +644,8 @@ impl<K: Key, V: Value> Server<K, V> {
         };
         let mut waiting = Vec::with_capacity(self.members.len());
         for key in &self.members {
-            if let Some(out) = self.links.get(key).and_then(|l| l.out.as_ref()) {
-                if out.send(frame.clone()).is_ok() {
-                    waiting.push(*key);
-                }
+            if self.links.get(key).is_some_and(|l| l.queue(frame.clone())) {
+                waiting.push(*key);
             }
         }
         // Sent first, applied here second: the local apply overlaps the round trip and the
@@ -913,12 +966,12 @@ impl<K: Key, V: Value> Server<K, V> {
     }
 
     fn send_to(&self, key: OwnerIdx, msg: &PeerMsg<K, V>) {
-        let Some(out) = self.links.get(&key).and_then(|l| l.out.as_ref()) else {
+        let Some(link) = self.links.get(&key) else {
             return;
         };
         match frame::encode(msg) {
             Ok(f) => {
-                let _ = out.send(f);
+                link.queue(f);
             }
             Err(e) => tracing::error!(error = %e, "cannot encode a message"),
         }
@@ -1019,6 +1072,7 @@ impl<K: Key, V: Value> Server<K, V> {
                             join,
                             coordinator,
                             deadline,
+                            dumped: false,
                         });
                         if self.pending.is_empty() {
                             let rep = self.paused_reply();
@@ -1038,6 +1092,14 @@ impl<K: Key, V: Value> Server<K, V> {
                         },
                     );
                     return;
+                }
+                if let Some(p) = self.paused.as_mut() {
+                    if p.dumped {
+                        let reason = "this join had the dump already".to_string();
+                        self.reply(origin, JoinRep::Refused { reason });
+                        return;
+                    }
+                    p.dumped = true;
                 }
                 self.send_dump(origin, &alive);
             }
@@ -1134,6 +1196,12 @@ impl<K: Key, V: Value> Server<K, V> {
     }
 
     fn send_dump(&self, origin: Origin<K, V>, alive: &[NodeId]) {
+        if let Origin::Peer(key, _) = origin {
+            if !self.links.get(&key).is_some_and(Link::open) {
+                // Its queue overflowed (the connection is closing), or its stream is gone.
+                return;
+            }
+        }
         let alive: Vec<bool> = (0..)
             .map_while(|i| self.owners.get(i).map(|id| alive.contains(id)))
             .collect();
@@ -1368,9 +1436,7 @@ impl<K: Key, V: Value> Server<K, V> {
             };
             if let Ok(f) = frame::encode(&msg) {
                 for l in self.links.values().filter(|l| l.ready()) {
-                    if let Some(out) = &l.out {
-                        let _ = out.send(f.clone());
-                    }
+                    l.queue(f.clone());
                 }
             }
             self.check_views(now);
@@ -1523,8 +1589,9 @@ fn spawn_writer<K: Key, V: Value>(
     header: Bytes,
     key: OwnerIdx,
     inputs: mpsc::Sender<Input<K, V>>,
-) -> mpsc::UnboundedSender<Bytes> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+    limit: usize,
+) -> Outbox {
+    let (tx, mut rx) = outbox(limit);
     let conn = pc.conn.stable_id();
     tokio::spawn(
         async move {
@@ -1554,11 +1621,17 @@ fn spawn_writer<K: Key, V: Value>(
                     batch.push(b);
                     while batch.len() < 256 {
                         match rx.try_recv() {
-                            Ok(b) => batch.push(b),
-                            Err(_) => break,
+                            Some(b) => batch.push(b),
+                            None => break,
                         }
                     }
+                    if rx.overflowed() {
+                        // The table server is closing the connection: nothing more is written.
+                        return Err(quinn::WriteError::ClosedStream);
+                    }
+                    let bytes: usize = batch.iter().map(Bytes::len).sum();
                     send.write_all_chunks(&mut batch).await?;
+                    rx.written(bytes);
                     batch.clear();
                 }
                 let _ = send.finish();

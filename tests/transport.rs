@@ -808,12 +808,12 @@ mod raw {
         JoinReply { req: u64, reply: u32 },
     }
 
-    /// `proto::JoinReq`, as far as `Unpause`; `Dump` and `Apply` are never sent from here.
+    /// `proto::JoinReq`, as far as `Unpause`; `Apply` is never sent from here.
     #[derive(Debug, Serialize, Deserialize)]
     pub enum JoinReq {
         Info,
         Pause { join: u64, lease_ms: u64 },
-        Dump(()),
+        Dump { join: u64, alive: Vec<NodeId> },
         Apply(()),
         Unpause { join: u64 },
     }
@@ -938,6 +938,7 @@ const VERSION: u32 = 3;
 const AUTH: u32 = 1;
 const REDIRECT: u32 = 4;
 const SELF: u32 = 6;
+const OVERLOAD: u32 = 8;
 
 fn code(c: &quinn::ApplicationClose) -> u32 {
     u32::try_from(c.error_code.into_inner()).unwrap()
@@ -1076,6 +1077,43 @@ fn our_header(table: &str) -> raw::StreamHeader {
     }
 }
 
+/// A raw peer's two streams of table `t` to a node, speaking the join protocol.
+struct TablePeer {
+    ours: quinn::SendStream,
+    theirs: quinn::RecvStream,
+    req: u64,
+}
+
+impl TablePeer {
+    /// Opens our stream of `t` next to the node's (`theirs`).
+    async fn open(conn: &quinn::Connection, theirs: quinn::RecvStream) -> Self {
+        let mut ours = conn.open_uni().await.unwrap();
+        ours.write_all(&raw::frame(&our_header("t"))).await.unwrap();
+        Self {
+            ours,
+            theirs,
+            req: 0,
+        }
+    }
+
+    /// Sends a join request; returns the variant of the node's (first) reply to it.
+    async fn ask(&mut self, body: raw::JoinReq) -> u32 {
+        self.req += 1;
+        let req = self.req;
+        let f = raw::frame(&raw::PeerMsg::<u64, String>::Join { req, body });
+        self.ours.write_all(&f).await.unwrap();
+        loop {
+            let msg: raw::PeerMsg<u64, String> =
+                postcard::from_bytes(&raw::read_frame(&mut self.theirs).await).unwrap();
+            match msg {
+                raw::PeerMsg::JoinReply { req: r, reply } if r == req => return reply,
+                raw::PeerMsg::Tick { .. } | raw::PeerMsg::JoinReply { .. } => continue,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+}
+
 /// Pause and unpause from a join coordinator, spoken by a raw peer: a pause with an absurd lease
 /// (`u64::MAX` ms) is answered and ends with its unpause (without one, the node cuts such a
 /// lease to `MAX_PAUSE_LEASE`, 60 s: too long to wait for here), and an unpause that overtakes
@@ -1085,36 +1123,19 @@ async fn join_pauses_from_a_peer_end_with_their_unpause_even_one_that_came_first
     let p = pair_with(NodeConfig::fast_failover()).await;
     let ep = raw::endpoint();
     let conn = authenticated(&ep, &p.nodes[0]).await;
-    let mut theirs = their_header(&conn).await;
-    let mut ours = conn.open_uni().await.unwrap();
-    ours.write_all(&raw::frame(&our_header("t"))).await.unwrap();
-    let mut req = 0;
-    // Sends a join request; returns the variant of the node's reply.
-    let mut ask = async |body: raw::JoinReq| -> u32 {
-        req += 1;
-        let f = raw::frame(&raw::PeerMsg::<u64, String>::Join { req, body });
-        ours.write_all(&f).await.unwrap();
-        loop {
-            let msg: raw::PeerMsg<u64, String> =
-                postcard::from_bytes(&raw::read_frame(&mut theirs).await).unwrap();
-            match msg {
-                raw::PeerMsg::JoinReply { req: r, reply } if r == req => return reply,
-                raw::PeerMsg::Tick { .. } => continue,
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-    };
+    let theirs = their_header(&conn).await;
+    let mut peer = TablePeer::open(&conn, theirs).await;
     let (paused, unpaused, refused) = (1, 5, 6);
     let pause = |join| raw::JoinReq::Pause {
         join,
         lease_ms: u64::MAX,
     };
-    assert_eq!(ask(pause(77)).await, paused);
-    assert_eq!(ask(raw::JoinReq::Unpause { join: 77 }).await, unpaused);
+    assert_eq!(peer.ask(pause(77)).await, paused);
+    assert_eq!(peer.ask(raw::JoinReq::Unpause { join: 77 }).await, unpaused);
     // A coordinator that gave up on this node before its pause arrived sends the unpause first:
     // the late pause is refused, so the table is not left paused for the lease.
-    assert_eq!(ask(raw::JoinReq::Unpause { join: 78 }).await, unpaused);
-    assert_eq!(ask(pause(78)).await, refused);
+    assert_eq!(peer.ask(raw::JoinReq::Unpause { join: 78 }).await, unpaused);
+    assert_eq!(peer.ask(pause(78)).await, refused);
     p.still_replicates(1).await;
     ep.close(0u32.into(), b"");
     p.shutdown().await;
@@ -1495,4 +1516,81 @@ async fn handshakes_in_progress_are_rationed_per_address_and_in_all() {
         ep.close(0u32.into(), b"");
     }
     p.ends_unharmed(2, before, raw::endpoint()).await;
+}
+
+/// A join asks each node for its dump once: a second request of the same join is refused
+/// instead of queueing another copy of the table for the peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_gets_one_dump_per_node() {
+    let p = pair_with(NodeConfig::fast_failover()).await;
+    p.tables[0].insert(1, "one".into()).await.unwrap();
+    let ep = raw::endpoint();
+    let conn = authenticated(&ep, &p.nodes[0]).await;
+    let mut peer = TablePeer::open(&conn, their_header(&conn).await).await;
+    let (paused, chunk, unpaused, refused) = (1, 3, 5, 6);
+    let dump = || raw::JoinReq::Dump {
+        join: 9,
+        alive: vec![p.nodes[0].id().clone()],
+    };
+    let pause = raw::JoinReq::Pause {
+        join: 9,
+        lease_ms: 60_000,
+    };
+    assert_eq!(peer.ask(pause).await, paused);
+    assert_eq!(peer.ask(dump()).await, chunk);
+    assert_eq!(peer.ask(dump()).await, refused, "one dump per join");
+    assert_eq!(peer.ask(raw::JoinReq::Unpause { join: 9 }).await, unpaused);
+    p.still_replicates(1).await;
+    ep.close(0u32.into(), b"");
+    p.shutdown().await;
+}
+
+/// A peer that never reads its table stream while it makes the node queue frames for it (join
+/// after join, each asking for the table's dump) is closed with the `OVERLOAD` code once the
+/// queue would pass `max_link_queue_bytes`; the node's other connection goes on as before.
+/// Without the bound, each round queued another copy of the table, without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_does_not_read_is_closed_when_its_queue_is_full() {
+    let mut config = NodeConfig::fast_failover();
+    config.max_frame_size = 256 << 10;
+    config.max_batch_bytes = 64 << 10;
+    config.max_link_queue_bytes = 4 << 20;
+    let p = pair_with(config).await;
+    // About 2.3 MB of records.
+    for chunk in 0..40u64 {
+        let recs: Vec<(u64, String)> = (chunk * 500..(chunk + 1) * 500)
+            .map(|k| (k, "x".repeat(100)))
+            .collect();
+        p.tables[0].insert_many(recs).await.unwrap();
+    }
+    let before = p.links().await;
+    let ep = raw::endpoint();
+    let conn = authenticated(&ep, &p.nodes[0]).await;
+    // The node's stream to us is accepted, and never read.
+    let mut peer = TablePeer::open(&conn, their_header(&conn).await).await;
+    let alive = vec![p.nodes[0].id().clone()];
+    // 40 rounds would queue 92 MB; the bound is hit in the second or third.
+    for join in 1..=40 {
+        if conn.close_reason().is_some() {
+            break;
+        }
+        let lease_ms = 60_000;
+        let alive = alive.clone();
+        for body in [
+            raw::JoinReq::Pause { join, lease_ms },
+            raw::JoinReq::Dump { join, alive },
+            raw::JoinReq::Unpause { join },
+        ] {
+            // A write fails once the node has closed the connection.
+            let req = raw::frame(&raw::PeerMsg::<u64, String>::Join { req: join, body });
+            let _ = peer.ours.write_all(&req).await;
+        }
+    }
+    // Without the bound the node keeps the connection: our endpoint sends keep-alives.
+    let closed = raw::closed_by_node(&conn).await;
+    assert_eq!(
+        (code(&closed), reason(&closed)),
+        (OVERLOAD, "outbound queue full".into())
+    );
+    p.ends_unharmed(2, before, ep).await;
 }
