@@ -193,6 +193,25 @@ impl Lease {
     }
 }
 
+/// Checks that the two member lists seen under the lock (`l`, `r`) still cover exactly the
+/// nodes the join locked (`all`, from the member lists seen before). A node that joined one side
+/// meanwhile was not locked; a node that left both sides meanwhile (dropped for not
+/// acknowledging, or for a differing view) would be named a member by the join's result without
+/// receiving it. Either way the join is retried with fresh member lists.
+fn same_nodes(
+    all: &BTreeSet<NodeId>,
+    l: &[NodeId],
+    r: &[NodeId],
+) -> std::result::Result<(), String> {
+    if let Some(n) = l.iter().chain(r).find(|n| !all.contains(n)) {
+        return Err(format!("{n} became a member before the lock"));
+    }
+    if let Some(n) = all.iter().find(|n| !l.contains(n) && !r.contains(n)) {
+        return Err(format!("{n} left both member lists before the lock"));
+    }
+    Ok(())
+}
+
 /// A pair of nodes of the join without a table stream between them, if any.
 fn unreachable_pair(
     all: &BTreeSet<NodeId>,
@@ -237,8 +256,8 @@ async fn merge<K: Key, V: Value>(
     let (Some((l, le)), Some((r, re))) = (side(&ctx.me), side(peer)) else {
         return Err(ctx.fail(peer, "lost a view"));
     };
-    if l.iter().chain(r.iter()).any(|n| !all.contains(n)) {
-        return Err(ctx.fail(peer, "membership changed before the lock; retrying"));
+    if let Err(why) = same_nodes(all, &l, &r) {
+        return Err(ctx.fail(peer, format!("{why}; retrying")));
     }
     let consistent = |members: &[NodeId], epoch: u64| {
         members.iter().all(|n| {
@@ -599,5 +618,38 @@ fn resolve<K: Key, V: Value>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(names: &[&str]) -> Vec<NodeId> {
+        names
+            .iter()
+            .map(|n| NodeId {
+                name: (*n).into(),
+                incarnation: 1,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_join_needs_the_locked_nodes_to_be_the_members_seen_under_the_lock() {
+        let all: BTreeSet<NodeId> = ids(&["a", "b", "c"]).into_iter().collect();
+        assert_eq!(same_nodes(&all, &ids(&["a", "b"]), &ids(&["c"])), Ok(()));
+        assert_eq!(
+            same_nodes(&all, &ids(&["a", "b", "c"]), &ids(&["b", "c"])),
+            Ok(())
+        );
+        assert_eq!(
+            same_nodes(&all, &ids(&["a"]), &ids(&["c"])),
+            Err("b#0001 left both member lists before the lock".into())
+        );
+        assert_eq!(
+            same_nodes(&all, &ids(&["a", "b", "d"]), &ids(&["c"])),
+            Err("d#0001 became a member before the lock".into())
+        );
     }
 }
