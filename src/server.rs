@@ -55,6 +55,7 @@ const MAX_IN_FLIGHT: usize = 2;
 /// and the runtime's other tasks are not held up by heavy input (each join dump costs about
 /// 15 ns per byte of table).
 const MAX_BURST: Duration = Duration::from_millis(5);
+
 /// A member whose view differs from ours for this long is dropped from the member list (both
 /// sides do it), so that the next join repairs a half-finished one.
 const VIEW_GRACE: Duration = Duration::from_secs(2);
