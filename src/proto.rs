@@ -15,7 +15,7 @@ use crate::membership::NodeId;
 use crate::table::TableKind;
 
 /// Version of the wire protocol. Nodes with different versions refuse each other.
-pub(crate) const PROTOCOL_VERSION: u32 = 2;
+pub(crate) const PROTOCOL_VERSION: u32 = 3;
 /// First bytes of every [`Hello`].
 pub(crate) const MAGIC: [u8; 4] = *b"CETS";
 
@@ -49,9 +49,16 @@ pub(crate) struct Op<K, V> {
 /// What a replicated write does.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum OpKind<K, V> {
+    /// Records owned by the writer.
     Insert(Vec<(K, V)>),
     Delete(Vec<K>),
     DeleteObject(Vec<(K, V)>),
+    /// Records of a table with an owner function, as the writer decided their owners:
+    /// `records[i].2` indexes `owners`. Receivers store these owners, never their own opinion.
+    InsertOwned {
+        owners: Vec<NodeId>,
+        records: Vec<(K, V, u32)>,
+    },
 }
 
 /// A record with its metadata, as shipped by a join. `owner` indexes a list of owners sent

@@ -158,6 +158,12 @@ impl Link {
     }
 }
 
+/// A write being applied: an insert's records with their owners, or another write.
+enum Inserted<K, V> {
+    Records(Vec<(K, Rec<V>)>),
+    Other(OpKind<K, V>),
+}
+
 struct Pending {
     seq: u64,
     replies: Vec<oneshot::Sender<Result<()>>>,
@@ -560,7 +566,7 @@ impl<K: Key, V: Value> Server<K, V> {
             if let Some(kind) = op {
                 let op = Op {
                     ts: self.clock.now(),
-                    kind,
+                    kind: self.with_owners(kind),
                 };
                 let mut accepted = true;
                 let limit = self.config.max_frame_size / 2;
@@ -735,43 +741,126 @@ impl<K: Key, V: Value> Server<K, V> {
         self.tombstones.add(k, stamp);
     }
 
-    fn owner_of(&self, k: &K, v: &V, writer: OwnerIdx) -> OwnerIdx {
+    /// An insert of a table with an owner function, with each record's owner decided here,
+    /// once, for every replica: the node `TableOptions::owner` names if it is this node or a
+    /// member of the table, otherwise this node. Other writes are returned as they are.
+    fn with_owners(&self, kind: OpKind<K, V>) -> OpKind<K, V> {
         let Some(f) = &self.opts.owner else {
-            return writer;
+            return kind;
         };
-        let name = f(k, v);
-        if name == self.me.name {
-            return self.me_idx;
+        let OpKind::Insert(recs) = kind else {
+            return kind;
+        };
+        let mut owners: Vec<NodeId> = Vec::new();
+        let mut records = Vec::with_capacity(recs.len());
+        for (k, v) in recs {
+            let name = f(&k, &v);
+            let owner = self
+                .members
+                .iter()
+                .filter_map(|m| self.links.get(m))
+                .find(|l| l.id.name == name)
+                .map_or(&self.me, |l| &l.id);
+            let i = match owners.iter().position(|o| o == owner) {
+                Some(i) => i,
+                None => {
+                    owners.push(owner.clone());
+                    owners.len() - 1
+                }
+            };
+            // At most one owner per record: the index fits.
+            records.push((k, v, i as u32));
+        }
+        OpKind::InsertOwned { owners, records }
+    }
+
+    /// Records whose owner is down here (the writer did not know it yet): this node ends as
+    /// the writer will once it hears of that node's end, without the record. A stored version
+    /// of the key that the write would have replaced goes too, as it went on the writer; one
+    /// the write does not beat stays. No tombstone: node-down cleanup leaves none either.
+    fn drop_orphans(&mut self, ts: u64, orphans: Vec<(K, NodeId)>) {
+        if self.shared.kind == TableKind::Bag {
+            return;
+        }
+        let owners = &self.owners;
+        for (k, owner) in orphans {
+            let stamp = (ts, Some(&owner));
+            self.shared
+                .store
+                .remove_if(&k, |(cts, co)| stamp >= (cts, owners.get(co)));
+        }
+    }
+
+    /// The index of an owner a writer named, if it is alive here: this node, or a node this
+    /// table has a link to (that very incarnation).
+    fn live_owner(&self, id: &NodeId) -> Option<OwnerIdx> {
+        if *id == self.me {
+            return Some(self.me_idx);
         }
         self.links
             .iter()
-            .find(|(_, l)| l.id.name == name)
+            .find(|(_, l)| l.id == *id)
             .map(|(k, _)| *k)
-            .unwrap_or(writer)
     }
 
     fn apply(&mut self, op: Op<K, V>, writer: OwnerIdx) {
         let Op { ts, kind } = op;
-        let store = &self.shared.store;
-        if self.shared.kind == TableKind::Bag {
-            match kind {
-                OpKind::Insert(recs) => {
-                    for (k, v) in recs {
-                        let owner = self.owner_of(&k, &v, writer);
-                        store.put(
+        // Inserts as records with their owners, and the keys of records whose owner (named by
+        // the writer) is already down here.
+        let (kind, orphans) = match kind {
+            OpKind::Insert(recs) => {
+                let recs = recs
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let rec = Rec {
+                            value: v,
+                            ts,
+                            owner: writer,
+                        };
+                        (k, rec)
+                    })
+                    .collect();
+                (Inserted::Records(recs), Vec::new())
+            }
+            OpKind::InsertOwned { owners, records } => {
+                let live: Vec<Option<OwnerIdx>> =
+                    owners.iter().map(|id| self.live_owner(id)).collect();
+                let mut recs = Vec::with_capacity(records.len());
+                let mut orphans = Vec::new();
+                for (k, v, i) in records {
+                    match (live.get(i as usize), owners.get(i as usize)) {
+                        (Some(&Some(owner)), _) => recs.push((
                             k,
                             Rec {
                                 value: v,
                                 ts,
                                 owner,
                             },
-                        );
+                        )),
+                        (_, Some(id)) => orphans.push((k, id.clone())),
+                        _ => tracing::debug!("a record naming no owner skipped"),
                     }
                 }
-                OpKind::Delete(keys) => keys.iter().for_each(|k| {
+                (Inserted::Records(recs), orphans)
+            }
+            other => (Inserted::Other(other), Vec::new()),
+        };
+        if !orphans.is_empty() {
+            self.drop_orphans(ts, orphans);
+        }
+        let store = &self.shared.store;
+        if self.shared.kind == TableKind::Bag {
+            match kind {
+                Inserted::Records(recs) => {
+                    for (k, rec) in recs {
+                        store.put(k, rec);
+                    }
+                }
+                Inserted::Other(OpKind::Insert(_) | OpKind::InsertOwned { .. }) => {}
+                Inserted::Other(OpKind::Delete(keys)) => keys.iter().for_each(|k| {
                     store.remove(k);
                 }),
-                OpKind::DeleteObject(objs) => objs.iter().for_each(|(k, v)| {
+                Inserted::Other(OpKind::DeleteObject(objs)) => objs.iter().for_each(|(k, v)| {
                     store.remove_object(k, v);
                 }),
             }
@@ -779,20 +868,8 @@ impl<K: Key, V: Value> Server<K, V> {
         }
         let keep_tombstones = !self.members.is_empty();
         match kind {
-            OpKind::Insert(recs) => {
-                // One batch for the whole op (the store applies small ones record by record).
-                let recs: Vec<(K, Rec<V>)> = recs
-                    .into_iter()
-                    .map(|(k, v)| {
-                        let owner = self.owner_of(&k, &v, writer);
-                        let rec = Rec {
-                            value: v,
-                            ts,
-                            owner,
-                        };
-                        (k, rec)
-                    })
-                    .collect();
+            // One batch for the whole op (the store applies small ones record by record).
+            Inserted::Records(recs) => {
                 let (owners, tombstones) = (&self.owners, &self.tombstones);
                 let mut untombstoned = Vec::new();
                 store.put_many_if(recs, |k, new, cur| {
@@ -819,7 +896,8 @@ impl<K: Key, V: Value> Server<K, V> {
                     self.tombstones.remove(&k);
                 }
             }
-            OpKind::Delete(keys) => {
+            Inserted::Other(OpKind::Insert(_) | OpKind::InsertOwned { .. }) => {}
+            Inserted::Other(OpKind::Delete(keys)) => {
                 let outcomes = {
                     let stamp = (ts, self.owners.get(writer));
                     let owners = &self.owners;
@@ -836,7 +914,7 @@ impl<K: Key, V: Value> Server<K, V> {
                     }
                 }
             }
-            OpKind::DeleteObject(objs) => {
+            Inserted::Other(OpKind::DeleteObject(objs)) => {
                 // Removes one version (the stored record, if it has this value). Its tombstone
                 // carries that version's stamp, not the delete's: it stops the deleted version
                 // from coming back, but any other write of the key still wins by its own stamp.

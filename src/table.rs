@@ -163,14 +163,14 @@ impl<K, V> TableOptions<K, V> {
     }
 
     /// Names the node that owns a record (default: the node that wrote it). A record is
-    /// dropped everywhere when its owner goes down. A name that is not a live node of the table
-    /// leaves the record owned by the writer.
+    /// dropped everywhere when its owner goes down.
     ///
-    /// Known limitation: every replica runs `f` itself and looks the name up among its own
-    /// connections, so a replica not (yet) connected to the named node, or connected to another
-    /// incarnation of it, records another owner, and the replicas can drop different records
-    /// when that node goes down (ALGORITHM.md, known gap 12). Name only nodes that every node
-    /// of the table is connected to, or leave the default.
+    /// `f` runs once per record, on the node that writes it, and the owner it picks travels
+    /// with the write, so every replica stores the same owner. The name must be the writing
+    /// node's or that of a member of this table (a node running it and joined with this one);
+    /// any other name leaves the record owned by the writer. A replica that has already seen
+    /// the named owner go down when the write arrives does not store the record, as the writer
+    /// will drop it once it sees the same.
     pub fn owner<F>(mut self, f: F) -> Self
     where
         F: Fn(&K, &V) -> String + Send + Sync + 'static,

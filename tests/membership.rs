@@ -327,9 +327,11 @@ async fn partition_2_plus_2_without_handler_heals_to_the_last_writers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_owned_by_a_node_outside_the_join_does_not_split_the_sides() {
-    // c is connected to a and b but runs no table "t"; the owner function gives it the records
-    // whose value is at least 100. Dumps leave records of owners outside the join out, so the
-    // side holding such a version must not keep it against the other side's version.
+    // c is connected to a and b but runs no table "t"; the owner function names it for the
+    // records whose value is at least 100. (Written when each replica ran the function and c
+    // could own such records: dumps leave records of owners outside the join out, so the side
+    // holding such a version must not keep it against the other side's version.) Now the writer
+    // decides, and c is no member, so a owns its own write, and it wins the merge as the later.
     let mesh = Mesh::start(&["a", "b", "c"]).await;
     let opts = || {
         TableOptions::set()
@@ -352,6 +354,7 @@ async fn a_record_owned_by_a_node_outside_the_join_does_not_split_the_sides() {
     }
     let v = same_everywhere(&[&ta, &tb]).await;
     assert_eq!(v.len(), 5, "{v:?}");
+    assert_eq!(ta.get(&"k".into()), Some(100), "the later write");
 }
 
 /// A hook that holds the first join of a table at `checkpoint` until released.
@@ -767,4 +770,33 @@ async fn writes_still_queued_when_their_node_shuts_down_are_dropped_and_the_tabl
     .await;
     tb.insert("b-1".to_string(), 1).await.unwrap();
     assert_eq!(tb.get(&"b-1".to_string()), Some(1));
+}
+
+/// A write names an owner that the receiver has already seen go down (the writer has not, yet):
+/// the receiver does not store the record, since nothing would ever remove it there, just as the
+/// writer will drop it once it hears of that node's end. Here b loses its link to n while a keeps
+/// its own; a's write of a record owned by n reaches b (still a member of a's table) and n.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_whose_owner_is_already_down_on_a_replica_is_not_stored_there() {
+    let mesh = Mesh::start(&["a", "b", "n"]).await;
+    let opts = || {
+        TableOptions::set()
+            .owner(|k: &String, _v: &u64| k.split('/').next().unwrap_or("").to_string())
+    };
+    let ta: T = mesh.nodes[0].start("t", opts()).await.unwrap();
+    let tb: T = mesh.nodes[1].start("t", opts()).await.unwrap();
+    let tn: T = mesh.nodes[2].start("t", opts()).await.unwrap();
+    members(&[&ta, &tb, &tn], 2).await;
+    mesh.split(&[1], &[2]);
+    eventually("b dropped n", || async { tb.nodes() == ["a"] }).await;
+    // a still counts b and n as members (its views differ from b's only for a while), so both
+    // apply the write before it returns.
+    assert_eq!(ta.nodes(), ["b", "n"]);
+    ta.insert("n/1".into(), 1).await.unwrap();
+    ta.insert("a/1".into(), 1).await.unwrap();
+    assert_eq!(ta.nodes(), ["b", "n"], "acked by both");
+    assert_eq!(ta.get(&"n/1".into()), Some(1));
+    assert_eq!(tn.get(&"n/1".into()), Some(1));
+    assert_eq!(tb.get(&"n/1".into()), None, "owner already down at b");
+    assert_eq!(tb.get(&"a/1".into()), Some(1));
 }

@@ -874,3 +874,91 @@ async fn on_node_down_runs_for_a_lost_member_that_owned_no_records() {
         c[1].0.shutdown().await.unwrap();
     }
 }
+
+/// The owner a writer gives a record is what every replica stores. The owner function runs on
+/// the writer only, and names a member of the table or nobody: here it names `n`, a node `a`
+/// is connected to but that runs no table "t" (and `b` is not even connected to it), so the
+/// records stay the writer's. When `n` shuts down, both replicas keep the same records. (Each
+/// replica used to run the function itself: `a` gave record 1 to `n`, `b` to `a`; when `n`
+/// went down `a` dropped it, `b` kept it, and nothing repaired that.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_that_runs_no_table_leaves_the_record_to_its_writer_on_every_replica() {
+    let (a, ha) = node("a").await;
+    let (b, hb) = node("b").await;
+    let (n, _hn) = node("n").await;
+    ha.set(vec![a.local_addr(), b.local_addr(), n.local_addr()]);
+    hb.set(vec![a.local_addr(), b.local_addr()]);
+    let opts = || TableOptions::<u64, String>::set().owner(|_, v: &String| v.clone());
+    let ta: Table<u64, String> = a.start("t", opts()).await.unwrap();
+    let tb: Table<u64, String> = b.start("t", opts()).await.unwrap();
+    joined(&[&ta, &tb]).await;
+    eventually(WAIT, "a connected to n", || async {
+        a.status()
+            .await
+            .connected
+            .iter()
+            .any(|(id, _)| id.name == "n")
+    })
+    .await;
+    ta.insert(1, "n".into()).await.unwrap();
+    ta.insert(2, "x".into()).await.unwrap();
+    assert_eq!(tb.get(&1).as_deref(), Some("n"), "replicated and acked");
+
+    n.shutdown().await.unwrap();
+    eventually(WAIT, "a saw n go", || async {
+        !a.status()
+            .await
+            .connected
+            .iter()
+            .any(|(id, _)| id.name == "n")
+    })
+    .await;
+    // Node events reach a table server before writes queued after them: once this write is
+    // acked, a has handled n's end.
+    ta.insert(3, "y".into()).await.unwrap();
+    assert_eq!(ta.nodes(), ["b"]);
+    assert_eq!(tb.nodes(), ["a"]);
+    assert_eq!(sorted(ta.to_vec()), sorted(tb.to_vec()));
+    assert_eq!(ta.get(&1).as_deref(), Some("n"), "the writer's record");
+    shutdown_all([&a, &b]).await;
+}
+
+/// An owner function is evaluated once, on the writer, and every replica stores the owner it
+/// chose, even when the function would answer otherwise on another node (here it reads a
+/// node-local setting: on `a` it names `n`, on `b` it names `b`). When `n` goes down, both `a`
+/// and `b` drop the record. (Before, `b` stored itself as owner and kept the record for good.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_stores_the_owner_the_writer_chose() {
+    let c = cluster(&["a", "b", "n"]).await;
+    let opts = |here: &'static str| {
+        TableOptions::<u64, String>::set().owner(move |_, v: &String| {
+            if v == "of-n" {
+                here.to_string()
+            } else {
+                String::new()
+            }
+        })
+    };
+    let ta: Table<u64, String> = c[0].0.start("t", opts("n")).await.unwrap();
+    let tb: Table<u64, String> = c[1].0.start("t", opts("b")).await.unwrap();
+    let tn: Table<u64, String> = c[2].0.start("t", opts("n")).await.unwrap();
+    joined(&[&ta, &tb, &tn]).await;
+    ta.insert(1, "of-n".into()).await.unwrap();
+    ta.insert(2, "x".into()).await.unwrap();
+    for t in [&ta, &tb, &tn] {
+        assert_eq!(t.get(&1).as_deref(), Some("of-n"));
+    }
+    drop(tn);
+    c[2].0.shutdown().await.unwrap();
+    eventually(WAIT, "a and b dropped n's record", || async {
+        ta.get(&1).is_none() && tb.get(&1).is_none()
+    })
+    .await;
+    assert_eq!(sorted(ta.to_vec()), sorted(tb.to_vec()));
+    assert_eq!(
+        ta.get(&2).as_deref(),
+        Some("x"),
+        "the writer's own record stays"
+    );
+    shutdown_all([&c[0].0, &c[1].0]).await;
+}

@@ -763,7 +763,7 @@ mod raw {
     }
 
     /// `proto::PROTOCOL_VERSION`.
-    pub const PROTOCOL_VERSION: u32 = 2;
+    pub const PROTOCOL_VERSION: u32 = 3;
 
     /// `proto::Hello`.
     #[derive(Debug, Serialize, Deserialize)]
