@@ -430,10 +430,26 @@ impl Node {
             self.inner.registry.remove(t.name());
         }
         let (tx, rx) = oneshot::channel();
+        let mut dials = 0;
         if self.inner.peers.send(Command::Shutdown(tx)).is_ok() {
-            let _ = rx.await;
+            dials = rx.await.unwrap_or(0);
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+        // Waits (up to 1 s) until the close frames to the peers are out: the closed connections
+        // have drained. A dial still in flight drains for about three of its probe timeouts
+        // (seconds, with no round trip measured yet), and nobody waits for its close, so those
+        // are not waited for.
+        let endpoint = &self.inner.endpoint;
+        let drained = async {
+            tokio::select! {
+                () = endpoint.wait_idle() => {}
+                () = async {
+                    while endpoint.open_connections() > dials {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                } => {}
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
         tracing::info!(node = %self.inner.id, "node shut down");
         Ok(())
     }

@@ -70,7 +70,9 @@ pub(crate) enum Command {
     Discovered(Vec<SocketAddr>),
     /// A table started: tell it about every connected peer.
     Announce(String),
-    Shutdown(oneshot::Sender<()>),
+    /// Close every connection and the endpoint; replies with the number of dials that were
+    /// still in flight (their connections drain for seconds, and nobody waits for their close).
+    Shutdown(oneshot::Sender<usize>),
 }
 
 struct Active {
@@ -200,7 +202,7 @@ impl PeerManager {
                     }
                     self.endpoint
                         .close(VarInt::from_u32(close::SHUTDOWN), b"node shutting down");
-                    let _ = done.send(());
+                    let _ = done.send(self.dialing.len());
                     return;
                 }
             }
