@@ -23,7 +23,7 @@ use crate::hlc::HybridClock;
 use crate::membership::NodeId;
 use crate::proto::{Chunker, JoinRep, JoinReq, WireRecord};
 use crate::server::Control;
-use crate::store::same_value;
+use crate::store::{same_value, value_order};
 use crate::table::{Key, TableKind, Value};
 use crate::{Error, Result};
 
@@ -408,7 +408,7 @@ async fn merge<K: Key, V: Value>(
         }
         let mut distinct: Vec<&Version<V>> = Vec::new();
         for (_, v) in &vs {
-            if !distinct.iter().any(|d| d.ts == v.ts && d.owner == v.owner) {
+            if !distinct.iter().any(|d| same_version(d, v)) {
                 distinct.push(v);
             }
         }
@@ -425,7 +425,7 @@ async fn merge<K: Key, V: Value>(
         for (src_i, delta) in deltas.iter_mut().enumerate() {
             let has = vs
                 .iter()
-                .any(|(s, v)| *s == src_i && v.ts == winner.ts && v.owner == winner.owner);
+                .any(|(s, v)| *s == src_i && same_version(v, &winner));
             if !has {
                 delta.push(WireRecord {
                     key: key.clone(),
@@ -586,6 +586,12 @@ async fn exchange<K: Key, V: Value>(
     Ok(conflicts)
 }
 
+/// Whether two versions of a key are one: the same stamp and the same value (two writers can
+/// give one owner a key in the same clock tick, with different values).
+fn same_version<V: Value>(a: &Version<V>, b: &Version<V>) -> bool {
+    a.ts == b.ts && a.owner == b.owner && same_value(&a.value, &b.value)
+}
+
 /// Picks the winner of two versions of one key.
 fn resolve<K: Key, V: Value>(
     ctx: &JoinCtx<K, V>,
@@ -597,7 +603,10 @@ fn resolve<K: Key, V: Value>(
     let owner = |v: &Version<V>| owners.get(v.owner as usize).cloned();
     match &ctx.conflict {
         Conflict::LastWriterWins => {
-            if (b.ts, owner(b)) > (a.ts, owner(&a)) {
+            let order = (b.ts, owner(b))
+                .cmp(&(a.ts, owner(&a)))
+                .then_with(|| value_order(&b.value, &a.value));
+            if order == std::cmp::Ordering::Greater {
                 b.clone()
             } else {
                 a

@@ -15,6 +15,7 @@
 //! tombstone), so concurrent writes to one key end the same on every node. Tombstones are
 //! forgotten once every member's clock, as seen on its ordered stream, has passed them.
 
+use std::cmp::Ordering;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,7 +35,7 @@ use crate::proto::{
 };
 use crate::registry::{PeerConn, TableEvent};
 use crate::status::TableStatus;
-use crate::store::{same_value, Rec};
+use crate::store::{same_value, value_order, Rec};
 use crate::table::{Key, Shared, TableKind, TableOptions, Value};
 use crate::tombstones::Tombstones;
 use crate::transport::frame::{self, FrameReader};
@@ -160,7 +161,13 @@ impl Link {
 
 /// A write being applied: an insert's records with their owners, or another write.
 enum Inserted<K, V> {
-    Records(Vec<(K, Rec<V>)>),
+    /// `by_value`: a record and a stored one with equal stamps are ordered by value (they can
+    /// come from two writers, see `InsertOwned`); otherwise the record wins (a later record of
+    /// the same write).
+    Records {
+        recs: Vec<(K, Rec<V>)>,
+        by_value: bool,
+    },
     Other(OpKind<K, V>),
 }
 
@@ -771,6 +778,22 @@ impl<K: Key, V: Value> Server<K, V> {
             // At most one owner per record: the index fits.
             records.push((k, v, i as u32));
         }
+        // Receivers order records with equal stamps by value (they may be two writers'), so a
+        // key written twice in this one write keeps its last record here, as a plain insert
+        // would everywhere.
+        if records.len() > 1 {
+            let mut last: HashMap<&K, usize> = HashMap::with_capacity(records.len());
+            for (i, (k, _, _)) in records.iter().enumerate() {
+                last.insert(k, i);
+            }
+            if last.len() < records.len() {
+                let keep: Vec<bool> = (0..records.len())
+                    .map(|i| last.get(&records[i].0) == Some(&i))
+                    .collect();
+                let mut keep = keep.into_iter();
+                records.retain(|_| keep.next().unwrap_or(true));
+            }
+        }
         OpKind::InsertOwned { owners, records }
     }
 
@@ -820,7 +843,13 @@ impl<K: Key, V: Value> Server<K, V> {
                         (k, rec)
                     })
                     .collect();
-                (Inserted::Records(recs), Vec::new())
+                (
+                    Inserted::Records {
+                        recs,
+                        by_value: false,
+                    },
+                    Vec::new(),
+                )
             }
             OpKind::InsertOwned { owners, records } => {
                 let live: Vec<Option<OwnerIdx>> =
@@ -841,7 +870,13 @@ impl<K: Key, V: Value> Server<K, V> {
                         _ => tracing::debug!("a record naming no owner skipped"),
                     }
                 }
-                (Inserted::Records(recs), orphans)
+                (
+                    Inserted::Records {
+                        recs,
+                        by_value: true,
+                    },
+                    orphans,
+                )
             }
             other => (Inserted::Other(other), Vec::new()),
         };
@@ -851,7 +886,7 @@ impl<K: Key, V: Value> Server<K, V> {
         let store = &self.shared.store;
         if self.shared.kind == TableKind::Bag {
             match kind {
-                Inserted::Records(recs) => {
+                Inserted::Records { recs, .. } => {
                     for (k, rec) in recs {
                         store.put(k, rec);
                     }
@@ -869,15 +904,22 @@ impl<K: Key, V: Value> Server<K, V> {
         let keep_tombstones = !self.members.is_empty();
         match kind {
             // One batch for the whole op (the store applies small ones record by record).
-            Inserted::Records(recs) => {
+            Inserted::Records { recs, by_value } => {
                 let (owners, tombstones) = (&self.owners, &self.tombstones);
                 let mut untombstoned = Vec::new();
                 store.put_many_if(recs, |k, new, cur| {
                     let stamp = (new.ts, owners.get(new.owner));
                     match cur {
                         // An equal stamp beats a stored record: the later record of one
-                        // insert_many wins, and a repeated write changes nothing.
-                        Some((cts, co)) => stamp >= (cts, owners.get(co)),
+                        // insert_many wins, and a repeated write changes nothing. Two
+                        // writers' records with equal stamps are ordered by value.
+                        Some(c) => match stamp.cmp(&(c.ts, owners.get(c.owner))) {
+                            Ordering::Greater => true,
+                            Ordering::Less => false,
+                            Ordering::Equal => {
+                                !by_value || value_order(&new.value, &c.value) != Ordering::Less
+                            }
+                        },
                         None if tombstones.is_empty() => true,
                         None => match tombstones.get(k) {
                             // A tombstone wins ties: a deleted version must not come back.
@@ -1245,14 +1287,16 @@ impl<K: Key, V: Value> Server<K, V> {
                         Some(_) if !merge => true,
                         // Not a version the join sees (its owner is outside the join): as if
                         // absent, as in a central merge, which never receives it.
-                        Some((_, co)) if !dumped.get(co as usize).copied().unwrap_or(false) => true,
+                        Some(c) if !dumped.get(c.owner as usize).copied().unwrap_or(false) => true,
                         // The join's rule, as the coordinator would apply it: the larger
-                        // (timestamp, owner identity) wins; an equal stamp is the same version.
-                        Some((cts, co)) => {
+                        // (timestamp, owner identity, value) wins; equal, it is the same version.
+                        Some(c) => {
                             let stamp = (new.ts, owners.get(new.owner));
-                            let cur = (cts, owners.get(co));
-                            conflicts += u64::from(cur != stamp);
-                            stamp > cur
+                            let order = stamp
+                                .cmp(&(c.ts, owners.get(c.owner)))
+                                .then_with(|| value_order(&new.value, &c.value));
+                            conflicts += u64::from(order != Ordering::Equal);
+                            order == Ordering::Greater
                         }
                     });
                 if let Some(members) = members {

@@ -67,6 +67,16 @@ pub(crate) enum Store<K, V> {
     },
 }
 
+/// The order of two values by their encodings: the last tie-break between two versions of a
+/// key with equal stamps (two writers that gave one owner the same key in the same clock
+/// tick), the same on every node. Values that fail to encode compare equal.
+pub(crate) fn value_order<V: Serialize>(a: &V, b: &V) -> std::cmp::Ordering {
+    match (postcard::to_stdvec(a), postcard::to_stdvec(b)) {
+        (Ok(x), Ok(y)) => x.cmp(&y),
+        _ => std::cmp::Ordering::Equal,
+    }
+}
+
 /// Whether two values are the same object (bags, `delete_object`): equal encodings.
 pub(crate) fn same_value<V: Serialize>(a: &V, b: &V) -> bool {
     match (postcard::to_stdvec(a), postcard::to_stdvec(b)) {
@@ -203,16 +213,14 @@ where
     pub(crate) fn put_many_if(
         &self,
         recs: Vec<(K, Rec<V>)>,
-        mut wins: impl FnMut(&K, &Rec<V>, Option<(u64, OwnerIdx)>) -> bool,
+        mut wins: impl FnMut(&K, &Rec<V>, Option<&Rec<V>>) -> bool,
     ) {
         match self {
-            Store::Set(m) => m.insert_many_if(recs, |k, new, cur| {
-                wins(k, new, cur.map(|r| (r.ts, r.owner)))
-            }),
+            Store::Set(m) => m.insert_many_if(recs, wins),
             Store::Ordered(m) => {
                 for (k, rec) in recs {
-                    let cur = m.get(&k).map(|e| (e.value().ts, e.value().owner));
-                    if wins(&k, &rec, cur) {
+                    let won = wins(&k, &rec, m.get(&k).as_ref().map(|e| e.value()));
+                    if won {
                         m.insert(k, rec);
                     }
                 }
@@ -356,9 +364,8 @@ mod tests {
             let s: Store<u64, u32> = Store::new(kind);
             // Newer timestamp wins; the second record of key 1 is older and loses, the third
             // is newer and wins over the first.
-            let newer = |_: &u64, new: &Rec<u32>, cur: Option<(u64, OwnerIdx)>| {
-                cur.is_none_or(|(ts, _)| new.ts > ts)
-            };
+            let newer =
+                |_: &u64, new: &Rec<u32>, cur: Option<&Rec<u32>>| cur.is_none_or(|c| new.ts > c.ts);
             s.put_many_if(vec![(1, rec(10, 5, 0)), (1, rec(11, 4, 1))], newer);
             assert_eq!(s.get(&1), Some(10));
             s.put_many_if(vec![(1, rec(12, 6, 1))], newer);
