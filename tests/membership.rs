@@ -357,6 +357,11 @@ async fn a_record_owned_by_a_node_outside_the_join_does_not_split_the_sides() {
     assert_eq!(ta.get(&"k".into()), Some(100), "the later write");
 }
 
+/// Table options whose owner function gives a key "node/x" to node `node`, whoever wrote it.
+fn owned_by_key_prefix() -> TableOptions<String, u64> {
+    TableOptions::set().owner(|k: &String, _v: &u64| k.split('/').next().unwrap_or("").to_string())
+}
+
 /// A hook that holds the first join of a table at `checkpoint` until released.
 fn gate(
     checkpoint: &'static str,
@@ -628,11 +633,7 @@ async fn half_finished_join_is_detected_and_repaired() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owner_function_decides_whose_records_go_with_a_node() {
     let mesh = Mesh::start(&["a", "b", "c"]).await;
-    // A key "node/x" is owned by node `node`, whoever wrote it.
-    let opts = || {
-        TableOptions::set()
-            .owner(|k: &String, _v: &u64| k.split('/').next().unwrap_or("").to_string())
-    };
+    let opts = owned_by_key_prefix;
     let mut tables = Vec::new();
     for n in &mesh.nodes {
         let t: T = n.start("t", opts()).await.unwrap();
@@ -779,10 +780,7 @@ async fn writes_still_queued_when_their_node_shuts_down_are_dropped_and_the_tabl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_whose_owner_is_already_down_on_a_replica_is_not_stored_there() {
     let mesh = Mesh::start(&["a", "b", "n"]).await;
-    let opts = || {
-        TableOptions::set()
-            .owner(|k: &String, _v: &u64| k.split('/').next().unwrap_or("").to_string())
-    };
+    let opts = owned_by_key_prefix;
     let ta: T = mesh.nodes[0].start("t", opts()).await.unwrap();
     let tb: T = mesh.nodes[1].start("t", opts()).await.unwrap();
     let tn: T = mesh.nodes[2].start("t", opts()).await.unwrap();

@@ -892,27 +892,20 @@ async fn an_owner_that_runs_no_table_leaves_the_record_to_its_writer_on_every_re
     let ta: Table<u64, String> = a.start("t", opts()).await.unwrap();
     let tb: Table<u64, String> = b.start("t", opts()).await.unwrap();
     joined(&[&ta, &tb]).await;
-    eventually(WAIT, "a connected to n", || async {
+    let connected_to_n = || async {
         a.status()
             .await
             .connected
             .iter()
             .any(|(id, _)| id.name == "n")
-    })
-    .await;
+    };
+    eventually(WAIT, "a connected to n", connected_to_n).await;
     ta.insert(1, "n".into()).await.unwrap();
     ta.insert(2, "x".into()).await.unwrap();
     assert_eq!(tb.get(&1).as_deref(), Some("n"), "replicated and acked");
 
     n.shutdown().await.unwrap();
-    eventually(WAIT, "a saw n go", || async {
-        !a.status()
-            .await
-            .connected
-            .iter()
-            .any(|(id, _)| id.name == "n")
-    })
-    .await;
+    eventually(WAIT, "a saw n go", || async { !connected_to_n().await }).await;
     // Node events reach a table server before writes queued after them: once this write is
     // acked, a has handled n's end.
     ta.insert(3, "y".into()).await.unwrap();
