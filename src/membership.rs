@@ -38,11 +38,13 @@ impl fmt::Display for NodeId {
 /// Compact index of a [`NodeId`] within one table server (records store the index).
 pub(crate) type OwnerIdx = u32;
 
-/// Interns node identities so that each record stores a 4-byte owner.
+/// Interns node identities so that each record stores a 4-byte owner. The index of a node
+/// that is gone is released once nothing refers to it any more, and reused.
 #[derive(Debug, Default)]
 pub(crate) struct Owners {
-    ids: Vec<NodeId>,
+    ids: Vec<Option<NodeId>>,
     index: HashMap<NodeId, OwnerIdx>,
+    free: Vec<OwnerIdx>,
 }
 
 impl Owners {
@@ -50,17 +52,67 @@ impl Owners {
         if let Some(&i) = self.index.get(id) {
             return i;
         }
-        let i = self.ids.len() as OwnerIdx;
-        self.ids.push(id.clone());
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.ids[i as usize] = Some(id.clone());
+                i
+            }
+            None => {
+                self.ids.push(Some(id.clone()));
+                (self.ids.len() - 1) as OwnerIdx
+            }
+        };
         self.index.insert(id.clone(), i);
         i
     }
 
+    /// The identity at `idx`; `None` for an index never given or released.
     pub(crate) fn get(&self, idx: OwnerIdx) -> Option<&NodeId> {
-        self.ids.get(idx as usize)
+        self.ids.get(idx as usize).and_then(Option::as_ref)
     }
 
     pub(crate) fn lookup(&self, id: &NodeId) -> Option<OwnerIdx> {
         self.index.get(id).copied()
+    }
+
+    /// Indexes handed out so far, released ones included (every index is below this).
+    pub(crate) fn slots(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Identities interned now.
+    pub(crate) fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Forgets the identity at `idx`; the index may be given to another identity later. The
+    /// caller makes sure nothing refers to it any more.
+    pub(crate) fn release(&mut self, idx: OwnerIdx) {
+        if let Some(id) = self.ids.get_mut(idx as usize).and_then(Option::take) {
+            self.index.remove(&id);
+            self.free.push(idx);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn released_indexes_are_reused_and_forgotten() {
+        let mut o = Owners::default();
+        let (a, b, c) = (NodeId::new("a"), NodeId::new("b"), NodeId::new("c"));
+        assert_eq!((o.intern(&a), o.intern(&b), o.intern(&a)), (0, 1, 0));
+        o.release(0);
+        assert_eq!(
+            (o.get(0), o.lookup(&a), o.len(), o.slots()),
+            (None, None, 1, 2)
+        );
+        assert_eq!(o.intern(&c), 0, "reused");
+        assert_eq!(o.get(0), Some(&c));
+        assert_eq!(o.intern(&a), 2, "a new index for a forgotten identity");
+        o.release(7);
+        assert_eq!(o.len(), 3);
     }
 }

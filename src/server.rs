@@ -80,20 +80,20 @@ pub(crate) enum Control<K, V> {
         replies: mpsc::UnboundedSender<JoinRep<K, V>>,
     },
     JoinDone {
-        peer: OwnerIdx,
+        peer: NodeId,
         result: Result<u64>,
     },
     Stop(oneshot::Sender<()>),
 }
 
-/// What reader and writer tasks report, tagged with the peer's key and the connection's
-/// `stable_id`: a node that reconnects keeps its key, and what its old connection's tasks
-/// still report must not be taken for the new link's.
+/// What reader and writer tasks report, tagged with the peer's key and the link's
+/// generation: a node that reconnects keeps its key, and a key is reused once its node is gone,
+/// so what an old link's tasks still report must not be taken for the current link's.
 enum Input<K, V> {
-    Msg(OwnerIdx, usize, PeerMsg<K, V>),
+    Msg(OwnerIdx, u64, PeerMsg<K, V>),
     LinkClosed {
         key: OwnerIdx,
-        conn: usize,
+        link: u64,
         reason: String,
         stop_code: Option<u32>,
     },
@@ -107,6 +107,8 @@ enum Origin<K, V> {
 
 /// One peer node that is connected (and may run this table).
 struct Link {
+    /// Unique among this table server's links, ever: tags what the link's tasks report.
+    gen: u64,
     id: NodeId,
     conn: quinn::Connection,
     out: Option<Outbox>,
@@ -226,6 +228,10 @@ pub(crate) struct Server<K, V> {
     inputs: mpsc::Receiver<Input<K, V>>,
     inputs_tx: mpsc::Sender<Input<K, V>>,
     to_ack: HashMap<OwnerIdx, u64>,
+    /// Generation of the next link (`Link::gen`).
+    next_link: u64,
+    /// Owner indexes of nodes that went down, released once nothing refers to them.
+    gone: Vec<OwnerIdx>,
 }
 
 /// Everything a server needs from its node.
@@ -294,6 +300,8 @@ impl<K: Key, V: Value> Server<K, V> {
             inputs,
             inputs_tx,
             to_ack: HashMap::new(),
+            next_link: 0,
+            gone: Vec::new(),
         };
         Ok(tokio::spawn(server.run().instrument(span)))
     }
@@ -378,7 +386,10 @@ impl<K: Key, V: Value> Server<K, V> {
                 let Some(key) = self.ensure_link(pc.clone()) else {
                     return;
                 };
-                self.spawn_reader(pc, key, reader);
+                let Some(gen) = self.links.get(&key).map(|l| l.gen) else {
+                    return;
+                };
+                self.spawn_reader(pc, key, gen, reader);
                 if let Some(link) = self.links.get_mut(&key) {
                     link.inbound = true;
                     link.lacks_table = false;
@@ -390,6 +401,7 @@ impl<K: Key, V: Value> Server<K, V> {
                             },
                             self.header.clone(),
                             key,
+                            gen,
                             self.inputs_tx.clone(),
                             self.config.max_link_queue_bytes,
                         ));
@@ -431,16 +443,20 @@ impl<K: Key, V: Value> Server<K, V> {
         for id in stale {
             self.peer_down(&id);
         }
+        let gen = self.next_link;
+        self.next_link += 1;
         let out = spawn_writer(
             pc.clone(),
             self.header.clone(),
             key,
+            gen,
             self.inputs_tx.clone(),
             self.config.max_link_queue_bytes,
         );
         self.links.insert(
             key,
             Link {
+                gen,
                 id: pc.id,
                 conn: pc.conn,
                 out: Some(out),
@@ -457,16 +473,15 @@ impl<K: Key, V: Value> Server<K, V> {
         Some(key)
     }
 
-    fn spawn_reader(&self, pc: PeerConn, key: OwnerIdx, mut reader: FrameReader) {
+    fn spawn_reader(&self, pc: PeerConn, key: OwnerIdx, gen: u64, mut reader: FrameReader) {
         let inputs = self.inputs_tx.clone();
-        let conn = pc.conn.stable_id();
         tokio::spawn(
             async move {
                 loop {
                     match reader.next().await {
                         Ok(Some(body)) => match frame::decode::<PeerMsg<K, V>>(&body) {
                             Ok(msg) => {
-                                if inputs.send(Input::Msg(key, conn, msg)).await.is_err() {
+                                if inputs.send(Input::Msg(key, gen, msg)).await.is_err() {
                                     return;
                                 }
                             }
@@ -523,6 +538,35 @@ impl<K: Key, V: Value> Server<K, V> {
             }
         }
         self.complete_pending();
+        if key != self.me_idx && !self.gone.contains(&key) {
+            self.gone.push(key);
+        }
+    }
+
+    /// Releases the owner indexes of nodes that went down once nothing refers to them: no link
+    /// (the same incarnation may have reconnected), no tombstone, no batch waiting for its ack,
+    /// no join. Their records went with the node-down, and none can come back: writes and join
+    /// records name only owners alive here. Without this, each incarnation ever seen would
+    /// cost every table an entry for good.
+    fn release_gone_owners(&mut self) {
+        if self.gone.is_empty() {
+            return;
+        }
+        let mut referred: BTreeSet<OwnerIdx> = self.links.keys().copied().collect();
+        referred.extend(self.tombstones.owners());
+        referred.extend(self.pending.iter().flat_map(|p| p.waiting.iter().copied()));
+        referred.extend(self.to_ack.keys().copied());
+        referred.extend(self.join_replies.values().map(|(k, _)| *k));
+        let owners = &mut self.owners;
+        let joins = &mut self.joins;
+        self.gone.retain(|&k| {
+            if referred.contains(&k) {
+                return true;
+            }
+            joins.remove(&k);
+            owners.release(k);
+            false
+        });
     }
 
     /// Ends the current pause; buffered writes go on.
@@ -978,27 +1022,25 @@ impl<K: Key, V: Value> Server<K, V> {
 
     // ------------------------------------------------------------------ peer messages
 
-    /// Whether `conn` is the connection of the peer's current link.
-    fn is_current(&self, key: OwnerIdx, conn: usize) -> bool {
-        self.links
-            .get(&key)
-            .is_some_and(|l| l.conn.stable_id() == conn)
+    /// Whether `gen` is the peer's current link.
+    fn is_current(&self, key: OwnerIdx, gen: u64) -> bool {
+        self.links.get(&key).is_some_and(|l| l.gen == gen)
     }
 
     fn on_input(&mut self, input: Input<K, V>) {
         match input {
-            Input::Msg(key, conn, msg) => {
-                if self.is_current(key, conn) {
+            Input::Msg(key, gen, msg) => {
+                if self.is_current(key, gen) {
                     self.on_peer_msg(key, msg);
                 }
             }
             Input::LinkClosed {
                 key,
-                conn,
+                link: gen,
                 reason,
                 stop_code,
             } => {
-                if !self.is_current(key, conn) {
+                if !self.is_current(key, gen) {
                     return;
                 }
                 let Some(link) = self.links.get_mut(&key) else {
@@ -1271,8 +1313,8 @@ impl<K: Key, V: Value> Server<K, V> {
                 self.clock.observe(newest);
                 // For a merge: which stored owners the other side's dump could have included.
                 let dumped: Vec<bool> = match &merge {
-                    Some(all) => (0..)
-                        .map_while(|i| self.owners.get(i).map(|id| all.contains(id)))
+                    Some(all) => (0..self.owners.slots() as OwnerIdx)
+                        .map(|i| self.owners.get(i).is_some_and(|id| all.contains(id)))
                         .collect(),
                     None => Vec::new(),
                 };
@@ -1325,21 +1367,27 @@ impl<K: Key, V: Value> Server<K, V> {
                 return;
             }
         }
-        let alive: Vec<bool> = (0..)
-            .map_while(|i| self.owners.get(i).map(|id| alive.contains(id)))
+        // The dump's owner list: the alive owners only, renumbered (`wire[i]`: the index in
+        // that list of owner `i` here).
+        let mut owners: Vec<NodeId> = Vec::new();
+        let wire: Vec<Option<u32>> = (0..self.owners.slots() as OwnerIdx)
+            .map(|i| {
+                let id = self.owners.get(i).filter(|id| alive.contains(id))?;
+                owners.push(id.clone());
+                Some((owners.len() - 1) as u32)
+            })
             .collect();
-        let owners: Vec<NodeId> = (0..).map_while(|i| self.owners.get(i).cloned()).collect();
         let mut chunker = Chunker::new(
             self.config.join_chunk_records,
             self.config.max_frame_size / 4,
         );
         self.shared.store.for_each(|k, r| {
-            if alive.get(r.owner as usize).copied().unwrap_or(false) {
+            if let Some(&Some(owner)) = wire.get(r.owner as usize) {
                 chunker.push(WireRecord {
                     key: k.clone(),
                     value: r.value.clone(),
                     ts: r.ts,
-                    owner: r.owner,
+                    owner,
                 });
             }
         });
@@ -1413,14 +1461,18 @@ impl<K: Key, V: Value> Server<K, V> {
                 self.join_replies.insert(req, (key, replies));
                 self.send_to(key, &PeerMsg::Join { req, body });
             }
-            Control::JoinDone { peer, result } => {
+            Control::JoinDone { peer: id, result } => {
                 let base = self.config.join_backoff;
                 let max = self.config.join_max_backoff;
-                let name = self
-                    .links
-                    .get(&peer)
-                    .map(|l| l.id.to_string())
-                    .unwrap_or_default();
+                // A join with a node that went down meanwhile has no track left to update.
+                let Some(peer) = self
+                    .owners
+                    .lookup(&id)
+                    .filter(|k| self.links.get(k).is_some_and(|l| l.id == id))
+                else {
+                    return false;
+                };
+                let name = id.to_string();
                 let track = self.joins.entry(peer).or_default();
                 track.running = false;
                 match result {
@@ -1469,6 +1521,7 @@ impl<K: Key, V: Value> Server<K, V> {
         }
         track.running = true;
         let peer = link.id.clone();
+        let done_with = peer.clone();
         let ctx = JoinCtx {
             control: self.control_tx.clone(),
             me: self.me.clone(),
@@ -1485,7 +1538,10 @@ impl<K: Key, V: Value> Server<K, V> {
         tokio::spawn(
             async move {
                 let result = join::run(ctx, peer).await;
-                let _ = control.send(Control::JoinDone { peer: key, result });
+                let _ = control.send(Control::JoinDone {
+                    peer: done_with,
+                    result,
+                });
             }
             .in_current_span(),
         );
@@ -1550,6 +1606,7 @@ impl<K: Key, V: Value> Server<K, V> {
         // Requests whose coordinator gave up (its join ended) wait for no reply any more.
         self.join_replies.retain(|_, (_, tx)| !tx.is_closed());
         self.forget_tombstones();
+        self.release_gone_owners();
         if self.ticks.is_multiple_of(ANNOUNCE_EVERY) {
             // To every linked peer, not only members: a peer that is a member on one side only
             // learns our epoch this way.
@@ -1679,6 +1736,7 @@ impl<K: Key, V: Value> Server<K, V> {
             conflicts: self.conflicts,
             epoch: self.epoch,
             disagreeing,
+            known_nodes: self.owners.len(),
         }
     }
 }
@@ -1711,11 +1769,11 @@ fn spawn_writer<K: Key, V: Value>(
     pc: PeerConn,
     header: Bytes,
     key: OwnerIdx,
+    gen: u64,
     inputs: mpsc::Sender<Input<K, V>>,
     limit: usize,
 ) -> Outbox {
     let (tx, mut rx) = outbox(limit);
-    let conn = pc.conn.stable_id();
     tokio::spawn(
         async move {
             let result: std::result::Result<(), quinn::WriteError> = async {
@@ -1769,7 +1827,7 @@ fn spawn_writer<K: Key, V: Value>(
                 let _ = inputs
                     .send(Input::LinkClosed {
                         key,
-                        conn,
+                        link: gen,
                         reason: e.to_string(),
                         stop_code,
                     })

@@ -35,6 +35,11 @@ pub struct TableStatus {
     /// Members whose own member list differs from this node's, as last reported by them
     /// (a partially joined table; repaired automatically).
     pub disagreeing: Vec<String>,
+    /// Node identities (name and incarnation) this table keeps an index for: this node, the
+    /// connected ones, and ones gone within about a tick (or while a tombstone or an
+    /// unacknowledged write still names them). Stays near the number of nodes however often
+    /// they restart.
+    pub known_nodes: usize,
 }
 
 /// The node's health report, from [`crate::Node::status`].

@@ -34,6 +34,11 @@ impl<K: Hash + Eq + Clone> Tombstones<K> {
         }
     }
 
+    /// The owners the tombstones' stamps name (with repeats).
+    pub(crate) fn owners(&self) -> impl Iterator<Item = OwnerIdx> + '_ {
+        self.map.values().map(|(_, o)| *o)
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.map.is_empty()
     }

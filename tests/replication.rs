@@ -986,3 +986,48 @@ async fn writes_with_equal_stamps_converge_on_every_node() {
     }
     shutdown_all(c.iter().map(|(n, _)| n)).await;
 }
+
+/// A node restarted again and again costs a survivor's table nothing for good: the index the
+/// table gave each gone incarnation (records store a 4-byte owner index) is released once
+/// nothing names it, and reused for the next one, whose records then go with it as they
+/// should. (Each incarnation ever seen used to keep an entry in every table.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarting_peer_does_not_grow_a_survivors_owner_table() {
+    let (a, ha) = node("a").await;
+    let ta: Table<u64, String> = a.start("t", TableOptions::set()).await.unwrap();
+    let known = || async {
+        let s = a.status().await;
+        s.tables.iter().find(|t| t.name == "t").unwrap().known_nodes
+    };
+    for round in 0..8u64 {
+        let (b, hb) = node("b").await;
+        ha.set(vec![a.local_addr(), b.local_addr()]);
+        hb.set(vec![a.local_addr(), b.local_addr()]);
+        let tb: Table<u64, String> = b.start("t", TableOptions::set()).await.unwrap();
+        joined(&[&ta, &tb]).await;
+        // Records of this incarnation, and a tombstone that names it.
+        tb.insert_many(
+            (0..10)
+                .map(|k| (round * 100 + k, format!("b{round}")))
+                .collect(),
+        )
+        .await
+        .unwrap();
+        tb.delete(&(round * 100)).await.unwrap();
+        ta.insert(1_000_000 + round, "a".into()).await.unwrap();
+        assert_eq!(ta.len(), 9 + round as usize + 1, "b's records are here");
+        drop(tb);
+        b.shutdown().await.unwrap();
+        eventually(WAIT, "b's records gone from a", || async {
+            ta.nodes().is_empty() && ta.len() == round as usize + 1
+        })
+        .await;
+        // Only a is left (its tombstones are forgotten at once without members), so the next
+        // incarnation of b gets the index this one had.
+        eventually(WAIT, "b's incarnation forgotten", || async {
+            known().await == 1
+        })
+        .await;
+    }
+    shutdown_all([&a]).await;
+}
