@@ -468,6 +468,21 @@ async fn start_node(name: &str, peers: Vec<SocketAddr>, config: NodeConfig) -> R
         .await?)
 }
 
+/// A node named `name` that discovers `peers`, with its table "down" joined to the two
+/// survivors' tables.
+async fn joined_third(name: &str, peers: Vec<SocketAddr>, cfg: NodeConfig) -> Res<(Node, Tab)> {
+    let node = start_node(name, peers, cfg).await?;
+    let t: Tab = node.start("down", TableOptions::set()).await?;
+    let t2 = t.clone();
+    wait_until(
+        Duration::from_secs(30),
+        "the third node to join",
+        move || t2.nodes().len() == 2,
+    )
+    .await?;
+    Ok((node, t))
+}
+
 async fn wait_until(
     timeout: Duration,
     what: &str,
@@ -1680,20 +1695,8 @@ async fn down(s: &Settings) -> Res<Vec<Row>> {
     let _ = child.wait().await;
 
     // Graceful: an in-process node writes n records, then shuts down.
-    let d = start_node(
-        "down-graceful",
-        addrs.iter().map(|a| a.parse()).collect::<Result<_, _>>()?,
-        cfg.clone(),
-    )
-    .await?;
-    let td: Tab = d.start("down", TableOptions::set()).await?;
-    let td2 = td.clone();
-    wait_until(
-        Duration::from_secs(30),
-        "the graceful node to join",
-        move || td2.nodes().len() == 2,
-    )
-    .await?;
+    let survivors: Vec<SocketAddr> = addrs.iter().map(|a| a.parse()).collect::<Result<_, _>>()?;
+    let (d, td) = joined_third("down-graceful", survivors.clone(), cfg.clone()).await?;
     fill(&td, 2 << 40..(2 << 40) + n, 1000).await?;
     let ts = c.tables.clone();
     wait_until(
@@ -1718,17 +1721,9 @@ async fn down(s: &Settings) -> Res<Vec<Row>> {
     // Shutdown while a dial is in flight: discovery also lists an address where a socket takes
     // the dial's packets and never answers.
     let silent = tokio::net::UdpSocket::bind(loopback()).await?;
-    let mut peers: Vec<SocketAddr> = addrs.iter().map(|a| a.parse()).collect::<Result<_, _>>()?;
+    let mut peers = survivors;
     peers.push(silent.local_addr()?);
-    let e = start_node("down-dialing", peers, cfg).await?;
-    let te: Tab = e.start("down", TableOptions::set()).await?;
-    let te2 = te.clone();
-    wait_until(
-        Duration::from_secs(30),
-        "the dialing node to join",
-        move || te2.nodes().len() == 2,
-    )
-    .await?;
+    let (e, te) = joined_third("down-dialing", peers, cfg).await?;
     let mut buf = [0u8; 2048];
     tokio::time::timeout(Duration::from_secs(10), silent.recv_from(&mut buf))
         .await
