@@ -52,16 +52,15 @@ impl Owners {
         if let Some(&i) = self.index.get(id) {
             return i;
         }
-        let i = match self.free.pop() {
-            Some(i) => {
-                self.ids[i as usize] = Some(id.clone());
-                i
-            }
-            None => {
-                self.ids.push(Some(id.clone()));
-                (self.ids.len() - 1) as OwnerIdx
-            }
-        };
+        let reused = self.free.pop().and_then(|i| {
+            let slot = self.ids.get_mut(i as usize)?;
+            *slot = Some(id.clone());
+            Some(i)
+        });
+        let i = reused.unwrap_or_else(|| {
+            self.ids.push(Some(id.clone()));
+            (self.ids.len() - 1) as OwnerIdx
+        });
         self.index.insert(id.clone(), i);
         i
     }

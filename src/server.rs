@@ -549,11 +549,14 @@ impl<K: Key, V: Value> Server<K, V> {
     /// records name only owners alive here. Without this, each incarnation ever seen would
     /// cost every table an entry for good.
     fn release_gone_owners(&mut self) {
+        // A node that reconnected under the same incarnation is not gone; if it goes down
+        // again, `peer_down` lists it again.
+        let links = &self.links;
+        self.gone.retain(|k| !links.contains_key(k));
         if self.gone.is_empty() {
             return;
         }
-        let mut referred: BTreeSet<OwnerIdx> = self.links.keys().copied().collect();
-        referred.extend(self.tombstones.owners());
+        let mut referred: BTreeSet<OwnerIdx> = self.tombstones.owners().collect();
         referred.extend(self.pending.iter().flat_map(|p| p.waiting.iter().copied()));
         referred.extend(self.to_ack.keys().copied());
         referred.extend(self.join_replies.values().map(|(k, _)| *k));
@@ -1606,8 +1609,9 @@ impl<K: Key, V: Value> Server<K, V> {
         // Requests whose coordinator gave up (its join ended) wait for no reply any more.
         self.join_replies.retain(|_, (_, tx)| !tx.is_closed());
         self.forget_tombstones();
-        self.release_gone_owners();
         if self.ticks.is_multiple_of(ANNOUNCE_EVERY) {
+            // Scans the tombstones: twice a second is often enough.
+            self.release_gone_owners();
             // To every linked peer, not only members: a peer that is a member on one side only
             // learns our epoch this way.
             let msg = PeerMsg::<K, V>::Tick {

@@ -36,7 +36,7 @@ pub struct TableStatus {
     /// (a partially joined table; repaired automatically).
     pub disagreeing: Vec<String>,
     /// Node identities (name and incarnation) this table keeps an index for: this node, the
-    /// connected ones, and ones gone within about a tick (or while a tombstone or an
+    /// connected ones, and ones gone within about half a second (or while a tombstone or an
     /// unacknowledged write still names them). Stays near the number of nodes however often
     /// they restart.
     pub known_nodes: usize,
