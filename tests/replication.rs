@@ -959,8 +959,9 @@ async fn every_replica_stores_the_owner_the_writer_chose() {
     }
     drop(tn);
     c[2].0.shutdown().await.unwrap();
-    eventually(WAIT, "a and b dropped n's record", || async {
-        ta.get(&1).is_none() && tb.get(&1).is_none()
+    // a and b stay members of each other, and both drop the record n owned.
+    eventually(WAIT, "a and b dropped n and n's record", || async {
+        ta.nodes() == ["b"] && tb.nodes() == ["a"] && ta.get(&1).is_none() && tb.get(&1).is_none()
     })
     .await;
     assert_eq!(sorted(ta.to_vec()), sorted(tb.to_vec()));
