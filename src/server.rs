@@ -1118,11 +1118,14 @@ impl<K: Key, V: Value> Server<K, V> {
             }
             PeerMsg::Join { req, body } => self.on_join_req(Origin::Peer(key, req), body),
             PeerMsg::JoinReply { req, body } => {
+                // Only the node the request went to answers it: a reply from another peer
+                // (request numbers are easy to guess) must not end that request.
+                if !self.join_replies.get(&req).is_some_and(|(k, _)| *k == key) {
+                    return;
+                }
                 let last = !matches!(body, JoinRep::Chunk { last: false, .. });
-                if let Some((k, tx)) = self.join_replies.get(&req) {
-                    if *k == key {
-                        let _ = tx.send(body);
-                    }
+                if let Some((_, tx)) = self.join_replies.get(&req) {
+                    let _ = tx.send(body);
                 }
                 if last {
                     self.join_replies.remove(&req);

@@ -1586,3 +1586,189 @@ async fn a_peer_that_does_not_read_is_closed_when_its_queue_is_full() {
     );
     p.ends_unharmed(2, before, ep).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// A raw peer that the node dials, and so coordinates joins with.
+
+/// The whole of `proto::PeerMsg` and its join messages for a `u64 -> String` table, to read
+/// what a node sends a peer it coordinates a join with, and to answer it.
+mod wire {
+    use cets::NodeId;
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct WireRecord {
+        pub key: u64,
+        pub value: String,
+        pub ts: u64,
+        pub owner: u32,
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub enum OpKind {
+        Insert(Vec<(u64, String)>),
+        Delete(Vec<u64>),
+        DeleteObject(Vec<(u64, String)>),
+        InsertOwned {
+            owners: Vec<NodeId>,
+            records: Vec<(u64, String, u32)>,
+        },
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct Op {
+        pub ts: u64,
+        pub kind: OpKind,
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub enum JoinReq {
+        Info,
+        Pause {
+            join: u64,
+            lease_ms: u64,
+        },
+        Dump {
+            join: u64,
+            alive: Vec<NodeId>,
+        },
+        Apply {
+            join: u64,
+            owners: Vec<NodeId>,
+            records: Vec<WireRecord>,
+            members: Option<Vec<NodeId>>,
+            merge: Option<Vec<NodeId>>,
+        },
+        Unpause {
+            join: u64,
+        },
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub enum JoinRep {
+        Info {
+            members: Vec<NodeId>,
+            epoch: u64,
+        },
+        Paused {
+            members: Vec<NodeId>,
+            epoch: u64,
+            reachable: Vec<NodeId>,
+            len: u64,
+        },
+        Busy {
+            by: String,
+        },
+        Chunk {
+            owners: Vec<NodeId>,
+            records: Vec<WireRecord>,
+            last: bool,
+        },
+        Applied {
+            conflicts: u64,
+        },
+        Unpaused,
+        Refused {
+            reason: String,
+        },
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    pub enum PeerMsg {
+        Ops { seq: u64, ops: Vec<Op> },
+        Ack { seq: u64, clock: u64 },
+        Tick { clock: u64, view: u64 },
+        Join { req: u64, body: JoinReq },
+        JoinReply { req: u64, body: JoinRep },
+    }
+}
+
+/// A raw peer named `z-raw` (after every node name here, so the node keeps the connection it
+/// dials and coordinates the join): `node` is told its address, dials it, and the acceptor's
+/// side of the cookie handshake runs here. Returns the endpoint, the connection, our identity
+/// and the two table streams of `t`.
+async fn dialed_by(
+    node: &Node,
+    disco: &StaticDiscoveryHandle,
+) -> (quinn::Endpoint, quinn::Connection, NodeId, TablePeer) {
+    let fake = raw::server_endpoint("127.0.0.1");
+    disco.set(vec![fake.local_addr().unwrap()]);
+    let me = NodeId {
+        name: "z-raw".into(),
+        incarnation: rand::random(),
+    };
+    let conn = tokio::time::timeout(WAIT, async {
+        fake.accept()
+            .await
+            .expect("the node dials")
+            .await
+            .expect("TLS")
+    })
+    .await
+    .expect("the node dials within the wait");
+    let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+    let theirs: raw::Hello = postcard::from_bytes(&raw::read_frame(&mut recv).await).unwrap();
+    assert_eq!(&theirs.node, node.id());
+    let ours = raw::Hello {
+        magic: *b"CETS",
+        version: raw::PROTOCOL_VERSION,
+        node: me.clone(),
+        proof: raw::proof(COOKIE, &conn, b'A', &me),
+    };
+    send.write_all(&raw::frame(&ours)).await.unwrap();
+    let _ = send.finish();
+    let peer = TablePeer::open(&conn, their_header(&conn).await).await;
+    (fake, conn, me, peer)
+}
+
+/// The node's next join request on its table stream to us (ticks skipped).
+async fn next_request(theirs: &mut quinn::RecvStream) -> (u64, wire::JoinReq) {
+    loop {
+        let msg: wire::PeerMsg = postcard::from_bytes(&raw::read_frame(theirs).await).unwrap();
+        match msg {
+            wire::PeerMsg::Join { req, body } => return (req, body),
+            wire::PeerMsg::Tick { .. } => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+async fn reply(peer: &mut TablePeer, req: u64, body: wire::JoinRep) {
+    let f = raw::frame(&wire::PeerMsg::JoinReply { req, body });
+    peer.ours.write_all(&f).await.unwrap();
+}
+
+/// A join reply names its request by number only; the node must take it only from the node the
+/// request went to. A peer that answers a request sent to another node (numbers are
+/// consecutive, easy to guess) used to cancel it: the node dropped the request's reply channel,
+/// and its join failed with "node unreachable or gone" although the right node answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_reply_from_another_peer_does_not_cancel_a_request() {
+    let (node, disco) = node("n1").await;
+    let t: T = node.start("t", TableOptions::set()).await.unwrap();
+    // `a-raw`, connected to the node; it never coordinates with it (n1 sorts after a-raw).
+    let ep = raw::endpoint();
+    let conn = authenticated(&ep, &node).await;
+    let mut other = TablePeer::open(&conn, their_header(&conn).await).await;
+    // `z-raw`, which the node dials and then joins, as the coordinator.
+    let (fake, _zconn, z, mut zpeer) = dialed_by(&node, &disco).await;
+    let (req, body) = next_request(&mut zpeer.theirs).await;
+    assert!(matches!(body, wire::JoinReq::Info), "{body:?}");
+    // a-raw answers z-raw's request; its own request after it is answered once the node has
+    // read that reply (one stream, in order).
+    let f = raw::frame(&raw::PeerMsg::<u64, String>::JoinReply { req, reply: 5 });
+    other.ours.write_all(&f).await.unwrap();
+    assert_eq!(other.ask(raw::JoinReq::Info).await, 0, "Info answered");
+    // Now z-raw answers; the join goes on to the lock.
+    let members = vec![z.clone()];
+    reply(&mut zpeer, req, wire::JoinRep::Info { members, epoch: 0 }).await;
+    let (_, body) = next_request(&mut zpeer.theirs).await;
+    assert!(
+        matches!(body, wire::JoinReq::Pause { .. }),
+        "the join went on with z-raw's answer; got {body:?} (the join failed and started over)"
+    );
+    drop(t);
+    ep.close(0u32.into(), b"");
+    fake.close(0u32.into(), b"");
+    node.shutdown().await.unwrap();
+}
