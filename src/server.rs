@@ -828,7 +828,8 @@ impl<K: Key, V: Value> Server<K, V> {
         // Receivers order records with equal stamps by value (they may be two writers'), so a
         // key written twice in this one write keeps its last record here, as a plain insert
         // would everywhere.
-        if records.len() > 1 {
+        // A bag keeps every object of one write.
+        if records.len() > 1 && self.shared.kind != TableKind::Bag {
             let mut last: HashMap<&K, usize> = HashMap::with_capacity(records.len());
             for (i, (k, _, _)) in records.iter().enumerate() {
                 last.insert(k, i);
@@ -1120,7 +1121,7 @@ impl<K: Key, V: Value> Server<K, V> {
             PeerMsg::JoinReply { req, body } => {
                 // Only the node the request went to answers it: a reply from another peer
                 // (request numbers are easy to guess) must not end that request.
-                if !self.join_replies.get(&req).is_some_and(|(k, _)| *k == key) {
+                if self.join_replies.get(&req).is_none_or(|(k, _)| *k != key) {
                     return;
                 }
                 let last = !matches!(body, JoinRep::Chunk { last: false, .. });

@@ -1048,3 +1048,28 @@ async fn a_restarting_peer_does_not_grow_a_survivors_owner_table() {
     }
     shutdown_all([&a]).await;
 }
+
+/// A bag keeps every distinct object of a key, also within one `insert_many`. With an owner
+/// function, the writer turns the insert into an `InsertOwned` and keeps only the last record
+/// of each key (`Server::with_owners`), which is right for a set but drops objects of a bag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bag_with_an_owner_function_keeps_every_object_of_one_insert_many() {
+    let c = cluster(&["a", "b"]).await;
+    let opts = || TableOptions::<u64, String>::bag().owner(|_, _| "a".to_string());
+    let ta: Table<u64, String> = c[0].0.start("t", opts()).await.unwrap();
+    let tb: Table<u64, String> = c[1].0.start("t", opts()).await.unwrap();
+    joined(&[&ta, &tb]).await;
+    tb.insert_many(vec![(1, "x".into()), (1, "y".into())])
+        .await
+        .unwrap();
+    // Acked by a: both nodes applied it.
+    assert_eq!(
+        (sorted(ta.lookup(&1)), sorted(tb.lookup(&1))),
+        (
+            vec!["x".to_string(), "y".into()],
+            vec!["x".to_string(), "y".into()]
+        ),
+        "a bag stores both objects of one insert_many"
+    );
+    shutdown_all(c.iter().map(|(n, _)| n)).await;
+}
