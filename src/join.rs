@@ -382,18 +382,21 @@ async fn merge<K: Key, V: Value>(
         }
         let vs: Vec<(usize, Version<V>)> = std::iter::once(vs.first).chain(vs.rest).collect();
         if ctx.kind == TableKind::Bag {
-            // Union of objects: every source gets the objects it lacks.
+            // Union of objects, each with the greatest stamp it has anywhere (as replication
+            // keeps it, so that a node-down removes the same objects everywhere): every source
+            // gets the objects it lacks, or holds under another stamp.
+            let stamp = |v: &Version<V>| (v.ts, owners.get(v.owner as usize));
             let mut objects: Vec<&Version<V>> = Vec::new();
             for (_, v) in &vs {
-                if !objects.iter().any(|o| same_value(&o.value, &v.value)) {
-                    objects.push(v);
+                match objects.iter_mut().find(|o| same_value(&o.value, &v.value)) {
+                    Some(o) if stamp(v) > stamp(o) => *o = v,
+                    Some(_) => {}
+                    None => objects.push(v),
                 }
             }
             for (src_i, delta) in deltas.iter_mut().enumerate() {
                 for o in &objects {
-                    let has = vs
-                        .iter()
-                        .any(|(s, v)| *s == src_i && same_value(&v.value, &o.value));
+                    let has = vs.iter().any(|(s, v)| *s == src_i && same_version(v, o));
                     if !has {
                         delta.push(WireRecord {
                             key: key.clone(),

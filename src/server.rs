@@ -17,11 +17,13 @@
 
 use std::cmp::Ordering;
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::hash::Hash;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quinn::VarInt;
+use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
@@ -37,7 +39,7 @@ use crate::registry::{PeerConn, TableEvent};
 use crate::status::TableStatus;
 use crate::store::{same_value, value_order, Rec};
 use crate::table::{Key, Shared, TableKind, TableOptions, Value};
-use crate::tombstones::Tombstones;
+use crate::tombstones::{Tombstone, Tombstones};
 use crate::transport::frame::{self, FrameReader};
 use crate::{Error, Result};
 
@@ -125,6 +127,11 @@ struct Link {
     /// The member was removed because this link's table stream closed: its node still counts
     /// as a member for `on_node_down` when the `PeerDown` that follows arrives.
     member_until_closed: bool,
+    /// The `seq` of the last batch from this member whose writes may outlive it
+    /// (`Server::apply`). When it goes down, members that applied different batches of it
+    /// differ in more than its records: each mixes this into its epoch (`peer_down`), so those
+    /// differ in view too, and the view check has them merge again (ALGORITHM.md, section 8).
+    lasting: u64,
 }
 
 impl Link {
@@ -163,13 +170,8 @@ impl Link {
 
 /// A write being applied: an insert's records with their owners, or another write.
 enum Inserted<K, V> {
-    /// `by_value`: a record and a stored one with equal stamps are ordered by value (they can
-    /// come from two writers, see `InsertOwned`); otherwise the record wins (a later record of
-    /// the same write).
-    Records {
-        recs: Vec<(K, Rec<V>)>,
-        by_value: bool,
-    },
+    /// The records of an insert, each with its owner.
+    Records(Vec<(K, Rec<V>)>),
     Other(OpKind<K, V>),
 }
 
@@ -468,6 +470,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 view: None,
                 disagree_since: None,
                 member_until_closed: false,
+                lasting: 0,
             },
         );
         Some(key)
@@ -514,6 +517,7 @@ impl<K: Key, V: Value> Server<K, V> {
         };
         let link = self.links.remove(&key);
         let was_link = link.is_some();
+        let lasting = link.as_ref().map_or(0, |l| l.lasting);
         // A member whose table stream closed just before (the writer task reported the lost
         // connection before the node's `PeerDown` got here) was a member all the same.
         let was_member = self.members.remove(&key) | link.is_some_and(|l| l.member_until_closed);
@@ -525,8 +529,28 @@ impl<K: Key, V: Value> Server<K, V> {
             tracing::warn!(coordinator = %id, "join coordinator is gone; unpausing");
             self.unpause();
         }
-        let removed = self.shared.store.remove_owned(key);
+        // Its records go, each leaving a tombstone while a member may still send an older
+        // write of the key: on a node where that write arrived first, the dropped record had
+        // replaced it, and it must not come back here only (the same holds for `drop_orphans`).
+        let since = self.min_watermark();
+        let keep_tombstones = !self.members.is_empty();
+        let mut recent = Vec::new();
+        let removed = self.shared.store.remove_owned(key, |k, ts| {
+            if keep_tombstones && ts > since {
+                recent.push((k.clone(), ts));
+            }
+        });
+        for (k, ts) in recent {
+            if self.newer(&k, ts, key) {
+                self.add_tombstone(k, Tombstone::of((ts, key)));
+            }
+        }
         if was_member {
+            // Members that applied the same lasting writes of it keep equal views; those that
+            // did not (it died before its last write reached all) now differ, and the view
+            // check has them merge their tables again, as a join does. XOR: two nodes that go
+            // down at once may be handled in either order.
+            self.epoch ^= departure_mark(id, lasting);
             self.publish_members();
         }
         if was_link || was_member || !removed.is_empty() {
@@ -755,11 +779,10 @@ impl<K: Key, V: Value> Server<K, V> {
 
     // ------------------------------------------------------------------ applying writes
 
-    /// Whether a write stamped `(ts, owner)` beats what is stored for `k` (or its tombstone).
-    /// Whether a write stamped `(ts, owner)` beats what is stored for `k` (or its tombstone),
-    /// in the join's last-writer-wins order: timestamp, then owner identity. An equal stamp
-    /// beats a stored record (the later record of one `insert_many` wins, and a repeated write
-    /// changes nothing) but not a tombstone (a deleted version must not come back).
+    /// Whether a removal stamped `(ts, owner)` (a delete, a dropped orphan) beats what is
+    /// stored for `k` (or its tombstone), in the join's last-writer-wins order: timestamp, then
+    /// owner identity. A removal wins a tie with a record, and so with the tombstone of one
+    /// removed version, but not with another removal's tombstone (nothing would change).
     fn newer(&self, k: &K, ts: u64, owner: OwnerIdx) -> bool {
         let stamp = (ts, self.owners.get(owner));
         if let Some((cts, cowner)) = self.shared.store.meta(k) {
@@ -769,9 +792,24 @@ impl<K: Key, V: Value> Server<K, V> {
             return true;
         }
         match self.tombstones.get(k) {
-            Some(&(cts, cowner)) => stamp > (cts, self.owners.get(cowner)),
+            Some(t) => match stamp.cmp(&(t.ts, self.owners.get(t.owner))) {
+                Ordering::Greater => true,
+                Ordering::Equal => t.value.is_some(),
+                Ordering::Less => false,
+            },
             None => true,
         }
+    }
+
+    /// The smallest watermark of the members (`u64::MAX` with none): every write a member
+    /// still sends is stamped after it.
+    fn min_watermark(&self) -> u64 {
+        self.members
+            .iter()
+            .filter_map(|k| self.links.get(k))
+            .map(|l| l.watermark)
+            .min()
+            .unwrap_or(u64::MAX)
     }
 
     /// Forgets the tombstones older than every member's clock (no member: all of them): no
@@ -781,29 +819,30 @@ impl<K: Key, V: Value> Server<K, V> {
         if self.tombstones.oldest_queued().is_none() {
             return;
         }
-        let min = self
-            .members
-            .iter()
-            .filter_map(|k| self.links.get(k))
-            .map(|l| l.watermark)
-            .min()
-            .unwrap_or(u64::MAX);
+        let min = self.min_watermark();
         self.tombstones.forget_up_to(min);
     }
 
-    fn add_tombstone(&mut self, k: K, stamp: (u64, OwnerIdx)) {
-        self.tombstones.add(k, stamp);
+    fn add_tombstone(&mut self, k: K, t: Tombstone) {
+        self.tombstones.add(k, t);
     }
 
-    /// An insert of a table with an owner function, with each record's owner decided here,
-    /// once, for every replica: the node `TableOptions::owner` names if it is this node or a
-    /// member of the table, otherwise this node. Other writes are returned as they are.
+    /// An insert as it is sent and applied. With an owner function, each record's owner is
+    /// decided here, once, for every replica: the node `TableOptions::owner` names if it is
+    /// this node or a member of the table, otherwise this node. In a set or ordered_set, a key
+    /// written twice in one insert keeps its last record only: receivers order records with
+    /// equal stamps by value (they may be two writers'), so the write must not carry two. A bag
+    /// keeps every object. Other writes are returned as they are.
     fn with_owners(&self, kind: OpKind<K, V>) -> OpKind<K, V> {
-        let Some(f) = &self.opts.owner else {
+        let OpKind::Insert(mut recs) = kind else {
             return kind;
         };
-        let OpKind::Insert(recs) = kind else {
-            return kind;
+        let dedupe = recs.len() > 1 && self.shared.kind != TableKind::Bag;
+        let Some(f) = &self.opts.owner else {
+            if dedupe {
+                last_of_each_key(&mut recs, |(k, _)| k);
+            }
+            return OpKind::Insert(recs);
         };
         let mut owners: Vec<NodeId> = Vec::new();
         let mut records = Vec::with_capacity(recs.len());
@@ -825,22 +864,8 @@ impl<K: Key, V: Value> Server<K, V> {
             // At most one owner per record: the index fits.
             records.push((k, v, i as u32));
         }
-        // Receivers order records with equal stamps by value (they may be two writers'), so a
-        // key written twice in this one write keeps its last record here, as a plain insert
-        // would everywhere.
-        // A bag keeps every object of one write.
-        if records.len() > 1 && self.shared.kind != TableKind::Bag {
-            let mut last: HashMap<&K, usize> = HashMap::with_capacity(records.len());
-            for (i, (k, _, _)) in records.iter().enumerate() {
-                last.insert(k, i);
-            }
-            if last.len() < records.len() {
-                let keep: Vec<bool> = (0..records.len())
-                    .map(|i| last.get(&records[i].0) == Some(&i))
-                    .collect();
-                let mut keep = keep.into_iter();
-                records.retain(|_| keep.next().unwrap_or(true));
-            }
+        if dedupe {
+            last_of_each_key(&mut records, |(k, _, _)| k);
         }
         OpKind::InsertOwned { owners, records }
     }
@@ -848,18 +873,40 @@ impl<K: Key, V: Value> Server<K, V> {
     /// Records whose owner is down here (the writer did not know it yet): this node ends as
     /// the writer will once it hears of that node's end, without the record. A stored version
     /// of the key that the write would have replaced goes too, as it went on the writer; one
-    /// the write does not beat stays. No tombstone: node-down cleanup leaves none either.
+    /// the write does not beat stays. Where the write wins, it leaves a tombstone of its stamp,
+    /// as the record it stands for leaves on the writer when dropped with its owner
+    /// (`peer_down`): an older write still on its way to this node must not bring the key back
+    /// here only.
     fn drop_orphans(&mut self, ts: u64, orphans: Vec<(K, NodeId)>) {
         if self.shared.kind == TableKind::Bag {
             return;
         }
-        let owners = &self.owners;
+        let keep_tombstones = !self.members.is_empty();
         for (k, owner) in orphans {
             let stamp = (ts, Some(&owner));
-            self.shared
+            let owners = &self.owners;
+            let removed = self
+                .shared
                 .store
                 .remove_if(&k, |(cts, co)| stamp >= (cts, owners.get(co)));
+            if !keep_tombstones {
+                continue;
+            }
+            let idx = self.gone_owner(&owner);
+            if removed.unwrap_or_else(|| self.newer(&k, ts, idx)) {
+                self.add_tombstone(k, Tombstone::of((ts, idx)));
+            }
         }
+    }
+
+    /// The owner index of a node that is down here, for a tombstone's stamp: it is released
+    /// once the tombstone is forgotten (`release_gone_owners`).
+    fn gone_owner(&mut self, id: &NodeId) -> OwnerIdx {
+        let idx = self.owners.intern(id);
+        if idx != self.me_idx && !self.links.contains_key(&idx) && !self.gone.contains(&idx) {
+            self.gone.push(idx);
+        }
+        idx
     }
 
     /// The index of an owner a writer named, if it is alive here: this node, or a node this
@@ -874,7 +921,11 @@ impl<K: Key, V: Value> Server<K, V> {
             .map(|(k, _)| *k)
     }
 
-    fn apply(&mut self, op: Op<K, V>, writer: OwnerIdx) {
+    /// Applies one write by `writer`. Returns whether it may have changed something that
+    /// outlives the writer, that is more than records it owns (which go when it goes down): it
+    /// stored a record of another owner, replaced or removed one, or brought a deleted key
+    /// back. Those are the writes survivors must agree on (`Link::lasting`).
+    fn apply(&mut self, op: Op<K, V>, writer: OwnerIdx) -> bool {
         let Op { ts, kind } = op;
         // Inserts as records with their owners, and the keys of records whose owner (named by
         // the writer) is already down here.
@@ -891,13 +942,7 @@ impl<K: Key, V: Value> Server<K, V> {
                         (k, rec)
                     })
                     .collect();
-                (
-                    Inserted::Records {
-                        recs,
-                        by_value: false,
-                    },
-                    Vec::new(),
-                )
+                (Inserted::Records(recs), Vec::new())
             }
             OpKind::InsertOwned { owners, records } => {
                 let live: Vec<Option<OwnerIdx>> =
@@ -918,61 +963,69 @@ impl<K: Key, V: Value> Server<K, V> {
                         _ => tracing::debug!("a record naming no owner skipped"),
                     }
                 }
-                (
-                    Inserted::Records {
-                        recs,
-                        by_value: true,
-                    },
-                    orphans,
-                )
+                (Inserted::Records(recs), orphans)
             }
             other => (Inserted::Other(other), Vec::new()),
         };
-        if !orphans.is_empty() {
+        let mut lasting = !orphans.is_empty();
+        if lasting {
             self.drop_orphans(ts, orphans);
+        }
+        if let Inserted::Records(recs) = &kind {
+            lasting |= recs.iter().any(|(_, r)| r.owner != writer);
         }
         let store = &self.shared.store;
         if self.shared.kind == TableKind::Bag {
             match kind {
-                Inserted::Records { recs, .. } => {
-                    for (k, rec) in recs {
-                        store.put(k, rec);
-                    }
+                // An object stored already keeps the greater stamp of the two: two writers that
+                // insert one object at once thus leave it, on every node, to the same owner.
+                Inserted::Records(recs) => {
+                    let owners = &self.owners;
+                    store.put_many_if(recs, |_, new, cur| {
+                        let won = cur.is_none_or(|c| {
+                            (new.ts, owners.get(new.owner)) > (c.ts, owners.get(c.owner))
+                        });
+                        lasting |= won && cur.is_some_and(|c| c.owner != writer);
+                        won
+                    });
                 }
                 Inserted::Other(OpKind::Insert(_) | OpKind::InsertOwned { .. }) => {}
                 Inserted::Other(OpKind::Delete(keys)) => keys.iter().for_each(|k| {
-                    store.remove(k);
+                    lasting |= store.remove(k);
                 }),
                 Inserted::Other(OpKind::DeleteObject(objs)) => objs.iter().for_each(|(k, v)| {
-                    store.remove_object(k, v);
+                    lasting |= store.remove_object(k, v);
                 }),
             }
-            return;
+            return lasting;
         }
         let keep_tombstones = !self.members.is_empty();
         match kind {
             // One batch for the whole op (the store applies small ones record by record).
-            Inserted::Records { recs, by_value } => {
+            Inserted::Records(recs) => {
                 let (owners, tombstones) = (&self.owners, &self.tombstones);
                 let mut untombstoned = Vec::new();
                 store.put_many_if(recs, |k, new, cur| {
                     let stamp = (new.ts, owners.get(new.owner));
                     match cur {
-                        // An equal stamp beats a stored record: the later record of one
-                        // insert_many wins, and a repeated write changes nothing. Two
-                        // writers' records with equal stamps are ordered by value.
-                        Some(c) => match stamp.cmp(&(c.ts, owners.get(c.owner))) {
-                            Ordering::Greater => true,
-                            Ordering::Less => false,
-                            Ordering::Equal => {
-                                !by_value || value_order(&new.value, &c.value) != Ordering::Less
-                            }
-                        },
+                        // Equal stamps come from two writers that named one owner in the same
+                        // clock tick (a write carries a key once): ordered by value, the same
+                        // on every node. An equal value is the same write again.
+                        Some(c) => {
+                            let won = match stamp.cmp(&(c.ts, owners.get(c.owner))) {
+                                Ordering::Greater => true,
+                                Ordering::Less => false,
+                                Ordering::Equal => {
+                                    value_order(&new.value, &c.value) != Ordering::Less
+                                }
+                            };
+                            lasting |= won && c.owner != writer;
+                            won
+                        }
                         None if tombstones.is_empty() => true,
                         None => match tombstones.get(k) {
-                            // A tombstone wins ties: a deleted version must not come back.
-                            Some(&(cts, co)) => {
-                                let won = stamp > (cts, owners.get(co));
+                            Some(t) => {
+                                let won = beats_tombstone(stamp, &new.value, t, owners);
                                 if won {
                                     untombstoned.push(k.clone());
                                 }
@@ -982,6 +1035,7 @@ impl<K: Key, V: Value> Server<K, V> {
                         },
                     }
                 });
+                lasting |= !untombstoned.is_empty();
                 for k in untombstoned {
                     self.tombstones.remove(&k);
                 }
@@ -994,34 +1048,44 @@ impl<K: Key, V: Value> Server<K, V> {
                     store.remove_many_if(&keys, |(cts, co)| stamp >= (cts, owners.get(co)))
                 };
                 for (k, removed) in keys.into_iter().zip(outcomes) {
+                    lasting |= removed == Some(true);
                     let tombstone = match removed {
                         Some(removed) => removed,
                         // No record: the delete still stops older writes still in flight.
                         None => self.newer(&k, ts, writer),
                     };
                     if tombstone && keep_tombstones {
-                        self.add_tombstone(k, (ts, writer));
+                        self.add_tombstone(k, Tombstone::of((ts, writer)));
                     }
                 }
             }
             Inserted::Other(OpKind::DeleteObject(objs)) => {
                 // Removes one version (the stored record, if it has this value). Its tombstone
-                // carries that version's stamp, not the delete's: it stops the deleted version
-                // from coming back, but any other write of the key still wins by its own stamp.
+                // is that version's stamp and value, not the delete's: it stops the deleted
+                // version from coming back, but any other write of the key still wins as it
+                // would have won against the version (`Tombstone::value`).
                 for (k, v) in objs {
                     let version = self.shared.store.get(&k).filter(|cur| same_value(cur, &v));
                     let meta = self.shared.store.meta(&k);
-                    if let (Some(_), Some(stamp)) = (version, meta) {
+                    if let (Some(_), Some((vts, vowner))) = (version, meta) {
                         if self.newer(&k, ts, writer) {
                             self.shared.store.remove(&k);
+                            lasting = true;
                             if keep_tombstones {
-                                self.add_tombstone(k, stamp);
+                                let value = postcard::to_stdvec(&v).ok().map(Vec::into_boxed_slice);
+                                let t = Tombstone {
+                                    ts: vts,
+                                    owner: vowner,
+                                    value,
+                                };
+                                self.add_tombstone(k, t);
                             }
                         }
                     }
                 }
             }
         }
+        lasting
     }
 
     // ------------------------------------------------------------------ peer messages
@@ -1090,13 +1154,19 @@ impl<K: Key, V: Value> Server<K, V> {
                         None => tracing::debug!("writes from a node that is down dropped"),
                     }
                 }
+                let mut lasting = false;
                 for op in ops {
                     self.clock.observe(op.ts);
                     if let Some(l) = self.links.get_mut(&key) {
                         l.watermark = l.watermark.max(op.ts);
                     }
                     if member {
-                        self.apply(op, key);
+                        lasting |= self.apply(op, key);
+                    }
+                }
+                if lasting {
+                    if let Some(l) = self.links.get_mut(&key) {
+                        l.lasting = seq;
                     }
                 }
                 self.to_ack.insert(key, seq);
@@ -1751,6 +1821,63 @@ impl<K: Key, V: Value> Server<K, V> {
 
 /// The frame of `PeerMsg::Ops { seq, ops }` whose `count` ops are already encoded in `body`,
 /// so each op is encoded once, however many peers receive it.
+/// What a member's departure mixes into the epoch: its identity and the last of its batches
+/// that this node applied with a lasting effect (`Link::lasting`).
+fn departure_mark(id: &NodeId, lasting: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let (incarnation, lasting) = (id.incarnation.to_le_bytes(), lasting.to_le_bytes());
+    for b in id
+        .name
+        .as_bytes()
+        .iter()
+        .chain(&incarnation)
+        .chain(&lasting)
+    {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Whether a record stamped `stamp` with `value` beats the key's tombstone `t`: it is newer, or
+/// has the stamp of the version `t` stands for and would have beaten that version by value. A
+/// tombstone of a delete wins every tie.
+fn beats_tombstone<V: Serialize>(
+    stamp: (u64, Option<&NodeId>),
+    value: &V,
+    t: &Tombstone,
+    owners: &Owners,
+) -> bool {
+    match stamp.cmp(&(t.ts, owners.get(t.owner))) {
+        Ordering::Greater => true,
+        Ordering::Less => false,
+        Ordering::Equal => t.value.as_deref().is_some_and(|deleted| {
+            postcard::to_stdvec(value).is_ok_and(|v| v.as_slice() > deleted)
+        }),
+    }
+}
+
+/// Keeps the last of the records of each key, in their order (one write's records, before
+/// stamping: see `Server::with_owners`).
+fn last_of_each_key<T, K: Hash + Eq>(records: &mut Vec<T>, key: impl Fn(&T) -> &K) {
+    let mut last: HashMap<&K, usize, foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(records.len(), Default::default());
+    for (i, r) in records.iter().enumerate() {
+        last.insert(key(r), i);
+    }
+    if last.len() == records.len() {
+        return;
+    }
+    let keep: Vec<bool> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| last.get(key(r)) == Some(&i))
+        .collect();
+    drop(last);
+    let mut keep = keep.into_iter();
+    records.retain(|_| keep.next().unwrap_or(true));
+}
+
 fn ops_frame(seq: u64, count: usize, body: &[u8]) -> Result<Bytes> {
     // Encode the message with no ops, drop the trailing zero length, append the real one.
     let mut head = postcard::to_stdvec(&PeerMsg::<(), ()>::Ops {

@@ -351,6 +351,7 @@ impl<K: Hash + Eq + Clone, T: Clone> ShardedMap<K, T> {
     }
 
     /// Inserts or replaces; returns whether a value was replaced.
+    #[cfg(test)]
     pub(crate) fn insert(&self, k: K, t: T) -> bool {
         let (hash, shard) = self.locate(&k);
         let mut guard = self.write_lock(shard, std::iter::once((hash, &k)), true);

@@ -178,6 +178,7 @@ where
 
     /// Stores a record: replaces the key's record (set, ordered_set) or adds the object unless
     /// an equal one is stored (bag).
+    #[cfg(test)]
     pub(crate) fn put(&self, k: K, rec: Rec<V>) {
         match self {
             Store::Set(m) => {
@@ -186,30 +187,43 @@ where
             Store::Ordered(m) => {
                 m.insert(k, rec);
             }
-            Store::Bag { map, objects } => {
-                let added = map.edit(
-                    k,
-                    Some(Vec::new),
-                    |list| {
-                        let add = !list.iter().any(|r| same_value(&r.value, &rec.value));
-                        if add {
-                            list.push(rec);
-                        }
-                        add
-                    },
-                    |list| !list.is_empty(),
-                );
-                if added == Some(true) {
-                    objects.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            Store::Bag { .. } => self.put_object(k, rec, |_, _| false),
         }
     }
 
-    /// set/ordered_set: stores each record, in order, if `wins(key, new record, stamp of the
-    /// stored record)` holds (`None`: no record); a later record of a key sees the earlier one.
-    /// `wins` must not touch the store. On a set the records are grouped by shard (see
-    /// `ShardedMap::insert_many_if`). A bag adds each object as `put` does.
+    /// Bag: adds the object unless an equal one is stored; if one is, `replace(new, stored)`
+    /// says whether the new record takes its place (its stamp and owner).
+    fn put_object(&self, k: K, rec: Rec<V>, replace: impl FnOnce(&Rec<V>, &Rec<V>) -> bool) {
+        let Store::Bag { map, objects } = self else {
+            return;
+        };
+        let added = map.edit(
+            k,
+            Some(Vec::new),
+            |list| match list.iter().position(|r| same_value(&r.value, &rec.value)) {
+                Some(i) => {
+                    if replace(&rec, &list[i]) {
+                        list[i] = rec;
+                    }
+                    false
+                }
+                None => {
+                    list.push(rec);
+                    true
+                }
+            },
+            |list| !list.is_empty(),
+        );
+        if added == Some(true) {
+            objects.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// set/ordered_set: stores each record, in order, if `wins(key, new record, stored record)`
+    /// holds (`None`: no record); a later record of a key sees the earlier one. `wins` must not
+    /// touch the store. On a set the records are grouped by shard (see
+    /// `ShardedMap::insert_many_if`). A bag adds each object unless an equal one is stored, and
+    /// replaces that one if `wins(key, new, Some(stored))` holds.
     pub(crate) fn put_many_if(
         &self,
         recs: Vec<(K, Rec<V>)>,
@@ -225,7 +239,13 @@ where
                     }
                 }
             }
-            Store::Bag { .. } => recs.into_iter().for_each(|(k, rec)| self.put(k, rec)),
+            Store::Bag { .. } => {
+                for (k, rec) in recs {
+                    let won = |new: &Rec<V>, cur: &Rec<V>| wins(&k, new, Some(cur));
+                    // `k` is lent to the check and given to the map: the map needs its own.
+                    self.put_object(k.clone(), rec, won);
+                }
+            }
         }
     }
 
@@ -311,12 +331,18 @@ where
         }
     }
 
-    /// Removes every record owned by `owner`; returns them.
-    pub(crate) fn remove_owned(&self, owner: OwnerIdx) -> Vec<(K, V)> {
+    /// Removes every record owned by `owner`; returns them. `stamped(key, ts)` hears the
+    /// timestamp of each record removed from a set or ordered_set.
+    pub(crate) fn remove_owned(
+        &self,
+        owner: OwnerIdx,
+        mut stamped: impl FnMut(&K, u64),
+    ) -> Vec<(K, V)> {
         let mut removed = Vec::new();
         match self {
             Store::Set(m) => m.retain(|k, r| {
                 if r.owner == owner {
+                    stamped(k, r.ts);
                     removed.push((k.clone(), r.value.clone()));
                     false
                 } else {
@@ -326,6 +352,7 @@ where
             Store::Ordered(m) => {
                 for e in m.iter() {
                     if e.value().owner == owner {
+                        stamped(e.key(), e.value().ts);
                         removed.push((e.key().clone(), e.value().value.clone()));
                         e.remove();
                     }
@@ -376,7 +403,7 @@ mod tests {
         s.put(2, rec(20, 1, 0));
         assert_eq!(s.remove_if(&3, |_| true), None);
         assert_eq!(s.remove_if(&2, |_| false), Some(false));
-        let mut gone = s.remove_owned(1);
+        let mut gone = s.remove_owned(1, |_, _| {});
         gone.sort();
         assert_eq!(gone, vec![(1, 12)]);
         assert_eq!(s.to_vec(), vec![(2, 20)]);
@@ -396,7 +423,7 @@ mod tests {
         assert!(s.remove_object(&1, &2));
         assert!(!s.remove_object(&1, &2));
         assert_eq!(s.len(), 2);
-        assert_eq!(s.remove_owned(1), vec![(2, 3)]);
+        assert_eq!(s.remove_owned(1, |_, _| {}), vec![(2, 3)]);
         assert_eq!(s.len(), 1);
         assert!(s.remove(&1));
         assert!(s.is_empty_for_test());

@@ -17,8 +17,33 @@ use crate::membership::OwnerIdx;
 /// A delete's stamp: timestamp and the writer's owner index.
 pub(crate) type Stamp = (u64, OwnerIdx);
 
+/// What a tombstone stops: writes stamped before it, and writes with its very stamp unless they
+/// would have beaten the version it stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Tombstone {
+    pub ts: u64,
+    pub owner: OwnerIdx,
+    /// For the tombstone of one removed version (`delete_object`): that version's encoded value.
+    /// A write with an equal stamp (another writer that named the same owner in the same clock
+    /// tick) beats it if its value orders after this one, as it would have beaten the version
+    /// itself, so the nodes where the version was already gone decide as those where it was
+    /// still there. `None` (a delete, a record dropped with its owner): it wins every tie.
+    pub value: Option<Box<[u8]>>,
+}
+
+impl Tombstone {
+    /// A tombstone that wins every tie.
+    pub(crate) fn of(stamp: Stamp) -> Self {
+        Self {
+            ts: stamp.0,
+            owner: stamp.1,
+            value: None,
+        }
+    }
+}
+
 pub(crate) struct Tombstones<K> {
-    map: HashMap<K, Stamp, foldhash::fast::RandomState>,
+    map: HashMap<K, Tombstone, foldhash::fast::RandomState>,
     /// Keys in the order their tombstones were made, with the tombstone's timestamp.
     queue: VecDeque<(u64, K)>,
     /// At least the largest timestamp in `queue`.
@@ -36,14 +61,14 @@ impl<K: Hash + Eq + Clone> Tombstones<K> {
 
     /// The owners the tombstones' stamps name (with repeats).
     pub(crate) fn owners(&self) -> impl Iterator<Item = OwnerIdx> + '_ {
-        self.map.values().map(|(_, o)| *o)
+        self.map.values().map(|t| t.owner)
     }
 
     pub(crate) fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
 
-    pub(crate) fn get(&self, k: &K) -> Option<&Stamp> {
+    pub(crate) fn get(&self, k: &K) -> Option<&Tombstone> {
         self.map.get(k)
     }
 
@@ -53,10 +78,10 @@ impl<K: Hash + Eq + Clone> Tombstones<K> {
     }
 
     /// Records (or replaces) the key's tombstone.
-    pub(crate) fn add(&mut self, k: K, stamp: Stamp) {
-        self.newest = self.newest.max(stamp.0);
-        self.queue.push_back((stamp.0, k.clone()));
-        self.map.insert(k, stamp);
+    pub(crate) fn add(&mut self, k: K, t: Tombstone) {
+        self.newest = self.newest.max(t.ts);
+        self.queue.push_back((t.ts, k.clone()));
+        self.map.insert(k, t);
     }
 
     /// Forgets every tombstone with a timestamp at or below `min` that the queue order lets it
@@ -75,7 +100,7 @@ impl<K: Hash + Eq + Clone> Tombstones<K> {
             };
             // The key may have a newer tombstone queued later, or none any more.
             if let hash_map::Entry::Occupied(e) = self.map.entry(k) {
-                if e.get().0 == ts {
+                if e.get().ts == ts {
                     e.remove();
                 }
             }
@@ -98,14 +123,14 @@ mod tests {
     #[test]
     fn an_old_front_and_back_do_not_forget_a_newer_tombstone_in_between() {
         let mut t = Tombstones::new();
-        t.add("x", (80, 0));
-        t.add("k", (100, 0)); // this node's delete
-        t.add("j", (90, 1)); // a peer's delete, received later with an older timestamp
+        t.add("x", Tombstone::of((80, 0)));
+        t.add("k", Tombstone::of((100, 0))); // this node's delete
+        t.add("j", Tombstone::of((90, 1))); // a peer's delete, received later with an older timestamp
         t.forget_up_to(92);
         assert!(t.get(&"x").is_none());
         assert_eq!(
             t.get(&"k"),
-            Some(&(100, 0)),
+            Some(&Tombstone::of((100, 0))),
             "still needed: a write at 95 may be in flight"
         );
         assert!(
@@ -120,11 +145,11 @@ mod tests {
     #[test]
     fn a_replaced_tombstone_is_forgotten_by_its_own_entry() {
         let mut t = Tombstones::new();
-        t.add("k", (10, 0));
-        t.add("z", (30, 0));
-        t.add("k", (20, 0));
+        t.add("k", Tombstone::of((10, 0)));
+        t.add("z", Tombstone::of((30, 0)));
+        t.add("k", Tombstone::of((20, 0)));
         t.forget_up_to(15);
-        assert_eq!(t.get(&"k"), Some(&(20, 0)));
+        assert_eq!(t.get(&"k"), Some(&Tombstone::of((20, 0))));
         t.remove(&"k");
         t.forget_up_to(25);
         assert!(t.get(&"k").is_none());

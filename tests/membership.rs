@@ -799,12 +799,13 @@ async fn a_record_whose_owner_is_already_down_on_a_replica_is_not_stored_there()
     assert_eq!(tb.get(&"a/1".into()), Some(1));
 }
 
-/// Known gap 9 (ALGORITHM.md), kept as a reproduction: a write of a node that dies before
-/// every member has it leaves the members different. Here n's overwrite of a's record reaches a
-/// and x but not y; when n is gone, a and x drop n's record (and with it a's overwritten
-/// version), while y keeps a's version. Nothing compares members afterwards.
+/// Known gap 9 of the first write-up: a writer that dies before its write reached every member
+/// left the members different. Here n's overwrite of a's record reaches a and x but not y; when
+/// n is gone, a and x drop n's record (and with it a's overwritten version), while y keeps a's
+/// version. The survivors applied different lasting writes of n, so their views differ
+/// (`Link::lasting`), and the view check has them merge again: every member ends with a's
+/// version, as if n's write had never been made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap 9: a dying writer's partly replicated overwrite; fails until fixed"]
 async fn an_overwrite_by_a_node_that_dies_halfway_leaves_the_members_equal() {
     let mesh = Mesh::start(&["a", "n", "x", "y"]).await;
     let mut tables: Vec<T> = Vec::new();
@@ -824,14 +825,189 @@ async fn an_overwrite_by_a_node_that_dies_halfway_leaves_the_members_equal() {
     // n dies for everyone.
     mesh.split(&[1], &[0, 2]);
     let survivors = [&tables[0], &tables[2], &tables[3]];
-    members(&survivors, 2).await;
+    eventually(
+        "a, x and y hold a's version and are members of each other",
+        || async {
+            survivors
+                .iter()
+                .all(|t| t.get(&"k".into()) == Some(1) && t.nodes().len() == 2)
+        },
+    )
+    .await;
     pending.abort();
-    for t in &survivors[1..] {
+    for t in survivors {
         t.sync().await.unwrap();
     }
-    let values: Vec<Option<u64>> = survivors.iter().map(|t| t.get(&"k".into())).collect();
+    same_everywhere(&survivors).await;
+}
+
+/// A value of 1 is owned by n; any other by its writer.
+fn owned_by_value() -> TableOptions<String, u64> {
+    TableOptions::set().owner(|_, v: &u64| if *v == 1 { "n".into() } else { String::new() })
+}
+
+/// c writes k = 2 (its own record) while its link to b is cut, so the write reaches a at once
+/// and b only later. n then dies; a hears of it late (its link to n was cut first). a, having
+/// seen c's write, overwrites k with a record owned by n (stamped after c's). b has seen n go
+/// down and drops a's record as an orphan: it holds no version of k yet, so nothing is removed
+/// and nothing remembers that k was overwritten. When c's older write reaches b, b stores it.
+/// a and c stored a's record over c's and drop it when n is gone: they end without k, b with
+/// k = 2, and the members' views are equal again, so no join repairs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphan_overwrite_ends_the_same_on_every_replica() {
+    let mesh = Mesh::start(&["a", "b", "c", "n"]).await;
+    let mut tables: Vec<T> = Vec::new();
+    for node in &mesh.nodes {
+        tables.push(node.start("t", owned_by_value()).await.unwrap());
+    }
+    for t in &tables {
+        eventually("every table has 3 peers", || async { t.nodes().len() == 3 }).await;
+    }
+    let (ta, tb, tc) = (tables[0].clone(), tables[1].clone(), tables[2].clone());
+    // c's write reaches a (and n) but waits for the b-c link (QUIC retransmits it once healed).
+    mesh.split(&[1], &[2]);
+    let c_write = {
+        let tc = tc.clone();
+        tokio::spawn(async move { tc.insert("k".into(), 2).await })
+    };
+    eventually("a holds c's write", || async {
+        ta.get(&"k".into()) == Some(2)
+    })
+    .await;
+    // n dies; a hears of it only at its idle timeout.
+    mesh.split(&[0], &[3]);
+    let n = mesh.nodes[3].clone();
+    let n_down = tokio::spawn(async move { n.shutdown().await });
+    eventually("b saw n go", || async {
+        !tb.nodes().contains(&"n".to_string())
+    })
+    .await;
     assert!(
-        values.iter().all(|v| *v == values[0]),
-        "members a, x, y hold {values:?}"
+        ta.nodes().contains(&"n".to_string()),
+        "a has not seen n go yet"
     );
+    // a's overwrite, owned by n, with a marker record of a's own in the same write.
+    let a_write = {
+        let ta = ta.clone();
+        tokio::spawn(async move {
+            ta.insert_many(vec![("k".into(), 1), ("a-marker".into(), 0)])
+                .await
+        })
+    };
+    eventually("b applied a's write", || async {
+        tb.get(&"a-marker".into()) == Some(0)
+    })
+    .await;
+    assert_eq!(
+        tb.get(&"k".into()),
+        None,
+        "a's record of k is an orphan at b"
+    );
+    mesh.heal(&[1], &[2]);
+    c_write.await.unwrap().unwrap();
+    a_write.await.unwrap().unwrap();
+    let _ = n_down.await;
+    eventually("a saw n go", || async {
+        !ta.nodes().contains(&"n".to_string())
+    })
+    .await;
+    tb.sync().await.unwrap();
+    tc.sync().await.unwrap();
+    ta.sync().await.unwrap();
+    let seen: Vec<Option<u64>> = [&ta, &tb, &tc].iter().map(|t| t.get(&"k".into())).collect();
+    let nodes: Vec<Vec<String>> = [&ta, &tb, &tc].iter().map(|t| t.nodes()).collect();
+    assert!(
+        seen.iter().all(|v| *v == seen[0]),
+        "a, b, c hold k = {seen:?} (members {nodes:?})"
+    );
+}
+
+/// A bag object inserted on both sides of a partition is held, after the merge, under one
+/// owner everywhere (the greater stamp, as replication keeps it): a node-down then removes it
+/// from every node or from none. The merge used to give each side the objects it lacked by
+/// value only, so each side kept its own writer as owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bag_object_written_on_both_sides_of_a_partition_has_one_owner_after_the_merge() {
+    let mesh = Mesh::start(&["a", "b", "c", "d"]).await;
+    let mut tables: Vec<T> = Vec::new();
+    for n in &mesh.nodes {
+        tables.push(n.start("t", TableOptions::bag()).await.unwrap());
+    }
+    let all: Vec<&T> = tables.iter().collect();
+    members(&all, 3).await;
+    mesh.split(&[0, 2], &[1, 3]);
+    members(&all, 1).await;
+    // a's side holds the object under a, b's side under b.
+    tables[0].insert("k".into(), 7).await.unwrap();
+    tables[1].insert("k".into(), 7).await.unwrap();
+    mesh.heal(&[0, 2], &[1, 3]);
+    members(&all, 3).await;
+    for t in &tables {
+        t.sync().await.unwrap();
+    }
+    mesh.nodes[0].shutdown().await.unwrap();
+    let rest = [&tables[1], &tables[2], &tables[3]];
+    members(&rest, 2).await;
+    let held: Vec<Vec<u64>> = rest.iter().map(|t| t.lookup(&"k".into())).collect();
+    assert!(
+        held.iter().all(|h| *h == held[0]),
+        "b, c, d hold {held:?} after a went down"
+    );
+}
+
+/// A record dropped with its owner leaves a tombstone while a member may still send an older
+/// write of its key. Here q's write of k is held back from x and y while w's newer write of k
+/// reaches everyone; q's write then reaches x, which refuses it (w's is newer), and w goes down,
+/// so every node drops w's record. When q's write reaches y at last, only that tombstone stops
+/// it there; without it, y alone would hold k.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_dropped_with_its_owner_lets_no_older_write_back_on_one_node() {
+    let mesh = Mesh::start(&["q", "w", "x", "y"]).await;
+    let mut tables: Vec<T> = Vec::new();
+    for n in &mesh.nodes {
+        tables.push(n.start("t", TableOptions::set()).await.unwrap());
+    }
+    members(&tables.iter().collect::<Vec<_>>(), 3).await;
+    let (tq, tx, ty) = (tables[0].clone(), tables[2].clone(), tables[3].clone());
+    mesh.split(&[0], &[2, 3]);
+    let q_write = {
+        let tq = tq.clone();
+        tokio::spawn(async move { tq.insert("k".into(), 1).await })
+    };
+    eventually("q holds its write", || async {
+        tq.get(&"k".into()) == Some(1)
+    })
+    .await;
+    next_millisecond().await;
+    tables[1].insert("k".into(), 2).await.unwrap();
+    assert_eq!(
+        (tx.get(&"k".into()), ty.get(&"k".into())),
+        (Some(2), Some(2))
+    );
+    // A marker behind q's write tells when x has read it.
+    let q_marker = {
+        let tq = tq.clone();
+        tokio::spawn(async move { tq.insert("m".into(), 0).await })
+    };
+    mesh.heal(&[0], &[2]);
+    eventually("x read q's writes", || async {
+        tx.get(&"m".into()) == Some(0)
+    })
+    .await;
+    assert_eq!(tx.get(&"k".into()), Some(2), "x refused q's older write");
+    mesh.nodes[1].shutdown().await.unwrap();
+    members(&[&tq, &tx, &ty], 2).await;
+    assert_eq!(
+        ty.get(&"m".into()),
+        None,
+        "q's writes have not reached y yet"
+    );
+    mesh.heal(&[0], &[3]);
+    q_write.await.unwrap().unwrap();
+    q_marker.await.unwrap().unwrap();
+    for t in [&tq, &tx, &ty] {
+        t.sync().await.unwrap();
+    }
+    let seen: Vec<Option<u64>> = [&tq, &tx, &ty].iter().map(|t| t.get(&"k".into())).collect();
+    assert_eq!(seen, vec![None, None, None], "q, x, y hold k = {seen:?}");
 }

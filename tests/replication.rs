@@ -1073,3 +1073,116 @@ async fn a_bag_with_an_owner_function_keeps_every_object_of_one_insert_many() {
     );
     shutdown_all(c.iter().map(|(n, _)| n)).await;
 }
+
+/// Two writers give one owner (`n`) the same key in the same clock tick: equal stamps, ordered
+/// by value, so "b.." beats "a..". Node a deletes its own object "a.." right after writing it.
+/// A `delete_object` tombstone carries the deleted version's stamp, and a tombstone wins ties,
+/// so where the delete ran before b's write arrived, b's write (same stamp, greater value) is
+/// refused; where b's write arrived first, it replaced "a.." and the delete found nothing to
+/// remove. The nodes end different. Every write is acked by every node before the check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_object_of_the_lesser_of_two_equal_stamp_versions_converges() {
+    let c = cluster(&["a", "b", "n"]).await;
+    let opts = || TableOptions::<K, V>::set().owner(|_, _| "n".to_string());
+    let mut tables: Vec<Table<K, V>> = Vec::new();
+    for (node, _) in &c {
+        tables.push(node.start("t", opts()).await.unwrap());
+    }
+    joined(&tables.iter().collect::<Vec<_>>()).await;
+    for round in 0..300u64 {
+        let va = format!("a{round}");
+        let vb = format!("b{round}");
+        let ((x, d), y) = tokio::join!(
+            async {
+                tokio::join!(
+                    tables[0].insert(round, va.clone()),
+                    tables[0].delete_object(&round, &va)
+                )
+            },
+            tables[1].insert(round, vb.clone())
+        );
+        x.unwrap();
+        d.unwrap();
+        y.unwrap();
+        let seen: Vec<Option<String>> = tables.iter().map(|t| t.get(&round)).collect();
+        assert!(
+            seen.iter().all(|v| *v == seen[0]),
+            "round {round}: the nodes hold {seen:?}"
+        );
+    }
+    shutdown_all(c.iter().map(|(n, _)| n)).await;
+}
+
+/// A node-local owner function may differ between nodes (`every_replica_stores_the_owner_the_
+/// writer_chose`); here one node has none. Its plain `Insert`s name the writer as owner; the
+/// other node's `InsertOwned`s name that same node. Equal stamps are then ordered by value
+/// only when the arriving write is an `InsertOwned` (`by_value`), and by arrival otherwise,
+/// so the two writers can end with each other's values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owned_and_a_plain_insert_with_equal_stamps_converge() {
+    let c = cluster(&["a", "b", "n"]).await;
+    let ta: Table<K, V> = c[0]
+        .0
+        .start("t", TableOptions::set().owner(|_, _| "b".to_string()))
+        .await
+        .unwrap();
+    let tb: Table<K, V> = c[1].0.start("t", TableOptions::set()).await.unwrap();
+    let tn: Table<K, V> = c[2].0.start("t", TableOptions::set()).await.unwrap();
+    let tables = [ta, tb, tn];
+    joined(&tables.iter().collect::<Vec<_>>()).await;
+    for round in 0..300u64 {
+        // "z.." > "b..": a's value wins a tie wherever ties are ordered by value.
+        let (x, y) = tokio::join!(
+            tables[0].insert(1, format!("z{round}")),
+            tables[1].insert(1, format!("b{round}"))
+        );
+        x.unwrap();
+        y.unwrap();
+        let seen: Vec<Option<String>> = tables.iter().map(|t| t.get(&1)).collect();
+        assert!(
+            seen.iter().all(|v| *v == seen[0]),
+            "round {round}: the nodes hold {seen:?}"
+        );
+    }
+    shutdown_all(c.iter().map(|(n, _)| n)).await;
+}
+
+/// ALGORITHM.md 7.4: "Concurrent writes from different nodes to the same bag key commute if
+/// they are all inserts." Two writers insert the same object at once: each node keeps the
+/// copy that arrived first, with that copy's owner (its writer). When one writer goes down,
+/// the nodes that kept its copy drop the object and the others keep it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_inserts_of_one_bag_object_survive_a_writer_going_down_alike() {
+    let c = cluster(&["a", "b", "c"]).await;
+    let downs = [Downs::default(), Downs::default(), Downs::default()];
+    let mut tables: Vec<Table<K, V>> = Vec::new();
+    for ((node, _), d) in c.iter().zip(&downs) {
+        tables.push(node.start("t", d.opts(TableOptions::bag())).await.unwrap());
+    }
+    joined(&tables.iter().collect::<Vec<_>>()).await;
+    for k in 0..50u64 {
+        let (x, y) = tokio::join!(
+            tables[0].insert(k, "v".into()),
+            tables[1].insert(k, "v".into())
+        );
+        x.unwrap();
+        y.unwrap();
+    }
+    assert_eq!(sorted(tables[1].to_vec()), sorted(tables[2].to_vec()));
+    assert_eq!(tables[1].len(), 50);
+    c[0].0.shutdown().await.unwrap();
+    for d in &downs[1..] {
+        eventually(WAIT, "b and c handled a's node-down", || async {
+            d.calls().iter().any(|(id, _)| id.name == "a")
+        })
+        .await;
+    }
+    let (b, cc) = (sorted(tables[1].to_vec()), sorted(tables[2].to_vec()));
+    assert_eq!(
+        (b.len(), cc.len()),
+        (b.len(), b.len()),
+        "b and c hold different objects after a went down"
+    );
+    assert_eq!(b, cc);
+    shutdown_all([&c[1].0, &c[2].0]).await;
+}
