@@ -41,6 +41,7 @@ mod node;
 mod outbox;
 mod proto;
 mod registry;
+mod repeats;
 mod server;
 mod sharded_map;
 pub mod status;

@@ -36,10 +36,11 @@ use crate::proto::{
     close, stop, Chunker, JoinRep, JoinReq, Op, OpKind, PeerMsg, StreamHeader, WireRecord,
 };
 use crate::registry::{PeerConn, TableEvent};
+use crate::repeats::Repeats;
 use crate::status::TableStatus;
 use crate::store::{same_value, value_order, Rec};
 use crate::table::{Key, Shared, TableKind, TableOptions, Value};
-use crate::tombstones::{Tombstone, Tombstones};
+use crate::tombstones::{Tombstone, TombstoneRef, Tombstones};
 use crate::transport::frame::{self, FrameReader};
 use crate::{Error, Result};
 
@@ -234,6 +235,8 @@ pub(crate) struct Server<K, V> {
     next_link: u64,
     /// Owner indexes of nodes that went down, released once nothing refers to them.
     gone: Vec<OwnerIdx>,
+    /// Finds keys named twice in one insert (`with_owners`).
+    repeats: Repeats,
 }
 
 /// Everything a server needs from its node.
@@ -304,6 +307,7 @@ impl<K: Key, V: Value> Server<K, V> {
             to_ack: HashMap::new(),
             next_link: 0,
             gone: Vec::new(),
+            repeats: Repeats::new(),
         };
         Ok(tokio::spawn(server.run().instrument(span)))
     }
@@ -833,11 +837,13 @@ impl<K: Key, V: Value> Server<K, V> {
     /// written twice in one insert keeps its last record only: receivers order records with
     /// equal stamps by value (they may be two writers'), so the write must not carry two. A bag
     /// keeps every object. Other writes are returned as they are.
-    fn with_owners(&self, kind: OpKind<K, V>) -> OpKind<K, V> {
+    fn with_owners(&mut self, kind: OpKind<K, V>) -> OpKind<K, V> {
         let OpKind::Insert(mut recs) = kind else {
             return kind;
         };
-        let dedupe = recs.len() > 1 && self.shared.kind != TableKind::Bag;
+        let dedupe = recs.len() > 1
+            && self.shared.kind != TableKind::Bag
+            && self.repeats.may_repeat(recs.iter().map(|(k, _)| k));
         let Some(f) = &self.opts.owner else {
             if dedupe {
                 last_of_each_key(&mut recs, |(k, _)| k);
@@ -1845,13 +1851,13 @@ fn departure_mark(id: &NodeId, lasting: u64) -> u64 {
 fn beats_tombstone<V: Serialize>(
     stamp: (u64, Option<&NodeId>),
     value: &V,
-    t: &Tombstone,
+    t: TombstoneRef<'_>,
     owners: &Owners,
 ) -> bool {
     match stamp.cmp(&(t.ts, owners.get(t.owner))) {
         Ordering::Greater => true,
         Ordering::Less => false,
-        Ordering::Equal => t.value.as_deref().is_some_and(|deleted| {
+        Ordering::Equal => t.value.is_some_and(|deleted| {
             postcard::to_stdvec(value).is_ok_and(|v| v.as_slice() > deleted)
         }),
     }

@@ -20,7 +20,7 @@ pub(crate) type Stamp = (u64, OwnerIdx);
 /// What a tombstone stops: writes stamped before it, and writes with its very stamp unless they
 /// would have beaten the version it stands for.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Tombstone {
+pub(crate) struct Tombstone<B = Box<[u8]>> {
     pub ts: u64,
     pub owner: OwnerIdx,
     /// For the tombstone of one removed version (`delete_object`): that version's encoded value.
@@ -28,7 +28,7 @@ pub(crate) struct Tombstone {
     /// tick) beats it if its value orders after this one, as it would have beaten the version
     /// itself, so the nodes where the version was already gone decide as those where it was
     /// still there. `None` (a delete, a record dropped with its owner): it wins every tie.
-    pub value: Option<Box<[u8]>>,
+    pub value: Option<B>,
 }
 
 impl Tombstone {
@@ -42,8 +42,14 @@ impl Tombstone {
     }
 }
 
+/// A tombstone as stored: its value, if any, is borrowed.
+pub(crate) type TombstoneRef<'a> = Tombstone<&'a [u8]>;
+
 pub(crate) struct Tombstones<K> {
-    map: HashMap<K, Tombstone, foldhash::fast::RandomState>,
+    map: HashMap<K, Stamp, foldhash::fast::RandomState>,
+    /// The values of the tombstones that have one (`delete_object`s), apart, so that the map
+    /// of the common ones stays small under a stream of deletes.
+    values: HashMap<K, Box<[u8]>, foldhash::fast::RandomState>,
     /// Keys in the order their tombstones were made, with the tombstone's timestamp.
     queue: VecDeque<(u64, K)>,
     /// At least the largest timestamp in `queue`.
@@ -54,6 +60,7 @@ impl<K: Hash + Eq + Clone> Tombstones<K> {
     pub(crate) fn new() -> Self {
         Self {
             map: HashMap::default(),
+            values: HashMap::default(),
             queue: VecDeque::new(),
             newest: 0,
         }
@@ -61,27 +68,45 @@ impl<K: Hash + Eq + Clone> Tombstones<K> {
 
     /// The owners the tombstones' stamps name (with repeats).
     pub(crate) fn owners(&self) -> impl Iterator<Item = OwnerIdx> + '_ {
-        self.map.values().map(|t| t.owner)
+        self.map.values().map(|(_, owner)| *owner)
     }
 
     pub(crate) fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
 
-    pub(crate) fn get(&self, k: &K) -> Option<&Tombstone> {
-        self.map.get(k)
+    pub(crate) fn get(&self, k: &K) -> Option<TombstoneRef<'_>> {
+        let &(ts, owner) = self.map.get(k)?;
+        let value = if self.values.is_empty() {
+            None
+        } else {
+            self.values.get(k).map(|v| &**v)
+        };
+        Some(Tombstone { ts, owner, value })
     }
 
     /// Forgets the key's tombstone (a newer record was stored).
     pub(crate) fn remove(&mut self, k: &K) {
         self.map.remove(k);
+        if !self.values.is_empty() {
+            self.values.remove(k);
+        }
     }
 
     /// Records (or replaces) the key's tombstone.
     pub(crate) fn add(&mut self, k: K, t: Tombstone) {
         self.newest = self.newest.max(t.ts);
         self.queue.push_back((t.ts, k.clone()));
-        self.map.insert(k, t);
+        match t.value {
+            Some(v) => {
+                self.values.insert(k.clone(), v);
+            }
+            None if !self.values.is_empty() => {
+                self.values.remove(&k);
+            }
+            None => {}
+        }
+        self.map.insert(k, (t.ts, t.owner));
     }
 
     /// Forgets every tombstone with a timestamp at or below `min` that the queue order lets it
@@ -91,6 +116,7 @@ impl<K: Hash + Eq + Clone> Tombstones<K> {
         if self.newest <= min {
             self.queue.clear();
             self.map.clear();
+            self.values.clear();
             self.newest = 0;
             return;
         }
@@ -100,8 +126,11 @@ impl<K: Hash + Eq + Clone> Tombstones<K> {
             };
             // The key may have a newer tombstone queued later, or none any more.
             if let hash_map::Entry::Occupied(e) = self.map.entry(k) {
-                if e.get().ts == ts {
-                    e.remove();
+                if e.get().0 == ts {
+                    let (k, _) = e.remove_entry();
+                    if !self.values.is_empty() {
+                        self.values.remove(&k);
+                    }
                 }
             }
         }
@@ -130,7 +159,11 @@ mod tests {
         assert!(t.get(&"x").is_none());
         assert_eq!(
             t.get(&"k"),
-            Some(&Tombstone::of((100, 0))),
+            Some(Tombstone {
+                ts: 100,
+                owner: 0,
+                value: None
+            }),
             "still needed: a write at 95 may be in flight"
         );
         assert!(
@@ -149,10 +182,36 @@ mod tests {
         t.add("z", Tombstone::of((30, 0)));
         t.add("k", Tombstone::of((20, 0)));
         t.forget_up_to(15);
-        assert_eq!(t.get(&"k"), Some(&Tombstone::of((20, 0))));
+        assert_eq!(t.get(&"k").map(|t| t.ts), Some(20));
         t.remove(&"k");
         t.forget_up_to(25);
         assert!(t.get(&"k").is_none());
         assert!(t.get(&"z").is_some());
+    }
+
+    #[test]
+    fn a_value_goes_with_its_tombstone() {
+        let mut t = Tombstones::new();
+        let with = |ts, v: &[u8]| Tombstone {
+            ts,
+            owner: 0,
+            value: Some(v.into()),
+        };
+        t.add("k", with(10, b"a"));
+        t.add("j", with(12, b"b"));
+        assert_eq!(t.get(&"k").and_then(|t| t.value), Some(&b"a"[..]));
+        t.add("k", Tombstone::of((11, 0)));
+        assert_eq!(
+            t.get(&"k").map(|t| t.value),
+            Some(None),
+            "a delete replaced it"
+        );
+        t.remove(&"j");
+        assert!(t.values.is_empty());
+        t.add("j", with(13, b"c"));
+        t.forget_up_to(12);
+        assert_eq!(t.get(&"j").and_then(|t| t.value), Some(&b"c"[..]));
+        t.forget_up_to(13);
+        assert!(t.is_empty() && t.values.is_empty());
     }
 }
