@@ -62,6 +62,13 @@ impl HybridClock {
     pub fn millis(ts: u64) -> u64 {
         ts >> LOGICAL_BITS
     }
+
+    /// The smallest timestamp of a write made less than `age_ms` milliseconds ago by this
+    /// node's wall clock: records stamped before it have expired in a table whose records live
+    /// `age_ms` (`TableOptions::expire_after`).
+    pub(crate) fn written_since(age_ms: u64) -> u64 {
+        ((wall() >> LOGICAL_BITS).saturating_sub(age_ms)) << LOGICAL_BITS
+    }
 }
 
 #[cfg(test)]

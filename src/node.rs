@@ -211,6 +211,22 @@ impl std::fmt::Debug for Node {
     }
 }
 
+const FNV_PRIME: u64 = 0x0100_0000_01b3;
+
+/// `TableOptions::expire_after` in milliseconds: `None` for never (no option, or more than a
+/// thousand years); under 1 ms is refused.
+fn expire_millis(ttl: Option<Duration>) -> Result<Option<u64>> {
+    const NEVER_MS: u128 = 1000 * 366 * 86_400 * 1000;
+    match ttl {
+        None => Ok(None),
+        Some(d) if d < Duration::from_millis(1) => {
+            Err(Error::Config("expire_after must be at least 1 ms".into()))
+        }
+        Some(d) if d.as_millis() > NEVER_MS => Ok(None),
+        Some(d) => Ok(Some(d.as_millis() as u64)),
+    }
+}
+
 /// A stable fingerprint of the key and value types (FNV-1a of their type names).
 fn fingerprint<K, V>() -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -220,7 +236,7 @@ fn fingerprint<K, V>() -> u64 {
         .chain(std::any::type_name::<V>().bytes())
     {
         h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
+        h = h.wrapping_mul(FNV_PRIME);
     }
     h
 }
@@ -266,7 +282,10 @@ impl Node {
             ));
         }
         let kind = opts.kind;
-        let fp = fingerprint::<K, V>();
+        let expire_ms = expire_millis(opts.expire_after)?;
+        // Nodes whose records live differently must not share the table: the same refusal as
+        // for different types.
+        let fp = fingerprint::<K, V>() ^ expire_ms.map_or(0, |ms| (ms | 1).wrapping_mul(FNV_PRIME));
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         self.inner.registry.insert(
             name,
@@ -283,6 +302,7 @@ impl Node {
             kind,
             store: Store::new(kind),
             members: std::sync::RwLock::new(Vec::new()),
+            expire_ms,
         });
         let spawned = Server::spawn(ServerParts {
             shared: shared.clone(),

@@ -102,7 +102,7 @@ impl Registry {
         let mismatch = if entry.kind != header.kind {
             Some(format!("kind {} here, {} there", entry.kind, header.kind))
         } else if entry.fingerprint != header.fingerprint {
-            Some("key or value types differ".to_string())
+            Some("key or value types, or expire_after, differ".to_string())
         } else {
             None
         };

@@ -48,6 +48,9 @@ use crate::{Error, Result};
 const TICK: Duration = Duration::from_millis(100);
 /// Ticks between two clock/epoch announcements to members.
 const ANNOUNCE_EVERY: u32 = 5;
+/// Expired records are removed every quarter of their lifetime, within these bounds.
+const SWEEP_MIN: Duration = Duration::from_millis(100);
+const SWEEP_MAX: Duration = Duration::from_secs(60);
 /// Batches in flight (sent, not fully acknowledged) before new writes wait in the queue. Two
 /// keeps the link busy (one batch travels while the next is cut) and lets the queue grow into
 /// large batches under load: measured with `cargo bench --bench cluster -- throughput`, 256
@@ -237,6 +240,8 @@ pub(crate) struct Server<K, V> {
     gone: Vec<OwnerIdx>,
     /// Finds keys named twice in one insert (`with_owners`).
     repeats: Repeats,
+    /// When expired records are removed next (`TableOptions::expire_after`).
+    next_sweep: Instant,
 }
 
 /// Everything a server needs from its node.
@@ -308,6 +313,7 @@ impl<K: Key, V: Value> Server<K, V> {
             next_link: 0,
             gone: Vec::new(),
             repeats: Repeats::new(),
+            next_sweep: Instant::now(),
         };
         Ok(tokio::spawn(server.run().instrument(span)))
     }
@@ -1071,7 +1077,11 @@ impl<K: Key, V: Value> Server<K, V> {
                 // version from coming back, but any other write of the key still wins as it
                 // would have won against the version (`Tombstone::value`).
                 for (k, v) in objs {
-                    let version = self.shared.store.get(&k).filter(|cur| same_value(cur, &v));
+                    let version = self
+                        .shared
+                        .store
+                        .get(&k, 0)
+                        .filter(|cur| same_value(cur, &v));
                     let meta = self.shared.store.meta(&k);
                     if let (Some(_), Some((vts, vowner))) = (version, meta) {
                         if self.newer(&k, ts, writer) {
@@ -1128,7 +1138,8 @@ impl<K: Key, V: Value> Server<K, V> {
                     }
                     Some(stop::INCOMPATIBLE) => {
                         tracing::error!(peer = %link.id, "peer refused our table as incompatible");
-                        link.refused = Some("refused by the peer: kind or types differ".into());
+                        link.refused =
+                            Some("refused by the peer: kind, types or expire_after differ".into());
                     }
                     _ => {
                         if link.conn.close_reason().is_none() {
@@ -1689,6 +1700,13 @@ impl<K: Key, V: Value> Server<K, V> {
         // Requests whose coordinator gave up (its join ended) wait for no reply any more.
         self.join_replies.retain(|_, (_, tx)| !tx.is_closed());
         self.forget_tombstones();
+        if let Some(ttl_ms) = self.shared.expire_ms {
+            if now >= self.next_sweep {
+                self.sweep_expired(ttl_ms);
+                let every = Duration::from_millis(ttl_ms / 4).clamp(SWEEP_MIN, SWEEP_MAX);
+                self.next_sweep = deadline_after(every);
+            }
+        }
         if self.ticks.is_multiple_of(ANNOUNCE_EVERY) {
             // Scans the tombstones: twice a second is often enough.
             self.release_gone_owners();
@@ -1714,6 +1732,43 @@ impl<K: Key, V: Value> Server<K, V> {
     /// A member that reports another view (epoch and member list) than ours for longer than
     /// [`VIEW_GRACE`] took part in a join that did not finish everywhere. Both sides drop
     /// each other from their member lists; the next join merges them again.
+    /// Removes the records that have expired (`TableOptions::expire_after`). Reads stopped
+    /// returning them already. Every node removes the same records by the same rule, the
+    /// write's stamp, so nothing is sent; and no tombstone is kept, since an older write of the
+    /// key that may still arrive has expired too. Records are found under read locks and removed
+    /// in one batch, as a delete would.
+    fn sweep_expired(&mut self, ttl_ms: u64) {
+        let before = HybridClock::written_since(ttl_ms);
+        let store = &self.shared.store;
+        let removed = if self.shared.kind == TableKind::Bag {
+            let mut objects = Vec::new();
+            store.for_each(|k, r| {
+                if r.ts < before {
+                    objects.push((k.clone(), r.value.clone()));
+                }
+            });
+            objects
+                .iter()
+                .filter(|(k, v)| store.remove_object(k, v))
+                .count()
+        } else {
+            let mut keys = Vec::new();
+            store.for_each(|k, r| {
+                if r.ts < before {
+                    keys.push(k.clone());
+                }
+            });
+            store
+                .remove_many_if(&keys, |(ts, _)| ts < before)
+                .into_iter()
+                .filter(|r| *r == Some(true))
+                .count()
+        };
+        if removed > 0 {
+            tracing::debug!(removed, "expired records removed");
+        }
+    }
+
     fn check_views(&mut self, now: Instant) {
         if self.paused.is_some() {
             return;

@@ -24,7 +24,8 @@ pub struct TableStatus {
     pub without_table: Vec<String>,
     /// Nodes with which a join is running now, coordinated by this node.
     pub joining: Vec<String>,
-    /// Nodes whose table of this name was refused, with the reason (kind or types differ).
+    /// Nodes whose table of this name was refused, with the reason (kind, types or
+    /// `expire_after` differ).
     pub refused: Vec<(String, String)>,
     /// Whether the table is paused by a join right now.
     pub paused: bool,

@@ -102,27 +102,50 @@ where
     }
 
     // ---- reads (any thread) ----
+    //
+    // `from`: records stamped before it have expired and are not returned (0: none has).
 
-    pub(crate) fn get(&self, k: &K) -> Option<V> {
+    pub(crate) fn get(&self, k: &K, from: u64) -> Option<V> {
         match self {
-            Store::Set(m) => m.read(k, |r| r.value.clone()),
-            Store::Ordered(m) => m.get(k).map(|e| e.value().value.clone()),
+            Store::Set(m) => m
+                .read(k, |r| (r.ts >= from).then(|| r.value.clone()))
+                .flatten(),
+            Store::Ordered(m) => m
+                .get(k)
+                .filter(|e| e.value().ts >= from)
+                .map(|e| e.value().value.clone()),
             Store::Bag { map, .. } => map
-                .read(k, |v| v.first().map(|r| r.value.clone()))
+                .read(k, |v| {
+                    v.iter().find(|r| r.ts >= from).map(|r| r.value.clone())
+                })
                 .flatten(),
         }
     }
 
-    pub(crate) fn lookup(&self, k: &K) -> Vec<V> {
+    pub(crate) fn lookup(&self, k: &K, from: u64) -> Vec<V> {
         match self {
             Store::Bag { map, .. } => map
-                .read(k, |v| v.iter().map(|r| r.value.clone()).collect())
+                .read(k, |v| {
+                    v.iter()
+                        .filter(|r| r.ts >= from)
+                        .map(|r| r.value.clone())
+                        .collect()
+                })
                 .unwrap_or_default(),
-            _ => self.get(k).into_iter().collect(),
+            _ => self.get(k, from).into_iter().collect(),
         }
     }
 
-    pub(crate) fn contains_key(&self, k: &K) -> bool {
+    pub(crate) fn contains_key(&self, k: &K, from: u64) -> bool {
+        if from > 0 {
+            return match self {
+                Store::Set(m) => m.read(k, |r| r.ts >= from).unwrap_or(false),
+                Store::Ordered(m) => m.get(k).is_some_and(|e| e.value().ts >= from),
+                Store::Bag { map, .. } => map
+                    .read(k, |v| v.iter().any(|r| r.ts >= from))
+                    .unwrap_or(false),
+            };
+        }
         match self {
             Store::Set(m) => m.contains_key(k),
             Store::Ordered(m) => m.contains_key(k),
@@ -139,16 +162,21 @@ where
         }
     }
 
-    pub(crate) fn to_vec(&self) -> Vec<(K, V)> {
+    pub(crate) fn to_vec(&self, from: u64) -> Vec<(K, V)> {
         let mut out = Vec::with_capacity(self.len());
-        self.for_each(|k, r| out.push((k.clone(), r.value.clone())));
+        self.for_each(|k, r| {
+            if r.ts >= from {
+                out.push((k.clone(), r.value.clone()));
+            }
+        });
         out
     }
 
-    pub(crate) fn range<R: RangeBounds<K>>(&self, range: R) -> Option<Vec<(K, V)>> {
+    pub(crate) fn range<R: RangeBounds<K>>(&self, range: R, from: u64) -> Option<Vec<(K, V)>> {
         match self {
             Store::Ordered(m) => Some(
                 m.range(range)
+                    .filter(|e| e.value().ts >= from)
                     .map(|e| (e.key().clone(), e.value().value.clone()))
                     .collect(),
             ),
@@ -322,7 +350,7 @@ where
                 removed > 0
             }
             _ => {
-                if self.get(k).is_some_and(|cur| same_value(&cur, v)) {
+                if self.get(k, 0).is_some_and(|cur| same_value(&cur, v)) {
                     self.remove(k)
                 } else {
                     false
@@ -394,7 +422,7 @@ mod tests {
             let newer =
                 |_: &u64, new: &Rec<u32>, cur: Option<&Rec<u32>>| cur.is_none_or(|c| new.ts > c.ts);
             s.put_many_if(vec![(1, rec(10, 5, 0)), (1, rec(11, 4, 1))], newer);
-            assert_eq!(s.get(&1), Some(10));
+            assert_eq!(s.get(&1, 0), Some(10));
             s.put_many_if(vec![(1, rec(12, 6, 1))], newer);
             assert_eq!(s.meta(&1), Some((6, 1)));
         }
@@ -406,7 +434,7 @@ mod tests {
         let mut gone = s.remove_owned(1, |_, _| {});
         gone.sort();
         assert_eq!(gone, vec![(1, 12)]);
-        assert_eq!(s.to_vec(), vec![(2, 20)]);
+        assert_eq!(s.to_vec(0), vec![(2, 20)]);
     }
 
     #[test]
@@ -417,7 +445,7 @@ mod tests {
         s.put(1, rec(2, 3, 1));
         s.put(2, rec(3, 4, 1));
         assert_eq!(s.len(), 3);
-        let mut v = s.lookup(&1);
+        let mut v = s.lookup(&1, 0);
         v.sort();
         assert_eq!(v, vec![1, 2]);
         assert!(s.remove_object(&1, &2));
@@ -435,10 +463,10 @@ mod tests {
         for k in [5u64, 1, 3, 9] {
             s.put(k, rec(k as u32, 1, 0));
         }
-        assert_eq!(s.range(2..6), Some(vec![(3, 3), (5, 5)]));
-        assert_eq!(s.to_vec().first(), Some(&(1, 1)));
+        assert_eq!(s.range(2..6, 0), Some(vec![(3, 3), (5, 5)]));
+        assert_eq!(s.to_vec(0).first(), Some(&(1, 1)));
         let set: Store<u64, u32> = Store::new(TableKind::Set);
-        assert_eq!(set.range(..), None);
+        assert_eq!(set.range(.., 0), None);
     }
 
     impl<K, V> Store<K, V>
@@ -447,7 +475,37 @@ mod tests {
         V: Clone + Serialize + Send + Sync + 'static,
     {
         fn is_empty_for_test(&self) -> bool {
-            self.len() == 0 && self.to_vec().is_empty()
+            self.len() == 0 && self.to_vec(0).is_empty()
         }
+    }
+
+    #[test]
+    fn reads_skip_records_stamped_before_from() {
+        for kind in [TableKind::Set, TableKind::OrderedSet, TableKind::Bag] {
+            let s: Store<u64, u32> = Store::new(kind);
+            s.put(1, rec(10, 5, 0));
+            s.put(2, rec(20, 9, 0));
+            s.put(2, rec(21, 3, 0)); // a bag's second object (a set keeps this one)
+            assert_eq!(s.get(&1, 5), Some(10));
+            assert_eq!(s.get(&1, 6), None);
+            assert!(s.contains_key(&1, 5) && !s.contains_key(&1, 6));
+            let mut all = s.to_vec(6);
+            all.sort();
+            let later = if kind == TableKind::Bag {
+                vec![(2, 20)]
+            } else {
+                vec![]
+            };
+            assert_eq!(all, later, "{kind:?}");
+            assert_eq!(
+                s.lookup(&2, 4),
+                later.iter().map(|(_, v)| *v).collect::<Vec<_>>()
+            );
+            assert_eq!(s.len(), if kind == TableKind::Bag { 3 } else { 2 });
+        }
+        let s: Store<u64, u32> = Store::new(TableKind::OrderedSet);
+        s.put(1, rec(10, 5, 0));
+        s.put(2, rec(20, 9, 0));
+        assert_eq!(s.range(.., 6), Some(vec![(2, 20)]));
     }
 }

@@ -74,6 +74,7 @@ pub struct TableOptions<K, V> {
     pub(crate) owner: Option<OwnerFn<K, V>>,
     pub(crate) ack_timeout: Duration,
     pub(crate) join_checkpoint: Option<JoinCheckpointFn>,
+    pub(crate) expire_after: Option<Duration>,
 }
 
 impl<K, V> Clone for TableOptions<K, V> {
@@ -85,6 +86,7 @@ impl<K, V> Clone for TableOptions<K, V> {
             owner: self.owner.clone(),
             ack_timeout: self.ack_timeout,
             join_checkpoint: self.join_checkpoint.clone(),
+            expire_after: self.expire_after,
         }
     }
 }
@@ -97,6 +99,7 @@ impl<K, V> fmt::Debug for TableOptions<K, V> {
             .field("on_node_down", &self.on_node_down.is_some())
             .field("owner", &self.owner.is_some())
             .field("ack_timeout", &self.ack_timeout)
+            .field("expire_after", &self.expire_after)
             .finish()
     }
 }
@@ -110,6 +113,7 @@ impl<K, V> TableOptions<K, V> {
             owner: None,
             ack_timeout: Duration::from_secs(30),
             join_checkpoint: None,
+            expire_after: None,
         }
     }
 
@@ -202,6 +206,25 @@ impl<K, V> TableOptions<K, V> {
         self.ack_timeout = d;
         self
     }
+
+    /// Makes every record expire `ttl` after it was written, for caches and other data that
+    /// must not outlive its use. Reads stop returning a record as soon as its age (by this
+    /// node's clock, from the write's timestamp) reaches `ttl`; the table server removes it a
+    /// little later, within a quarter of `ttl` (at least 100 ms, at most 1 min), with no
+    /// message on the wire: each node drops the same records by the same rule. Writing a key
+    /// again renews it; a bag's objects expire one by one. Default: records never expire.
+    ///
+    /// Tuning: the precision is the clock skew between the nodes (a record written on a node
+    /// whose clock runs ahead lives that much longer everywhere). Until the sweep removes them,
+    /// expired records still count in [`Table::len`] and take memory, so a `ttl` of minutes
+    /// holds up to a quarter more than the live set. Every node of a table must give the same
+    /// `ttl` (to the millisecond): nodes that differ refuse each other's table, as for
+    /// different types. A `ttl` under 1 ms is refused by [`crate::Node::start`]; one of more
+    /// than a thousand years means never.
+    pub fn expire_after(mut self, ttl: Duration) -> Self {
+        self.expire_after = Some(ttl);
+        self
+    }
 }
 
 /// State shared by the handles and the table's server.
@@ -211,6 +234,17 @@ pub(crate) struct Shared<K, V> {
     pub store: Store<K, V>,
     /// Published by the server whenever membership changes.
     pub members: RwLock<Vec<NodeId>>,
+    /// How long records live, in milliseconds (`TableOptions::expire_after`).
+    pub expire_ms: Option<u64>,
+}
+
+impl<K, V> Shared<K, V> {
+    /// The oldest write stamp a read may return: 0, or in a table whose records expire, the
+    /// stamp of a write made `expire_ms` ago.
+    pub(crate) fn live_from(&self) -> u64 {
+        self.expire_ms
+            .map_or(0, crate::hlc::HybridClock::written_since)
+    }
 }
 
 /// A handle to one replicated table on this node. Cheap to clone; every clone is the same table.
@@ -308,20 +342,22 @@ impl<K: crate::table::Key, V: crate::table::Value> Table<K, V> {
     /// shared lock (`set`, `bag`) or lock-free (`ordered_set`); the table server holds a
     /// shard's write lock only for changes already in cache.
     pub fn get(&self, key: &K) -> Option<V> {
-        self.shared.store.get(key)
+        self.shared.store.get(key, self.shared.live_from())
     }
 
     /// Every value of a key (at most one, except for a bag). Local.
     pub fn lookup(&self, key: &K) -> Vec<V> {
-        self.shared.store.lookup(key)
+        self.shared.store.lookup(key, self.shared.live_from())
     }
 
     /// Whether the key is stored. Local.
     pub fn contains_key(&self, key: &K) -> bool {
-        self.shared.store.contains_key(key)
+        self.shared.store.contains_key(key, self.shared.live_from())
     }
 
-    /// Number of records (for a bag, of values). Local.
+    /// Number of records (for a bag, of values). Local. In a table whose records expire, it
+    /// counts expired records until the table server has removed them
+    /// ([`TableOptions::expire_after`]).
     pub fn len(&self) -> usize {
         self.shared.store.len()
     }
@@ -333,7 +369,7 @@ impl<K: crate::table::Key, V: crate::table::Value> Table<K, V> {
 
     /// A copy of every record (in key order for an ordered set). Local.
     pub fn to_vec(&self) -> Vec<(K, V)> {
-        self.shared.store.to_vec()
+        self.shared.store.to_vec(self.shared.live_from())
     }
 
     /// Records whose key is in `range`, in key order. Only for `ordered_set` tables; other
@@ -341,7 +377,7 @@ impl<K: crate::table::Key, V: crate::table::Value> Table<K, V> {
     pub fn range<R: RangeBounds<K>>(&self, range: R) -> Result<Vec<(K, V)>> {
         self.shared
             .store
-            .range(range)
+            .range(range, self.shared.live_from())
             .ok_or(Error::Unsupported(match self.shared.kind {
                 TableKind::Set => "set",
                 TableKind::Bag => "bag",
