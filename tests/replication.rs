@@ -129,6 +129,24 @@ async fn write(t: &Table<K, V>, w: &W) -> cets::Result<()> {
 }
 
 /// Every read of `t` agrees with the model (`step` names the write for the message).
+/// Runs `rounds` rounds of `writes(round)`, concurrent writes that every node acknowledges
+/// before they return, and checks after each that every node holds the same value of the key
+/// the round returns.
+async fn every_round_converges<'a, F, Fut>(tables: &'a [Table<K, V>], rounds: u64, mut writes: F)
+where
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = K> + 'a,
+{
+    for round in 0..rounds {
+        let key = writes(round).await;
+        let seen: Vec<Option<V>> = tables.iter().map(|t| t.get(&key)).collect();
+        assert!(
+            seen.iter().all(|v| *v == seen[0]),
+            "round {round}: the nodes hold {seen:?}"
+        );
+    }
+}
+
 fn check(t: &Table<K, V>, node: &str, m: &Model, step: &str) {
     let at = format!("on {node} after {step}");
     let expected = m.records();
@@ -987,20 +1005,17 @@ async fn writes_with_equal_stamps_converge_on_every_node() {
         tables.push(node.start("t", opts()).await.unwrap());
     }
     joined(&tables.iter().collect::<Vec<_>>()).await;
-    for round in 0..200 {
+    let ts = &tables;
+    every_round_converges(&tables, 200, |round| async move {
         let (x, y) = tokio::join!(
-            tables[0].insert(1, format!("a{round}")),
-            tables[1].insert(1, format!("b{round}"))
+            ts[0].insert(1, format!("a{round}")),
+            ts[1].insert(1, format!("b{round}"))
         );
         x.unwrap();
         y.unwrap();
-        // Both writes are acked by every node: all applied both.
-        let seen: Vec<Option<String>> = tables.iter().map(|t| t.get(&1)).collect();
-        assert!(
-            seen.iter().all(|v| *v == seen[0]),
-            "round {round}: the nodes hold {seen:?}"
-        );
-    }
+        1
+    })
+    .await;
     shutdown_all(c.iter().map(|(n, _)| n)).await;
 }
 
@@ -1089,27 +1104,24 @@ async fn delete_object_of_the_lesser_of_two_equal_stamp_versions_converges() {
         tables.push(node.start("t", opts()).await.unwrap());
     }
     joined(&tables.iter().collect::<Vec<_>>()).await;
-    for round in 0..300u64 {
+    let ts = &tables;
+    every_round_converges(&tables, 300, |round| async move {
         let va = format!("a{round}");
-        let vb = format!("b{round}");
         let ((x, d), y) = tokio::join!(
             async {
                 tokio::join!(
-                    tables[0].insert(round, va.clone()),
-                    tables[0].delete_object(&round, &va)
+                    ts[0].insert(round, va.clone()),
+                    ts[0].delete_object(&round, &va)
                 )
             },
-            tables[1].insert(round, vb.clone())
+            ts[1].insert(round, format!("b{round}"))
         );
         x.unwrap();
         d.unwrap();
         y.unwrap();
-        let seen: Vec<Option<String>> = tables.iter().map(|t| t.get(&round)).collect();
-        assert!(
-            seen.iter().all(|v| *v == seen[0]),
-            "round {round}: the nodes hold {seen:?}"
-        );
-    }
+        round
+    })
+    .await;
     shutdown_all(c.iter().map(|(n, _)| n)).await;
 }
 
@@ -1130,20 +1142,18 @@ async fn an_owned_and_a_plain_insert_with_equal_stamps_converge() {
     let tn: Table<K, V> = c[2].0.start("t", TableOptions::set()).await.unwrap();
     let tables = [ta, tb, tn];
     joined(&tables.iter().collect::<Vec<_>>()).await;
-    for round in 0..300u64 {
-        // "z.." > "b..": a's value wins a tie wherever ties are ordered by value.
+    // "z.." > "b..": a's value wins a tie wherever ties are ordered by value.
+    let ts = &tables;
+    every_round_converges(&tables, 300, |round| async move {
         let (x, y) = tokio::join!(
-            tables[0].insert(1, format!("z{round}")),
-            tables[1].insert(1, format!("b{round}"))
+            ts[0].insert(1, format!("z{round}")),
+            ts[1].insert(1, format!("b{round}"))
         );
         x.unwrap();
         y.unwrap();
-        let seen: Vec<Option<String>> = tables.iter().map(|t| t.get(&1)).collect();
-        assert!(
-            seen.iter().all(|v| *v == seen[0]),
-            "round {round}: the nodes hold {seen:?}"
-        );
-    }
+        1
+    })
+    .await;
     shutdown_all(c.iter().map(|(n, _)| n)).await;
 }
 
