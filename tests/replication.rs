@@ -147,6 +147,14 @@ where
     }
 }
 
+/// The first two tables write key 1 at once, each its own value; returns the key.
+async fn both_write_key_1(tables: &[Table<K, V>], a: V, b: V) -> K {
+    let (x, y) = tokio::join!(tables[0].insert(1, a), tables[1].insert(1, b));
+    x.unwrap();
+    y.unwrap();
+    1
+}
+
 fn check(t: &Table<K, V>, node: &str, m: &Model, step: &str) {
     let at = format!("on {node} after {step}");
     let expected = m.records();
@@ -1006,14 +1014,8 @@ async fn writes_with_equal_stamps_converge_on_every_node() {
     }
     joined(&tables.iter().collect::<Vec<_>>()).await;
     let ts = &tables;
-    every_round_converges(&tables, 200, |round| async move {
-        let (x, y) = tokio::join!(
-            ts[0].insert(1, format!("a{round}")),
-            ts[1].insert(1, format!("b{round}"))
-        );
-        x.unwrap();
-        y.unwrap();
-        1
+    every_round_converges(&tables, 200, |round| {
+        both_write_key_1(ts, format!("a{round}"), format!("b{round}"))
     })
     .await;
     shutdown_all(c.iter().map(|(n, _)| n)).await;
@@ -1144,23 +1146,17 @@ async fn an_owned_and_a_plain_insert_with_equal_stamps_converge() {
     joined(&tables.iter().collect::<Vec<_>>()).await;
     // "z.." > "b..": a's value wins a tie wherever ties are ordered by value.
     let ts = &tables;
-    every_round_converges(&tables, 300, |round| async move {
-        let (x, y) = tokio::join!(
-            ts[0].insert(1, format!("z{round}")),
-            ts[1].insert(1, format!("b{round}"))
-        );
-        x.unwrap();
-        y.unwrap();
-        1
+    every_round_converges(&tables, 300, |round| {
+        both_write_key_1(ts, format!("z{round}"), format!("b{round}"))
     })
     .await;
     shutdown_all(c.iter().map(|(n, _)| n)).await;
 }
 
-/// ALGORITHM.md 7.4: "Concurrent writes from different nodes to the same bag key commute if
-/// they are all inserts." Two writers insert the same object at once: each node keeps the
-/// copy that arrived first, with that copy's owner (its writer). When one writer goes down,
-/// the nodes that kept its copy drop the object and the others keep it.
+/// Two writers insert the same bag object at once. Each node used to keep the copy that arrived
+/// first, with that copy's owner (its writer), so when one writer went down, the nodes that
+/// kept its copy dropped the object and the others kept it. Now every node keeps the copy with
+/// the greater stamp (ALGORITHM.md 7.4).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_inserts_of_one_bag_object_survive_a_writer_going_down_alike() {
     let c = cluster(&["a", "b", "c"]).await;
