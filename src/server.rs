@@ -1077,11 +1077,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 // version from coming back, but any other write of the key still wins as it
                 // would have won against the version (`Tombstone::value`).
                 for (k, v) in objs {
-                    let version = self
-                        .shared
-                        .store
-                        .get(&k, 0)
-                        .filter(|cur| same_value(cur, &v));
+                    let version = self.shared.store.get(&k).filter(|cur| same_value(cur, &v));
                     let meta = self.shared.store.meta(&k);
                     if let (Some(_), Some((vts, vowner))) = (version, meta) {
                         if self.newer(&k, ts, writer) {
