@@ -1011,3 +1011,74 @@ async fn a_record_dropped_with_its_owner_lets_no_older_write_back_on_one_node() 
     let seen: Vec<Option<u64>> = [&tq, &tx, &ty].iter().map(|t| t.get(&"k".into())).collect();
     assert_eq!(seen, vec![None, None, None], "q, x, y hold k = {seen:?}");
 }
+
+/// Every node writes and deletes keys of one small key space at once; then d overwrites a's
+/// record and deletes b's while its link to c is cut, so those two writes reach a and b only,
+/// and d is cut off from everyone. The survivors applied different lasting writes of d, differ
+/// in view, and merge again: they end as members of each other with the same records, a's and
+/// b's among them, as if d's last writes had never been made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survivors_of_a_writer_cut_off_mid_stream_end_with_the_same_records() {
+    use rand::{Rng, SeedableRng};
+    let mesh = Mesh::start(&["a", "b", "c", "d"]).await;
+    let mut tables: Vec<T> = Vec::new();
+    for node in &mesh.nodes {
+        tables.push(node.start("t", TableOptions::set()).await.unwrap());
+    }
+    members(&tables.iter().collect::<Vec<_>>(), 3).await;
+    let mut writers = Vec::new();
+    for (i, t) in tables.iter().enumerate() {
+        let t = t.clone();
+        writers.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(i as u64);
+            for n in 0..200u64 {
+                let k = format!("k{}", rng.random_range(0..40));
+                if rng.random_range(0..4) == 0 {
+                    t.delete(&k).await.unwrap();
+                } else {
+                    t.insert(k, n).await.unwrap();
+                }
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    tables[0].insert("ka".into(), 1).await.unwrap();
+    tables[1].insert("kb".into(), 1).await.unwrap();
+    mesh.split(&[3], &[2]);
+    let td = tables[3].clone();
+    let last = tokio::spawn(async move {
+        let kb: String = "kb".into();
+        let (x, y) = tokio::join!(td.insert("ka".into(), 2), td.delete(&kb));
+        (x, y)
+    });
+    eventually("a and b applied d's last writes", || async {
+        tables[..2]
+            .iter()
+            .all(|t| t.get(&"ka".into()) == Some(2) && t.get(&"kb".into()).is_none())
+    })
+    .await;
+    mesh.split(&[3], &[0, 1]);
+    let survivors = [&tables[0], &tables[1], &tables[2]];
+    eventually(
+        "the survivors hold the same records as members of each other",
+        || async {
+            let mut first = survivors[0].to_vec();
+            first.sort();
+            survivors.iter().all(|t| {
+                let mut v = t.to_vec();
+                v.sort();
+                v == first && t.nodes().len() == 2
+            })
+        },
+    )
+    .await;
+    for t in survivors {
+        assert_eq!(
+            (t.get(&"ka".into()), t.get(&"kb".into())),
+            (Some(1), Some(1))
+        );
+    }
+    last.abort();
+}
