@@ -79,6 +79,8 @@ pub struct NodeConfig {
     /// it joins again once it reconnects. A join sends a node's whole table to a peer at
     /// once, so keep this above the encoded size of your largest table (about the key and value
     /// plus 12 bytes per record) plus a few seconds of writes; at least `max_frame_size`.
+    /// The same bound applies to what a join coordinator receives in reply to one request (a
+    /// dump that passes it fails the join), so give every node the same value.
     pub max_link_queue_bytes: usize,
 }
 

@@ -309,6 +309,9 @@ async fn merge<K: Key, V: Value>(
                     records,
                     last,
                 } => {
+                    if let Err(why) = check_chunk(&chunk_owners, &records, last, &everyone) {
+                        return Err(ctx.fail(src, why));
+                    }
                     let map: Vec<u32> = chunk_owners
                         .into_iter()
                         .map(|id| {
@@ -528,6 +531,9 @@ async fn exchange<K: Key, V: Value>(
                     records,
                     last,
                 } => {
+                    if let Err(why) = check_chunk(&owners, &records, last, everyone) {
+                        return Err(ctx.fail(src, why));
+                    }
                     dump.push((owners, records));
                     lease.renew(ctx);
                     if last {
@@ -593,6 +599,26 @@ async fn exchange<K: Key, V: Value>(
 /// give one owner a key in the same clock tick, with different values).
 fn same_version<V: Value>(a: &Version<V>, b: &Version<V>) -> bool {
     a.ts == b.ts && a.owner == b.owner && same_value(&a.value, &b.value)
+}
+
+/// What a dump chunk must be. Records, unless it is the last: each chunk renews the join's
+/// lease, so empty ones could keep the tables paused for as long as a source sends them. Owners
+/// among the join's nodes only: a dump names the owners alive in the join (`send_dump`), and the
+/// coordinator keeps every name it is given. (The bytes of one dump are bounded where replies
+/// arrive, by `max_link_queue_bytes`: `Server::on_peer_msg`.)
+fn check_chunk<K, V>(
+    owners: &[NodeId],
+    records: &[WireRecord<K, V>],
+    last: bool,
+    everyone: &[NodeId],
+) -> std::result::Result<(), &'static str> {
+    if records.is_empty() && !last {
+        return Err("an empty dump chunk that is not the last");
+    }
+    if owners.iter().any(|o| !everyone.contains(o)) {
+        return Err("a dump chunk names an owner outside the join");
+    }
+    Ok(())
 }
 
 /// Picks the winner of two versions of one key.
@@ -663,5 +689,20 @@ mod tests {
             same_nodes(&all, &ids(&["a", "b", "d"]), &ids(&["c"])),
             Err("d#0001 became a member before the lock".into())
         );
+    }
+
+    #[test]
+    fn a_dump_chunk_brings_records_unless_last_and_names_owners_of_the_join() {
+        let everyone = ids(&["a", "b"]);
+        let rec = || WireRecord {
+            key: 1u64,
+            value: 2u64,
+            ts: 3,
+            owner: 0,
+        };
+        assert!(check_chunk(&ids(&["a"]), &[rec()], false, &everyone).is_ok());
+        assert!(check_chunk::<u64, u64>(&[], &[], true, &everyone).is_ok());
+        assert!(check_chunk::<u64, u64>(&ids(&["a"]), &[], false, &everyone).is_err());
+        assert!(check_chunk(&ids(&["a", "z"]), &[rec()], true, &everyone).is_err());
     }
 }

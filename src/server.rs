@@ -96,13 +96,23 @@ pub(crate) enum Control<K, V> {
 /// generation: a node that reconnects keeps its key, and a key is reused once its node is gone,
 /// so what an old link's tasks still report must not be taken for the current link's.
 enum Input<K, V> {
-    Msg(OwnerIdx, u64, PeerMsg<K, V>),
+    /// A message from a peer's link (its key and generation), with its frame's size.
+    Msg(OwnerIdx, u64, PeerMsg<K, V>, usize),
     LinkClosed {
         key: OwnerIdx,
         link: u64,
         reason: String,
         stop_code: Option<u32>,
     },
+}
+
+/// A join request sent to a peer, waiting for its replies.
+struct Awaited<K, V> {
+    /// The peer it went to: only its replies count.
+    from: OwnerIdx,
+    tx: mpsc::UnboundedSender<JoinRep<K, V>>,
+    /// Frame bytes of the replies so far (a dump comes in many chunks).
+    bytes: usize,
 }
 
 /// Where to send a join reply.
@@ -221,7 +231,7 @@ pub(crate) struct Server<K, V> {
     /// one of them must not pause the table again.
     released: VecDeque<u64>,
     pause_waiters: Vec<Origin<K, V>>,
-    join_replies: HashMap<u64, (OwnerIdx, mpsc::UnboundedSender<JoinRep<K, V>>)>,
+    join_replies: HashMap<u64, Awaited<K, V>>,
     next_req: u64,
     joins: HashMap<OwnerIdx, JoinTrack>,
     conflicts: u64,
@@ -494,7 +504,8 @@ impl<K: Key, V: Value> Server<K, V> {
                     match reader.next().await {
                         Ok(Some(body)) => match frame::decode::<PeerMsg<K, V>>(&body) {
                             Ok(msg) => {
-                                if inputs.send(Input::Msg(key, gen, msg)).await.is_err() {
+                                let input = Input::Msg(key, gen, msg, body.len());
+                                if inputs.send(input).await.is_err() {
                                     return;
                                 }
                             }
@@ -531,7 +542,7 @@ impl<K: Key, V: Value> Server<K, V> {
         // A member whose table stream closed just before (the writer task reported the lost
         // connection before the node's `PeerDown` got here) was a member all the same.
         let was_member = self.members.remove(&key) | link.is_some_and(|l| l.member_until_closed);
-        self.join_replies.retain(|_, (k, _)| *k != key);
+        self.join_replies.retain(|_, a| a.from != key);
         self.joins.remove(&key);
         self.pause_waiters
             .retain(|o| !matches!(o, Origin::Peer(k, _) if *k == key));
@@ -593,7 +604,7 @@ impl<K: Key, V: Value> Server<K, V> {
         let mut referred: BTreeSet<OwnerIdx> = self.tombstones.owners().collect();
         referred.extend(self.pending.iter().flat_map(|p| p.waiting.iter().copied()));
         referred.extend(self.to_ack.keys().copied());
-        referred.extend(self.join_replies.values().map(|(k, _)| *k));
+        referred.extend(self.join_replies.values().map(|a| a.from));
         let owners = &mut self.owners;
         let joins = &mut self.joins;
         self.gone.retain(|&k| {
@@ -1109,9 +1120,9 @@ impl<K: Key, V: Value> Server<K, V> {
 
     fn on_input(&mut self, input: Input<K, V>) {
         match input {
-            Input::Msg(key, gen, msg) => {
+            Input::Msg(key, gen, msg, size) => {
                 if self.is_current(key, gen) {
-                    self.on_peer_msg(key, msg);
+                    self.on_peer_msg(key, msg, size);
                 }
             }
             Input::LinkClosed {
@@ -1153,7 +1164,7 @@ impl<K: Key, V: Value> Server<K, V> {
         }
     }
 
-    fn on_peer_msg(&mut self, key: OwnerIdx, msg: PeerMsg<K, V>) {
+    fn on_peer_msg(&mut self, key: OwnerIdx, msg: PeerMsg<K, V>, size: usize) {
         match msg {
             PeerMsg::Ops { seq, ops } => {
                 let member = self.members.contains(&key);
@@ -1204,13 +1215,28 @@ impl<K: Key, V: Value> Server<K, V> {
             PeerMsg::JoinReply { req, body } => {
                 // Only the node the request went to answers it: a reply from another peer
                 // (request numbers are easy to guess) must not end that request.
-                if self.join_replies.get(&req).is_none_or(|(k, _)| *k != key) {
+                let Some(awaited) = self.join_replies.get_mut(&req).filter(|a| a.from == key)
+                else {
+                    return;
+                };
+                // A dump is queued at once by its source, so an honest one fits in the
+                // source's outbound queue: replies to one request past that size are a peer's
+                // fault, and holding them (the coordinator keeps a dump until it is complete)
+                // would let it grow this node's memory without end.
+                awaited.bytes = awaited.bytes.saturating_add(size);
+                if awaited.bytes > self.config.max_link_queue_bytes {
+                    tracing::warn!(
+                        peer = %self.links.get(&key).map_or_else(String::new, |l| l.id.to_string()),
+                        bytes = awaited.bytes,
+                        "replies to one join request passed max_link_queue_bytes; dropping the request"
+                    );
+                    let reason = "its reply passed max_link_queue_bytes".to_string();
+                    let _ = awaited.tx.send(JoinRep::Refused { reason });
+                    self.join_replies.remove(&req);
                     return;
                 }
                 let last = !matches!(body, JoinRep::Chunk { last: false, .. });
-                if let Some((_, tx)) = self.join_replies.get(&req) {
-                    let _ = tx.send(body);
-                }
+                let _ = awaited.tx.send(body);
                 if last {
                     self.join_replies.remove(&req);
                 }
@@ -1548,7 +1574,12 @@ impl<K: Key, V: Value> Server<K, V> {
                 };
                 self.next_req += 1;
                 let req = self.next_req;
-                self.join_replies.insert(req, (key, replies));
+                let awaited = Awaited {
+                    from: key,
+                    tx: replies,
+                    bytes: 0,
+                };
+                self.join_replies.insert(req, awaited);
                 self.send_to(key, &PeerMsg::Join { req, body });
             }
             Control::JoinDone { peer: id, result } => {
@@ -1694,7 +1725,7 @@ impl<K: Key, V: Value> Server<K, V> {
         }
         self.complete_pending();
         // Requests whose coordinator gave up (its join ended) wait for no reply any more.
-        self.join_replies.retain(|_, (_, tx)| !tx.is_closed());
+        self.join_replies.retain(|_, a| !a.tx.is_closed());
         self.forget_tombstones();
         if let Some(ttl_ms) = self.shared.expire_ms {
             if now >= self.next_sweep {

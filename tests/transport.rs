@@ -1780,16 +1780,19 @@ fn rss() -> u64 {
     pages * 4096
 }
 
-/// A peer the node joins with answers its `Dump` with chunks that never end. The coordinator
-/// keeps every chunk (it applies nothing before both dumps are complete), and each chunk
-/// renews its lease, so the node's table stays paused, and its memory grows, for as long as
-/// the peer sends: nothing bounds a dump, not even the record count the peer reported in its
-/// `Paused` reply (here 0). The node must give up on such a dump (unpause, fail the join)
-/// once the source sent far more than it said it held.
+/// A peer the node joins with answers its `Dump` with chunks that never end, after reporting
+/// in its `Paused` reply that it holds nothing. The coordinator keeps a dump until it is
+/// complete, and each chunk renewed its lease, so the node's table stayed paused, and its
+/// memory grew, for as long as the peer sent. Replies to one request are now bounded by
+/// `max_link_queue_bytes` (an honest source queues its whole dump at once, so its dump fits):
+/// past it, the node drops the request, the join fails, and the table is unpaused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "not fixed: the coordinator keeps a dump without bound (review finding)"]
 async fn a_dump_that_never_ends_is_not_kept_without_end() {
-    let (node, disco) = node("a").await;
+    let mut config = NodeConfig::fast_failover();
+    config.max_frame_size = 1 << 20;
+    config.max_batch_bytes = 256 << 10;
+    config.max_link_queue_bytes = 8 << 20;
+    let (node, disco) = node_with("a", COOKIE, config).await;
     let t: T = node.start("t", TableOptions::set()).await.unwrap();
     t.insert(1, "one".into()).await.unwrap();
     let (fake, zconn, z, mut zpeer) = dialed_by(&node, &disco).await;
