@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use quinn::VarInt;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use crate::config::{deadline_after, NodeConfig};
@@ -97,7 +97,14 @@ pub(crate) enum Control<K, V> {
 /// so what an old link's tasks still report must not be taken for the current link's.
 enum Input<K, V> {
     /// A message from a peer's link (its key and generation), with its frame's size.
-    Msg(OwnerIdx, u64, PeerMsg<K, V>, usize),
+    Msg {
+        key: OwnerIdx,
+        gen: u64,
+        msg: PeerMsg<K, V>,
+        size: usize,
+        /// The stream's room this message takes until it is handled (`spawn_reader`).
+        _room: OwnedSemaphorePermit,
+    },
     LinkClosed {
         key: OwnerIdx,
         link: u64,
@@ -496,25 +503,21 @@ impl<K: Key, V: Value> Server<K, V> {
         Some(key)
     }
 
+    /// Reads a peer's table stream and hands each message to the table server. A decoded
+    /// message can take many times the bytes of its frame (a record of an empty string is 2
+    /// bytes on the wire and 32 in memory), so the frames of one stream whose messages the
+    /// table server has not handled yet may come to `max_frame_size` bytes at most (a larger
+    /// frame, up to the limit, passes alone): the reader then waits, QUIC flow control stops
+    /// the peer, and the memory a peer holds here is a bounded multiple of that.
     fn spawn_reader(&self, pc: PeerConn, key: OwnerIdx, gen: u64, mut reader: FrameReader) {
         let inputs = self.inputs_tx.clone();
+        let budget = u32::try_from(self.config.max_frame_size).unwrap_or(u32::MAX);
+        let room = Arc::new(Semaphore::new(budget as usize));
         tokio::spawn(
             async move {
                 loop {
-                    match reader.next().await {
-                        Ok(Some(body)) => match frame::decode::<PeerMsg<K, V>>(&body) {
-                            Ok(msg) => {
-                                let input = Input::Msg(key, gen, msg, body.len());
-                                if inputs.send(input).await.is_err() {
-                                    return;
-                                }
-                            }
-                            Err(e) => {
-                                tracing::warn!(peer = %pc.id, error = %e, "undecodable frame; closing the connection");
-                                pc.conn.close(VarInt::from_u32(close::PROTOCOL), b"undecodable frame");
-                                return;
-                            }
-                        },
+                    let body = match reader.next().await {
+                        Ok(Some(body)) => body,
                         Ok(None) => return,
                         Err(e @ Error::FrameTooLarge { .. }) => {
                             tracing::warn!(peer = %pc.id, error = %e, "closing the connection");
@@ -523,6 +526,29 @@ impl<K: Key, V: Value> Server<K, V> {
                         }
                         Err(e) => {
                             tracing::debug!(peer = %pc.id, error = %e, "table stream ended");
+                            return;
+                        }
+                    };
+                    let take = u32::try_from(body.len()).unwrap_or(u32::MAX).clamp(1, budget);
+                    let Ok(permit) = room.clone().acquire_many_owned(take).await else {
+                        return;
+                    };
+                    match frame::decode::<PeerMsg<K, V>>(&body) {
+                        Ok(msg) => {
+                            let input = Input::Msg {
+                                key,
+                                gen,
+                                msg,
+                                size: body.len(),
+                                _room: permit,
+                            };
+                            if inputs.send(input).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(peer = %pc.id, error = %e, "undecodable frame; closing the connection");
+                            pc.conn.close(VarInt::from_u32(close::PROTOCOL), b"undecodable frame");
                             return;
                         }
                     }
@@ -1120,7 +1146,13 @@ impl<K: Key, V: Value> Server<K, V> {
 
     fn on_input(&mut self, input: Input<K, V>) {
         match input {
-            Input::Msg(key, gen, msg, size) => {
+            Input::Msg {
+                key,
+                gen,
+                msg,
+                size,
+                _room,
+            } => {
                 if self.is_current(key, gen) {
                     self.on_peer_msg(key, msg, size);
                 }

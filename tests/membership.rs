@@ -962,7 +962,12 @@ async fn a_bag_object_written_on_both_sides_of_a_partition_has_one_owner_after_t
 /// it there; without it, y alone would hold k.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_dropped_with_its_owner_lets_no_older_write_back_on_one_node() {
-    let mesh = Mesh::start(&["q", "w", "x", "y"]).await;
+    // The cut links must outlive no idle timeout, even on a busy machine: w goes down by its
+    // shutdown, which its peers hear at once.
+    let mut config = cets::NodeConfig::fast_failover();
+    config.keep_alive_interval = Duration::from_secs(1);
+    config.idle_timeout = Duration::from_secs(8);
+    let mesh = Mesh::start_with(&["q", "w", "x", "y"], config).await;
     let mut tables: Vec<T> = Vec::new();
     for n in &mesh.nodes {
         tables.push(n.start("t", TableOptions::set()).await.unwrap());

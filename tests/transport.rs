@@ -1886,3 +1886,77 @@ async fn a_dump_that_never_ends_is_not_kept_without_end() {
     fake.close(0u32.into(), b"");
     node.shutdown().await.unwrap();
 }
+
+/// A peer's frames wait in the node's memory, decoded, until the table server handles them,
+/// and decoded they can take many times their size: here a record is 2 bytes on the wire and
+/// 32 in memory. While the table server is busy (held here in an `on_node_down` callback), a
+/// stream's reader stops once `max_frame_size` bytes of its frames wait, and QUIC flow control
+/// then stops the peer: it can write about that plus the stream window (1 + 8 MiB, some 144
+/// frames of 64 KiB). Without the bound, the reader took up to 1024 frames of any size first
+/// (1 GiB decoded here) before the peer had to wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_heap_up_decoded_frames_while_the_table_server_is_busy() {
+    let mut config = NodeConfig::fast_failover();
+    config.max_frame_size = 1 << 20;
+    config.max_batch_bytes = 256 << 10;
+    config.max_link_queue_bytes = 8 << 20;
+    let (a, ha) = node_with("n1", COOKIE, config.clone()).await;
+    let (c, hc) = node_with("n2", COOKIE, config).await;
+    ha.set(vec![c.local_addr()]);
+    hc.set(vec![a.local_addr()]);
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let gate = std::sync::Mutex::new((entered_tx, release_rx));
+    let opts = TableOptions::set().on_node_down(move |_, _| {
+        let gate = gate.lock().unwrap();
+        let _ = gate.0.send(());
+        let _ = gate.1.recv();
+    });
+    let ta: T = a.start("t", opts).await.unwrap();
+    let tc: T = c.start("t", TableOptions::set()).await.unwrap();
+    joined(&[&ta, &tc]).await;
+    let ep = raw::endpoint();
+    let conn = authenticated(&ep, &a).await;
+    let theirs = their_header(&conn).await;
+    let mut peer = TablePeer::open(&conn, theirs).await;
+    // c leaves: a's table server runs the callback and stays in it until released.
+    c.shutdown().await.unwrap();
+    tokio::task::spawn_blocking(move || entered_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    // 32 768 records of key 0 and an empty string: 64 KiB on the wire, 1 MiB decoded.
+    let ops = raw::PeerMsg::<u64, String>::Ops {
+        seq: 1,
+        ops: vec![raw::Op {
+            ts: 1,
+            kind: raw::OpKind::Insert(vec![(0, String::new()); 32_768]),
+        }],
+    };
+    let f = raw::frame(&ops);
+    let mut written = 0;
+    for _ in 0..600 {
+        let write = peer.ours.write_all(&f);
+        match tokio::time::timeout(Duration::from_millis(300), write).await {
+            Ok(r) => {
+                r.unwrap();
+                written += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    release_tx.send(()).unwrap();
+    eprintln!(
+        "{written} frames of {} bytes taken while the table server was busy",
+        f.len()
+    );
+    assert!(
+        written < 300,
+        "the node took {written} frames of {} bytes ({} MiB decoded) while its table server was busy",
+        f.len(),
+        written
+    );
+    ta.sync().await.unwrap();
+    ep.close(0u32.into(), b"");
+    a.shutdown().await.unwrap();
+}

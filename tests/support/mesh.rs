@@ -16,6 +16,10 @@ pub struct Mesh {
 }
 
 pub async fn start_node(name: &str) -> (Node, StaticDiscoveryHandle) {
+    start_node_with(name, NodeConfig::fast_failover()).await
+}
+
+pub async fn start_node_with(name: &str, config: NodeConfig) -> (Node, StaticDiscoveryHandle) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -25,7 +29,7 @@ pub async fn start_node(name: &str) -> (Node, StaticDiscoveryHandle) {
     let node = Node::builder(name)
         .listen("127.0.0.1:0".parse().unwrap())
         .cookie("mesh")
-        .config(NodeConfig::fast_failover())
+        .config(config)
         .discovery(disco)
         .start()
         .await
@@ -36,6 +40,11 @@ pub async fn start_node(name: &str) -> (Node, StaticDiscoveryHandle) {
 impl Mesh {
     /// Names must be given in increasing order.
     pub async fn start(names: &[&str]) -> Mesh {
+        Self::start_with(names, NodeConfig::fast_failover()).await
+    }
+
+    /// `start` with another configuration for every node.
+    pub async fn start_with(names: &[&str], config: NodeConfig) -> Mesh {
         assert!(
             names.windows(2).all(|w| w[0] < w[1]),
             "names must be sorted"
@@ -43,7 +52,7 @@ impl Mesh {
         let mut nodes = Vec::new();
         let mut handles = Vec::new();
         for n in names {
-            let (node, h) = start_node(n).await;
+            let (node, h) = start_node_with(n, config.clone()).await;
             nodes.push(node);
             handles.push(h);
         }
