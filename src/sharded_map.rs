@@ -130,6 +130,7 @@ impl<K: Hash + Eq + Clone, T: Clone> ShardedMap<K, T> {
     }
 
     /// Calls `f` with the key's value, under the shard's read lock.
+    #[inline]
     pub(crate) fn read<R>(&self, k: &K, f: impl FnOnce(&T) -> R) -> Option<R> {
         let (hash, shard) = self.locate(k);
         let guard = shard.read();

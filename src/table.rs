@@ -351,11 +351,20 @@ impl<K: crate::table::Key, V: crate::table::Value> Table<K, V> {
     /// The value of a key (the first value, for a bag). Local: one lookup under a shard's
     /// shared lock (`set`, `bag`) or lock-free (`ordered_set`); the table server holds a
     /// shard's write lock only for changes already in cache.
+    #[inline]
     pub fn get(&self, key: &K) -> Option<V> {
         match self.shared.expire_ms {
             None => self.shared.store.get(key),
-            Some(_) => self.shared.store.get_live(key, self.shared.live_from()),
+            Some(ttl_ms) => self.get_expiring(key, ttl_ms),
         }
+    }
+
+    /// `get` in a table whose records expire: out of line, so that the read of a table without
+    /// expiry stays small enough to inline into the caller's loop.
+    #[inline(never)]
+    fn get_expiring(&self, key: &K, ttl_ms: u64) -> Option<V> {
+        let from = crate::hlc::HybridClock::written_since(ttl_ms);
+        self.shared.store.get_live(key, from)
     }
 
     /// Every value of a key (at most one, except for a bag). Local.
