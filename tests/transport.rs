@@ -782,42 +782,6 @@ mod raw {
         pub fingerprint: u64,
     }
 
-    /// `proto::OpKind`.
-    #[derive(Debug, Serialize, Deserialize)]
-    pub enum OpKind<K, V> {
-        Insert(Vec<(K, V)>),
-        Delete(Vec<K>),
-    }
-
-    /// `proto::Op`.
-    #[derive(Debug, Serialize, Deserialize)]
-    pub struct Op<K, V> {
-        pub ts: u64,
-        pub kind: OpKind<K, V>,
-    }
-
-    /// The first variants of `proto::PeerMsg` (postcard tags variants by index). Of a
-    /// `JoinReply`'s body only the variant of `proto::JoinRep` is decoded (postcard ignores
-    /// trailing bytes): 1 is `Paused`, 5 `Unpaused`, 6 `Refused`.
-    #[derive(Debug, Serialize, Deserialize)]
-    pub enum PeerMsg<K, V> {
-        Ops { seq: u64, ops: Vec<Op<K, V>> },
-        Ack { seq: u64, clock: u64 },
-        Tick { clock: u64, epoch: u64 },
-        Join { req: u64, body: JoinReq },
-        JoinReply { req: u64, reply: u32 },
-    }
-
-    /// `proto::JoinReq`, as far as `Unpause`; `Apply` is never sent from here.
-    #[derive(Debug, Serialize, Deserialize)]
-    pub enum JoinReq {
-        Info,
-        Pause { join: u64, lease_ms: u64 },
-        Dump { join: u64, alive: Vec<NodeId> },
-        Apply(()),
-        Unpause { join: u64 },
-    }
-
     /// `node::fingerprint::<K, V>()`: FNV-1a of the type names.
     pub fn fingerprint<K, V>() -> u64 {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -1096,18 +1060,18 @@ impl TablePeer {
         }
     }
 
-    /// Sends a join request; returns the variant of the node's (first) reply to it.
-    async fn ask(&mut self, body: raw::JoinReq) -> u32 {
+    /// Sends a join request; returns the name of the node's (first) reply's variant.
+    async fn ask(&mut self, body: wire::JoinReq) -> &'static str {
         self.req += 1;
         let req = self.req;
-        let f = raw::frame(&raw::PeerMsg::<u64, String>::Join { req, body });
+        let f = raw::frame(&wire::PeerMsg::Join { req, body });
         self.ours.write_all(&f).await.unwrap();
         loop {
-            let msg: raw::PeerMsg<u64, String> =
+            let msg: wire::PeerMsg =
                 postcard::from_bytes(&raw::read_frame(&mut self.theirs).await).unwrap();
             match msg {
-                raw::PeerMsg::JoinReply { req: r, reply } if r == req => return reply,
-                raw::PeerMsg::Tick { .. } | raw::PeerMsg::JoinReply { .. } => continue,
+                wire::PeerMsg::JoinReply { req: r, body } if r == req => return body.name(),
+                wire::PeerMsg::Tick { .. } | wire::PeerMsg::JoinReply { .. } => continue,
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -1125,16 +1089,22 @@ async fn join_pauses_from_a_peer_end_with_their_unpause_even_one_that_came_first
     let conn = authenticated(&ep, &p.nodes[0]).await;
     let theirs = their_header(&conn).await;
     let mut peer = TablePeer::open(&conn, theirs).await;
-    let (paused, unpaused, refused) = (1, 5, 6);
-    let pause = |join| raw::JoinReq::Pause {
+    let (paused, unpaused, refused) = ("Paused", "Unpaused", "Refused");
+    let pause = |join| wire::JoinReq::Pause {
         join,
         lease_ms: u64::MAX,
     };
     assert_eq!(peer.ask(pause(77)).await, paused);
-    assert_eq!(peer.ask(raw::JoinReq::Unpause { join: 77 }).await, unpaused);
+    assert_eq!(
+        peer.ask(wire::JoinReq::Unpause { join: 77 }).await,
+        unpaused
+    );
     // A coordinator that gave up on this node before its pause arrived sends the unpause first:
     // the late pause is refused, so the table is not left paused for the lease.
-    assert_eq!(peer.ask(raw::JoinReq::Unpause { join: 78 }).await, unpaused);
+    assert_eq!(
+        peer.ask(wire::JoinReq::Unpause { join: 78 }).await,
+        unpaused
+    );
     assert_eq!(peer.ask(pause(78)).await, refused);
     p.still_replicates(1).await;
     ep.close(0u32.into(), b"");
@@ -1183,23 +1153,22 @@ async fn bad_frames_from_an_authenticated_peer_close_only_that_connection() {
     let mut theirs = their_header(&conn).await;
     let mut ours = conn.open_uni().await.unwrap();
     ours.write_all(&raw::frame(&our_header("t"))).await.unwrap();
-    let ops = raw::PeerMsg::<u64, String>::Ops {
+    let ops = wire::PeerMsg::Ops {
         seq: 1,
-        ops: vec![raw::Op {
+        ops: vec![wire::Op {
             ts: 1,
-            kind: raw::OpKind::Insert(vec![(999, "evil".into())]),
+            kind: wire::OpKind::Insert(vec![(999, "evil".into())]),
         }],
     };
     ours.write_all(&raw::frame(&ops)).await.unwrap();
     loop {
-        let msg: raw::PeerMsg<u64, String> =
-            postcard::from_bytes(&raw::read_frame(&mut theirs).await).unwrap();
+        let msg: wire::PeerMsg = postcard::from_bytes(&raw::read_frame(&mut theirs).await).unwrap();
         match msg {
-            raw::PeerMsg::Ack { seq, .. } => {
+            wire::PeerMsg::Ack { seq, .. } => {
                 assert_eq!(seq, 1);
                 break;
             }
-            raw::PeerMsg::Tick { .. } => continue,
+            wire::PeerMsg::Tick { .. } => continue,
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -1519,19 +1488,19 @@ async fn a_join_gets_one_dump_per_node() {
     let ep = raw::endpoint();
     let conn = authenticated(&ep, &p.nodes[0]).await;
     let mut peer = TablePeer::open(&conn, their_header(&conn).await).await;
-    let (paused, chunk, unpaused, refused) = (1, 3, 5, 6);
-    let dump = || raw::JoinReq::Dump {
+    let (paused, chunk, unpaused, refused) = ("Paused", "Chunk", "Unpaused", "Refused");
+    let dump = || wire::JoinReq::Dump {
         join: 9,
         alive: vec![p.nodes[0].id().clone()],
     };
-    let pause = raw::JoinReq::Pause {
+    let pause = wire::JoinReq::Pause {
         join: 9,
         lease_ms: 60_000,
     };
     assert_eq!(peer.ask(pause).await, paused);
     assert_eq!(peer.ask(dump()).await, chunk);
     assert_eq!(peer.ask(dump()).await, refused, "one dump per join");
-    assert_eq!(peer.ask(raw::JoinReq::Unpause { join: 9 }).await, unpaused);
+    assert_eq!(peer.ask(wire::JoinReq::Unpause { join: 9 }).await, unpaused);
     p.still_replicates(1).await;
     ep.close(0u32.into(), b"");
     p.shutdown().await;
@@ -1569,12 +1538,12 @@ async fn a_peer_that_does_not_read_is_closed_when_its_queue_is_full() {
         let lease_ms = 60_000;
         let alive = alive.clone();
         for body in [
-            raw::JoinReq::Pause { join, lease_ms },
-            raw::JoinReq::Dump { join, alive },
-            raw::JoinReq::Unpause { join },
+            wire::JoinReq::Pause { join, lease_ms },
+            wire::JoinReq::Dump { join, alive },
+            wire::JoinReq::Unpause { join },
         ] {
             // A write fails once the node has closed the connection.
-            let req = raw::frame(&raw::PeerMsg::<u64, String>::Join { req: join, body });
+            let req = raw::frame(&wire::PeerMsg::Join { req: join, body });
             let _ = peer.ours.write_all(&req).await;
         }
     }
@@ -1590,8 +1559,9 @@ async fn a_peer_that_does_not_read_is_closed_when_its_queue_is_full() {
 // ---------------------------------------------------------------------------------------------
 // A raw peer that the node dials, and so coordinates joins with.
 
-/// The whole of `proto::PeerMsg` and its join messages for a `u64 -> String` table, to read
-/// what a node sends a peer it coordinates a join with, and to answer it.
+/// The whole of `proto::PeerMsg` and its join messages for a `u64 -> String` table, as the
+/// raw peers here write and read them (postcard tags enum variants by index, so the order of
+/// variants is the crate's).
 mod wire {
     use cets::NodeId;
     use serde::{Deserialize, Serialize};
@@ -1671,6 +1641,21 @@ mod wire {
         Refused {
             reason: String,
         },
+    }
+
+    impl JoinRep {
+        /// The variant's name.
+        pub fn name(&self) -> &'static str {
+            match self {
+                JoinRep::Info { .. } => "Info",
+                JoinRep::Paused { .. } => "Paused",
+                JoinRep::Busy { .. } => "Busy",
+                JoinRep::Chunk { .. } => "Chunk",
+                JoinRep::Applied { .. } => "Applied",
+                JoinRep::Unpaused => "Unpaused",
+                JoinRep::Refused { .. } => "Refused",
+            }
+        }
     }
 
     #[derive(Debug, Serialize, Deserialize)]
@@ -1756,9 +1741,16 @@ async fn a_join_reply_from_another_peer_does_not_cancel_a_request() {
     assert!(matches!(body, wire::JoinReq::Info), "{body:?}");
     // a-raw answers z-raw's request; its own request after it is answered once the node has
     // read that reply (one stream, in order).
-    let f = raw::frame(&raw::PeerMsg::<u64, String>::JoinReply { req, reply: 5 });
+    let f = raw::frame(&wire::PeerMsg::JoinReply {
+        req,
+        body: wire::JoinRep::Unpaused,
+    });
     other.ours.write_all(&f).await.unwrap();
-    assert_eq!(other.ask(raw::JoinReq::Info).await, 0, "Info answered");
+    assert_eq!(
+        other.ask(wire::JoinReq::Info).await,
+        "Info",
+        "Info answered"
+    );
     // Now z-raw answers; the join goes on to the lock.
     let members = vec![z.clone()];
     reply(&mut zpeer, req, wire::JoinRep::Info { members, epoch: 0 }).await;
@@ -1926,11 +1918,11 @@ async fn a_peer_cannot_heap_up_decoded_frames_while_the_table_server_is_busy() {
         .unwrap()
         .unwrap();
     // 32 768 records of key 0 and an empty string: 64 KiB on the wire, 1 MiB decoded.
-    let ops = raw::PeerMsg::<u64, String>::Ops {
+    let ops = wire::PeerMsg::Ops {
         seq: 1,
-        ops: vec![raw::Op {
+        ops: vec![wire::Op {
             ts: 1,
-            kind: raw::OpKind::Insert(vec![(0, String::new()); 32_768]),
+            kind: wire::OpKind::Insert(vec![(0, String::new()); 32_768]),
         }],
     };
     let f = raw::frame(&ops);
