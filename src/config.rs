@@ -36,6 +36,14 @@ pub struct NodeConfig {
     /// DNS query); new nodes are found within one interval.
     pub discovery_interval: Duration,
     /// After failed discovery polls the interval doubles up to this bound. Default 30 s.
+    ///
+    /// It also bounds the backoff of one address: after `n` failed dials to an address in a row,
+    /// discovery dials it again only `discovery_interval * 2^(n-1)` later, at most this much. A
+    /// node that stays down then costs a handshake attempt and a debug log line every 30 s
+    /// instead of every round. Reconnection does not wait for it: a node that comes back dials
+    /// the nodes it discovers itself, and a lost connection, or `Node::connect`, dials at once.
+    /// Lower it where a peer's address may be unreachable from this node alone for a while
+    /// (a firewall being opened) and must be retried sooner.
     pub discovery_max_backoff: Duration,
     /// Largest frame accepted from a peer, in bytes. A larger announced length closes the
     /// connection. Default 64 MiB. Frames the node sends are kept below it by splitting batches

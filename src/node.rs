@@ -337,9 +337,11 @@ impl Node {
         })
     }
 
-    /// Asks the node to connect to an address now (discovery does this on its own).
+    /// Asks the node to connect to an address now (discovery does this on its own), even if
+    /// dials to it failed lately and discovery waits before it dials it again
+    /// ([`NodeConfig::discovery_max_backoff`](crate::NodeConfig::discovery_max_backoff)).
     pub fn connect(&self, addr: SocketAddr) {
-        let _ = self.inner.peers.send(Command::Dial(addr));
+        let _ = self.inner.peers.send(Command::DialNow(addr));
     }
 
     /// The health report.

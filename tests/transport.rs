@@ -1952,3 +1952,56 @@ async fn a_peer_cannot_heap_up_decoded_frames_while_the_table_server_is_busy() {
     ep.close(0u32.into(), b"");
     a.shutdown().await.unwrap();
 }
+
+/// A discovered address whose dials fail is dialed less and less often: after `n` failures in a
+/// row, only `discovery_interval * 2^(n-1)` later. Over 60 discovery rounds of 20 ms, dials
+/// refused at once come at rounds 0, 1, 3, 7, 15, 31 (and 63): at most 7, where the node
+/// without the backoff dialed on every round. `Node::connect` dials at once whatever the
+/// backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_whose_dials_fail_is_dialed_less_and_less_often() {
+    let mut config = NodeConfig::fast_failover();
+    config.discovery_interval = Duration::from_millis(20);
+    config.discovery_max_backoff = Duration::from_secs(60);
+    let (node, disco) = node_with("n1", COOKIE, config).await;
+    // A QUIC endpoint that refuses every connection, and counts them.
+    let refuser = raw::server_endpoint("127.0.0.1");
+    let addr = refuser.local_addr().unwrap();
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = attempts.clone();
+    let server = refuser.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = server.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            incoming.refuse();
+        }
+    });
+    let dials = || attempts.load(std::sync::atomic::Ordering::SeqCst);
+    disco.set(vec![addr]);
+    eventually(WAIT, "the first dial", || async move { dials() >= 1 }).await;
+    let from = node.status().await.discovery_rounds;
+    eventually(WAIT, "60 more discovery rounds", || {
+        let node = &node;
+        async move { node.status().await.discovery_rounds >= from + 60 }
+    })
+    .await;
+    let after_60 = dials();
+    eprintln!("{after_60} dials over 60 discovery rounds");
+    assert!(
+        (2..=8).contains(&after_60),
+        "{after_60} dials over 60 discovery rounds of an address that refuses them"
+    );
+    let status = node.status().await;
+    assert!(
+        status.unavailable.iter().any(|(a, _)| *a == addr),
+        "reported unavailable: {:?}",
+        status.unavailable
+    );
+    node.connect(addr);
+    eventually(WAIT, "Node::connect dials at once", || async move {
+        dials() > after_60
+    })
+    .await;
+    refuser.close(0u32.into(), b"");
+    node.shutdown().await.unwrap();
+}

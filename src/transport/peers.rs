@@ -12,10 +12,14 @@
 //!   closed as a duplicate.
 //! - **Down.** When the active connection closes (idle timeout, peer shutdown, error), every
 //!   table hears `PeerDown` once. Stale closes are told apart by `stable_id`.
+//! - **Backoff per address.** After `n` failed dials in a row, discovery dials an address again
+//!   only `discovery_interval * 2^(n-1)` later (at most `discovery_max_backoff`). A lost
+//!   connection, a dial back to a node that dialed us, and `Node::connect` dial at once.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use quinn::{Connection, Endpoint, VarInt};
 use tokio::sync::{mpsc, oneshot};
@@ -24,7 +28,7 @@ use tracing::Instrument;
 use super::admission::{Admission, Admit};
 use super::frame::{self, FrameReader};
 use super::handshake::{self, Authenticated, Credentials};
-use crate::config::NodeConfig;
+use crate::config::{deadline_after, NodeConfig};
 use crate::membership::NodeId;
 use crate::proto::{close, StreamHeader};
 use crate::registry::{PeerConn, Registry, TableEvent};
@@ -54,8 +58,11 @@ pub(crate) struct PeersView {
 }
 
 pub(crate) enum Command {
-    /// Connect to this address unless already connected or dialing.
+    /// From discovery: connect to this address unless already connected or dialing, or its
+    /// dials failed lately and its backoff has not run out.
     Dial(SocketAddr),
+    /// From `Node::connect`: as `Dial`, but now, whatever the backoff.
+    DialNow(SocketAddr),
     Authenticated(Authenticated),
     DialFailed(SocketAddr, String),
     /// The peer closed our dial because it dials us instead.
@@ -80,6 +87,33 @@ struct Active {
     conn: Connection,
 }
 
+/// An address whose last dial failed or whose connection was lost.
+struct Unavailable {
+    /// Why, for the health report.
+    reason: String,
+    /// Dials that failed in a row (0 after a lost connection).
+    failures: u32,
+    /// Before this, discovery does not dial the address.
+    retry_at: Instant,
+}
+
+/// Whether a dial waits for the address's backoff.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Backoff {
+    Honour,
+    Ignore,
+}
+
+/// The wait after `failures` failed dials in a row: the discovery interval, doubled for each
+/// failure after the first, at most `discovery_max_backoff`.
+fn redial_delay(config: &NodeConfig, failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(31);
+    config
+        .discovery_interval
+        .saturating_mul(1 << doublings)
+        .min(config.discovery_max_backoff)
+}
+
 pub(crate) struct PeerManager {
     me: NodeId,
     endpoint: Endpoint,
@@ -90,7 +124,7 @@ pub(crate) struct PeerManager {
     active: HashMap<String, Active>,
     dialing: HashSet<SocketAddr>,
     self_addrs: HashSet<SocketAddr>,
-    unavailable: HashMap<SocketAddr, String>,
+    unavailable: HashMap<SocketAddr, Unavailable>,
 }
 
 impl PeerManager {
@@ -138,7 +172,8 @@ impl PeerManager {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
         while let Some(cmd) = rx.recv().await {
             match cmd {
-                Command::Dial(addr) => self.dial(canonical(addr)),
+                Command::Dial(addr) => self.dial(canonical(addr), Backoff::Honour),
+                Command::DialNow(addr) => self.dial(canonical(addr), Backoff::Ignore),
                 Command::Authenticated(a) => self.authenticated(a),
                 Command::Redirected(addr) => {
                     self.dialing.remove(&addr);
@@ -146,8 +181,7 @@ impl PeerManager {
                 }
                 Command::DialFailed(addr, reason) => {
                     self.dialing.remove(&addr);
-                    tracing::debug!(%addr, %reason, "dial failed");
-                    self.unavailable.insert(addr, reason);
+                    self.failed(addr, reason);
                 }
                 Command::Closed {
                     name,
@@ -164,7 +198,7 @@ impl PeerManager {
                     let mut unavailable: Vec<_> = self
                         .unavailable
                         .iter()
-                        .map(|(a, r)| (*a, r.clone()))
+                        .map(|(a, u)| (*a, u.reason.clone()))
                         .collect();
                     unavailable.sort();
                     let mut own: Vec<_> = self.self_addrs.iter().copied().collect();
@@ -209,8 +243,34 @@ impl PeerManager {
         }
     }
 
-    fn dial(&mut self, addr: SocketAddr) {
+    /// A dial to `addr` failed: the address waits longer before discovery dials it again.
+    fn failed(&mut self, addr: SocketAddr, reason: String) {
+        let failures = self
+            .unavailable
+            .get(&addr)
+            .map_or(1, |u| u.failures.saturating_add(1));
+        let delay = redial_delay(&self.config, failures);
+        tracing::debug!(%addr, %reason, failures, ?delay, "dial failed");
+        self.unavailable.insert(
+            addr,
+            Unavailable {
+                reason,
+                failures,
+                retry_at: deadline_after(delay),
+            },
+        );
+    }
+
+    fn dial(&mut self, addr: SocketAddr, backoff: Backoff) {
         if self.self_addrs.contains(&addr) || self.dialing.contains(&addr) {
+            return;
+        }
+        if backoff == Backoff::Honour
+            && self
+                .unavailable
+                .get(&addr)
+                .is_some_and(|u| u.retry_at > Instant::now())
+        {
             return;
         }
         if self
@@ -294,8 +354,7 @@ impl PeerManager {
                 }
             } else {
                 tracing::error!(%addr, name = %peer.name, "another node uses this node's name; refusing it");
-                self.unavailable
-                    .insert(addr, format!("node name {} is used twice", peer.name));
+                self.failed(addr, format!("node name {} is used twice", peer.name));
                 a.conn.close(
                     VarInt::from_u32(close::DUPLICATE),
                     b"node name already in use",
@@ -318,7 +377,7 @@ impl PeerManager {
                     .get(&peer.name)
                     .is_none_or(|x| x.conn.close_reason().is_some())
                 {
-                    self.dial(addr);
+                    self.dial(addr, Backoff::Ignore);
                 }
             } else {
                 // We are the larger node: the peer closes this connection and dials back.
@@ -398,8 +457,14 @@ impl PeerManager {
         {
             if let Some(a) = self.active.remove(name) {
                 tracing::info!(peer = %a.id, %reason, "connection lost; node is down");
-                self.unavailable
-                    .insert(canonical(a.conn.remote_address()), reason.to_string());
+                self.unavailable.insert(
+                    canonical(a.conn.remote_address()),
+                    Unavailable {
+                        reason: reason.to_string(),
+                        failures: 0,
+                        retry_at: Instant::now(),
+                    },
+                );
                 let id = a.id;
                 self.registry.broadcast(|| TableEvent::PeerDown(id.clone()));
             }
@@ -526,6 +591,28 @@ async fn route_streams(peer: PeerConn, registry: Arc<Registry>, limit: usize) {
                 registry.route_inbound(peer, header, reader);
             }
             .in_current_span(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_redial_delay_doubles_from_the_discovery_interval_up_to_its_bound() {
+        let mut config = NodeConfig {
+            discovery_interval: Duration::from_secs(1),
+            discovery_max_backoff: Duration::from_secs(30),
+            ..NodeConfig::default()
+        };
+        let secs = |n| redial_delay(&config, n).as_secs();
+        assert_eq!([secs(1), secs(2), secs(3), secs(5)], [1, 2, 4, 16]);
+        assert_eq!([secs(6), secs(40), secs(u32::MAX)], [30, 30, 30]);
+        config.discovery_max_backoff = Duration::MAX;
+        assert_eq!(
+            redial_delay(&config, u32::MAX),
+            Duration::from_secs(1 << 31)
         );
     }
 }
