@@ -23,8 +23,9 @@
 //! ```
 //!
 //! Where things live: the handle ([`Table`]) sends writes to the table's server task
-//! (`server.rs`), which applies them, batches them into one frame, and queues it to every
-//! member's QUIC stream (`transport/`); the peer's server applies the batch and acknowledges.
+//! (`server/`; writes in `server/writes.rs`), which applies them, batches them into one frame,
+//! and queues it to every member's QUIC stream (`transport/`); the peer's server applies the
+//! batch and acknowledges.
 //! Joins are in `join.rs` and described in `ALGORITHM.md`.
 
 #![forbid(unsafe_code)]

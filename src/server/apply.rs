@@ -1,0 +1,290 @@
+//! Applying a write, local or replicated: newer wins (timestamp, then owner, then value),
+//! tombstones, owners and orphans.
+
+use super::*;
+
+impl<K: Key, V: Value> Server<K, V> {
+    /// Whether a removal stamped `(ts, owner)` (a delete, a dropped orphan) beats what is
+    /// stored for `k` (or its tombstone), in the join's last-writer-wins order: timestamp, then
+    /// owner identity. A removal wins a tie with a record, and so with the tombstone of one
+    /// removed version, but not with another removal's tombstone (nothing would change).
+    pub(super) fn newer(&self, k: &K, ts: u64, owner: OwnerIdx) -> bool {
+        let stamp = (ts, self.owners.get(owner));
+        if let Some((cts, cowner)) = self.shared.store.meta(k) {
+            return stamp >= (cts, self.owners.get(cowner));
+        }
+        if self.tombstones.is_empty() {
+            return true;
+        }
+        match self.tombstones.get(k) {
+            Some(t) => match stamp.cmp(&(t.ts, self.owners.get(t.owner))) {
+                Ordering::Greater => true,
+                Ordering::Equal => t.value.is_some(),
+                Ordering::Less => false,
+            },
+            None => true,
+        }
+    }
+
+    /// The smallest watermark of the members (`u64::MAX` with none): every write a member
+    /// still sends is stamped after it.
+    pub(super) fn min_watermark(&self) -> u64 {
+        self.members
+            .iter()
+            .filter_map(|k| self.links.get(k))
+            .map(|l| l.watermark)
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    /// Forgets the tombstones older than every member's clock (no member: all of them): no
+    /// write they must stop is still on its way. Runs at every ack, so the map stays as small
+    /// as the writes in flight (and in cache) under a stream of deletes.
+    pub(super) fn forget_tombstones(&mut self) {
+        if self.tombstones.oldest_queued().is_none() {
+            return;
+        }
+        let min = self.min_watermark();
+        self.tombstones.forget_up_to(min);
+    }
+
+    pub(super) fn add_tombstone(&mut self, k: K, t: Tombstone) {
+        self.tombstones.add(k, t);
+    }
+
+    /// Records whose owner is down here (the writer did not know it yet): this node ends as
+    /// the writer will once it hears of that node's end, without the record. A stored version
+    /// of the key that the write would have replaced goes too, as it went on the writer; one
+    /// the write does not beat stays. Where the write wins, it leaves a tombstone of its stamp,
+    /// as the record it stands for leaves on the writer when dropped with its owner
+    /// (`peer_down`): an older write still on its way to this node must not bring the key back
+    /// here only.
+    pub(super) fn drop_orphans(&mut self, ts: u64, orphans: Vec<(K, NodeId)>) {
+        if self.shared.kind == TableKind::Bag {
+            return;
+        }
+        let keep_tombstones = !self.members.is_empty();
+        for (k, owner) in orphans {
+            let stamp = (ts, Some(&owner));
+            let owners = &self.owners;
+            let removed = self
+                .shared
+                .store
+                .remove_if(&k, |(cts, co)| stamp >= (cts, owners.get(co)));
+            if !keep_tombstones {
+                continue;
+            }
+            let idx = self.gone_owner(&owner);
+            if removed.unwrap_or_else(|| self.newer(&k, ts, idx)) {
+                self.add_tombstone(k, Tombstone::of((ts, idx)));
+            }
+        }
+    }
+
+    /// The owner index of a node that is down here, for a tombstone's stamp: it is released
+    /// once the tombstone is forgotten (`release_gone_owners`).
+    pub(super) fn gone_owner(&mut self, id: &NodeId) -> OwnerIdx {
+        let idx = self.owners.intern(id);
+        if idx != self.me_idx && !self.links.contains_key(&idx) && !self.gone.contains(&idx) {
+            self.gone.push(idx);
+        }
+        idx
+    }
+
+    /// The index of an owner a writer named, if it is alive here: this node, or a node this
+    /// table has a link to (that very incarnation).
+    pub(super) fn live_owner(&self, id: &NodeId) -> Option<OwnerIdx> {
+        if *id == self.me {
+            return Some(self.me_idx);
+        }
+        self.links
+            .iter()
+            .find(|(_, l)| l.id == *id)
+            .map(|(k, _)| *k)
+    }
+
+    /// Applies one write by `writer`. Returns whether it may have changed something that
+    /// outlives the writer, that is more than records it owns (which go when it goes down): it
+    /// stored a record of another owner, replaced or removed one, or brought a deleted key
+    /// back. Those are the writes survivors must agree on (`Link::lasting`).
+    pub(super) fn apply(&mut self, op: Op<K, V>, writer: OwnerIdx) -> bool {
+        let Op { ts, kind } = op;
+        // Inserts as records with their owners, and the keys of records whose owner (named by
+        // the writer) is already down here.
+        let (kind, orphans) = match kind {
+            OpKind::Insert(recs) => {
+                let recs = recs
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let rec = Rec {
+                            value: v,
+                            ts,
+                            owner: writer,
+                        };
+                        (k, rec)
+                    })
+                    .collect();
+                (Inserted::Records(recs), Vec::new())
+            }
+            OpKind::InsertOwned { owners, records } => {
+                let live: Vec<Option<OwnerIdx>> =
+                    owners.iter().map(|id| self.live_owner(id)).collect();
+                let mut recs = Vec::with_capacity(records.len());
+                let mut orphans = Vec::new();
+                for (k, v, i) in records {
+                    match (live.get(i as usize), owners.get(i as usize)) {
+                        (Some(&Some(owner)), _) => recs.push((
+                            k,
+                            Rec {
+                                value: v,
+                                ts,
+                                owner,
+                            },
+                        )),
+                        (_, Some(id)) => orphans.push((k, id.clone())),
+                        _ => tracing::debug!("a record naming no owner skipped"),
+                    }
+                }
+                (Inserted::Records(recs), orphans)
+            }
+            other => (Inserted::Other(other), Vec::new()),
+        };
+        let mut lasting = !orphans.is_empty();
+        if lasting {
+            self.drop_orphans(ts, orphans);
+        }
+        if let Inserted::Records(recs) = &kind {
+            lasting |= recs.iter().any(|(_, r)| r.owner != writer);
+        }
+        let store = &self.shared.store;
+        if self.shared.kind == TableKind::Bag {
+            match kind {
+                // An object stored already keeps the greater stamp of the two: two writers that
+                // insert one object at once thus leave it, on every node, to the same owner.
+                Inserted::Records(recs) => {
+                    let owners = &self.owners;
+                    store.put_many_if(recs, |_, new, cur| {
+                        let won = cur.is_none_or(|c| {
+                            (new.ts, owners.get(new.owner)) > (c.ts, owners.get(c.owner))
+                        });
+                        lasting |= won && cur.is_some_and(|c| c.owner != writer);
+                        won
+                    });
+                }
+                Inserted::Other(OpKind::Insert(_) | OpKind::InsertOwned { .. }) => {}
+                Inserted::Other(OpKind::Delete(keys)) => keys.iter().for_each(|k| {
+                    lasting |= store.remove(k);
+                }),
+                Inserted::Other(OpKind::DeleteObject(objs)) => objs.iter().for_each(|(k, v)| {
+                    lasting |= store.remove_object(k, v);
+                }),
+            }
+            return lasting;
+        }
+        let keep_tombstones = !self.members.is_empty();
+        match kind {
+            // One batch for the whole op (the store applies small ones record by record).
+            Inserted::Records(recs) => {
+                let (owners, tombstones) = (&self.owners, &self.tombstones);
+                let mut untombstoned = Vec::new();
+                store.put_many_if(recs, |k, new, cur| {
+                    let stamp = (new.ts, owners.get(new.owner));
+                    match cur {
+                        // Equal stamps come from two writers that named one owner in the same
+                        // clock tick (a write carries a key once): ordered by value, the same
+                        // on every node. An equal value is the same write again.
+                        Some(c) => {
+                            let won = match stamp.cmp(&(c.ts, owners.get(c.owner))) {
+                                Ordering::Greater => true,
+                                Ordering::Less => false,
+                                Ordering::Equal => {
+                                    value_order(&new.value, &c.value) != Ordering::Less
+                                }
+                            };
+                            lasting |= won && c.owner != writer;
+                            won
+                        }
+                        None if tombstones.is_empty() => true,
+                        None => match tombstones.get(k) {
+                            Some(t) => {
+                                let won = beats_tombstone(stamp, &new.value, t, owners);
+                                if won {
+                                    untombstoned.push(k.clone());
+                                }
+                                won
+                            }
+                            None => true,
+                        },
+                    }
+                });
+                lasting |= !untombstoned.is_empty();
+                for k in untombstoned {
+                    self.tombstones.remove(&k);
+                }
+            }
+            Inserted::Other(OpKind::Insert(_) | OpKind::InsertOwned { .. }) => {}
+            Inserted::Other(OpKind::Delete(keys)) => {
+                let outcomes = {
+                    let stamp = (ts, self.owners.get(writer));
+                    let owners = &self.owners;
+                    store.remove_many_if(&keys, |(cts, co)| stamp >= (cts, owners.get(co)))
+                };
+                for (k, removed) in keys.into_iter().zip(outcomes) {
+                    lasting |= removed == Some(true);
+                    let tombstone = match removed {
+                        Some(removed) => removed,
+                        // No record: the delete still stops older writes still in flight.
+                        None => self.newer(&k, ts, writer),
+                    };
+                    if tombstone && keep_tombstones {
+                        self.add_tombstone(k, Tombstone::of((ts, writer)));
+                    }
+                }
+            }
+            Inserted::Other(OpKind::DeleteObject(objs)) => {
+                // Removes one version (the stored record, if it has this value). Its tombstone
+                // is that version's stamp and value, not the delete's: it stops the deleted
+                // version from coming back, but any other write of the key still wins as it
+                // would have won against the version (`Tombstone::value`).
+                for (k, v) in objs {
+                    let version = self.shared.store.get(&k).filter(|cur| same_value(cur, &v));
+                    let meta = self.shared.store.meta(&k);
+                    if let (Some(_), Some((vts, vowner))) = (version, meta) {
+                        if self.newer(&k, ts, writer) {
+                            self.shared.store.remove(&k);
+                            lasting = true;
+                            if keep_tombstones {
+                                let value = postcard::to_stdvec(&v).ok().map(Vec::into_boxed_slice);
+                                let t = Tombstone {
+                                    ts: vts,
+                                    owner: vowner,
+                                    value,
+                                };
+                                self.add_tombstone(k, t);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        lasting
+    }
+}
+
+/// Whether a record stamped `stamp` with `value` beats the key's tombstone `t`: it is newer, or
+/// has the stamp of the version `t` stands for and would have beaten that version by value. A
+/// tombstone of a delete wins every tie.
+fn beats_tombstone<V: Serialize>(
+    stamp: (u64, Option<&NodeId>),
+    value: &V,
+    t: TombstoneRef<'_>,
+    owners: &Owners,
+) -> bool {
+    match stamp.cmp(&(t.ts, owners.get(t.owner))) {
+        Ordering::Greater => true,
+        Ordering::Less => false,
+        Ordering::Equal => t.value.is_some_and(|deleted| {
+            postcard::to_stdvec(value).is_ok_and(|v| v.as_slice() > deleted)
+        }),
+    }
+}

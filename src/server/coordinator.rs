@@ -1,0 +1,120 @@
+//! Control requests from the table's handles, and starting a join as its coordinator
+//! (ALGORITHM.md, section 9; the coordinator's steps are in `crate::join`).
+
+use super::*;
+
+impl<K: Key, V: Value> Server<K, V> {
+    /// Serves one control request; returns true when the server must stop.
+    pub(super) fn on_control(&mut self, c: Control<K, V>) -> bool {
+        match c {
+            Control::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Control::JoinRequest { to, body, replies } => {
+                if to == self.me {
+                    self.on_join_req(Origin::Local(replies), body);
+                    return false;
+                }
+                let Some(key) = self
+                    .owners
+                    .lookup(&to)
+                    .filter(|k| self.links.get(k).is_some_and(Link::ready))
+                else {
+                    return false; // dropping `replies` tells the coordinator the node is unreachable
+                };
+                self.next_req += 1;
+                let req = self.next_req;
+                let awaited = Awaited {
+                    from: key,
+                    tx: replies,
+                    bytes: 0,
+                };
+                self.join_replies.insert(req, awaited);
+                self.send_to(key, &PeerMsg::Join { req, body });
+            }
+            Control::JoinDone { peer: id, result } => {
+                let base = self.config.join_backoff;
+                let max = self.config.join_max_backoff;
+                // A join with a node that went down meanwhile has no track left to update.
+                let Some(peer) = self
+                    .owners
+                    .lookup(&id)
+                    .filter(|k| self.links.get(k).is_some_and(|l| l.id == id))
+                else {
+                    return false;
+                };
+                let name = id.to_string();
+                let track = self.joins.entry(peer).or_default();
+                track.running = false;
+                match result {
+                    Ok(conflicts) => {
+                        track.failures = 0;
+                        track.next = None;
+                        self.conflicts += conflicts;
+                    }
+                    Err(e) => {
+                        track.failures = track.failures.saturating_add(1);
+                        let exp = base.saturating_mul(1u32 << track.failures.min(16)).min(max);
+                        let jitter = rand::random_range(0.5..1.5);
+                        // Saturating: a back-off of `Duration::MAX` means "do not retry".
+                        let wait =
+                            Duration::try_from_secs_f64(exp.as_secs_f64() * jitter).unwrap_or(exp);
+                        track.next = Some(crate::config::deadline_after(wait));
+                        if track.failures >= 3 {
+                            tracing::warn!(peer = %name, error = %e, failures = track.failures, "join failed; retrying");
+                        } else {
+                            tracing::debug!(peer = %name, error = %e, "join failed; retrying");
+                        }
+                    }
+                }
+            }
+            Control::Stop(done) => {
+                self.stop();
+                let _ = done.send(());
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Starts a join with `key` if it is due: both sides run the table, it is not a member, and
+    /// this node has the smaller name (so two nodes never both coordinate the same pair).
+    pub(super) fn maybe_join(&mut self, key: OwnerIdx) {
+        let Some(link) = self.links.get(&key) else {
+            return;
+        };
+        if !link.ready() || self.members.contains(&key) || self.me.name >= link.id.name {
+            return;
+        }
+        let track = self.joins.entry(key).or_default();
+        if track.running || track.next.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        track.running = true;
+        let peer = link.id.clone();
+        let done_with = peer.clone();
+        let ctx = JoinCtx {
+            control: self.control_tx.clone(),
+            me: self.me.clone(),
+            kind: self.shared.kind,
+            conflict: self.opts.conflict.clone(),
+            clock: self.clock.clone(),
+            lease: self.config.join_lease,
+            chunk: self.config.join_chunk_records,
+            chunk_bytes: self.config.max_frame_size / 4,
+            table: self.shared.name.clone(),
+            checkpoint: self.opts.join_checkpoint.clone(),
+        };
+        let control = self.control_tx.clone();
+        tokio::spawn(
+            async move {
+                let result = join::run(ctx, peer).await;
+                let _ = control.send(Control::JoinDone {
+                    peer: done_with,
+                    result,
+                });
+            }
+            .in_current_span(),
+        );
+    }
+}

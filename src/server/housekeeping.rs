@@ -1,0 +1,241 @@
+//! The tick: leases, ack timeouts, tombstones, expiry, view checks, and the status report.
+
+use super::*;
+
+impl<K: Key, V: Value> Server<K, V> {
+    pub(super) fn on_tick(&mut self) {
+        let now = Instant::now();
+        self.ticks = self.ticks.wrapping_add(1);
+        if self.paused.as_ref().is_some_and(|p| now > p.deadline) {
+            tracing::warn!("join lease expired; unpausing");
+            self.unpause();
+        }
+        let mut expired = Vec::new();
+        while self.pending.front().is_some_and(|p| now > p.deadline) {
+            if let Some(p) = self.pending.pop_front() {
+                expired.push(p);
+            }
+        }
+        // A member that acknowledged nothing for `ack_timeout` while its connection lives (its
+        // table server is stuck, or it stopped reading) is dropped from the member list before
+        // the callers hear of it: later writes stop waiting for it, and stop piling up in its
+        // queue; the next join merges it back with what it missed.
+        let mut dropped = false;
+        let mut failures = Vec::new();
+        for p in expired {
+            let missing: Vec<OwnerIdx> = p
+                .waiting
+                .iter()
+                .copied()
+                .filter(|k| self.links.get(k).is_some_and(|l| l.acked < p.seq))
+                .collect();
+            let names: Vec<String> = missing
+                .iter()
+                .filter_map(|k| self.links.get(k))
+                .map(|l| l.id.name.clone())
+                .collect();
+            for k in missing {
+                if self.members.remove(&k) {
+                    if let Some(l) = self.links.get(&k) {
+                        tracing::warn!(peer = %l.id, timeout = ?self.opts.ack_timeout, "member acknowledged nothing in time; dropped until the next join");
+                    }
+                    dropped = true;
+                }
+            }
+            failures.push((p.replies, names));
+        }
+        if dropped {
+            self.publish_members();
+        }
+        for (replies, missing) in failures {
+            for r in replies {
+                let _ = r.send(Err(Error::AckTimeout {
+                    table: self.shared.name.clone(),
+                    missing: missing.clone(),
+                    timeout: self.opts.ack_timeout,
+                }));
+            }
+        }
+        self.complete_pending();
+        // Requests whose coordinator gave up (its join ended) wait for no reply any more.
+        self.join_replies.retain(|_, a| !a.tx.is_closed());
+        self.forget_tombstones();
+        if let Some(ttl_ms) = self.shared.expire_ms {
+            if now >= self.next_sweep {
+                self.sweep_expired(ttl_ms);
+                let every = Duration::from_millis(ttl_ms / 4).clamp(SWEEP_MIN, SWEEP_MAX);
+                self.next_sweep = deadline_after(every);
+            }
+        }
+        if self.ticks.is_multiple_of(ANNOUNCE_EVERY) {
+            // Scans the tombstones: twice a second is often enough.
+            self.release_gone_owners();
+            // To every linked peer, not only members: a peer that is a member on one side only
+            // learns our epoch this way.
+            let msg = PeerMsg::<K, V>::Tick {
+                clock: self.clock.now(),
+                view: self.view(),
+            };
+            if let Ok(f) = frame::encode(&msg) {
+                for l in self.links.values().filter(|l| l.ready()) {
+                    l.queue(f.clone());
+                }
+            }
+            self.check_views(now);
+        }
+        let keys: Vec<OwnerIdx> = self.links.keys().copied().collect();
+        for k in keys {
+            self.maybe_join(k);
+        }
+    }
+
+    /// A member that reports another view (epoch and member list) than ours for longer than
+    /// [`VIEW_GRACE`] took part in a join that did not finish everywhere. Both sides drop
+    /// each other from their member lists; the next join merges them again.
+    /// Removes the records that have expired (`TableOptions::expire_after`). Reads stopped
+    /// returning them already. Every node removes the same records by the same rule, the
+    /// write's stamp, so nothing is sent; and no tombstone is kept, since an older write of the
+    /// key that may still arrive has expired too. Records are found under read locks and removed
+    /// in one batch, as a delete would.
+    pub(super) fn sweep_expired(&mut self, ttl_ms: u64) {
+        let before = HybridClock::written_since(ttl_ms);
+        let store = &self.shared.store;
+        let removed = if self.shared.kind == TableKind::Bag {
+            let mut objects = Vec::new();
+            store.for_each(|k, r| {
+                if r.ts < before {
+                    objects.push((k.clone(), r.value.clone()));
+                }
+            });
+            objects
+                .iter()
+                .filter(|(k, v)| store.remove_object(k, v))
+                .count()
+        } else {
+            let mut keys = Vec::new();
+            store.for_each(|k, r| {
+                if r.ts < before {
+                    keys.push(k.clone());
+                }
+            });
+            store
+                .remove_many_if(&keys, |(ts, _)| ts < before)
+                .into_iter()
+                .filter(|r| *r == Some(true))
+                .count()
+        };
+        if removed > 0 {
+            tracing::debug!(removed, "expired records removed");
+        }
+    }
+
+    pub(super) fn check_views(&mut self, now: Instant) {
+        if self.paused.is_some() {
+            return;
+        }
+        let mut split = Vec::new();
+        let view = self.view();
+        for k in &self.members {
+            let Some(l) = self.links.get_mut(k) else {
+                continue;
+            };
+            match l.view {
+                Some(v) if v != view => {
+                    let since = *l.disagree_since.get_or_insert(now);
+                    if now.duration_since(since) > VIEW_GRACE {
+                        split.push(*k);
+                    }
+                }
+                _ => l.disagree_since = None,
+            }
+        }
+        for k in split {
+            if let Some(l) = self.links.get_mut(&k) {
+                tracing::warn!(peer = %l.id, "member lists disagree (half-finished join); leaving it to a new join");
+                l.disagree_since = None;
+                l.view = None;
+            }
+            self.members.remove(&k);
+        }
+        self.publish_members();
+        self.complete_pending();
+    }
+
+    /// A hash of the epoch and the member list including this node: equal on every member of a
+    /// consistent table.
+    pub(super) fn view(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut mix = |bytes: &[u8]| {
+            for b in bytes {
+                h ^= u64::from(*b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        mix(&self.epoch.to_le_bytes());
+        for id in self.member_ids_with_me() {
+            mix(id.name.as_bytes());
+            mix(&id.incarnation.to_le_bytes());
+        }
+        h
+    }
+
+    pub(super) fn status(&self) -> TableStatus {
+        let view = self.view();
+        let name_of = |k: &OwnerIdx| self.links.get(k).map(|l| l.id.name.clone());
+        let mut not_joined: Vec<String> = self
+            .links
+            .iter()
+            .filter(|(k, l)| !self.members.contains(k) && !l.lacks_table && l.refused.is_none())
+            .map(|(_, l)| l.id.name.clone())
+            .collect();
+        not_joined.sort();
+        let mut without_table: Vec<String> = self
+            .links
+            .values()
+            .filter(|l| l.lacks_table)
+            .map(|l| l.id.name.clone())
+            .collect();
+        without_table.sort();
+        let mut joining: Vec<String> = self
+            .joins
+            .iter()
+            .filter(|(_, t)| t.running)
+            .filter_map(|(k, _)| name_of(k))
+            .collect();
+        joining.sort();
+        let mut refused: Vec<(String, String)> = self
+            .links
+            .values()
+            .filter_map(|l| l.refused.as_ref().map(|r| (l.id.name.clone(), r.clone())))
+            .collect();
+        refused.sort();
+        let mut disagreeing: Vec<String> = self
+            .members
+            .iter()
+            .filter_map(|k| self.links.get(k))
+            .filter(|l| l.view.is_some_and(|v| v != view))
+            .map(|l| l.id.name.clone())
+            .collect();
+        disagreeing.sort();
+        TableStatus {
+            name: self.shared.name.clone(),
+            kind: self.shared.kind,
+            len: self.shared.store.len(),
+            members: self
+                .shared
+                .members
+                .read()
+                .map(|m| m.clone())
+                .unwrap_or_default(),
+            not_joined,
+            without_table,
+            joining,
+            refused,
+            paused: self.paused.is_some(),
+            conflicts: self.conflicts,
+            epoch: self.epoch,
+            disagreeing,
+            known_nodes: self.owners.len(),
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! Links to peers: one table stream each way per member, its reader and writer tasks, and
+//! what the table server sends on them.
+
+use super::*;
+
+impl<K: Key, V: Value> Server<K, V> {
+    /// The link to a connected peer, created (with its outbound stream) if new. `None` for a
+    /// connection already closed: its `PeerDown` may have been handled before this event, and
+    /// a link made now would never be removed.
+    pub(super) fn ensure_link(&mut self, pc: PeerConn) -> Option<OwnerIdx> {
+        if pc.conn.close_reason().is_some() {
+            tracing::debug!(peer = %pc.id, "event of a connection already closed ignored");
+            return None;
+        }
+        let key = self.owners.intern(&pc.id);
+        if let Some(link) = self.links.get(&key) {
+            if link.conn.stable_id() == pc.conn.stable_id() {
+                return Some(key);
+            }
+        }
+        // A previous incarnation (or connection) of the same node is gone.
+        let stale: Vec<NodeId> = self
+            .links
+            .values()
+            .filter(|l| l.id.name == pc.id.name)
+            .map(|l| l.id.clone())
+            .collect();
+        for id in stale {
+            self.peer_down(&id);
+        }
+        let gen = self.next_link;
+        self.next_link += 1;
+        let out = spawn_writer(
+            pc.clone(),
+            self.header.clone(),
+            key,
+            gen,
+            self.inputs_tx.clone(),
+            self.config.max_link_queue_bytes,
+        );
+        self.links.insert(
+            key,
+            Link {
+                gen,
+                id: pc.id,
+                conn: pc.conn,
+                out: Some(out),
+                inbound: false,
+                lacks_table: false,
+                refused: None,
+                acked: 0,
+                watermark: 0,
+                view: None,
+                disagree_since: None,
+                member_until_closed: false,
+                lasting: 0,
+            },
+        );
+        Some(key)
+    }
+
+    /// Reads a peer's table stream and hands each message to the table server. A decoded
+    /// message can take many times the bytes of its frame (a record of an empty string is 2
+    /// bytes on the wire and 32 in memory), so the frames of one stream whose messages the
+    /// table server has not handled yet may come to `max_frame_size` bytes at most (a larger
+    /// frame, up to the limit, passes alone): the reader then waits, QUIC flow control stops
+    /// the peer, and the memory a peer holds here is a bounded multiple of that.
+    pub(super) fn spawn_reader(
+        &self,
+        pc: PeerConn,
+        key: OwnerIdx,
+        gen: u64,
+        mut reader: FrameReader,
+    ) {
+        let inputs = self.inputs_tx.clone();
+        let budget = u32::try_from(self.config.max_frame_size).unwrap_or(u32::MAX);
+        let room = Arc::new(Semaphore::new(budget as usize));
+        tokio::spawn(
+            async move {
+                loop {
+                    let body = match reader.next().await {
+                        Ok(Some(body)) => body,
+                        Ok(None) => return,
+                        Err(e @ Error::FrameTooLarge { .. }) => {
+                            tracing::warn!(peer = %pc.id, error = %e, "closing the connection");
+                            pc.conn.close(VarInt::from_u32(close::PROTOCOL), b"frame too large");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::debug!(peer = %pc.id, error = %e, "table stream ended");
+                            return;
+                        }
+                    };
+                    let take = u32::try_from(body.len()).unwrap_or(u32::MAX).clamp(1, budget);
+                    let Ok(permit) = room.clone().acquire_many_owned(take).await else {
+                        return;
+                    };
+                    match frame::decode::<PeerMsg<K, V>>(&body) {
+                        Ok(msg) => {
+                            let input = Input::Msg {
+                                key,
+                                gen,
+                                msg,
+                                size: body.len(),
+                                _room: permit,
+                            };
+                            if inputs.send(input).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(peer = %pc.id, error = %e, "undecodable frame; closing the connection");
+                            pc.conn.close(VarInt::from_u32(close::PROTOCOL), b"undecodable frame");
+                            return;
+                        }
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+    }
+
+    pub(super) fn publish_members(&self) {
+        let mut ids: Vec<NodeId> = self
+            .members
+            .iter()
+            .filter_map(|k| self.links.get(k).map(|l| l.id.clone()))
+            .collect();
+        ids.sort();
+        *self
+            .shared
+            .members
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = ids;
+    }
+
+    pub(super) fn send_to(&self, key: OwnerIdx, msg: &PeerMsg<K, V>) {
+        let Some(link) = self.links.get(&key) else {
+            return;
+        };
+        match frame::encode(msg) {
+            Ok(f) => {
+                link.queue(f);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode a message"),
+        }
+    }
+
+    pub(super) fn flush_acks(&mut self) {
+        if self.to_ack.is_empty() {
+            return;
+        }
+        let clock = self.clock.now();
+        for (key, seq) in std::mem::take(&mut self.to_ack) {
+            self.send_to(key, &PeerMsg::Ack { seq, clock });
+        }
+    }
+}
+
+pub(super) fn ops_frame(seq: u64, count: usize, body: &[u8]) -> Result<Bytes> {
+    // Encode the message with no ops, drop the trailing zero length, append the real one.
+    let mut head = postcard::to_stdvec(&PeerMsg::<(), ()>::Ops {
+        seq,
+        ops: Vec::new(),
+    })?;
+    head.pop();
+    let head = postcard::to_extend(&count, head)?;
+    let len = head.len() + body.len();
+    let len32 = u32::try_from(len).map_err(|_| Error::FrameTooLarge {
+        size: len,
+        limit: u32::MAX as usize,
+    })?;
+    let mut buf = Vec::with_capacity(frame::PREFIX + len);
+    buf.extend_from_slice(&len32.to_le_bytes());
+    buf.extend_from_slice(&head);
+    buf.extend_from_slice(body);
+    Ok(Bytes::from(buf))
+}
+
+/// Opens the table stream to a peer and writes everything queued to it, batching what
+/// accumulated while the previous write was in flight into one `write_all_chunks`.
+pub(super) fn spawn_writer<K: Key, V: Value>(
+    pc: PeerConn,
+    header: Bytes,
+    key: OwnerIdx,
+    gen: u64,
+    inputs: mpsc::Sender<Input<K, V>>,
+    limit: usize,
+) -> Outbox {
+    let (tx, mut rx) = outbox(limit);
+    tokio::spawn(
+        async move {
+            let result: std::result::Result<(), quinn::WriteError> = async {
+                let mut send = pc
+                    .conn
+                    .open_uni()
+                    .await
+                    .map_err(quinn::WriteError::ConnectionLost)?;
+                send.write_all(&header).await?;
+                let mut batch: Vec<Bytes> = Vec::with_capacity(64);
+                loop {
+                    // Also notice a peer that stops the stream while we have nothing to send
+                    // (it runs no such table), so the link is known closed at once.
+                    let b = tokio::select! {
+                        b = rx.recv() => b,
+                        stopped = send.stopped() => {
+                            return Err(match stopped {
+                                Ok(Some(code)) => quinn::WriteError::Stopped(code),
+                                Ok(None) => quinn::WriteError::ClosedStream,
+                                Err(quinn::StoppedError::ConnectionLost(e)) => quinn::WriteError::ConnectionLost(e),
+                                Err(_) => quinn::WriteError::ClosedStream,
+                            });
+                        }
+                    };
+                    let Some(b) = b else { break };
+                    batch.push(b);
+                    while batch.len() < 256 {
+                        match rx.try_recv() {
+                            Some(b) => batch.push(b),
+                            None => break,
+                        }
+                    }
+                    if rx.overflowed() {
+                        // The table server is closing the connection: nothing more is written.
+                        return Err(quinn::WriteError::ClosedStream);
+                    }
+                    let bytes: usize = batch.iter().map(Bytes::len).sum();
+                    send.write_all_chunks(&mut batch).await?;
+                    rx.written(bytes);
+                    batch.clear();
+                }
+                let _ = send.finish();
+                Ok(())
+            }
+            .await;
+            if let Err(e) = result {
+                let stop_code = match &e {
+                    quinn::WriteError::Stopped(code) => u32::try_from(code.into_inner()).ok(),
+                    _ => None,
+                };
+                let _ = inputs
+                    .send(Input::LinkClosed {
+                        key,
+                        link: gen,
+                        reason: e.to_string(),
+                        stop_code,
+                    })
+                    .await;
+            }
+        }
+        .in_current_span(),
+    );
+    tx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ops_frame_decodes_as_peer_msg() {
+        let ops = vec![
+            Op {
+                ts: 7,
+                kind: OpKind::Insert(vec![(1u64, "a".to_string())]),
+            },
+            Op {
+                ts: 8,
+                kind: OpKind::Delete(vec![2u64]),
+            },
+        ];
+        let mut body = Vec::new();
+        for op in &ops {
+            body = postcard::to_extend(op, body).unwrap();
+        }
+        for (count, body) in [(2, &body[..]), (0, &[][..])] {
+            let f = ops_frame(300, count, body).unwrap();
+            match frame::decode::<PeerMsg<u64, String>>(&f[frame::PREFIX..]).unwrap() {
+                PeerMsg::Ops { seq, ops } => {
+                    assert_eq!(seq, 300);
+                    assert_eq!(ops.len(), count);
+                }
+                _ => panic!("wrong variant"),
+            }
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! A member goes down: its records are dropped on every survivor, and what it leaves behind
+//! (owner indexes, tombstones) is released once nothing names it.
+
+use super::*;
+
+impl<K: Key, V: Value> Server<K, V> {
+    pub(super) fn peer_down(&mut self, id: &NodeId) {
+        let Some(key) = self.owners.lookup(id) else {
+            return;
+        };
+        let link = self.links.remove(&key);
+        let was_link = link.is_some();
+        let lasting = link.as_ref().map_or(0, |l| l.lasting);
+        // A member whose table stream closed just before (the writer task reported the lost
+        // connection before the node's `PeerDown` got here) was a member all the same.
+        let was_member = self.members.remove(&key) | link.is_some_and(|l| l.member_until_closed);
+        self.join_replies.retain(|_, a| a.from != key);
+        self.joins.remove(&key);
+        self.pause_waiters
+            .retain(|o| !matches!(o, Origin::Peer(k, _) if *k == key));
+        if self.paused.as_ref().is_some_and(|p| &p.coordinator == id) {
+            tracing::warn!(coordinator = %id, "join coordinator is gone; unpausing");
+            self.unpause();
+        }
+        // Its records go, each leaving a tombstone while a member may still send an older
+        // write of the key: on a node where that write arrived first, the dropped record had
+        // replaced it, and it must not come back here only (the same holds for `drop_orphans`).
+        let since = self.min_watermark();
+        let keep_tombstones = !self.members.is_empty();
+        let mut recent = Vec::new();
+        let removed = self.shared.store.remove_owned(key, |k, ts| {
+            if keep_tombstones && ts > since {
+                recent.push((k.clone(), ts));
+            }
+        });
+        for (k, ts) in recent {
+            if self.newer(&k, ts, key) {
+                self.add_tombstone(k, Tombstone::of((ts, key)));
+            }
+        }
+        if was_member {
+            // Members that applied the same lasting writes of it keep equal views; those that
+            // did not (it died before its last write reached all) now differ, and the view
+            // check has them merge their tables again, as a join does. XOR: two nodes that go
+            // down at once may be handled in either order.
+            self.epoch ^= departure_mark(id, lasting);
+            self.publish_members();
+        }
+        if was_link || was_member || !removed.is_empty() {
+            tracing::info!(peer = %id, dropped = removed.len(), "node down");
+        }
+        if was_member || !removed.is_empty() {
+            if let Some(f) = &self.opts.on_node_down {
+                f(id, &removed);
+            }
+        }
+        self.complete_pending();
+        if key != self.me_idx && !self.gone.contains(&key) {
+            self.gone.push(key);
+        }
+    }
+
+    /// Releases the owner indexes of nodes that went down once nothing refers to them: no link
+    /// (the same incarnation may have reconnected), no tombstone, no batch waiting for its ack,
+    /// no join. Their records went with the node-down, and none can come back: writes and join
+    /// records name only owners alive here. Without this, each incarnation ever seen would
+    /// cost every table an entry for good.
+    pub(super) fn release_gone_owners(&mut self) {
+        // A node that reconnected under the same incarnation is not gone; if it goes down
+        // again, `peer_down` lists it again.
+        let links = &self.links;
+        self.gone.retain(|k| !links.contains_key(k));
+        if self.gone.is_empty() {
+            return;
+        }
+        let mut referred: BTreeSet<OwnerIdx> = self.tombstones.owners().collect();
+        referred.extend(self.pending.iter().flat_map(|p| p.waiting.iter().copied()));
+        referred.extend(self.to_ack.keys().copied());
+        referred.extend(self.join_replies.values().map(|a| a.from));
+        let owners = &mut self.owners;
+        let joins = &mut self.joins;
+        self.gone.retain(|&k| {
+            if referred.contains(&k) {
+                return true;
+            }
+            joins.remove(&k);
+            owners.release(k);
+            false
+        });
+    }
+}
+
+/// The frame of `PeerMsg::Ops { seq, ops }` whose `count` ops are already encoded in `body`,
+/// so each op is encoded once, however many peers receive it.
+/// What a member's departure mixes into the epoch: its identity and the last of its batches
+/// that this node applied with a lasting effect (`Link::lasting`).
+fn departure_mark(id: &NodeId, lasting: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let (incarnation, lasting) = (id.incarnation.to_le_bytes(), lasting.to_le_bytes());
+    for b in id
+        .name
+        .as_bytes()
+        .iter()
+        .chain(&incarnation)
+        .chain(&lasting)
+    {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}

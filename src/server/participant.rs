@@ -1,0 +1,308 @@
+//! Joins, the participant's side: pause, dump, apply and unpause, as a coordinator asks
+//! (ALGORITHM.md, section 9).
+
+use super::*;
+
+impl<K: Key, V: Value> Server<K, V> {
+    pub(super) fn paused_reply(&self) -> JoinRep<K, V> {
+        JoinRep::Paused {
+            members: self.member_ids_with_me(),
+            epoch: self.epoch,
+            reachable: self
+                .links
+                .values()
+                .filter(|l| l.ready())
+                .map(|l| l.id.clone())
+                .collect(),
+            len: self.shared.store.len() as u64,
+        }
+    }
+
+    pub(super) fn member_ids_with_me(&self) -> Vec<NodeId> {
+        let mut v: Vec<NodeId> = self
+            .members
+            .iter()
+            .filter_map(|k| self.links.get(k).map(|l| l.id.clone()))
+            .collect();
+        v.push(self.me.clone());
+        v.sort();
+        v
+    }
+
+    pub(super) fn reply(&self, origin: Origin<K, V>, body: JoinRep<K, V>) {
+        match origin {
+            Origin::Local(tx) => {
+                let _ = tx.send(body);
+            }
+            Origin::Peer(key, req) => self.send_to(key, &PeerMsg::JoinReply { req, body }),
+        }
+    }
+
+    pub(super) fn origin_id(&self, origin: &Origin<K, V>) -> Option<NodeId> {
+        match origin {
+            Origin::Local(_) => Some(self.me.clone()),
+            Origin::Peer(k, _) => self.links.get(k).map(|l| l.id.clone()),
+        }
+    }
+
+    pub(super) fn paused_by(&self, join: u64) -> bool {
+        self.paused.as_ref().is_some_and(|p| p.join == join)
+    }
+
+    pub(super) fn on_join_req(&mut self, origin: Origin<K, V>, body: JoinReq<K, V>) {
+        match body {
+            JoinReq::Info => {
+                let rep = JoinRep::Info {
+                    members: self.member_ids_with_me(),
+                    epoch: self.epoch,
+                };
+                self.reply(origin, rep);
+            }
+            JoinReq::Pause { join, lease_ms } => {
+                let Some(coordinator) = self.origin_id(&origin) else {
+                    return;
+                };
+                // The coordinator's lease, up to a bound: a peer cannot pause this table for
+                // longer than `MAX_PAUSE_LEASE` without renewing.
+                let lease = Duration::from_millis(lease_ms).min(MAX_PAUSE_LEASE);
+                let deadline = Instant::now() + lease;
+                if self.released.contains(&join) {
+                    let reason = "this join's pause already ended".to_string();
+                    self.reply(origin, JoinRep::Refused { reason });
+                    return;
+                }
+                match &mut self.paused {
+                    Some(p) if p.join != join => {
+                        let by = p.coordinator.name.clone();
+                        self.reply(origin, JoinRep::Busy { by });
+                    }
+                    Some(p) => {
+                        p.deadline = deadline;
+                        let rep = self.paused_reply();
+                        self.reply(origin, rep);
+                    }
+                    None => {
+                        tracing::debug!(%coordinator, join, "paused for a join");
+                        self.paused = Some(Pause {
+                            join,
+                            coordinator,
+                            deadline,
+                            dumped: false,
+                        });
+                        if self.pending.is_empty() {
+                            let rep = self.paused_reply();
+                            self.reply(origin, rep);
+                        } else {
+                            self.pause_waiters.push(origin);
+                        }
+                    }
+                }
+            }
+            JoinReq::Dump { join, alive } => {
+                if !self.paused_by(join) {
+                    self.reply(
+                        origin,
+                        JoinRep::Refused {
+                            reason: "not paused by this join".into(),
+                        },
+                    );
+                    return;
+                }
+                if let Some(p) = self.paused.as_mut() {
+                    if p.dumped {
+                        let reason = "this join had the dump already".to_string();
+                        self.reply(origin, JoinRep::Refused { reason });
+                        return;
+                    }
+                    p.dumped = true;
+                }
+                self.send_dump(origin, &alive);
+            }
+            JoinReq::Apply {
+                join,
+                owners,
+                records,
+                members,
+                merge,
+            } => {
+                if !self.paused_by(join) {
+                    self.reply(
+                        origin,
+                        JoinRep::Refused {
+                            reason: "not paused by this join".into(),
+                        },
+                    );
+                    return;
+                }
+                // Records of owners that are not alive here (a node that died during the
+                // join) are not stored: nothing would ever remove them.
+                let map: Vec<Option<OwnerIdx>> = owners
+                    .iter()
+                    .map(|id| {
+                        let alive = *id == self.me || self.links.values().any(|l| l.id == *id);
+                        alive.then(|| self.owners.intern(id))
+                    })
+                    .collect();
+                let mut recs = Vec::with_capacity(records.len());
+                let mut newest = 0;
+                for r in records {
+                    let Some(&Some(owner)) = map.get(r.owner as usize) else {
+                        continue;
+                    };
+                    newest = newest.max(r.ts);
+                    // Dumps carry no tombstones: a record the other side still holds comes
+                    // back, whoever decides.
+                    if !self.tombstones.is_empty() {
+                        self.tombstones.remove(&r.key);
+                    }
+                    let rec = Rec {
+                        value: r.value,
+                        ts: r.ts,
+                        owner,
+                    };
+                    recs.push((r.key, rec));
+                }
+                self.clock.observe(newest);
+                // For a merge: which stored owners the other side's dump could have included.
+                let dumped: Vec<bool> = match &merge {
+                    Some(all) => (0..self.owners.slots() as OwnerIdx)
+                        .map(|i| self.owners.get(i).is_some_and(|id| all.contains(id)))
+                        .collect(),
+                    None => Vec::new(),
+                };
+                let merge = merge.is_some();
+                let mut conflicts = 0;
+                let owners = &self.owners;
+                self.shared
+                    .store
+                    .put_many_if(recs, |_, new, cur| match cur {
+                        None => true,
+                        // The coordinator decided: store as it is.
+                        Some(_) if !merge => true,
+                        // Not a version the join sees (its owner is outside the join): as if
+                        // absent, as in a central merge, which never receives it.
+                        Some(c) if !dumped.get(c.owner as usize).copied().unwrap_or(false) => true,
+                        // The join's rule, as the coordinator would apply it: the larger
+                        // (timestamp, owner identity, value) wins; equal, it is the same version.
+                        Some(c) => {
+                            let stamp = (new.ts, owners.get(new.owner));
+                            let order = stamp
+                                .cmp(&(c.ts, owners.get(c.owner)))
+                                .then_with(|| value_order(&new.value, &c.value));
+                            conflicts += u64::from(order != Ordering::Equal);
+                            order == Ordering::Greater
+                        }
+                    });
+                if let Some(members) = members {
+                    self.set_members(&members, join);
+                }
+                self.reply(origin, JoinRep::Applied { conflicts });
+            }
+            JoinReq::Unpause { join } => {
+                if self.paused_by(join) {
+                    tracing::debug!(join, "unpaused");
+                    self.unpause();
+                } else {
+                    // The coordinator gave up before our pause (its request still queued here,
+                    // or our answer late): a pause of this join arriving now is refused.
+                    self.remember_released(join);
+                }
+                self.reply(origin, JoinRep::Unpaused);
+            }
+        }
+    }
+
+    pub(super) fn send_dump(&self, origin: Origin<K, V>, alive: &[NodeId]) {
+        if let Origin::Peer(key, _) = origin {
+            if !self.links.get(&key).is_some_and(Link::open) {
+                // Its queue overflowed (the connection is closing), or its stream is gone.
+                return;
+            }
+        }
+        // The dump's owner list: the alive owners only, renumbered (`wire[i]`: the index in
+        // that list of owner `i` here).
+        let mut owners: Vec<NodeId> = Vec::new();
+        let wire: Vec<Option<u32>> = (0..self.owners.slots() as OwnerIdx)
+            .map(|i| {
+                let id = self.owners.get(i).filter(|id| alive.contains(id))?;
+                owners.push(id.clone());
+                Some((owners.len() - 1) as u32)
+            })
+            .collect();
+        let mut chunker = Chunker::new(
+            self.config.join_chunk_records,
+            self.config.max_frame_size / 4,
+        );
+        self.shared.store.for_each(|k, r| {
+            if let Some(&Some(owner)) = wire.get(r.owner as usize) {
+                chunker.push(WireRecord {
+                    key: k.clone(),
+                    value: r.value.clone(),
+                    ts: r.ts,
+                    owner,
+                });
+            }
+        });
+        let chunks = chunker.finish();
+        let n = chunks.len();
+        for (i, records) in chunks.into_iter().enumerate() {
+            let body = JoinRep::Chunk {
+                owners: owners.clone(),
+                records,
+                last: i + 1 == n,
+            };
+            match &origin {
+                Origin::Local(tx) => {
+                    let _ = tx.send(body);
+                }
+                Origin::Peer(key, req) => {
+                    self.send_to(*key, &PeerMsg::JoinReply { req: *req, body })
+                }
+            }
+        }
+    }
+
+    pub(super) fn set_members(&mut self, members: &[NodeId], epoch: u64) {
+        let mut set = BTreeSet::new();
+        for id in members.iter().filter(|id| **id != self.me) {
+            match self
+                .owners
+                .lookup(id)
+                .filter(|k| self.links.get(k).is_some_and(|l| l.out.is_some()))
+            {
+                Some(k) => {
+                    set.insert(k);
+                }
+                None => {
+                    tracing::warn!(node = %id, "join named a member this node has no stream to")
+                }
+            }
+        }
+        self.members = set;
+        self.epoch = epoch;
+        for l in self.links.values_mut() {
+            l.disagree_since = None;
+        }
+        self.publish_members();
+        tracing::info!(members = ?self.shared.members.read().map(|m| m.iter().map(|n| n.name.clone()).collect::<Vec<_>>()).unwrap_or_default(), epoch, "joined");
+        self.complete_pending();
+    }
+
+    /// Ends the current pause; buffered writes go on.
+    pub(super) fn unpause(&mut self) {
+        if let Some(p) = self.paused.take() {
+            self.remember_released(p.join);
+        }
+        self.pause_waiters.clear();
+    }
+
+    /// Joins whose pause ended (the last 64): a late pause or renewal of one is refused.
+    pub(super) fn remember_released(&mut self, join: u64) {
+        if !self.released.contains(&join) {
+            self.released.push_back(join);
+            if self.released.len() > 64 {
+                self.released.pop_front();
+            }
+        }
+    }
+}

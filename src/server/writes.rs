@@ -1,0 +1,220 @@
+//! Client writes: group commit. Queued writes are applied here and encoded once into one
+//! `Ops` frame that every member's link queues; the callers wait for the members' acks.
+
+use super::links::ops_frame;
+use super::*;
+
+impl<K: Key, V: Value> Server<K, V> {
+    /// Group commit: takes `first` and whatever else is queued, applies it, and sends it to
+    /// every member as one frame.
+    pub(super) fn on_writes(&mut self, first: Write<K, V>) {
+        let replicate = !self.members.is_empty();
+        let mut body = Vec::new();
+        let mut count = 0usize;
+        let mut replies = Vec::new();
+        let mut accepted_ops = Vec::new();
+        let mut next = Some(first);
+        while let Some(Write { op, reply }) = next.take() {
+            let mut reply = Some(reply);
+            if let Some(kind) = op {
+                let op = Op {
+                    ts: self.clock.now(),
+                    kind: self.with_owners(kind),
+                };
+                let mut accepted = true;
+                let limit = self.config.max_frame_size / 2;
+                let refuse = |e: Error, reply: &mut Option<oneshot::Sender<Result<()>>>| {
+                    if let Some(r) = reply.take() {
+                        let _ = r.send(Err(e));
+                    }
+                };
+                let too_large = || {
+                    Error::Config(format!(
+                        "one write may encode to at most half of max_frame_size ({limit} bytes); split it"
+                    ))
+                };
+                if replicate {
+                    // Appended in place; on any refusal the body is cut back to the writes
+                    // before this one (an encode that fails may have written part of it).
+                    let before = body.len();
+                    let encoded = postcard::to_extend(&op, Append(&mut body)).map(drop);
+                    match encoded {
+                        Ok(()) if body.len() - before <= limit => count += 1,
+                        Ok(()) => {
+                            body.truncate(before);
+                            accepted = false;
+                            refuse(too_large(), &mut reply);
+                        }
+                        Err(e) => {
+                            body.truncate(before);
+                            accepted = false;
+                            refuse(Error::Codec(e), &mut reply);
+                        }
+                    }
+                } else {
+                    // Alone, the write is not sent now, but a later join will send it: a record
+                    // that could never cross is refused here too.
+                    match postcard::experimental::serialized_size(&op) {
+                        Ok(n) if n <= limit => {}
+                        Ok(_) => {
+                            accepted = false;
+                            refuse(too_large(), &mut reply);
+                        }
+                        Err(e) => {
+                            accepted = false;
+                            refuse(Error::Codec(e), &mut reply);
+                        }
+                    }
+                }
+                if accepted {
+                    accepted_ops.push(op);
+                }
+            }
+            if let Some(r) = reply {
+                replies.push(r);
+            }
+            if replies.len() >= self.config.max_batch_ops
+                || body.len() >= self.config.max_batch_bytes
+            {
+                break;
+            }
+            next = self.writes.try_recv().ok();
+        }
+        if !replicate {
+            self.apply_local(accepted_ops);
+            for r in replies {
+                let _ = r.send(Ok(()));
+            }
+            return;
+        }
+        if replies.is_empty() {
+            return;
+        }
+        self.seq += 1;
+        let frame = match ops_frame(self.seq, count, &body) {
+            Ok(f) => f,
+            Err(e) => {
+                // Nothing was applied or sent: the writes fail as a whole.
+                let msg = e.to_string();
+                for r in replies {
+                    let _ = r.send(Err(Error::Transport(msg.clone())));
+                }
+                return;
+            }
+        };
+        let mut waiting = Vec::with_capacity(self.members.len());
+        for key in &self.members {
+            if self.links.get(key).is_some_and(|l| l.queue(frame.clone())) {
+                waiting.push(*key);
+            }
+        }
+        // Sent first, applied here second: the local apply overlaps the round trip and the
+        // peers' own apply. Replies wait for the acks, which this task handles after the
+        // apply, so a caller still finds its write on every node when its call returns.
+        self.apply_local(accepted_ops);
+        self.pending.push_back(Pending {
+            seq: self.seq,
+            replies,
+            waiting,
+            deadline: deadline_after(self.opts.ack_timeout),
+        });
+        self.complete_pending();
+    }
+
+    pub(super) fn apply_local(&mut self, ops: Vec<Op<K, V>>) {
+        for op in ops {
+            self.apply(op, self.me_idx);
+        }
+    }
+
+    /// Completes, in order, every batch acknowledged by all its members (or whose missing
+    /// members are gone).
+    pub(super) fn complete_pending(&mut self) {
+        while let Some(p) = self.pending.front() {
+            let done = p.waiting.iter().all(|k| match self.links.get(k) {
+                Some(l) => l.acked >= p.seq || !self.members.contains(k),
+                None => true,
+            });
+            if !done {
+                break;
+            }
+            if let Some(p) = self.pending.pop_front() {
+                for r in p.replies {
+                    let _ = r.send(Ok(()));
+                }
+            }
+        }
+        if self.pending.is_empty() && !self.pause_waiters.is_empty() {
+            for origin in std::mem::take(&mut self.pause_waiters) {
+                let rep = self.paused_reply();
+                self.reply(origin, rep);
+            }
+        }
+    }
+
+    /// An insert as it is sent and applied. With an owner function, each record's owner is
+    /// decided here, once, for every replica: the node `TableOptions::owner` names if it is
+    /// this node or a member of the table, otherwise this node. In a set or ordered_set, a key
+    /// written twice in one insert keeps its last record only: receivers order records with
+    /// equal stamps by value (they may be two writers'), so the write must not carry two. A bag
+    /// keeps every object. Other writes are returned as they are.
+    pub(super) fn with_owners(&mut self, kind: OpKind<K, V>) -> OpKind<K, V> {
+        let OpKind::Insert(mut recs) = kind else {
+            return kind;
+        };
+        let dedupe = recs.len() > 1
+            && self.shared.kind != TableKind::Bag
+            && self.repeats.may_repeat(recs.iter().map(|(k, _)| k));
+        let Some(f) = &self.opts.owner else {
+            if dedupe {
+                last_of_each_key(&mut recs, |(k, _)| k);
+            }
+            return OpKind::Insert(recs);
+        };
+        let mut owners: Vec<NodeId> = Vec::new();
+        let mut records = Vec::with_capacity(recs.len());
+        for (k, v) in recs {
+            let name = f(&k, &v);
+            let owner = self
+                .members
+                .iter()
+                .filter_map(|m| self.links.get(m))
+                .find(|l| l.id.name == name)
+                .map_or(&self.me, |l| &l.id);
+            let i = match owners.iter().position(|o| o == owner) {
+                Some(i) => i,
+                None => {
+                    owners.push(owner.clone());
+                    owners.len() - 1
+                }
+            };
+            // At most one owner per record: the index fits.
+            records.push((k, v, i as u32));
+        }
+        if dedupe {
+            last_of_each_key(&mut records, |(k, _, _)| k);
+        }
+        OpKind::InsertOwned { owners, records }
+    }
+}
+
+/// Keeps the last of the records of each key, in their order (one write's records, before
+/// stamping: see `Server::with_owners`).
+fn last_of_each_key<T, K: Hash + Eq>(records: &mut Vec<T>, key: impl Fn(&T) -> &K) {
+    let mut last: HashMap<&K, usize, foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(records.len(), Default::default());
+    for (i, r) in records.iter().enumerate() {
+        last.insert(key(r), i);
+    }
+    if last.len() == records.len() {
+        return;
+    }
+    let keep: Vec<bool> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| last.get(key(r)) == Some(&i))
+        .collect();
+    drop(last);
+    let mut keep = keep.into_iter();
+    records.retain(|_| keep.next().unwrap_or(true));
+}
