@@ -38,6 +38,11 @@ impl<K: Key, V: Value> Server<K, V> {
         }
     }
 
+    fn refuse(&self, origin: Origin<K, V>, reason: &str) {
+        let reason = reason.to_string();
+        self.reply(origin, JoinRep::Refused { reason });
+    }
+
     pub(super) fn origin_id(&self, origin: &Origin<K, V>) -> Option<NodeId> {
         match origin {
             Origin::Local(_) => Some(self.me.clone()),
@@ -67,8 +72,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 let lease = Duration::from_millis(lease_ms).min(MAX_PAUSE_LEASE);
                 let deadline = Instant::now() + lease;
                 if self.released.contains(&join) {
-                    let reason = "this join's pause already ended".to_string();
-                    self.reply(origin, JoinRep::Refused { reason });
+                    self.refuse(origin, "this join's pause already ended");
                     return;
                 }
                 match &mut self.paused {
@@ -100,18 +104,12 @@ impl<K: Key, V: Value> Server<K, V> {
             }
             JoinReq::Dump { join, alive } => {
                 if !self.paused_by(join) {
-                    self.reply(
-                        origin,
-                        JoinRep::Refused {
-                            reason: "not paused by this join".into(),
-                        },
-                    );
+                    self.refuse(origin, "not paused by this join");
                     return;
                 }
                 if let Some(p) = self.paused.as_mut() {
                     if p.dumped {
-                        let reason = "this join had the dump already".to_string();
-                        self.reply(origin, JoinRep::Refused { reason });
+                        self.refuse(origin, "this join had the dump already");
                         return;
                     }
                     p.dumped = true;
@@ -126,12 +124,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 merge,
             } => {
                 if !self.paused_by(join) {
-                    self.reply(
-                        origin,
-                        JoinRep::Refused {
-                            reason: "not paused by this join".into(),
-                        },
-                    );
+                    self.refuse(origin, "not paused by this join");
                     return;
                 }
                 // Records of owners that are not alive here (a node that died during the
