@@ -1087,3 +1087,72 @@ async fn survivors_of_a_writer_cut_off_mid_stream_end_with_the_same_records() {
     }
     last.abort();
 }
+
+/// A dying writer's insert of a record it owns (no "lasting" effect where it lands: the key
+/// was absent) makes the one survivor it reached refuse an older, concurrent write of another
+/// node; the survivors it did not reach store that older write. Once d is gone, a has dropped
+/// d's record and has no k, while b and c keep c's k. Every survivor applied the same lasting
+/// batches of d (none), so their views stay equal and nothing merges them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dying_writers_own_record_that_refused_an_older_write_on_one_survivor_leaves_them_equal() {
+    let mesh = Mesh::start(&["a", "b", "c", "d"]).await;
+    let mut tables: Vec<T> = Vec::new();
+    for node in &mesh.nodes {
+        tables.push(node.start("t", TableOptions::set()).await.unwrap());
+    }
+    members(&tables.iter().collect::<Vec<_>>(), 3).await;
+    let (ta, tb, tc, td) = (
+        tables[0].clone(),
+        tables[1].clone(),
+        tables[2].clone(),
+        tables[3].clone(),
+    );
+    // c's write (with a marker in the same op) is held back from a.
+    mesh.split(&[2], &[0]);
+    let c_write = {
+        let tc = tc.clone();
+        tokio::spawn(async move {
+            tc.insert_many(vec![("k".into(), 5), ("c-marker".into(), 0)])
+                .await
+        })
+    };
+    eventually("b and d hold c's write", || async {
+        tb.get(&"k".into()) == Some(5) && td.get(&"k".into()) == Some(5)
+    })
+    .await;
+    next_millisecond().await;
+    // d's newer write of its own record reaches a only.
+    mesh.split(&[3], &[1, 2]);
+    let d_write = {
+        let td = td.clone();
+        tokio::spawn(async move { td.insert("k".into(), 7).await })
+    };
+    eventually("a holds d's write", || async {
+        ta.get(&"k".into()) == Some(7)
+    })
+    .await;
+    mesh.heal(&[2], &[0]);
+    eventually("a read c's older write", || async {
+        ta.get(&"c-marker".into()) == Some(0)
+    })
+    .await;
+    assert_eq!(ta.get(&"k".into()), Some(7), "a refused c's older write");
+    // d dies for everyone.
+    mesh.split(&[3], &[0]);
+    let survivors = [&ta, &tb, &tc];
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let seen: Vec<Option<u64>> = survivors.iter().map(|t| t.get(&"k".into())).collect();
+        let nodes: Vec<Vec<String>> = survivors.iter().map(|t| t.nodes()).collect();
+        if seen.iter().all(|v| *v == seen[0]) && nodes.iter().all(|n| n.len() == 2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "survivors a, b, c hold k = {seen:?} (members {nodes:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    c_write.abort();
+    d_write.abort();
+}
