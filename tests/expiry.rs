@@ -179,3 +179,41 @@ async fn a_join_does_not_bring_back_expired_records_through_the_conflict_handler
     );
     shutdown_all([&na, &nb]).await;
 }
+
+/// Lifetimes that differ by one millisecond must be refused too ("to the millisecond"): the
+/// fingerprint mixes in `ms | 1`, so 1000 ms and 1001 ms (any even ttl and the next one) give
+/// the same fingerprint and the two nodes share the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_whose_expiry_differs_by_one_millisecond_refuse_each_others_table() {
+    let c = cluster(&["a", "b"]).await;
+    let ta: Table<K, V> = c[0]
+        .0
+        .start("t", TableOptions::set().expire_after(Duration::from_millis(1000)))
+        .await
+        .unwrap();
+    let tb: Table<K, V> = c[1]
+        .0
+        .start("t", TableOptions::set().expire_after(Duration::from_millis(1001)))
+        .await
+        .unwrap();
+    let refused = |t: &Table<K, V>| {
+        let t = t.clone();
+        async move {
+            t.status()
+                .await
+                .is_ok_and(|s| s.refused.iter().any(|(_, why)| why.contains("expire_after")))
+        }
+    };
+    eventually(WAIT, "refused or joined", || async {
+        (refused(&ta).await && refused(&tb).await)
+            || (ta.nodes().len() == 1 && tb.nodes().len() == 1)
+    })
+    .await;
+    assert!(
+        refused(&ta).await && refused(&tb).await,
+        "a (1000 ms) and b (1001 ms) share the table: members {:?} and {:?}",
+        ta.nodes(),
+        tb.nodes()
+    );
+    shutdown_all(c.iter().map(|(n, _)| n)).await;
+}
