@@ -39,6 +39,8 @@ pub(crate) struct JoinCtx<K, V> {
     pub chunk_bytes: usize,
     pub table: String,
     pub checkpoint: Option<crate::table::JoinCheckpointFn>,
+    /// The table's record lifetime in milliseconds (`TableOptions::expire_after`), if any.
+    pub expire_ms: Option<u64>,
 }
 
 /// Every version of one key seen in the dumps, with the index of the source that had it; the
@@ -642,6 +644,15 @@ fn resolve<K: Key, V: Value>(
             }
         }
         Conflict::Handler(f) => {
+            // A version that expired since its dump is no version: the handler's value would
+            // get a new stamp and live again for a whole lifetime.
+            let from = ctx.expire_ms.map_or(0, HybridClock::written_since);
+            if b.ts < from {
+                return a;
+            }
+            if a.ts < from {
+                return b.clone();
+            }
             // `a` is the version from the side of the smaller node name (dump order).
             let value = f(key, &a.value, &b.value);
             if same_value(&value, &a.value) {

@@ -211,6 +211,7 @@ impl std::fmt::Debug for Node {
     }
 }
 
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0100_0000_01b3;
 
 /// `TableOptions::expire_after` in milliseconds: `None` for never (no option, or more than a
@@ -227,9 +228,20 @@ fn expire_millis(ttl: Option<Duration>) -> Result<Option<u64>> {
     }
 }
 
+/// What a table's lifetime mixes into its stream fingerprint: nothing without expiry, else an
+/// FNV-1a hash of the milliseconds, so that every two lifetimes differ (`ms | 1` was mixed in
+/// before, and 1000 ms and 1001 ms shared a table).
+fn expiry_mark(expire_ms: Option<u64>) -> u64 {
+    expire_ms.map_or(0, |ms| {
+        ms.to_le_bytes().iter().fold(FNV_OFFSET, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(FNV_PRIME)
+        })
+    })
+}
+
 /// A stable fingerprint of the key and value types (FNV-1a of their type names).
 fn fingerprint<K, V>() -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h: u64 = FNV_OFFSET;
     for b in std::any::type_name::<K>()
         .bytes()
         .chain([0u8])
@@ -285,7 +297,7 @@ impl Node {
         let expire_ms = expire_millis(opts.expire_after)?;
         // Nodes whose records live differently must not share the table: the same refusal as
         // for different types.
-        let fp = fingerprint::<K, V>() ^ expire_ms.map_or(0, |ms| (ms | 1).wrapping_mul(FNV_PRIME));
+        let fp = fingerprint::<K, V>() ^ expiry_mark(expire_ms);
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         self.inner.registry.insert(
             name,

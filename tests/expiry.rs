@@ -188,20 +188,28 @@ async fn nodes_whose_expiry_differs_by_one_millisecond_refuse_each_others_table(
     let c = cluster(&["a", "b"]).await;
     let ta: Table<K, V> = c[0]
         .0
-        .start("t", TableOptions::set().expire_after(Duration::from_millis(1000)))
+        .start(
+            "t",
+            TableOptions::set().expire_after(Duration::from_millis(1000)),
+        )
         .await
         .unwrap();
     let tb: Table<K, V> = c[1]
         .0
-        .start("t", TableOptions::set().expire_after(Duration::from_millis(1001)))
+        .start(
+            "t",
+            TableOptions::set().expire_after(Duration::from_millis(1001)),
+        )
         .await
         .unwrap();
     let refused = |t: &Table<K, V>| {
         let t = t.clone();
         async move {
-            t.status()
-                .await
-                .is_ok_and(|s| s.refused.iter().any(|(_, why)| why.contains("expire_after")))
+            t.status().await.is_ok_and(|s| {
+                s.refused
+                    .iter()
+                    .any(|(_, why)| why.contains("expire_after"))
+            })
         }
     };
     eventually(WAIT, "refused or joined", || async {

@@ -1094,7 +1094,8 @@ async fn survivors_of_a_writer_cut_off_mid_stream_end_with_the_same_records() {
 /// d's record and has no k, while b and c keep c's k. Every survivor applied the same lasting
 /// batches of d (none), so their views stay equal and nothing merges them again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dying_writers_own_record_that_refused_an_older_write_on_one_survivor_leaves_them_equal() {
+async fn a_dying_writers_own_record_that_refused_an_older_write_on_one_survivor_leaves_them_equal()
+{
     let mesh = Mesh::start(&["a", "b", "c", "d"]).await;
     let mut tables: Vec<T> = Vec::new();
     for node in &mesh.nodes {

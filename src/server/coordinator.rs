@@ -104,6 +104,7 @@ impl<K: Key, V: Value> Server<K, V> {
             chunk_bytes: self.config.max_frame_size / 4,
             table: self.shared.name.clone(),
             checkpoint: self.opts.join_checkpoint.clone(),
+            expire_ms: self.shared.expire_ms,
         };
         let control = self.control_tx.clone();
         tokio::spawn(

@@ -226,7 +226,13 @@ impl<K: Key, V: Value> Server<K, V> {
             self.config.join_chunk_records,
             self.config.max_frame_size / 4,
         );
+        // Expired records stay out: a read returns none of them, and a conflict handler must
+        // not make one live again with a new stamp.
+        let from = self.shared.live_from();
         self.shared.store.for_each(|k, r| {
+            if r.ts < from {
+                return;
+            }
             if let Some(&Some(owner)) = wire.get(r.owner as usize) {
                 chunker.push(WireRecord {
                     key: k.clone(),
