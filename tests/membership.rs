@@ -1096,7 +1096,12 @@ async fn survivors_of_a_writer_cut_off_mid_stream_end_with_the_same_records() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dying_writers_own_record_that_refused_an_older_write_on_one_survivor_leaves_them_equal()
 {
-    let mesh = Mesh::start(&["a", "b", "c", "d"]).await;
+    // The c-a cut must not outlast the idle timeout, even on a busy machine (c's held-back
+    // write must reach a on its stream); d goes down by the idle timeout, 3 s after its cuts.
+    let mut config = cets::NodeConfig::fast_failover();
+    config.keep_alive_interval = Duration::from_millis(500);
+    config.idle_timeout = Duration::from_secs(3);
+    let mesh = Mesh::start_with(&["a", "b", "c", "d"], config).await;
     let mut tables: Vec<T> = Vec::new();
     for node in &mesh.nodes {
         tables.push(node.start("t", TableOptions::set()).await.unwrap());

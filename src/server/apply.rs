@@ -149,6 +149,8 @@ impl<K: Key, V: Value> Server<K, V> {
             }
             other => (Inserted::Other(other), Vec::new()),
         };
+        // Writes refused here by a record or tombstone of another node (`note_refusals`).
+        let mut refused: Vec<(OwnerIdx, K)> = Vec::new();
         let mut lasting = !orphans.is_empty();
         if lasting {
             self.drop_orphans(ts, orphans);
@@ -163,11 +165,14 @@ impl<K: Key, V: Value> Server<K, V> {
                 // insert one object at once thus leave it, on every node, to the same owner.
                 Inserted::Records(recs) => {
                     let owners = &self.owners;
-                    store.put_many_if(recs, |_, new, cur| {
+                    store.put_many_if(recs, |k, new, cur| {
                         let won = cur.is_none_or(|c| {
                             (new.ts, owners.get(new.owner)) > (c.ts, owners.get(c.owner))
                         });
                         lasting |= won && cur.is_some_and(|c| c.owner != writer);
+                        if let Some(c) = cur.filter(|_| !won) {
+                            refused.push((c.owner, k.clone()));
+                        }
                         won
                     });
                 }
@@ -179,6 +184,7 @@ impl<K: Key, V: Value> Server<K, V> {
                     lasting |= store.remove_object(k, v);
                 }),
             }
+            self.note_refusals(ts, writer, refused);
             return lasting;
         }
         let keep_tombstones = !self.members.is_empty();
@@ -202,14 +208,20 @@ impl<K: Key, V: Value> Server<K, V> {
                                 }
                             };
                             lasting |= won && c.owner != writer;
+                            if !won {
+                                refused.push((c.owner, k.clone()));
+                            }
                             won
                         }
                         None if tombstones.is_empty() => true,
                         None => match tombstones.get(k) {
                             Some(t) => {
+                                let deleter = t.owner;
                                 let won = beats_tombstone(stamp, &new.value, t, owners);
                                 if won {
                                     untombstoned.push(k.clone());
+                                } else {
+                                    refused.push((deleter, k.clone()));
                                 }
                                 won
                             }
@@ -236,6 +248,8 @@ impl<K: Key, V: Value> Server<K, V> {
                         // No record: the delete still stops older writes still in flight.
                         None => self.newer(&k, ts, writer),
                     };
+                    // (A refused delete needs no note: with or without the record that refused
+                    // it, the key ends absent.)
                     if tombstone && keep_tombstones {
                         self.add_tombstone(k, Tombstone::of((ts, writer)));
                     }
@@ -267,8 +281,40 @@ impl<K: Key, V: Value> Server<K, V> {
                 }
             }
         }
+        self.note_refusals(ts, writer, refused);
         lasting
     }
+
+    /// Writes of `writer` stamped `ts` that a record or tombstone of another node refused here.
+    /// When that node goes down, its records go, and so the reason this node holds none of
+    /// those writes while a survivor that never had the record may hold them: each refusal is
+    /// added to the node's link (`Link::refusals`), which its departure mixes into the epoch,
+    /// so survivors that refused different writes differ in view and merge again.
+    fn note_refusals(&mut self, ts: u64, writer: OwnerIdx, refused: Vec<(OwnerIdx, K)>) {
+        for (owner, k) in refused {
+            if owner == self.me_idx || owner == writer {
+                continue;
+            }
+            let mark = refusal_mark(&k, ts, self.owners.get(writer));
+            if let Some(l) = self.links.get_mut(&owner) {
+                l.refusals = l.refusals.wrapping_add(mark);
+            }
+        }
+    }
+}
+
+/// A refused write of one key, the same on every node: FNV-1a of the encoded key, the stamp and
+/// the writer's identity.
+fn refusal_mark<K: Serialize>(k: &K, ts: u64, writer: Option<&NodeId>) -> u64 {
+    let key = postcard::to_stdvec(k).unwrap_or_default();
+    let (name, incarnation) = writer.map_or((&[][..], 0), |w| (w.name.as_bytes(), w.incarnation));
+    key.iter()
+        .chain(&ts.to_le_bytes())
+        .chain(name)
+        .chain(&incarnation.to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        })
 }
 
 /// Whether a record stamped `stamp` with `value` beats the key's tombstone `t`: it is newer, or

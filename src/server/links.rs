@@ -54,6 +54,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 disagree_since: None,
                 member_until_closed: false,
                 lasting: 0,
+                refusals: 0,
             },
         );
         Some(key)

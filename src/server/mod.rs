@@ -163,6 +163,9 @@ struct Link {
     /// differ in more than its records: each mixes this into its epoch (`peer_down`), so those
     /// differ in view too, and the view check has them merge again (ALGORITHM.md, section 8).
     lasting: u64,
+    /// The sum of the marks of the writes of other nodes that a record or tombstone of this
+    /// member refused here (`Server::note_refusals`); mixed into the epoch with `lasting`.
+    refusals: u64,
 }
 
 impl Link {

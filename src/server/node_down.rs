@@ -10,7 +10,7 @@ impl<K: Key, V: Value> Server<K, V> {
         };
         let link = self.links.remove(&key);
         let was_link = link.is_some();
-        let lasting = link.as_ref().map_or(0, |l| l.lasting);
+        let (lasting, refusals) = link.as_ref().map_or((0, 0), |l| (l.lasting, l.refusals));
         // A member whose table stream closed just before (the writer task reported the lost
         // connection before the node's `PeerDown` got here) was a member all the same.
         let was_member = self.members.remove(&key) | link.is_some_and(|l| l.member_until_closed);
@@ -38,12 +38,14 @@ impl<K: Key, V: Value> Server<K, V> {
                 self.add_tombstone(k, Tombstone::of((ts, key)));
             }
         }
-        if was_member {
+        if was_member || lasting != 0 || refusals != 0 {
             // Members that applied the same lasting writes of it keep equal views; those that
             // did not (it died before its last write reached all) now differ, and the view
             // check has them merge their tables again, as a join does. XOR: two nodes that go
-            // down at once may be handled in either order.
-            self.epoch ^= departure_mark(id, lasting);
+            // down at once may be handled in either order. A node the view check dropped from
+            // the members before it went down (its records were kept) counts too if it left
+            // a trace here: its records are dropped now.
+            self.epoch ^= departure_mark(id, lasting, refusals);
             self.publish_members();
         }
         if was_link || was_member || !removed.is_empty() {
@@ -92,17 +94,20 @@ impl<K: Key, V: Value> Server<K, V> {
 
 /// The frame of `PeerMsg::Ops { seq, ops }` whose `count` ops are already encoded in `body`,
 /// so each op is encoded once, however many peers receive it.
-/// What a member's departure mixes into the epoch: its identity and the last of its batches
-/// that this node applied with a lasting effect (`Link::lasting`).
-fn departure_mark(id: &NodeId, lasting: u64) -> u64 {
+/// What a member's departure mixes into the epoch: its identity, the last of its batches that
+/// this node applied with a lasting effect (`Link::lasting`), and the writes of others that its
+/// records and tombstones refused here (`Link::refusals`).
+fn departure_mark(id: &NodeId, lasting: u64, refusals: u64) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let (incarnation, lasting) = (id.incarnation.to_le_bytes(), lasting.to_le_bytes());
+    let refusals = refusals.to_le_bytes();
     for b in id
         .name
         .as_bytes()
         .iter()
         .chain(&incarnation)
         .chain(&lasting)
+        .chain(&refusals)
     {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
