@@ -67,13 +67,24 @@ impl HybridClock {
     /// node's wall clock: records stamped before it have expired in a table whose records live
     /// `age_ms` (`TableOptions::expire_after`).
     pub(crate) fn written_since(age_ms: u64) -> u64 {
-        ((wall() >> LOGICAL_BITS).saturating_sub(age_ms)) << LOGICAL_BITS
+        // A write of millisecond `now - age_ms` is `age_ms` old: expired already.
+        ((wall() >> LOGICAL_BITS).saturating_sub(age_ms) + 1) << LOGICAL_BITS
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_write_expires_when_its_age_reaches_the_lifetime() {
+        let now_ms = HybridClock::millis(wall());
+        let from = HybridClock::written_since(1000);
+        let written_at = |ms: u64| ms << LOGICAL_BITS;
+        assert!(written_at(now_ms - 1000) < from, "1000 ms old: expired");
+        // (The clock may tick between the two reads: 10 ms of room.)
+        assert!(written_at(now_ms - 990) >= from, "990 ms old: live");
+    }
 
     #[test]
     fn monotonic_and_after_observed() {
