@@ -88,7 +88,11 @@ pub struct NodeConfig {
     /// once, so keep this above the encoded size of your largest table (about the key and value
     /// plus 12 bytes per record) plus a few seconds of writes; at least `max_frame_size`.
     /// The same bound applies to what a join coordinator receives in reply to one request (a
-    /// dump that passes it fails the join), so give every node the same value.
+    /// dump that passes it fails the join), so give every node the same value. It counts
+    /// encoded bytes: the coordinator holds a dump decoded until it is complete, which takes
+    /// more memory than its bytes on the wire (about 2x for a `u64` key and 16-byte value;
+    /// up to 16x for records of empty strings), so a peer can make one join hold that multiple
+    /// of this bound.
     pub max_link_queue_bytes: usize,
 }
 
