@@ -41,6 +41,9 @@ pub(crate) struct JoinCtx<K, V> {
     pub checkpoint: Option<crate::table::JoinCheckpointFn>,
     /// The table's record lifetime in milliseconds (`TableOptions::expire_after`), if any.
     pub expire_ms: Option<u64>,
+    /// This node and the nodes it was connected to when the join started: the dumps keep the
+    /// records these own, though some are not in the join (`dumped_owners`).
+    pub live: Vec<NodeId>,
 }
 
 /// Every version of one key seen in the dumps, with the index of the source that had it; the
@@ -281,12 +284,13 @@ async fn merge<K: Key, V: Value>(
             .collect()
     };
 
+    let dumped = dumped_owners(&everyone, &ctx.live);
     // Last writer wins between two consistent partitions needs no central decision: each
     // side keeps the later version of a key, and both compare the same stamps.
     if let ([a, b], Conflict::LastWriterWins, false) =
         (groups.as_slice(), &ctx.conflict, ctx.kind == TableKind::Bag)
     {
-        return exchange(ctx, peer, join, [a, b], &everyone, lease).await;
+        return exchange(ctx, peer, join, [a, b], (&everyone, &dumped), lease).await;
     }
 
     // 3. Dumps.
@@ -301,7 +305,7 @@ async fn merge<K: Key, V: Value>(
             src,
             JoinReq::Dump {
                 join,
-                alive: everyone.clone(),
+                alive: dumped.clone(),
             },
         );
         loop {
@@ -311,7 +315,7 @@ async fn merge<K: Key, V: Value>(
                     records,
                     last,
                 } => {
-                    if let Err(why) = check_chunk(&chunk_owners, &records, last, &everyone) {
+                    if let Err(why) = check_chunk(&chunk_owners, &records, last, &dumped) {
                         return Err(ctx.fail(src, why));
                     }
                     let map: Vec<u32> = chunk_owners
@@ -509,7 +513,7 @@ async fn exchange<K: Key, V: Value>(
     peer: &NodeId,
     join: u64,
     groups: [&(NodeId, Vec<NodeId>); 2],
-    everyone: &[NodeId],
+    (everyone, dumped): (&[NodeId], &[NodeId]),
     lease: &mut Lease,
 ) -> Result<u64> {
     // Both sources dump at once; the chunks wait in their channels until read.
@@ -518,7 +522,7 @@ async fn exchange<K: Key, V: Value>(
             src,
             JoinReq::Dump {
                 join,
-                alive: everyone.to_vec(),
+                alive: dumped.to_vec(),
             },
         )
     };
@@ -533,7 +537,7 @@ async fn exchange<K: Key, V: Value>(
                     records,
                     last,
                 } => {
-                    if let Err(why) = check_chunk(&owners, &records, last, everyone) {
+                    if let Err(why) = check_chunk(&owners, &records, last, dumped) {
                         return Err(ctx.fail(src, why));
                     }
                     dump.push((owners, records));
@@ -566,7 +570,7 @@ async fn exchange<K: Key, V: Value>(
                 owners,
                 records,
                 members: (i + 1 == n).then(|| everyone.to_vec()),
-                merge: Some(everyone.to_vec()),
+                merge: Some(dumped.to_vec()),
             };
             if let Some((final_target, others)) = targets.split_last() {
                 for t in others {
@@ -597,6 +601,18 @@ async fn exchange<K: Key, V: Value>(
     Ok(conflicts)
 }
 
+/// The owners whose records the dumps carry: the join's nodes, and the other nodes connected to
+/// the coordinator. A node outside the join is still alive, and its records must reach both
+/// sides too: two nodes that joined without the records of a third they both hold different
+/// versions of would end as one consistent side that is not, and a later join with the third
+/// would dump one of them only.
+fn dumped_owners(everyone: &[NodeId], live: &[NodeId]) -> Vec<NodeId> {
+    let mut all: Vec<NodeId> = everyone.iter().chain(live).cloned().collect();
+    all.sort();
+    all.dedup();
+    all
+}
+
 /// Whether two versions of a key are one: the same stamp and the same value (two writers can
 /// give one owner a key in the same clock tick, with different values).
 fn same_version<V: Value>(a: &Version<V>, b: &Version<V>) -> bool {
@@ -605,8 +621,8 @@ fn same_version<V: Value>(a: &Version<V>, b: &Version<V>) -> bool {
 
 /// What a dump chunk must be. Records, unless it is the last: each chunk renews the join's
 /// lease, so empty ones could keep the tables paused for as long as a source sends them. Owners
-/// among the join's nodes only: a dump names the owners alive in the join (`send_dump`), and the
-/// coordinator keeps every name it is given. (The bytes of one dump are bounded where replies
+/// among those the dump was asked for only (`dumped_owners`; `send_dump` names no other), as
+/// the coordinator keeps every name it is given. (The bytes of one dump are bounded where replies
 /// arrive, by `max_link_queue_bytes`: `Server::on_peer_msg`.)
 fn check_chunk<K, V>(
     owners: &[NodeId],

@@ -105,6 +105,9 @@ impl<K: Key, V: Value> Server<K, V> {
             table: self.shared.name.clone(),
             checkpoint: self.opts.join_checkpoint.clone(),
             expire_ms: self.shared.expire_ms,
+            live: std::iter::once(self.me.clone())
+                .chain(self.links.values().map(|l| l.id.clone()))
+                .collect(),
         };
         let control = self.control_tx.clone();
         tokio::spawn(
