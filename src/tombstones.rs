@@ -14,6 +14,9 @@ use std::hash::Hash;
 
 use crate::membership::OwnerIdx;
 
+/// A map of tombstones with more slots than this is shrunk once it is at most 1/8 full.
+const SHRINK_ABOVE: usize = 16 * 1024;
+
 /// A delete's stamp: timestamp and the writer's owner index.
 pub(crate) type Stamp = (u64, OwnerIdx);
 
@@ -118,6 +121,7 @@ impl<K: Hash + Eq + Clone> Tombstones<K> {
             self.map.clear();
             self.values.clear();
             self.newest = 0;
+            self.fit();
             return;
         }
         while self.queue.front().is_some_and(|(ts, _)| *ts <= min) {
@@ -136,6 +140,21 @@ impl<K: Hash + Eq + Clone> Tombstones<K> {
         }
         if self.queue.is_empty() {
             self.newest = 0;
+        }
+        self.fit();
+    }
+
+    /// Shrinks a map that a burst of deletes left far larger than what it holds now: the
+    /// tombstones of a stream of deletes are few at a time, and spread over a large table
+    /// each of them costs a cache miss.
+    fn fit(&mut self) {
+        let (len, cap) = (self.map.len(), self.map.capacity());
+        if cap > SHRINK_ABOVE && cap > 8 * len {
+            self.map.shrink_to(2 * len);
+            self.queue.shrink_to(2 * self.queue.len());
+        }
+        if self.values.is_empty() && self.values.capacity() > SHRINK_ABOVE {
+            self.values = HashMap::default();
         }
     }
 

@@ -152,8 +152,29 @@ impl<K: Key, V: Value> Server<K, V> {
             return;
         }
         let clock = self.clock.now();
-        for (key, seq) in std::mem::take(&mut self.to_ack) {
+        let acked = std::mem::take(&mut self.to_ack);
+        for (&key, &seq) in &acked {
             self.send_to(key, &PeerMsg::Ack { seq, clock });
+        }
+        // The other members learn our clock too, at most every `CLOCK_NOTE_EVERY`, while we
+        // hold tombstones: each member forgets tombstones older than every member's clock,
+        // and a delete usually reaches every member, so under a stream of deletes their maps
+        // then hold milliseconds of deletes instead of the half second between two ticks.
+        let now = Instant::now();
+        if self.tombstones.is_empty() || now < self.next_clock_note {
+            return;
+        }
+        self.next_clock_note = now + CLOCK_NOTE_EVERY;
+        let msg = PeerMsg::<K, V>::Tick {
+            clock,
+            view: self.view(),
+        };
+        if let Ok(f) = frame::encode(&msg) {
+            for (key, l) in &self.links {
+                if l.ready() && !acked.contains_key(key) && self.members.contains(key) {
+                    l.queue(f.clone());
+                }
+            }
         }
     }
 }

@@ -58,6 +58,8 @@ use crate::{Error, Result};
 const TICK: Duration = Duration::from_millis(100);
 /// Ticks between two clock/epoch announcements to members.
 const ANNOUNCE_EVERY: u32 = 5;
+/// Between two notes of our clock to the members while we hold tombstones (`flush_acks`).
+const CLOCK_NOTE_EVERY: Duration = Duration::from_millis(5);
 /// Expired records are removed every quarter of their lifetime, within these bounds.
 const SWEEP_MIN: Duration = Duration::from_millis(100);
 const SWEEP_MAX: Duration = Duration::from_secs(60);
@@ -256,6 +258,8 @@ pub(crate) struct Server<K, V> {
     joins: HashMap<OwnerIdx, JoinTrack>,
     conflicts: u64,
     ticks: u32,
+    /// When `flush_acks` may next tell the members our clock.
+    next_clock_note: Instant,
     header: Bytes,
     writes: mpsc::Receiver<Write<K, V>>,
     control: mpsc::UnboundedReceiver<Control<K, V>>,
@@ -342,6 +346,7 @@ impl<K: Key, V: Value> Server<K, V> {
             joins: HashMap::new(),
             conflicts: 0,
             ticks: 0,
+            next_clock_note: Instant::now(),
             header,
             writes: parts.writes,
             control: parts.control,
