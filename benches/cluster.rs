@@ -1753,7 +1753,7 @@ async fn down(s: &Settings) -> Res<Vec<Row>> {
             .value(ms(shut_dialing))
             .baseline(format!("{} shutdown() with none", ms(shut)))
             .ratio(ratio(shut_dialing.as_secs_f64() / shut.as_secs_f64()))
-            .notes("for reference: a node joined with 2 peers whose discovery also lists an address that never answers; shutdown() waits for its peer connections to drain, not for the unanswered dial (which would take seconds)".to_string()),
+            .notes("for reference: a node joined with 2 peers whose discovery also lists an address that never answers; shutdown() waits until its close of each peer connection is sent, not for the unanswered dial (which would drain for seconds)".to_string()),
     ])
 }
 

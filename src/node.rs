@@ -464,29 +464,41 @@ impl Node {
             self.inner.registry.remove(t.name());
         }
         let (tx, rx) = oneshot::channel();
-        let mut dials = 0;
+        let mut closed = Vec::new();
         if self.inner.peers.send(Command::Shutdown(tx)).is_ok() {
-            dials = rx.await.unwrap_or(0);
+            closed = rx.await.unwrap_or_default();
         }
-        // Waits (up to 1 s) until the close frames to the peers are out: the closed connections
-        // have drained. A dial still in flight drains for about three of its probe timeouts
-        // (seconds, with no round trip measured yet), and nobody waits for its close, so those
-        // are not waited for.
+        // Waits (up to 1 s) until the close frames to the peers are out, so that they drop
+        // this node's records at once even if the process exits now. Only those: a dial that
+        // failed or is still in flight, or an incoming connection still in its handshake, has
+        // measured no round trip and drains for about three initial probe timeouts (a second
+        // or more), and nobody waits for its close.
         let endpoint = &self.inner.endpoint;
-        let drained = async {
+        let sent = async {
             tokio::select! {
                 () = endpoint.wait_idle() => {}
                 () = async {
-                    while endpoint.open_connections() > dials {
+                    while !closed.iter().all(|(c, before)| close_sent(c, *before)) {
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
                 } => {}
             }
         };
-        let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), sent).await;
         tracing::info!(node = %self.inner.id, "node shut down");
         Ok(())
     }
+}
+
+/// Whether our close of `conn` is on the wire: a closed connection sends nothing but its close,
+/// so any datagram after the `before` it had sent is that (or the peer closed it first, and
+/// there is no close of ours to send).
+fn close_sent(conn: &quinn::Connection, before: u64) -> bool {
+    conn.stats().udp_tx.datagrams > before
+        || !matches!(
+            conn.close_reason(),
+            Some(quinn::ConnectionError::LocallyClosed)
+        )
 }
 
 async fn discovery_loop(

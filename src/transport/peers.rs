@@ -77,9 +77,10 @@ pub(crate) enum Command {
     Discovered(Vec<SocketAddr>),
     /// A table started: tell it about every connected peer.
     Announce(String),
-    /// Close every connection and the endpoint; replies with the number of dials that were
-    /// still in flight (their connections drain for seconds, and nobody waits for their close).
-    Shutdown(oneshot::Sender<usize>),
+    /// Close every connection and the endpoint; replies with the peers' connections it closed,
+    /// each with the datagrams it had sent before (`Node::shutdown` waits until their close
+    /// frames are out).
+    Shutdown(oneshot::Sender<Vec<(Connection, u64)>>),
 }
 
 struct Active {
@@ -228,7 +229,11 @@ impl PeerManager {
                     }
                 }
                 Command::Shutdown(done) => {
+                    let mut closed = Vec::new();
                     for (_, a) in self.active.drain() {
+                        if a.conn.close_reason().is_none() {
+                            closed.push((a.conn.clone(), a.conn.stats().udp_tx.datagrams));
+                        }
                         a.conn
                             .close(VarInt::from_u32(close::SHUTDOWN), b"node shutting down");
                         let id = a.id.clone();
@@ -236,7 +241,7 @@ impl PeerManager {
                     }
                     self.endpoint
                         .close(VarInt::from_u32(close::SHUTDOWN), b"node shutting down");
-                    let _ = done.send(self.dialing.len());
+                    let _ = done.send(closed);
                     return;
                 }
             }
