@@ -718,6 +718,21 @@ mod raw {
 
     /// A client-only endpoint on the loopback address `ip` (any of 127.0.0.0/8 on Linux).
     pub fn endpoint_at(ip: &str) -> quinn::Endpoint {
+        endpoint_with(ip, quinn::TransportConfig::default())
+    }
+
+    /// A client endpoint for a peer that leaves a stream unread: it grants the node 64 KiB of
+    /// data in flight, which its UDP socket's buffer holds, where the default windows let the
+    /// node send over a megabyte at once. Without this, the datagrams the socket drops can
+    /// include the node's CONNECTION_CLOSE, and the test sees a stateless reset in its place.
+    pub fn unread_endpoint() -> quinn::Endpoint {
+        let mut transport = quinn::TransportConfig::default();
+        transport.stream_receive_window(quinn::VarInt::from_u32(64 << 10));
+        transport.receive_window(quinn::VarInt::from_u32(64 << 10));
+        endpoint_with("127.0.0.1", transport)
+    }
+
+    fn endpoint_with(ip: &str, mut transport: quinn::TransportConfig) -> quinn::Endpoint {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -727,7 +742,6 @@ mod raw {
             .with_no_client_auth();
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let mut cfg = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
-        let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(Duration::from_millis(200)));
         cfg.transport_config(Arc::new(transport));
         let mut ep = quinn::Endpoint::client(format!("{ip}:0").parse().unwrap()).unwrap();
@@ -1525,7 +1539,7 @@ async fn a_peer_that_does_not_read_is_closed_when_its_queue_is_full() {
         p.tables[0].insert_many(recs).await.unwrap();
     }
     let before = p.links().await;
-    let ep = raw::endpoint();
+    let ep = raw::unread_endpoint();
     let conn = authenticated(&ep, &p.nodes[0]).await;
     // The node's stream to us is accepted, and never read.
     let mut peer = TablePeer::open(&conn, their_header(&conn).await).await;
