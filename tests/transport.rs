@@ -1779,6 +1779,51 @@ async fn a_join_reply_from_another_peer_does_not_cancel_a_request() {
     node.shutdown().await.unwrap();
 }
 
+/// A join asks its sources to dump the records of every node connected to the coordinator, not
+/// only of the join's nodes. A node outside the join is alive, and both sides may hold its
+/// records in different versions (it wrote to both, then the view check split them): dumped
+/// without them, the two sides ended as one "consistent" partition that was not, and their
+/// next join with that node dumped one side's versions only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_dumps_the_records_of_every_node_connected_to_the_coordinator() {
+    let (node, disco) = node("n1").await;
+    let t: T = node.start("t", TableOptions::set()).await.unwrap();
+    // `a-raw`: connected to the node, with the table open, and not in the join.
+    let ep = raw::endpoint();
+    let conn = authenticated(&ep, &node).await;
+    let _other = TablePeer::open(&conn, their_header(&conn).await).await;
+    // `z-raw`, which the node dials and then joins, as the coordinator.
+    let (fake, _zconn, z, mut zpeer) = dialed_by(&node, &disco).await;
+    let (req, body) = next_request(&mut zpeer.theirs).await;
+    assert!(matches!(body, wire::JoinReq::Info), "{body:?}");
+    let members = vec![z.clone()];
+    reply(&mut zpeer, req, wire::JoinRep::Info { members, epoch: 0 }).await;
+    let (req, body) = next_request(&mut zpeer.theirs).await;
+    assert!(matches!(body, wire::JoinReq::Pause { .. }), "{body:?}");
+    let paused = wire::JoinRep::Paused {
+        members: vec![z.clone()],
+        epoch: 0,
+        reachable: vec![node.id().clone()],
+        len: 0,
+    };
+    reply(&mut zpeer, req, paused).await;
+    let (_, body) = next_request(&mut zpeer.theirs).await;
+    let wire::JoinReq::Dump { alive, .. } = body else {
+        panic!("expected the dump request, got {body:?}");
+    };
+    let mut names: Vec<&str> = alive.iter().map(|n| n.name.as_str()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["a-raw", "n1", "z-raw"],
+        "the owners the dump must keep"
+    );
+    drop(t);
+    ep.close(0u32.into(), b"");
+    fake.close(0u32.into(), b"");
+    node.shutdown().await.unwrap();
+}
+
 /// Resident memory of this process, in bytes.
 fn rss() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
