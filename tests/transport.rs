@@ -1490,6 +1490,16 @@ async fn handshakes_in_progress_are_rationed_per_address_and_in_all() {
     for ep in others.iter().chain([&from2, &from5]) {
         ep.close(0u32.into(), b"");
     }
+    // The admitted handshake made `a-raw` a connected node until the node hears of the close
+    // (or, if that datagram is lost, until the idle timeout).
+    eventually(WAIT, "the raw node's connection to be gone", || {
+        let (node, me) = (&p.nodes[0], &me);
+        async move {
+            let connected = node.status().await.connected;
+            !connected.iter().any(|(id, _)| id == me)
+        }
+    })
+    .await;
     p.ends_unharmed(2, before, raw::endpoint()).await;
 }
 
