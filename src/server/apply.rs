@@ -85,8 +85,8 @@ impl<K: Key, V: Value> Server<K, V> {
     /// once the tombstone is forgotten (`release_gone_owners`).
     pub(super) fn gone_owner(&mut self, id: &NodeId) -> OwnerIdx {
         let idx = self.owners.intern(id);
-        if idx != self.me_idx && !self.links.contains_key(&idx) && !self.gone.contains(&idx) {
-            self.gone.push(idx);
+        if idx != self.me_idx && !self.links.contains_key(&idx) {
+            self.gone.insert(idx);
         }
         idx
     }

@@ -26,7 +26,7 @@
 //! - `housekeeping`: the tick (leases, ack timeouts, tombstones, expiry, view checks) and status.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::Hash;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -271,7 +271,7 @@ pub(crate) struct Server<K, V> {
     /// Generation of the next link (`Link::gen`).
     next_link: u64,
     /// Owner indexes of nodes that went down, released once nothing refers to them.
-    gone: Vec<OwnerIdx>,
+    gone: HashSet<OwnerIdx>,
     /// Finds keys named twice in one insert (`with_owners`).
     repeats: Repeats,
     /// When expired records are removed next (`TableOptions::expire_after`).
@@ -356,7 +356,7 @@ impl<K: Key, V: Value> Server<K, V> {
             inputs_tx,
             to_ack: HashMap::new(),
             next_link: 0,
-            gone: Vec::new(),
+            gone: HashSet::new(),
             repeats: Repeats::new(),
             next_sweep: Instant::now(),
         };

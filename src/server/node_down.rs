@@ -57,8 +57,8 @@ impl<K: Key, V: Value> Server<K, V> {
             }
         }
         self.complete_pending();
-        if key != self.me_idx && !self.gone.contains(&key) {
-            self.gone.push(key);
+        if key != self.me_idx {
+            self.gone.insert(key);
         }
     }
 
