@@ -2176,3 +2176,33 @@ async fn a_batch_naming_many_owners_that_are_down_costs_what_its_records_cost() 
     ep.close(0u32.into(), b"");
     node.shutdown().await.unwrap();
 }
+
+/// Before its cookie proof is checked, a connection can make the node hold little: it may open
+/// no table stream and no second bidirectional stream (each table stream could have held 8 MiB,
+/// 32 MiB in all, for `handshake_timeout`). Once authenticated, it opens streams at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_connection_can_open_no_table_stream() {
+    let (node, _h) = node("n1").await;
+    let ep = raw::endpoint();
+    let conn = raw::connect(&ep, node.local_addr()).await;
+    let pending = Duration::from_millis(300);
+    assert!(
+        tokio::time::timeout(pending, conn.open_uni())
+            .await
+            .is_err(),
+        "a table stream was granted before the handshake"
+    );
+    let (_send, _recv) = conn.open_bi().await.unwrap();
+    assert!(
+        tokio::time::timeout(pending, conn.open_bi()).await.is_err(),
+        "a second bidirectional stream was granted before the handshake"
+    );
+
+    let proven = authenticated(&ep, &node).await;
+    tokio::time::timeout(WAIT, proven.open_uni())
+        .await
+        .expect("a table stream once authenticated")
+        .unwrap();
+    ep.close(0u32.into(), b"");
+    node.shutdown().await.unwrap();
+}

@@ -170,6 +170,7 @@ pub(crate) async fn dialer(
         let mut reader = FrameReader::new(recv, HELLO_LIMIT);
         let theirs = read_hello(&conn, &mut reader).await?;
         check(auth, &conn, Role::Acceptor, &theirs)?;
+        super::open_up(&conn);
         let _ = send.finish();
         Ok(Authenticated {
             conn: conn.clone(),
@@ -198,6 +199,7 @@ pub(crate) async fn acceptor(
         let mut reader = FrameReader::new(recv, HELLO_LIMIT);
         let theirs = read_hello(&conn, &mut reader).await?;
         check(auth, &conn, Role::Dialer, &theirs)?;
+        super::open_up(&conn);
         let hello = Hello {
             magic: MAGIC,
             version: PROTOCOL_VERSION,

@@ -22,7 +22,15 @@ use crate::{Error, Result};
 
 /// Maximum table streams a peer may open towards us (one per table).
 const MAX_UNI_STREAMS: u32 = 4096;
+/// Bytes a peer may have in flight to us on one connection once it is authenticated.
+const RECEIVE_WINDOW: u32 = 32 * 1024 * 1024;
+/// Bytes a peer may have in flight to us before its cookie proof is checked: room for its hello
+/// (at most `handshake::HELLO_LIMIT`), so that a connection in its handshake holds little
+/// memory here, whoever opened it.
+const HANDSHAKE_RECEIVE_WINDOW: u32 = 64 * 1024;
 
+/// A connection starts with what the handshake needs: one bidirectional stream, no table
+/// streams, a small receive window. [`open_up`] grants the rest once the peer is proven.
 fn transport_config(cfg: &NodeConfig) -> Result<TransportConfig> {
     let mut t = TransportConfig::default();
     t.keep_alive_interval(Some(cfg.keep_alive_interval));
@@ -30,12 +38,19 @@ fn transport_config(cfg: &NodeConfig) -> Result<TransportConfig> {
         IdleTimeout::try_from(cfg.idle_timeout)
             .map_err(|_| Error::Config("idle_timeout is too large".into()))?,
     ));
-    t.max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS));
-    t.max_concurrent_bidi_streams(VarInt::from_u32(16));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(1));
     t.stream_receive_window(VarInt::from_u32(8 * 1024 * 1024));
-    t.receive_window(VarInt::from_u32(32 * 1024 * 1024));
+    t.receive_window(VarInt::from_u32(HANDSHAKE_RECEIVE_WINDOW));
     t.send_window(32 * 1024 * 1024);
     Ok(t)
+}
+
+/// Grants a peer whose cookie proof checked out what table traffic needs: its table streams
+/// and the full receive window.
+pub(crate) fn open_up(conn: &quinn::Connection) {
+    conn.set_max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS));
+    conn.set_receive_window(VarInt::from_u32(RECEIVE_WINDOW));
 }
 
 fn bind(listen: SocketAddr, cfg: &NodeConfig) -> Result<std::net::UdpSocket> {
