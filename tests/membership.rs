@@ -1162,3 +1162,82 @@ async fn a_dying_writers_own_record_that_refused_an_older_write_on_one_survivor_
     c_write.abort();
     d_write.abort();
 }
+
+/// A tombstone of a node that is already down refuses an older write on one survivor only: d's
+/// delete of k reaches a alone (where k is absent, so only a tombstone records it), d goes down,
+/// and then c's older insert of k reaches a, which refuses it, while b (and c) hold it. a had
+/// mixed d's departure into its epoch before the refusal, and nothing counted the refusal: the
+/// survivors kept equal views and different tables for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_by_the_tombstone_of_a_node_already_down_leaves_the_members_equal() {
+    // b and c see d go down by the idle timeout (1 s), a at once: within VIEW_GRACE (2 s), so
+    // the survivors' views differ only briefly and no merge follows from that alone. The c-a
+    // cut lasts a few round trips, well under the idle timeout (c's held-back write must
+    // reach a on its stream).
+    let mesh = Mesh::start_with(&["a", "b", "c", "d"], cets::NodeConfig::fast_failover()).await;
+    let mut tables: Vec<T> = Vec::new();
+    for node in &mesh.nodes {
+        tables.push(node.start("t", TableOptions::set()).await.unwrap());
+    }
+    members(&tables.iter().collect::<Vec<_>>(), 3).await;
+    let (ta, tb, tc, td) = (
+        tables[0].clone(),
+        tables[1].clone(),
+        tables[2].clone(),
+        tables[3].clone(),
+    );
+    let k: String = "k".into();
+    // c's write of k is held back from a.
+    mesh.split(&[0], &[2]);
+    let c_write = {
+        let tc = tc.clone();
+        tokio::spawn(async move { tc.insert("k".into(), 1).await })
+    };
+    eventually("b and d hold c's write", || async {
+        tb.get(&k) == Some(1) && td.get(&k) == Some(1)
+    })
+    .await;
+    next_millisecond().await;
+    // d's delete, newer, reaches a only; d applies it after sending it, so its marker insert
+    // goes to a after it.
+    mesh.split(&[3], &[1, 2]);
+    let d_delete = {
+        let (td, k) = (td.clone(), k.clone());
+        tokio::spawn(async move { td.delete(&k).await })
+    };
+    eventually("d applied its delete", || async { td.get(&k).is_none() }).await;
+    let d_marker = {
+        let td = td.clone();
+        tokio::spawn(async move { td.insert("d-marker".into(), 9).await })
+    };
+    eventually("a holds d's marker", || async {
+        ta.get(&"d-marker".into()) == Some(9)
+    })
+    .await;
+    assert_eq!(ta.get(&k), None, "c's write has not reached a");
+    // d goes down; a hears of it first.
+    mesh.nodes[3].shutdown().await.unwrap();
+    eventually("a saw d go down", || async {
+        !ta.nodes().contains(&"d".to_string())
+    })
+    .await;
+    // c's older write reaches a now, and d's tombstone refuses it there.
+    mesh.heal(&[0], &[2]);
+    let survivors = [&ta, &tb, &tc];
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let seen: Vec<Option<u64>> = survivors.iter().map(|t| t.get(&k)).collect();
+        let nodes: Vec<Vec<String>> = survivors.iter().map(|t| t.nodes()).collect();
+        if seen.iter().all(|v| *v == seen[0]) && nodes.iter().all(|n| n.len() == 2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "survivors a, b, c hold k = {seen:?} (members {nodes:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    c_write.abort();
+    d_delete.abort();
+    d_marker.abort();
+}

@@ -289,16 +289,27 @@ impl<K: Key, V: Value> Server<K, V> {
     /// When that node goes down, its records go, and so the reason this node holds none of
     /// those writes while a survivor that never had the record may hold them: each refusal is
     /// added to the node's link (`Link::refusals`), which its departure mixes into the epoch,
-    /// so survivors that refused different writes differ in view and merge again.
+    /// so survivors that refused different writes differ in view and merge again. A refusal by
+    /// a tombstone of a node that is already down (its departure was mixed in before this write
+    /// arrived) goes into the epoch at once: a survivor that refused the same write mixes the
+    /// same mark, one that stored it does not.
     fn note_refusals(&mut self, ts: u64, writer: OwnerIdx, refused: Vec<(OwnerIdx, K)>) {
+        let mut after_departure = false;
         for (owner, k) in refused {
             if owner == self.me_idx || owner == writer {
                 continue;
             }
             let mark = refusal_mark(&k, ts, self.owners.get(writer));
-            if let Some(l) = self.links.get_mut(&owner) {
-                l.refusals = l.refusals.wrapping_add(mark);
+            match self.links.get_mut(&owner) {
+                Some(l) => l.refusals = l.refusals.wrapping_add(mark),
+                None => {
+                    self.epoch ^= mark;
+                    after_departure = true;
+                }
             }
+        }
+        if after_departure {
+            self.publish_members();
         }
     }
 }
