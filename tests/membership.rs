@@ -1145,20 +1145,7 @@ async fn a_dying_writers_own_record_that_refused_an_older_write_on_one_survivor_
     assert_eq!(ta.get(&"k".into()), Some(7), "a refused c's older write");
     // d dies for everyone.
     mesh.split(&[3], &[0]);
-    let survivors = [&ta, &tb, &tc];
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let seen: Vec<Option<u64>> = survivors.iter().map(|t| t.get(&"k".into())).collect();
-        let nodes: Vec<Vec<String>> = survivors.iter().map(|t| t.nodes()).collect();
-        if seen.iter().all(|v| *v == seen[0]) && nodes.iter().all(|n| n.len() == 2) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "survivors a, b, c hold k = {seen:?} (members {nodes:?})"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    survivors_agree_on_k(&[&ta, &tb, &tc]).await;
     c_write.abort();
     d_write.abort();
 }
@@ -1223,13 +1210,21 @@ async fn a_refusal_by_the_tombstone_of_a_node_already_down_leaves_the_members_eq
     .await;
     // c's older write reaches a now, and d's tombstone refuses it there.
     mesh.heal(&[0], &[2]);
-    let survivors = [&ta, &tb, &tc];
+    survivors_agree_on_k(&[&ta, &tb, &tc]).await;
+    c_write.abort();
+    d_delete.abort();
+    d_marker.abort();
+}
+
+/// Waits until the three survivors are each other's members and hold the same value of "k".
+async fn survivors_agree_on_k(survivors: &[&T; 3]) {
+    let k: String = "k".into();
     let deadline = Instant::now() + WAIT;
     loop {
         let seen: Vec<Option<u64>> = survivors.iter().map(|t| t.get(&k)).collect();
         let nodes: Vec<Vec<String>> = survivors.iter().map(|t| t.nodes()).collect();
         if seen.iter().all(|v| *v == seen[0]) && nodes.iter().all(|n| n.len() == 2) {
-            break;
+            return;
         }
         assert!(
             Instant::now() < deadline,
@@ -1237,7 +1232,4 @@ async fn a_refusal_by_the_tombstone_of_a_node_already_down_leaves_the_members_eq
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    c_write.abort();
-    d_delete.abort();
-    d_marker.abort();
 }
