@@ -2,8 +2,8 @@
 //!
 //! An incoming connection holds a task, QUIC state and a small buffer until its cookie handshake
 //! ends (at most `handshake_timeout`): until then it may open no table stream and have at most
-//! 64 KiB in flight to us (`transport::open_up` grants the rest). Unauthenticated, it must not be able to multiply that
-//! cost without bound, nor crowd out the nodes of the cluster:
+//! 64 KiB in flight to us (`transport::open_up` grants the rest). Unauthenticated, it must not
+//! be able to multiply that cost without bound, nor crowd out the nodes of the cluster:
 //!
 //! - at most `max_handshakes` connections are in their handshake at once; beyond that new ones
 //!   are refused at their first packet;
