@@ -117,6 +117,7 @@ impl Registry {
                 });
             }
             None => {
+                tracing::debug!(peer = %peer.id, table = %header.table, "table stream routed to its table server");
                 let _ = entry.events.send(TableEvent::Inbound(peer, reader));
             }
         }

@@ -83,6 +83,7 @@ impl<K: Key, V: Value> Server<K, V> {
             }
             self.check_views(now);
         }
+        self.reopen_streams();
         let keys: Vec<OwnerIdx> = self.links.keys().copied().collect();
         for k in keys {
             self.maybe_join(k);

@@ -30,21 +30,15 @@ impl<K: Key, V: Value> Server<K, V> {
         }
         let gen = self.next_link;
         self.next_link += 1;
-        let out = spawn_writer(
-            pc.clone(),
-            self.header.clone(),
-            key,
-            gen,
-            self.inputs_tx.clone(),
-            self.config.max_link_queue_bytes,
-        );
         self.links.insert(
             key,
             Link {
                 gen,
                 id: pc.id,
                 conn: pc.conn,
-                out: Some(out),
+                out: None,
+                writer: 0,
+                writer_after_inbound: false,
                 inbound: false,
                 lacks_table: false,
                 refused: None,
@@ -57,7 +51,57 @@ impl<K: Key, V: Value> Server<K, V> {
                 refusals: 0,
             },
         );
+        self.open_writer(key);
         Some(key)
+    }
+
+    /// Opens a new table stream to a linked peer (a new writer task), in place of the link's
+    /// old one, if any. Every stream a writer opens gets its own id, so that the close of a
+    /// replaced one, handled late, is not taken for the new one's.
+    pub(super) fn open_writer(&mut self, key: OwnerIdx) {
+        let writer = self.next_link;
+        self.next_link += 1;
+        let (header, inputs, limit) = (
+            self.header.clone(),
+            self.inputs_tx.clone(),
+            self.config.max_link_queue_bytes,
+        );
+        let Some(link) = self.links.get_mut(&key) else {
+            return;
+        };
+        let pc = PeerConn {
+            id: link.id.clone(),
+            conn: link.conn.clone(),
+        };
+        link.writer = writer;
+        link.writer_after_inbound = link.inbound;
+        link.out = Some(spawn_writer(
+            pc, header, key, link.gen, writer, inputs, limit,
+        ));
+    }
+
+    /// Opens a table stream to every peer that runs the table (its stream to us arrived) and
+    /// to which we have none, whatever closed the last one: the link is otherwise useless until
+    /// the connection ends, and nothing else would repair it.
+    pub(super) fn reopen_streams(&mut self) {
+        let keys: Vec<OwnerIdx> = self
+            .links
+            .iter()
+            .filter(|(_, l)| {
+                l.out.is_none()
+                    && l.inbound
+                    && !l.lacks_table
+                    && l.refused.is_none()
+                    && l.conn.close_reason().is_none()
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            if let Some(l) = self.links.get(&key) {
+                tracing::info!(peer = %l.id, "reopening the table stream to a peer that runs the table");
+            }
+            self.open_writer(key);
+        }
     }
 
     /// Reads a peer's table stream and hands each message to the table server. A decoded
@@ -206,6 +250,7 @@ pub(super) fn spawn_writer<K: Key, V: Value>(
     header: Bytes,
     key: OwnerIdx,
     gen: u64,
+    writer: u64,
     inputs: mpsc::Sender<Input<K, V>>,
     limit: usize,
 ) -> Outbox {
@@ -264,6 +309,7 @@ pub(super) fn spawn_writer<K: Key, V: Value>(
                     .send(Input::LinkClosed {
                         key,
                         link: gen,
+                        writer,
                         reason: e.to_string(),
                         stop_code,
                     })

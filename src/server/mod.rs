@@ -120,6 +120,10 @@ enum Input<K, V> {
     LinkClosed {
         key: OwnerIdx,
         link: u64,
+        /// Which of the link's outbound streams closed (`Link::writer`): a link can open a new
+        /// one before the close of the old one is handled, and that late close must not take
+        /// the new stream with it.
+        writer: u64,
         reason: String,
         stop_code: Option<u32>,
     },
@@ -147,6 +151,11 @@ struct Link {
     id: NodeId,
     conn: quinn::Connection,
     out: Option<Outbox>,
+    /// The id of the writer task behind `out` (from the same counter as `gen`).
+    writer: u64,
+    /// Whether the peer's stream had arrived when that writer opened our stream: if not, a
+    /// stop of it ("no such table") may predate the peer's table and says nothing about now.
+    writer_after_inbound: bool,
     /// The peer opened its stream of this table to us (so it runs a compatible table).
     inbound: bool,
     /// The peer told us it runs no table of this name.
@@ -310,8 +319,6 @@ mod node_down;
 mod participant;
 mod writes;
 
-use links::spawn_writer;
-
 impl<K: Key, V: Value> Server<K, V> {
     pub(crate) fn spawn(parts: ServerParts<K, V>) -> Result<tokio::task::JoinHandle<()>> {
         let header = frame::encode(&StreamHeader {
@@ -448,19 +455,11 @@ impl<K: Key, V: Value> Server<K, V> {
                 if let Some(link) = self.links.get_mut(&key) {
                     link.inbound = true;
                     link.lacks_table = false;
-                    if link.out.is_none() {
-                        link.out = Some(spawn_writer(
-                            PeerConn {
-                                id: link.id.clone(),
-                                conn: link.conn.clone(),
-                            },
-                            self.header.clone(),
-                            key,
-                            gen,
-                            self.inputs_tx.clone(),
-                            self.config.max_link_queue_bytes,
-                        ));
-                    }
+                }
+                // The peer runs the table: if our stream to it is gone (or its writer ended and
+                // its close is still queued), open another one now.
+                if !self.links.get(&key).is_some_and(Link::open) {
+                    self.open_writer(key);
                 }
                 self.maybe_join(key);
             }
@@ -495,6 +494,7 @@ impl<K: Key, V: Value> Server<K, V> {
             Input::LinkClosed {
                 key,
                 link: gen,
+                writer,
                 reason,
                 stop_code,
             } => {
@@ -504,7 +504,24 @@ impl<K: Key, V: Value> Server<K, V> {
                 let Some(link) = self.links.get_mut(&key) else {
                     return;
                 };
+                if link.writer != writer {
+                    // An older stream of this link, already replaced.
+                    return;
+                }
                 link.out = None;
+                if stop_code == Some(stop::UNKNOWN_TABLE)
+                    && link.inbound
+                    && !link.writer_after_inbound
+                {
+                    // The peer stopped a stream we opened before its own arrived, so before it
+                    // ran the table; it runs it now. (Handled late, behind the peer's new
+                    // stream, this stop used to leave the link without an outbound stream for
+                    // good: a reported the peer `without_table`, the peer reported a
+                    // `not_joined`, and nothing repaired it.)
+                    tracing::debug!(peer = %link.id, "stream stopped before the peer ran the table; opening another");
+                    self.open_writer(key);
+                    return;
+                }
                 match stop_code {
                     Some(stop::UNKNOWN_TABLE) => {
                         tracing::debug!(peer = %link.id, "peer runs no such table");
