@@ -76,6 +76,17 @@ pub enum Error {
     /// Waiting for something took longer than the caller allowed.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    /// A user callback (conflict handler, `on_node_down`, owner function) panicked. Only the
+    /// write or join that called it fails; the table goes on.
+    #[error("the {callback} of table {table:?} panicked: {reason}")]
+    Callback {
+        /// The table name.
+        table: String,
+        /// Which callback: "conflict handler", "on_node_down" or "owner function".
+        callback: &'static str,
+        /// The panic's message, and the key or node it was called for.
+        reason: String,
+    },
 }
 
 /// Result with [`Error`].

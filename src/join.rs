@@ -430,7 +430,7 @@ async fn merge<K: Key, V: Value>(
             conflicts += 1;
             let mut w = distinct[0].clone();
             for v in &distinct[1..] {
-                w = resolve(ctx, &key, w, v, &owners);
+                w = resolve(ctx, &key, w, v, &owners)?;
             }
             w
         };
@@ -646,32 +646,35 @@ fn resolve<K: Key, V: Value>(
     a: Version<V>,
     b: &Version<V>,
     owners: &[NodeId],
-) -> Version<V> {
+) -> Result<Version<V>> {
     let owner = |v: &Version<V>| owners.get(v.owner as usize).cloned();
     match &ctx.conflict {
         Conflict::LastWriterWins => {
             let order = (b.ts, owner(b))
                 .cmp(&(a.ts, owner(&a)))
                 .then_with(|| value_order(&b.value, &a.value));
-            if order == std::cmp::Ordering::Greater {
+            Ok(if order == std::cmp::Ordering::Greater {
                 b.clone()
             } else {
                 a
-            }
+            })
         }
         Conflict::Handler(f) => {
             // A version that expired since its dump is no version: the handler's value would
             // get a new stamp and live again for a whole lifetime.
             let from = ctx.expire_ms.map_or(0, HybridClock::written_since);
             if b.ts < from {
-                return a;
+                return Ok(a);
             }
             if a.ts < from {
-                return b.clone();
+                return Ok(b.clone());
             }
             // `a` is the version from the side of the smaller node name (dump order).
-            let value = f(key, &a.value, &b.value);
-            if same_value(&value, &a.value) {
+            // A panic fails this join (logged with the key), which is retried later.
+            let value = crate::callbacks::guarded(&ctx.table, "conflict handler", key, || {
+                f(key, &a.value, &b.value)
+            })?;
+            Ok(if same_value(&value, &a.value) {
                 a
             } else if same_value(&value, &b.value) {
                 b.clone()
@@ -681,7 +684,7 @@ fn resolve<K: Key, V: Value>(
                     ts: ctx.clock.now(),
                     owner: a.owner,
                 }
-            }
+            })
         }
     }
 }

@@ -32,6 +32,7 @@
 #![deny(missing_docs)]
 #![warn(unreachable_pub)]
 
+mod callbacks;
 pub mod config;
 pub mod conflict;
 mod error;

@@ -140,7 +140,8 @@ impl<K, V> TableOptions<K, V> {
 
     /// Decides, during a join, between two records with the same key (not used by bags).
     /// The handler runs once per conflicting key on the coordinating node; its result is stored
-    /// on every node. Keep it pure and fast.
+    /// on every node. Keep it pure and fast. If it panics, that join fails (logged with the
+    /// key) and is retried later.
     pub fn conflict_handler<F>(mut self, f: F) -> Self
     where
         F: Fn(&K, &V, &V) -> V + Send + Sync + 'static,
@@ -157,7 +158,7 @@ impl<K, V> TableOptions<K, V> {
 
     /// Called on every surviving node when a node goes down, with the records it owned, after
     /// they were dropped. Runs inside the table's server: do not await writes to this table
-    /// from it (spawn a task instead).
+    /// from it (spawn a task instead). A panic in it is caught and logged.
     pub fn on_node_down<F>(mut self, f: F) -> Self
     where
         F: Fn(&NodeId, &[(K, V)]) + Send + Sync + 'static,
@@ -174,7 +175,8 @@ impl<K, V> TableOptions<K, V> {
     /// node's or that of a member of this table (a node running it and joined with this one);
     /// any other name leaves the record owned by the writer. A replica that has already seen
     /// the named owner go down when the write arrives does not store the record, as the writer
-    /// will drop it once it sees the same.
+    /// will drop it once it sees the same. If `f` panics, the write fails with
+    /// [`Error::Callback`] and nothing of it is stored.
     pub fn owner<F>(mut self, f: F) -> Self
     where
         F: Fn(&K, &V) -> String + Send + Sync + 'static,

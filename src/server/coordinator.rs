@@ -110,9 +110,28 @@ impl<K: Key, V: Value> Server<K, V> {
                 .collect(),
         };
         let control = self.control_tx.clone();
+        let table = self.shared.name.clone();
         tokio::spawn(
             async move {
-                let result = join::run(ctx, peer).await;
+                // The join runs in a task of its own, so that whatever panics in it (the
+                // conflict handler is caught closer, with its key) still ends it here with a
+                // `JoinDone`: without one the pair stays marked as joining, never to join again.
+                let (peer_name, run) = (peer.to_string(), join::run(ctx, peer).in_current_span());
+                let result = match tokio::spawn(run).await {
+                    Ok(result) => result,
+                    Err(e) => {
+                        let reason = match e.try_into_panic() {
+                            Ok(p) => crate::callbacks::panic_message(p.as_ref()),
+                            Err(e) => e.to_string(),
+                        };
+                        tracing::error!(peer = %peer_name, %reason, "join task panicked");
+                        Err(Error::Join {
+                            table,
+                            peer: peer_name,
+                            reason: format!("the join task panicked: {reason}"),
+                        })
+                    }
+                };
                 let _ = control.send(Control::JoinDone {
                     peer: done_with,
                     result,

@@ -53,7 +53,10 @@ impl<K: Key, V: Value> Server<K, V> {
         }
         if was_member || !removed.is_empty() {
             if let Some(f) = &self.opts.on_node_down {
-                f(id, &removed);
+                // A panic is logged there; the node-down goes on.
+                let _ = crate::callbacks::guarded(&self.shared.name, "on_node_down", id, || {
+                    f(id, &removed)
+                });
             }
         }
         self.complete_pending();

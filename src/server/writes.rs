@@ -17,17 +17,27 @@ impl<K: Key, V: Value> Server<K, V> {
         while let Some(Write { op, reply }) = next.take() {
             let mut reply = Some(reply);
             if let Some(kind) = op {
-                let op = Op {
-                    ts: self.clock.now(),
-                    kind: self.with_owners(kind),
-                };
-                let mut accepted = true;
-                let limit = self.config.max_frame_size / 2;
                 let refuse = |e: Error, reply: &mut Option<oneshot::Sender<Result<()>>>| {
                     if let Some(r) = reply.take() {
                         let _ = r.send(Err(e));
                     }
                 };
+                let kind = match self.with_owners(kind) {
+                    Ok(kind) => kind,
+                    Err(e) => {
+                        // The owner function panicked: this write fails, nothing of it is
+                        // applied or sent, and the batch goes on.
+                        refuse(e, &mut reply);
+                        next = self.writes.try_recv().ok();
+                        continue;
+                    }
+                };
+                let op = Op {
+                    ts: self.clock.now(),
+                    kind,
+                };
+                let mut accepted = true;
+                let limit = self.config.max_frame_size / 2;
                 let too_large = || {
                     Error::Config(format!(
                         "one write may encode to at most half of max_frame_size ({limit} bytes); split it"
@@ -157,10 +167,11 @@ impl<K: Key, V: Value> Server<K, V> {
     /// this node or a member of the table, otherwise this node. In a set or ordered_set, a key
     /// written twice in one insert keeps its last record only: receivers order records with
     /// equal stamps by value (they may be two writers'), so the write must not carry two. A bag
-    /// keeps every object. Other writes are returned as they are.
-    pub(super) fn with_owners(&mut self, kind: OpKind<K, V>) -> OpKind<K, V> {
+    /// keeps every object. Other writes are returned as they are. A panic of the owner
+    /// function fails the whole write (`Error::Callback`).
+    pub(super) fn with_owners(&mut self, kind: OpKind<K, V>) -> Result<OpKind<K, V>> {
         let OpKind::Insert(mut recs) = kind else {
-            return kind;
+            return Ok(kind);
         };
         let dedupe = recs.len() > 1
             && self.shared.kind != TableKind::Bag
@@ -169,12 +180,13 @@ impl<K: Key, V: Value> Server<K, V> {
             if dedupe {
                 last_of_each_key(&mut recs, |(k, _)| k);
             }
-            return OpKind::Insert(recs);
+            return Ok(OpKind::Insert(recs));
         };
         let mut owners: Vec<NodeId> = Vec::new();
         let mut records = Vec::with_capacity(recs.len());
         for (k, v) in recs {
-            let name = f(&k, &v);
+            let name =
+                crate::callbacks::guarded(&self.shared.name, "owner function", &k, || f(&k, &v))?;
             let owner = self
                 .members
                 .iter()
@@ -194,7 +206,7 @@ impl<K: Key, V: Value> Server<K, V> {
         if dedupe {
             last_of_each_key(&mut records, |(k, _, _)| k);
         }
-        OpKind::InsertOwned { owners, records }
+        Ok(OpKind::InsertOwned { owners, records })
     }
 }
 
