@@ -95,7 +95,8 @@ impl NodeBuilder {
             tls.check_own_name(&self.name)?;
         }
         let id = NodeId::new(self.name);
-        let endpoint = crate::transport::endpoint(self.listen, &self.config, self.tls.as_ref())?;
+        let (endpoint, socket) =
+            crate::transport::endpoint(self.listen, &self.config, self.tls.as_ref())?;
         let local_addr = endpoint.local_addr()?;
         let registry = Arc::new(Registry::default());
         let peers = PeerManager::spawn(
@@ -127,6 +128,7 @@ impl NodeBuilder {
                 id,
                 config: self.config,
                 endpoint,
+                socket,
                 local_addr,
                 registry,
                 peers,
@@ -176,6 +178,9 @@ struct NodeInner {
     id: NodeId,
     config: NodeConfig,
     endpoint: quinn::Endpoint,
+    /// The endpoint's socket, closed by `shutdown` (quinn would keep it while any handle of
+    /// the endpoint or of a connection lives).
+    socket: Arc<crate::transport::socket::ClosableSocket>,
     local_addr: SocketAddr,
     registry: Arc<Registry>,
     peers: mpsc::UnboundedSender<Command>,
@@ -485,6 +490,10 @@ impl Node {
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), sent).await;
+        // The port is free from here on, so a node can start again on this address at once,
+        // whatever handles of this one the program still holds. Connections still draining
+        // send nothing more; their peers have had the close, or will time out.
+        self.inner.socket.close();
         tracing::info!(node = %self.inner.id, "node shut down");
         Ok(())
     }

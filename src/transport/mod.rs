@@ -10,6 +10,7 @@ pub(crate) mod admission;
 pub(crate) mod frame;
 pub(crate) mod handshake;
 pub(crate) mod peers;
+pub(crate) mod socket;
 pub(crate) mod tls;
 
 use std::net::SocketAddr;
@@ -74,25 +75,26 @@ fn bind(listen: SocketAddr, cfg: &NodeConfig) -> Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
-/// Binds the node's QUIC endpoint: server and client on one UDP socket.
+/// Binds the node's QUIC endpoint: server and client on one UDP socket, which the node closes
+/// itself at shutdown (`socket::ClosableSocket`).
 pub(crate) fn endpoint(
     listen: SocketAddr,
     cfg: &NodeConfig,
     mtls: Option<&tls::TlsConfig>,
-) -> Result<Endpoint> {
+) -> Result<(Endpoint, Arc<socket::ClosableSocket>)> {
     let (server_crypto, client_crypto) = tls::configs(mtls)?;
     let transport = Arc::new(transport_config(cfg)?);
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
     server.transport_config(transport.clone());
     let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
     client.transport_config(transport);
-    let socket = bind(listen, cfg)?;
-    let mut ep = Endpoint::new(
+    let socket = socket::ClosableSocket::new(bind(listen, cfg)?)?;
+    let mut ep = Endpoint::new_with_abstract_socket(
         EndpointConfig::default(),
         Some(server),
-        socket,
+        socket.clone(),
         Arc::new(TokioRuntime),
     )?;
     ep.set_default_client_config(client);
-    Ok(ep)
+    Ok((ep, socket))
 }
