@@ -73,6 +73,13 @@ pub enum Error {
     /// The discovery backend failed.
     #[error("discovery: {0}")]
     Discovery(#[from] cets_discovery::Error),
+    /// A subscription cannot resume after this cursor: the table's change log on this node no
+    /// longer holds every change since (take a snapshot: `Table::subscribe_with_snapshot`).
+    #[error("table {table:?} no longer holds the changes after this cursor; take a snapshot")]
+    CursorExpired {
+        /// The table name.
+        table: String,
+    },
     /// Waiting for something took longer than the caller allowed.
     #[error("timed out after {0:?}")]
     Timeout(Duration),

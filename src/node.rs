@@ -160,7 +160,7 @@ struct ControlOf<K, V> {
     tx: mpsc::UnboundedSender<Control<K, V>>,
 }
 
-impl<K: Send + 'static, V: Send + 'static> TableControl for ControlOf<K, V> {
+impl<K: Send + Sync + 'static, V: Send + Sync + 'static> TableControl for ControlOf<K, V> {
     fn name(&self) -> &str {
         &self.name
     }
@@ -320,6 +320,7 @@ impl Node {
             store: Store::new(kind),
             members: std::sync::RwLock::new(Vec::new()),
             expire_ms,
+            hub: Arc::new(crate::subscription::Hub::new(opts.subscription_buffer)),
         });
         let spawned = Server::spawn(ServerParts {
             shared: shared.clone(),

@@ -75,6 +75,7 @@ pub struct TableOptions<K, V> {
     pub(crate) ack_timeout: Duration,
     pub(crate) join_checkpoint: Option<JoinCheckpointFn>,
     pub(crate) expire_after: Option<Duration>,
+    pub(crate) subscription_buffer: usize,
 }
 
 impl<K, V> Clone for TableOptions<K, V> {
@@ -87,6 +88,7 @@ impl<K, V> Clone for TableOptions<K, V> {
             ack_timeout: self.ack_timeout,
             join_checkpoint: self.join_checkpoint.clone(),
             expire_after: self.expire_after,
+            subscription_buffer: self.subscription_buffer,
         }
     }
 }
@@ -114,6 +116,7 @@ impl<K, V> TableOptions<K, V> {
             ack_timeout: Duration::from_secs(30),
             join_checkpoint: None,
             expire_after: None,
+            subscription_buffer: crate::subscription::DEFAULT_SUBSCRIPTION_BUFFER,
         }
     }
 
@@ -238,6 +241,8 @@ pub(crate) struct Shared<K, V> {
     pub members: RwLock<Vec<NodeId>>,
     /// How long records live, in milliseconds (`TableOptions::expire_after`).
     pub expire_ms: Option<u64>,
+    /// The change log of subscribers (`crate::subscription`).
+    pub hub: Arc<crate::subscription::Hub<K, V>>,
 }
 
 impl<K, V> Shared<K, V> {

@@ -107,7 +107,7 @@ impl<K: Key, V: Value> Server<K, V> {
     /// outlives the writer, that is more than records it owns (which go when it goes down): it
     /// stored a record of another owner, replaced or removed one, or brought a deleted key
     /// back. Those are the writes survivors must agree on (`Link::lasting`).
-    pub(super) fn apply(&mut self, op: Op<K, V>, writer: OwnerIdx) -> bool {
+    pub(super) fn apply_unwatched(&mut self, op: Op<K, V>, writer: OwnerIdx) -> bool {
         let Op { ts, kind } = op;
         // Inserts as records with their owners, and the keys of records whose owner (named by
         // the writer) is already down here.

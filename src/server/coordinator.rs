@@ -68,6 +68,7 @@ impl<K: Key, V: Value> Server<K, V> {
                     }
                 }
             }
+            Control::Subscribe(req) => self.on_subscribe(req),
             Control::Stop(done) => {
                 self.stop();
                 let _ = done.send(());

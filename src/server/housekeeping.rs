@@ -108,10 +108,13 @@ impl<K: Key, V: Value> Server<K, V> {
                     objects.push((k.clone(), r.value.clone()));
                 }
             });
-            objects
+            let watch = self.watch_keys(objects.iter().map(|(k, _)| k));
+            let n = objects
                 .iter()
                 .filter(|(k, v)| store.remove_object(k, v))
-                .count()
+                .count();
+            self.emit(watch, notify::Cause::Expired);
+            n
         } else {
             let mut keys = Vec::new();
             store.for_each(|k, r| {
@@ -119,11 +122,14 @@ impl<K: Key, V: Value> Server<K, V> {
                     keys.push(k.clone());
                 }
             });
-            store
+            let watch = self.watch_keys(keys.iter());
+            let n = store
                 .remove_many_if(&keys, |(ts, _)| ts < before)
                 .into_iter()
                 .filter(|r| *r == Some(true))
-                .count()
+                .count();
+            self.emit(watch, notify::Cause::Expired);
+            n
         };
         if removed > 0 {
             tracing::debug!(removed, "expired records removed");

@@ -48,7 +48,7 @@ use crate::proto::{
 use crate::registry::{PeerConn, TableEvent};
 use crate::repeats::Repeats;
 use crate::status::TableStatus;
-use crate::store::{same_value, value_order, Rec};
+use crate::store::{same_value, value_order, Rec, Store};
 use crate::table::{Key, Shared, TableKind, TableOptions, Value};
 use crate::tombstones::{Tombstone, TombstoneRef, Tombstones};
 use crate::transport::frame::{self, FrameReader};
@@ -102,6 +102,8 @@ pub(crate) enum Control<K, V> {
         result: Result<u64>,
     },
     Stop(oneshot::Sender<()>),
+    /// Register a subscriber between two changes (`crate::subscription`).
+    Subscribe(crate::subscription::SubscribeReq<K, V>),
 }
 
 /// What reader and writer tasks report, tagged with the peer's key and the link's
@@ -316,6 +318,7 @@ mod coordinator;
 mod housekeeping;
 mod links;
 mod node_down;
+mod notify;
 mod participant;
 mod writes;
 
@@ -427,6 +430,7 @@ impl<K: Key, V: Value> Server<K, V> {
     }
 
     fn stop(&mut self) {
+        self.shared.hub.close();
         for p in self.pending.drain(..) {
             for r in p.replies {
                 let _ = r.send(Err(Error::Shutdown));

@@ -33,6 +33,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 recent.push((k.clone(), ts));
             }
         });
+        self.emit_owner_down(id, &removed);
         for (k, ts) in recent {
             if self.newer(&k, ts, key) {
                 self.add_tombstone(k, Tombstone::of((ts, key)));

@@ -164,6 +164,7 @@ impl<K: Key, V: Value> Server<K, V> {
                     None => Vec::new(),
                 };
                 let merge = merge.is_some();
+                let watch = self.watch_keys(recs.iter().map(|(k, _)| k));
                 let mut conflicts = 0;
                 let owners = &self.owners;
                 self.shared
@@ -186,6 +187,8 @@ impl<K: Key, V: Value> Server<K, V> {
                             order == Ordering::Greater
                         }
                     });
+                let by = self.origin_id(&origin).unwrap_or_else(|| self.me.clone());
+                self.emit(watch, notify::Cause::Join(by));
                 if let Some(members) = members {
                     self.set_members(&members, join);
                 }

@@ -1,0 +1,192 @@
+//! What the table server tells subscribers (`crate::subscription`): the records of the keys a
+//! change touches, looked up before and after it, turned into `Change`s. Each place that
+//! changes the store calls in here with one line; with no subscriber, that costs one atomic
+//! load (`Hub::watching`).
+
+use super::*;
+use crate::subscription::{Change, Start, SubscribeReq, Subscription};
+
+/// Why the records of some keys changed.
+pub(crate) enum Cause {
+    /// A write (insert, delete) by this member (an owner index).
+    Write(OwnerIdx),
+    /// The expiry sweep.
+    Expired,
+    /// A join this node coordinated or took part in (the coordinator).
+    Join(NodeId),
+    /// A repair with this peer (anti-entropy).
+    #[allow(dead_code)]
+    Repair(NodeId),
+}
+
+/// The records of some keys before a change.
+pub(crate) struct Watch<K, V> {
+    keys: Vec<K>,
+    before: Vec<Vec<Rec<V>>>,
+}
+
+impl<K: Key, V: Value> Store<K, V> {
+    /// Every record of a key (at most one, except in a bag), with its metadata.
+    pub(crate) fn records(&self, k: &K) -> Vec<Rec<V>> {
+        match self {
+            Store::Set(m) => m.read(k, |r| vec![r.clone()]).unwrap_or_default(),
+            Store::Ordered(m) => m
+                .get(k)
+                .map(|e| vec![e.value().clone()])
+                .unwrap_or_default(),
+            Store::Bag { map, .. } => map.read(k, |list| list.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+impl<K: Key, V: Value> Server<K, V> {
+    /// Applies one write (`apply_unwatched`), and tells subscribers what it changed.
+    pub(super) fn apply(&mut self, op: Op<K, V>, writer: OwnerIdx) -> bool {
+        let watch = self.watch_op(&op);
+        let lasting = self.apply_unwatched(op, writer);
+        self.emit(watch, Cause::Write(writer));
+        lasting
+    }
+
+    /// The records of the keys a write touches, if anyone is subscribed.
+    fn watch_op(&self, op: &Op<K, V>) -> Option<Watch<K, V>> {
+        if !self.shared.hub.watching() {
+            return None;
+        }
+        match &op.kind {
+            OpKind::Insert(recs) => self.watch_keys(recs.iter().map(|(k, _)| k)),
+            OpKind::InsertOwned { records, .. } => self.watch_keys(records.iter().map(|r| &r.0)),
+            OpKind::Delete(keys) => self.watch_keys(keys.iter()),
+            OpKind::DeleteObject(objs) => self.watch_keys(objs.iter().map(|(k, _)| k)),
+        }
+    }
+
+    /// The records of `keys` (each once), if anyone is subscribed: call before changing them,
+    /// then `emit` after.
+    pub(super) fn watch_keys<'a>(&self, keys: impl Iterator<Item = &'a K>) -> Option<Watch<K, V>>
+    where
+        K: 'a,
+    {
+        if !self.shared.hub.watching() {
+            return None;
+        }
+        let mut seen = HashSet::new();
+        let keys: Vec<K> = keys.filter(|k| seen.insert(*k)).cloned().collect();
+        let before = keys.iter().map(|k| self.shared.store.records(k)).collect();
+        Some(Watch { keys, before })
+    }
+
+    /// Compares the watched keys' records with what they hold now and logs the differences.
+    pub(super) fn emit(&self, watch: Option<Watch<K, V>>, cause: Cause) {
+        let Some(Watch { keys, before }) = watch else {
+            return;
+        };
+        let node = match &cause {
+            Cause::Write(w) => self.owners.get(*w).unwrap_or(&self.me).clone(),
+            Cause::Expired => self.me.clone(),
+            Cause::Join(n) | Cause::Repair(n) => n.clone(),
+        };
+        let bag = self.shared.kind == TableKind::Bag;
+        let mut changes = Vec::new();
+        for (k, before) in keys.into_iter().zip(before) {
+            let after = self.shared.store.records(&k);
+            if bag {
+                let enc = |r: &Rec<V>| postcard::to_stdvec(&r.value).unwrap_or_default();
+                let (b, a): (Vec<Vec<u8>>, Vec<Vec<u8>>) = (
+                    before.iter().map(enc).collect(),
+                    after.iter().map(enc).collect(),
+                );
+                for (r, e) in before.iter().zip(&b) {
+                    if !a.contains(e) {
+                        changes.extend(change(&cause, k.clone(), Some(r.value.clone()), None));
+                    }
+                }
+                for (r, e) in after.iter().zip(&a) {
+                    if !b.contains(e) {
+                        changes.extend(change(&cause, k.clone(), None, Some(r.value.clone())));
+                    }
+                }
+            } else {
+                let (b, a) = (before.into_iter().next(), after.into_iter().next());
+                if let (Some(b), Some(a)) = (&b, &a) {
+                    if (b.ts, b.owner) == (a.ts, a.owner) {
+                        continue;
+                    }
+                }
+                changes.extend(change(&cause, k, b.map(|r| r.value), a.map(|r| r.value)));
+            }
+        }
+        self.shared
+            .hub
+            .publish(changes.into_iter().map(|c| (node.clone(), c)).collect());
+    }
+
+    /// The records of a node that went down were dropped.
+    pub(super) fn emit_owner_down(&self, id: &NodeId, removed: &[(K, V)]) {
+        if removed.is_empty() || !self.shared.hub.watching() {
+            return;
+        }
+        let changes = removed
+            .iter()
+            .map(|(key, value)| {
+                let (key, value) = (key.clone(), value.clone());
+                (id.clone(), Change::OwnerDown { key, value })
+            })
+            .collect();
+        self.shared.hub.publish(changes);
+    }
+
+    /// Registers a subscriber here, between two changes (`Table::subscribe*`).
+    pub(super) fn on_subscribe(&mut self, req: SubscribeReq<K, V>) {
+        let (after, snapshot) = match req.from {
+            Start::Now => (None, false),
+            Start::Snapshot => (None, true),
+            Start::After(c) => (Some(c), false),
+        };
+        let result = match self.shared.hub.join(after) {
+            Ok(pos) => {
+                let sub = Subscription::new(self.shared.hub.clone(), pos);
+                let records = if snapshot {
+                    self.shared.store.to_vec(self.shared.live_from())
+                } else {
+                    Vec::new()
+                };
+                Ok((records, sub))
+            }
+            Err(()) => Err(Error::CursorExpired {
+                table: self.shared.name.clone(),
+            }),
+        };
+        // A requester that gave up drops the subscription, which unregisters it.
+        let _ = req.reply.send(result);
+    }
+}
+
+/// The change from `previous` to `value` of one key (or bag object), by its cause.
+fn change<K, V>(
+    cause: &Cause,
+    key: K,
+    previous: Option<V>,
+    value: Option<V>,
+) -> Option<Change<K, V>> {
+    Some(match (cause, previous, value) {
+        (_, None, None) => return None,
+        (Cause::Repair(_), previous, value) => Change::Repaired {
+            key,
+            value,
+            previous,
+        },
+        (Cause::Join(_), previous, Some(value)) => Change::Joined {
+            key,
+            value,
+            previous,
+        },
+        (Cause::Expired, Some(value), None) => Change::Expired { key, value },
+        (_, Some(previous), None) => Change::Deleted { key, previous },
+        (_, previous, Some(value)) => Change::Inserted {
+            key,
+            value,
+            previous,
+        },
+    })
+}
