@@ -21,7 +21,8 @@ use tokio::sync::mpsc;
 use crate::conflict::Conflict;
 use crate::hlc::HybridClock;
 use crate::membership::NodeId;
-use crate::proto::{Chunker, JoinRep, JoinReq, WireRecord};
+use crate::ownership::is_writer_id;
+use crate::proto::{Chunker, JoinRep, JoinReq, WireRecord, WireTombstone};
 use crate::server::Control;
 use crate::store::{same_value, value_order};
 use crate::table::{Key, TableKind, Value};
@@ -41,6 +42,8 @@ pub(crate) struct JoinCtx<K, V> {
     pub checkpoint: Option<crate::table::JoinCheckpointFn>,
     /// The table's record lifetime in milliseconds (`TableOptions::expire_after`), if any.
     pub expire_ms: Option<u64>,
+    /// The table is cluster-owned: dumps carry tombstones and writer names as owners.
+    pub cluster: bool,
     /// This node and the nodes it was connected to when the join started: the dumps keep the
     /// records these own, though some are not in the join (`dumped_owners`).
     pub live: Vec<NodeId>,
@@ -300,6 +303,7 @@ async fn merge<K: Key, V: Value>(
     let expected: u64 = groups.iter().filter_map(|(src, _)| sizes.get(src)).sum();
     let mut versions: HashMap<K, Versions<V>, foldhash::fast::RandomState> =
         HashMap::with_capacity_and_hasher(expected.min(1 << 21) as usize, Default::default());
+    let mut tombs: Vec<TombstoneChunk<K>> = Vec::new();
     for (src_i, (src, _)) in groups.iter().enumerate() {
         let mut rx = ctx.request(
             src,
@@ -315,7 +319,9 @@ async fn merge<K: Key, V: Value>(
                     records,
                     last,
                 } => {
-                    if let Err(why) = check_chunk(&chunk_owners, &records, last, &dumped) {
+                    if let Err(why) =
+                        check_chunk(&chunk_owners, &records, last, &dumped, ctx.cluster)
+                    {
                         return Err(ctx.fail(src, why));
                     }
                     let map: Vec<u32> = chunk_owners
@@ -357,10 +363,20 @@ async fn merge<K: Key, V: Value>(
                         break;
                     }
                 }
+                JoinRep::Tombstones { owners, tombstones } => {
+                    check_tombstones(ctx, &owners, &tombstones).map_err(|w| ctx.fail(src, w))?;
+                    tombs.push((owners, tombstones));
+                    lease.renew(ctx);
+                }
                 JoinRep::Refused { reason } => return Err(ctx.fail(src, reason)),
                 _ => return Err(ctx.fail(src, "unexpected reply to Dump")),
             }
         }
+    }
+    // A version a tombstone of any source beats is no version: a conflict handler must not
+    // give it a new stamp, which would beat the delete.
+    if !tombs.is_empty() {
+        drop_deleted(&mut versions, &owners, &tombs);
     }
 
     // 4. Merge.
@@ -476,6 +492,18 @@ async fn merge<K: Key, V: Value>(
         let Some((last, others)) = targets.split_last() else {
             continue;
         };
+        // Every source's tombstones first, to every node: each removes older records and
+        // refuses the older records of the deltas.
+        for t in targets {
+            for (owners, tombstones) in &tombs {
+                let body = JoinReq::Tombstones {
+                    join,
+                    owners: owners.clone(),
+                    tombstones: tombstones.clone(),
+                };
+                waits.push((t.clone(), ctx.request(t, body)));
+            }
+        }
         for t in others {
             for (i, records) in chunks.iter().enumerate() {
                 waits.push((t.clone(), ctx.request(t, apply(i, records.clone()))));
@@ -528,6 +556,7 @@ async fn exchange<K: Key, V: Value>(
     };
     let mut rx = [request(&groups[0].0), request(&groups[1].0)];
     let mut dumps: [Dump<K, V>; 2] = [Vec::new(), Vec::new()];
+    let mut tombs: [Vec<TombstoneChunk<K>>; 2] = [Vec::new(), Vec::new()];
     for (from, dump) in dumps.iter_mut().enumerate() {
         let src = &groups[from].0;
         loop {
@@ -537,7 +566,7 @@ async fn exchange<K: Key, V: Value>(
                     records,
                     last,
                 } => {
-                    if let Err(why) = check_chunk(&owners, &records, last, dumped) {
+                    if let Err(why) = check_chunk(&owners, &records, last, dumped, ctx.cluster) {
                         return Err(ctx.fail(src, why));
                     }
                     dump.push((owners, records));
@@ -545,6 +574,11 @@ async fn exchange<K: Key, V: Value>(
                     if last {
                         break;
                     }
+                }
+                JoinRep::Tombstones { owners, tombstones } => {
+                    check_tombstones(ctx, &owners, &tombstones).map_err(|w| ctx.fail(src, w))?;
+                    tombs[from].push((owners, tombstones));
+                    lease.renew(ctx);
                 }
                 JoinRep::Refused { reason } => return Err(ctx.fail(src, reason)),
                 _ => return Err(ctx.fail(src, "unexpected reply to Dump")),
@@ -555,14 +589,26 @@ async fn exchange<K: Key, V: Value>(
         f("before_apply").await;
     }
     let [dump0, dump1] = dumps;
+    let [tombs0, tombs1] = tombs;
     let mut waits = Vec::new();
-    for (to, dump) in [(0usize, dump1), (1, dump0)] {
+    for (to, dump, tombs) in [(0usize, dump1, tombs1), (1, dump0, tombs0)] {
         if to == 1 {
             if let Some(f) = &ctx.checkpoint {
                 f("between_groups").await;
             }
         }
         let targets = &groups[to].1;
+        // The other side's tombstones before its records (cluster-owned tables).
+        for (owners, tombstones) in tombs {
+            for t in targets {
+                let body = JoinReq::Tombstones {
+                    join,
+                    owners: owners.clone(),
+                    tombstones: tombstones.clone(),
+                };
+                waits.push((t.clone(), to, ctx.request(t, body)));
+            }
+        }
         let n = dump.len();
         for (i, (owners, records)) in dump.into_iter().enumerate() {
             let apply = |owners, records| JoinReq::Apply {
@@ -629,14 +675,81 @@ fn check_chunk<K, V>(
     records: &[WireRecord<K, V>],
     last: bool,
     everyone: &[NodeId],
+    cluster: bool,
 ) -> std::result::Result<(), &'static str> {
     if records.is_empty() && !last {
         return Err("an empty dump chunk that is not the last");
     }
-    if owners.iter().any(|o| !everyone.contains(o)) {
+    let named = |o: &NodeId| everyone.contains(o) || (cluster && is_writer_id(o));
+    if owners.iter().any(|o| !named(o)) {
         return Err("a dump chunk names an owner outside the join");
     }
     Ok(())
+}
+
+/// A chunk of a source's tombstones: its owner list and the tombstones that index it.
+type TombstoneChunk<K> = (Vec<NodeId>, Vec<WireTombstone<K>>);
+
+/// What a tombstone chunk must be: of a cluster-owned table, not empty, naming writer names only.
+fn check_tombstones<K, V>(
+    ctx: &JoinCtx<K, V>,
+    owners: &[NodeId],
+    tombstones: &[WireTombstone<K>],
+) -> std::result::Result<(), &'static str> {
+    if !ctx.cluster {
+        return Err("tombstones in the dump of a node-owned table");
+    }
+    if tombstones.is_empty() {
+        return Err("an empty tombstone chunk");
+    }
+    if owners.iter().any(|o| !is_writer_id(o)) {
+        return Err("a tombstone chunk names an owner that is not a writer name");
+    }
+    Ok(())
+}
+
+/// Removes from the merge every version that a tombstone of one of the dumps beats (stamp
+/// not above the tombstone's; a delete wins a tie), and keys left with no version.
+fn drop_deleted<K: Key, V: Value>(
+    versions: &mut HashMap<K, Versions<V>, foldhash::fast::RandomState>,
+    owners: &[NodeId],
+    tombs: &[TombstoneChunk<K>],
+) {
+    let mut dead: HashMap<&K, (u64, &NodeId)> = HashMap::new();
+    for (towners, ts) in tombs {
+        for t in ts {
+            let Some(o) = towners.get(t.owner as usize) else {
+                continue;
+            };
+            let e = dead.entry(&t.key).or_insert((t.ts, o));
+            if (t.ts, o) > *e {
+                *e = (t.ts, o);
+            }
+        }
+    }
+    let mut gone: Vec<K> = Vec::new();
+    for (k, vs) in versions.iter_mut() {
+        let Some(&(dts, downer)) = dead.get(k) else {
+            continue;
+        };
+        let alive = |v: &Version<V>| match owners.get(v.owner as usize) {
+            Some(o) => (v.ts, o) > (dts, downer),
+            None => false,
+        };
+        let mut all: Vec<(usize, Version<V>)> = std::iter::once(vs.first.clone())
+            .chain(vs.rest.drain(..))
+            .filter(|(_, v)| alive(v))
+            .collect();
+        if all.is_empty() {
+            gone.push(k.clone());
+            continue;
+        }
+        vs.first = all.remove(0);
+        vs.rest = all;
+    }
+    for k in gone {
+        versions.remove(&k);
+    }
 }
 
 /// Picks the winner of two versions of one key.
@@ -730,9 +843,9 @@ mod tests {
             ts: 3,
             owner: 0,
         };
-        assert!(check_chunk(&ids(&["a"]), &[rec()], false, &everyone).is_ok());
-        assert!(check_chunk::<u64, u64>(&[], &[], true, &everyone).is_ok());
-        assert!(check_chunk::<u64, u64>(&ids(&["a"]), &[], false, &everyone).is_err());
-        assert!(check_chunk(&ids(&["a", "z"]), &[rec()], true, &everyone).is_err());
+        assert!(check_chunk(&ids(&["a"]), &[rec()], false, &everyone, false).is_ok());
+        assert!(check_chunk::<u64, u64>(&[], &[], true, &everyone, false).is_ok());
+        assert!(check_chunk::<u64, u64>(&ids(&["a"]), &[], false, &everyone, false).is_err());
+        assert!(check_chunk(&ids(&["a", "z"]), &[rec()], true, &everyone, false).is_err());
     }
 }

@@ -302,7 +302,10 @@ impl Node {
         let expire_ms = expire_millis(opts.expire_after)?;
         // Nodes whose records live differently must not share the table: the same refusal as
         // for different types.
-        let fp = fingerprint::<K, V>() ^ expiry_mark(expire_ms);
+        crate::ownership::check(&opts)?;
+        let fp = fingerprint::<K, V>()
+            ^ expiry_mark(expire_ms)
+            ^ crate::ownership::fingerprint_mark(opts.ownership);
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         self.inner.registry.insert(
             name,

@@ -112,6 +112,14 @@ pub(crate) enum JoinReq<K, V> {
     },
     /// The join is over (done or abandoned): unpause.
     Unpause { join: u64 },
+    /// Cluster-owned tables: the other partition's tombstones, sent before its records. Each
+    /// removes an older stored record and stays, so that an older record of the key, from any
+    /// side, is refused (ALGORITHM.md, section 12).
+    Tombstones {
+        join: u64,
+        owners: Vec<NodeId>,
+        tombstones: Vec<WireTombstone<K>>,
+    },
 }
 
 /// Join replies.
@@ -146,6 +154,21 @@ pub(crate) enum JoinRep<K, V> {
     Refused {
         reason: String,
     },
+    /// Cluster-owned tables: a chunk of the source's tombstones younger than its retention,
+    /// sent before the dump's records (`owner` indexes `owners`).
+    Tombstones {
+        owners: Vec<NodeId>,
+        tombstones: Vec<WireTombstone<K>>,
+    },
+}
+
+/// The tombstone of a deleted key, as shipped by a join of a cluster-owned table: the delete's
+/// stamp. `owner` indexes a list of owners sent alongside.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct WireTombstone<K> {
+    pub key: K,
+    pub ts: u64,
+    pub owner: u32,
 }
 
 /// Connection close codes (QUIC application error codes).

@@ -41,6 +41,9 @@ pub struct TableStatus {
     /// unacknowledged write still names them). Stays near the number of nodes however often
     /// they restart.
     pub known_nodes: usize,
+    /// Tombstones held: recent deletes that stop older writes still on their way, and in a
+    /// cluster-owned table the deletes younger than its tombstone retention.
+    pub tombstones: usize,
 }
 
 /// The node's health report, from [`crate::Node::status`].

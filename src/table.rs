@@ -76,6 +76,8 @@ pub struct TableOptions<K, V> {
     pub(crate) join_checkpoint: Option<JoinCheckpointFn>,
     pub(crate) expire_after: Option<Duration>,
     pub(crate) subscription_buffer: usize,
+    pub(crate) ownership: crate::Ownership,
+    pub(crate) tombstone_retention: Duration,
 }
 
 impl<K, V> Clone for TableOptions<K, V> {
@@ -89,6 +91,8 @@ impl<K, V> Clone for TableOptions<K, V> {
             join_checkpoint: self.join_checkpoint.clone(),
             expire_after: self.expire_after,
             subscription_buffer: self.subscription_buffer,
+            ownership: self.ownership,
+            tombstone_retention: self.tombstone_retention,
         }
     }
 }
@@ -102,6 +106,8 @@ impl<K, V> fmt::Debug for TableOptions<K, V> {
             .field("owner", &self.owner.is_some())
             .field("ack_timeout", &self.ack_timeout)
             .field("expire_after", &self.expire_after)
+            .field("ownership", &self.ownership)
+            .field("tombstone_retention", &self.tombstone_retention)
             .finish()
     }
 }
@@ -117,6 +123,8 @@ impl<K, V> TableOptions<K, V> {
             join_checkpoint: None,
             expire_after: None,
             subscription_buffer: crate::subscription::DEFAULT_SUBSCRIPTION_BUFFER,
+            ownership: crate::Ownership::Node,
+            tombstone_retention: crate::ownership::DEFAULT_TOMBSTONE_RETENTION,
         }
     }
 
@@ -228,6 +236,34 @@ impl<K, V> TableOptions<K, V> {
     /// than a thousand years means never.
     pub fn expire_after(mut self, ttl: Duration) -> Self {
         self.expire_after = Some(ttl);
+        self
+    }
+
+    /// Who the records belong to (default [`crate::Ownership::Node`]). Every node of a table
+    /// must choose the same: nodes that differ refuse each other's table.
+    pub fn ownership(mut self, ownership: crate::Ownership) -> Self {
+        self.ownership = ownership;
+        self
+    }
+
+    /// Records belong to the cluster, not to the node that wrote them: short for
+    /// `ownership(Ownership::Cluster)` (see [`crate::Ownership::Cluster`]).
+    pub fn cluster_owned(self) -> Self {
+        self.ownership(crate::Ownership::Cluster)
+    }
+
+    /// The table's ownership mode.
+    pub fn ownership_mode(&self) -> crate::Ownership {
+        self.ownership
+    }
+
+    /// How long a cluster-owned table keeps the tombstone of a delete (default
+    /// [`crate::ownership::DEFAULT_TOMBSTONE_RETENTION`], one hour): a key deleted on one side
+    /// of a partition that heals within it stays deleted; past it, the other side's older
+    /// record comes back. No effect on node-owned tables, which forget a tombstone as soon as
+    /// every member's clock passed it.
+    pub fn tombstone_retention(mut self, retention: Duration) -> Self {
+        self.tombstone_retention = retention;
         self
     }
 }

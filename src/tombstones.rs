@@ -78,6 +78,16 @@ impl<K: Hash + Eq + Clone> Tombstones<K> {
         self.map.is_empty()
     }
 
+    /// Tombstones held.
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Every tombstone's key and stamp (a join of a cluster-owned table ships them).
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&K, Stamp)> + '_ {
+        self.map.iter().map(|(k, s)| (k, *s))
+    }
+
     pub(crate) fn get(&self, k: &K) -> Option<TombstoneRef<'_>> {
         let &(ts, owner) = self.map.get(k)?;
         let value = if self.values.is_empty() {

@@ -44,7 +44,11 @@ impl<K: Key, V: Value> Server<K, V> {
         if self.tombstones.oldest_queued().is_none() {
             return;
         }
-        let min = self.min_watermark();
+        let mut min = self.min_watermark();
+        if self.cluster_owned() {
+            // Kept for the retention, so that a join after a partition ships them.
+            min = min.min(self.retention_floor());
+        }
         self.tombstones.forget_up_to(min);
     }
 
@@ -109,6 +113,13 @@ impl<K: Key, V: Value> Server<K, V> {
     /// back. Those are the writes survivors must agree on (`Link::lasting`).
     pub(super) fn apply_unwatched(&mut self, op: Op<K, V>, writer: OwnerIdx) -> bool {
         let Op { ts, kind } = op;
+        // A cluster-owned table stores and stamps a write under its writer's name.
+        let cluster = self.cluster_owned();
+        let writer = if cluster {
+            self.cluster_writer(writer)
+        } else {
+            writer
+        };
         // Inserts as records with their owners, and the keys of records whose owner (named by
         // the writer) is already down here.
         let (kind, orphans) = match kind {
@@ -187,7 +198,8 @@ impl<K: Key, V: Value> Server<K, V> {
             self.note_refusals(ts, writer, refused);
             return lasting;
         }
-        let keep_tombstones = !self.members.is_empty();
+        // A cluster-owned table keeps them alone too: a later join ships them.
+        let keep_tombstones = !self.members.is_empty() || cluster;
         match kind {
             // One batch for the whole op (the store applies small ones record by record).
             Inserted::Records(recs) => {
@@ -281,6 +293,11 @@ impl<K: Key, V: Value> Server<K, V> {
                 }
             }
         }
+        if cluster {
+            // Nothing of the writer goes with it: every write lasts, and a refusal by a record
+            // that stays refuses the same everywhere.
+            return true;
+        }
         self.note_refusals(ts, writer, refused);
         lasting
     }
@@ -331,7 +348,7 @@ fn refusal_mark<K: Serialize>(k: &K, ts: u64, writer: Option<&NodeId>) -> u64 {
 /// Whether a record stamped `stamp` with `value` beats the key's tombstone `t`: it is newer, or
 /// has the stamp of the version `t` stands for and would have beaten that version by value. A
 /// tombstone of a delete wins every tie.
-fn beats_tombstone<V: Serialize>(
+pub(super) fn beats_tombstone<V: Serialize>(
     stamp: (u64, Option<&NodeId>),
     value: &V,
     t: TombstoneRef<'_>,

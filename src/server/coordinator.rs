@@ -106,6 +106,7 @@ impl<K: Key, V: Value> Server<K, V> {
             table: self.shared.name.clone(),
             checkpoint: self.opts.join_checkpoint.clone(),
             expire_ms: self.shared.expire_ms,
+            cluster: self.cluster_owned(),
             live: std::iter::once(self.me.clone())
                 .chain(self.links.values().map(|l| l.id.clone()))
                 .collect(),

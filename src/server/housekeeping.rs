@@ -243,6 +243,7 @@ impl<K: Key, V: Value> Server<K, V> {
             epoch: self.epoch,
             disagreeing,
             known_nodes: self.owners.len(),
+            tombstones: self.tombstones.len(),
         }
     }
 }

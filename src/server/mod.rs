@@ -314,6 +314,7 @@ impl Extend<u8> for Append<'_> {
 }
 
 mod apply;
+mod cluster;
 mod coordinator;
 mod housekeeping;
 mod links;
@@ -623,7 +624,10 @@ impl<K: Key, V: Value> Server<K, V> {
                     self.join_replies.remove(&req);
                     return;
                 }
-                let last = !matches!(body, JoinRep::Chunk { last: false, .. });
+                let last = !matches!(
+                    body,
+                    JoinRep::Chunk { last: false, .. } | JoinRep::Tombstones { .. }
+                );
                 let _ = awaited.tx.send(body);
                 if last {
                     self.join_replies.remove(&req);

@@ -25,14 +25,19 @@ impl<K: Key, V: Value> Server<K, V> {
         // Its records go, each leaving a tombstone while a member may still send an older
         // write of the key: on a node where that write arrived first, the dropped record had
         // replaced it, and it must not come back here only (the same holds for `drop_orphans`).
+        // A cluster-owned table keeps them all: none is stored under an incarnation.
         let since = self.min_watermark();
         let keep_tombstones = !self.members.is_empty();
         let mut recent = Vec::new();
-        let removed = self.shared.store.remove_owned(key, |k, ts| {
-            if keep_tombstones && ts > since {
-                recent.push((k.clone(), ts));
-            }
-        });
+        let removed = if self.cluster_owned() {
+            Vec::new()
+        } else {
+            self.shared.store.remove_owned(key, |k, ts| {
+                if keep_tombstones && ts > since {
+                    recent.push((k.clone(), ts));
+                }
+            })
+        };
         self.emit_owner_down(id, &removed);
         for (k, ts) in recent {
             if self.newer(&k, ts, key) {
@@ -52,7 +57,8 @@ impl<K: Key, V: Value> Server<K, V> {
         if was_link || was_member || !removed.is_empty() {
             tracing::info!(peer = %id, dropped = removed.len(), "node down");
         }
-        if was_member || !removed.is_empty() {
+        // Never for a cluster-owned table: nothing was dropped.
+        if (was_member || !removed.is_empty()) && !self.cluster_owned() {
             if let Some(f) = &self.opts.on_node_down {
                 // A panic is logged there; the node-down goes on.
                 let _ = crate::callbacks::guarded(&self.shared.name, "on_node_down", id, || {

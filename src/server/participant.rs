@@ -131,10 +131,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 // join) are not stored: nothing would ever remove them.
                 let map: Vec<Option<OwnerIdx>> = owners
                     .iter()
-                    .map(|id| {
-                        let alive = *id == self.me || self.links.values().any(|l| l.id == *id);
-                        alive.then(|| self.owners.intern(id))
-                    })
+                    .map(|id| self.join_owner_ok(id).then(|| self.owners.intern(id)))
                     .collect();
                 let mut recs = Vec::with_capacity(records.len());
                 let mut newest = 0;
@@ -143,9 +140,13 @@ impl<K: Key, V: Value> Server<K, V> {
                         continue;
                     };
                     newest = newest.max(r.ts);
-                    // Dumps carry no tombstones: a record the other side still holds comes
-                    // back, whoever decides.
+                    // Node-owned: dumps carry no tombstones, and a record the other side still
+                    // holds comes back, whoever decides. Cluster-owned: a tombstone (this
+                    // node's, or the other side's, sent first) refuses an older record.
                     if !self.tombstones.is_empty() {
+                        if !self.beats_local_tombstone(&r.key, r.ts, owner, &r.value) {
+                            continue;
+                        }
                         self.tombstones.remove(&r.key);
                     }
                     let rec = Rec {
@@ -157,9 +158,14 @@ impl<K: Key, V: Value> Server<K, V> {
                 }
                 self.clock.observe(newest);
                 // For a merge: which stored owners the other side's dump could have included.
+                let cluster = self.cluster_owned();
                 let dumped: Vec<bool> = match &merge {
                     Some(all) => (0..self.owners.slots() as OwnerIdx)
-                        .map(|i| self.owners.get(i).is_some_and(|id| all.contains(id)))
+                        .map(|i| {
+                            self.owners.get(i).is_some_and(|id| {
+                                all.contains(id) || (cluster && crate::ownership::is_writer_id(id))
+                            })
+                        })
                         .collect(),
                     None => Vec::new(),
                 };
@@ -194,6 +200,23 @@ impl<K: Key, V: Value> Server<K, V> {
                 }
                 self.reply(origin, JoinRep::Applied { conflicts });
             }
+            JoinReq::Tombstones {
+                join,
+                owners,
+                tombstones,
+            } => {
+                if !self.paused_by(join) {
+                    self.refuse(origin, "not paused by this join");
+                    return;
+                }
+                if !self.cluster_owned() {
+                    self.refuse(origin, "tombstones sent to a node-owned table");
+                    return;
+                }
+                let by = self.origin_id(&origin).unwrap_or_else(|| self.me.clone());
+                self.apply_join_tombstones(owners, tombstones, by);
+                self.reply(origin, JoinRep::Applied { conflicts: 0 });
+            }
             JoinReq::Unpause { join } => {
                 if self.paused_by(join) {
                     tracing::debug!(join, "unpaused");
@@ -217,10 +240,16 @@ impl<K: Key, V: Value> Server<K, V> {
         }
         // The dump's owner list: the alive owners only, renumbered (`wire[i]`: the index in
         // that list of owner `i` here).
+        let cluster = self.cluster_owned();
+        if cluster {
+            self.send_tombstones(&origin);
+        }
         let mut owners: Vec<NodeId> = Vec::new();
         let wire: Vec<Option<u32>> = (0..self.owners.slots() as OwnerIdx)
             .map(|i| {
-                let id = self.owners.get(i).filter(|id| alive.contains(id))?;
+                let id = self.owners.get(i).filter(|id| {
+                    alive.contains(id) || (cluster && crate::ownership::is_writer_id(id))
+                })?;
                 owners.push(id.clone());
                 Some((owners.len() - 1) as u32)
             })
