@@ -62,6 +62,7 @@ struct Version<V> {
     value: V,
     ts: u64,
     owner: u32,
+    ttl: u32,
 }
 
 impl<K: Key, V: Value> JoinCtx<K, V> {
@@ -344,6 +345,7 @@ async fn merge<K: Key, V: Value>(
                                 value: rec.value,
                                 ts: rec.ts,
                                 owner,
+                                ttl: rec.ttl,
                             },
                         );
                         match versions.entry(rec.key) {
@@ -394,6 +396,7 @@ async fn merge<K: Key, V: Value>(
                         value: v.value.clone(),
                         ts: v.ts,
                         owner: v.owner,
+                        ttl: v.ttl,
                     });
                 }
                 deltas[last].push(WireRecord {
@@ -401,6 +404,7 @@ async fn merge<K: Key, V: Value>(
                     value: v.value,
                     ts: v.ts,
                     owner: v.owner,
+                    ttl: v.ttl,
                 });
             }
             continue;
@@ -428,6 +432,7 @@ async fn merge<K: Key, V: Value>(
                             value: o.value.clone(),
                             ts: o.ts,
                             owner: o.owner,
+                            ttl: o.ttl,
                         });
                     }
                 }
@@ -460,6 +465,7 @@ async fn merge<K: Key, V: Value>(
                     value: winner.value.clone(),
                     ts: winner.ts,
                     owner: winner.owner,
+                    ttl: winner.ttl,
                 });
             }
         }
@@ -796,6 +802,7 @@ fn resolve<K: Key, V: Value>(
                     value,
                     ts: ctx.clock.now(),
                     owner: a.owner,
+                    ttl: a.ttl,
                 }
             })
         }
@@ -842,6 +849,7 @@ mod tests {
             value: 2u64,
             ts: 3,
             owner: 0,
+            ttl: 0,
         };
         assert!(check_chunk(&ids(&["a"]), &[rec()], false, &everyone, false).is_ok());
         assert!(check_chunk::<u64, u64>(&[], &[], true, &everyone, false).is_ok());

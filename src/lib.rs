@@ -43,6 +43,7 @@ mod node;
 mod outbox;
 pub mod ownership;
 mod proto;
+mod record_ttl;
 mod registry;
 mod repeats;
 mod server;

@@ -323,6 +323,7 @@ impl Node {
             store: Store::new(kind),
             members: std::sync::RwLock::new(Vec::new()),
             expire_ms,
+            record_ttl: std::sync::atomic::AtomicBool::new(false),
             hub: Arc::new(crate::subscription::Hub::new(opts.subscription_buffer)),
         });
         let spawned = Server::spawn(ServerParts {

@@ -59,6 +59,12 @@ pub(crate) enum OpKind<K, V> {
         owners: Vec<NodeId>,
         records: Vec<(K, V, u32)>,
     },
+    /// Records owned by the writer that expire `ttl_ms` after the write's stamp
+    /// (`Table::insert_with_ttl`).
+    InsertTtl {
+        ttl_ms: u32,
+        records: Vec<(K, V)>,
+    },
 }
 
 /// A record with its metadata, as shipped by a join. `owner` indexes a list of owners sent
@@ -69,6 +75,8 @@ pub(crate) struct WireRecord<K, V> {
     pub value: V,
     pub ts: u64,
     pub owner: u32,
+    /// The record's own lifetime in milliseconds (`Rec::ttl`); 0: none.
+    pub ttl: u32,
 }
 
 /// A message from one table server to the same table's server on another node.
@@ -253,6 +261,7 @@ mod tests {
             value: vec![7; bytes],
             ts: 1,
             owner: 0,
+            ttl: 0,
         }
     }
 

@@ -46,6 +46,33 @@ pub(crate) struct Rec<V> {
     pub value: V,
     pub ts: u64,
     pub owner: OwnerIdx,
+    /// The record's own lifetime in milliseconds from `ts` (`Table::insert_with_ttl`); 0: none.
+    /// It fits in the padding after `owner`, so it costs no memory.
+    pub ttl: u32,
+}
+
+impl<V> Rec<V> {
+    /// A record without a lifetime of its own.
+    pub(crate) fn new(value: V, ts: u64, owner: OwnerIdx) -> Self {
+        Self {
+            value,
+            ts,
+            owner,
+            ttl: 0,
+        }
+    }
+
+    /// Whether a read returns it: stamped at or after `from` (the table's expiry), and within
+    /// its own lifetime, if it has one.
+    #[inline]
+    pub(crate) fn live(&self, from: u64) -> bool {
+        self.ts >= from && (self.ttl == 0 || self.outlives_own_ttl())
+    }
+
+    #[inline(never)]
+    fn outlives_own_ttl(&self) -> bool {
+        self.ts >= crate::hlc::HybridClock::written_since(u64::from(self.ttl))
+    }
 }
 
 type Map<K, T> = ShardedMap<K, T>;
@@ -103,7 +130,8 @@ where
 
     // ---- reads (any thread) ----
     //
-    // `from`: records stamped before it have expired and are not returned (0: none has).
+    // `from`: records stamped before it have expired and are not returned (0: none has);
+    // neither are records past their own lifetime (`Rec::live`).
 
     /// The read of a table without expiry: kept apart from `get_live` and small, so that it
     /// inlines into the caller's loop (with the check for expiry in it, `get` ran at 0.8 of its
@@ -121,15 +149,15 @@ where
     pub(crate) fn get_live(&self, k: &K, from: u64) -> Option<V> {
         match self {
             Store::Set(m) => m
-                .read(k, |r| (r.ts >= from).then(|| r.value.clone()))
+                .read(k, |r| r.live(from).then(|| r.value.clone()))
                 .flatten(),
             Store::Ordered(m) => m
                 .get(k)
-                .filter(|e| e.value().ts >= from)
+                .filter(|e| e.value().live(from))
                 .map(|e| e.value().value.clone()),
             Store::Bag { map, .. } => map
                 .read(k, |v| {
-                    v.iter().find(|r| r.ts >= from).map(|r| r.value.clone())
+                    v.iter().find(|r| r.live(from)).map(|r| r.value.clone())
                 })
                 .flatten(),
         }
@@ -140,7 +168,7 @@ where
             Store::Bag { map, .. } => map
                 .read(k, |v| {
                     v.iter()
-                        .filter(|r| r.ts >= from)
+                        .filter(|r| r.live(from))
                         .map(|r| r.value.clone())
                         .collect()
                 })
@@ -152,10 +180,10 @@ where
     pub(crate) fn contains_key(&self, k: &K, from: u64) -> bool {
         if from > 0 {
             return match self {
-                Store::Set(m) => m.read(k, |r| r.ts >= from).unwrap_or(false),
-                Store::Ordered(m) => m.get(k).is_some_and(|e| e.value().ts >= from),
+                Store::Set(m) => m.read(k, |r| r.live(from)).unwrap_or(false),
+                Store::Ordered(m) => m.get(k).is_some_and(|e| e.value().live(from)),
                 Store::Bag { map, .. } => map
-                    .read(k, |v| v.iter().any(|r| r.ts >= from))
+                    .read(k, |v| v.iter().any(|r| r.live(from)))
                     .unwrap_or(false),
             };
         }
@@ -178,7 +206,7 @@ where
     pub(crate) fn to_vec(&self, from: u64) -> Vec<(K, V)> {
         let mut out = Vec::with_capacity(self.len());
         self.for_each(|k, r| {
-            if r.ts >= from {
+            if r.live(from) {
                 out.push((k.clone(), r.value.clone()));
             }
         });
@@ -189,7 +217,7 @@ where
         match self {
             Store::Ordered(m) => Some(
                 m.range(range)
-                    .filter(|e| e.value().ts >= from)
+                    .filter(|e| e.value().live(from))
                     .map(|e| (e.key().clone(), e.value().value.clone()))
                     .collect(),
             ),
@@ -423,7 +451,7 @@ mod tests {
     use super::*;
 
     fn rec(value: u32, ts: u64, owner: OwnerIdx) -> Rec<u32> {
-        Rec { value, ts, owner }
+        Rec::new(value, ts, owner)
     }
 
     #[test]

@@ -279,6 +279,9 @@ pub(crate) struct Shared<K, V> {
     pub expire_ms: Option<u64>,
     /// The change log of subscribers (`crate::subscription`).
     pub hub: Arc<crate::subscription::Hub<K, V>>,
+    /// Set for good once a record with a lifetime of its own was stored here
+    /// (`Table::insert_with_ttl`): reads check each record's lifetime from then on.
+    pub record_ttl: std::sync::atomic::AtomicBool,
 }
 
 impl<K, V> Shared<K, V> {
@@ -287,9 +290,18 @@ impl<K, V> Shared<K, V> {
     #[inline]
     pub(crate) fn live_from(&self) -> u64 {
         match self.expire_ms {
+            // 1, not 0: a read must look at each record's own lifetime (`Store::contains_key`
+            // skips that for 0). Every stamp is at least 1.
+            None if self.has_record_ttl() => 1,
             None => 0,
             Some(ms) => expired_before(ms),
         }
+    }
+
+    /// Whether records with a lifetime of their own may be stored.
+    #[inline]
+    pub(crate) fn has_record_ttl(&self) -> bool {
+        self.record_ttl.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -347,6 +359,22 @@ impl<K: crate::table::Key, V: crate::table::Value> Table<K, V> {
         self.write(Some(OpKind::Insert(vec![(key, value)]))).await
     }
 
+    /// Inserts or replaces a record that expires `ttl` after this write, on every node, whatever
+    /// the table's [`TableOptions::expire_after`] (the earlier of the two applies). The lifetime
+    /// travels with the record, so a newer write of the key decides: another
+    /// `insert_with_ttl` renews it, a plain `insert` makes it live as the table's records do.
+    /// A join and a restore keep it. `ttl` must be from 1 ms to `u32::MAX` ms (49.7 days);
+    /// otherwise [`Error::Config`]. Reads skip the record once its age (by this node's clock,
+    /// from the write's stamp) reaches `ttl`; the table server removes it within a second.
+    pub async fn insert_with_ttl(&self, key: K, value: V, ttl: Duration) -> Result<()> {
+        let ttl_ms = crate::record_ttl::millis(ttl)?;
+        self.write(Some(OpKind::InsertTtl {
+            ttl_ms,
+            records: vec![(key, value)],
+        }))
+        .await
+    }
+
     /// Inserts many records as one replicated write.
     pub async fn insert_many(&self, records: Vec<(K, V)>) -> Result<()> {
         if records.is_empty() {
@@ -396,18 +424,17 @@ impl<K: crate::table::Key, V: crate::table::Value> Table<K, V> {
     /// shard's write lock only for changes already in cache.
     #[inline]
     pub fn get(&self, key: &K) -> Option<V> {
-        match self.shared.expire_ms {
-            None => self.shared.store.get(key),
-            Some(ttl_ms) => self.get_expiring(key, ttl_ms),
+        if self.shared.expire_ms.is_none() && !self.shared.has_record_ttl() {
+            return self.shared.store.get(key);
         }
+        self.get_expiring(key)
     }
 
     /// `get` in a table whose records expire: out of line, so that the read of a table without
     /// expiry stays small enough to inline into the caller's loop.
     #[inline(never)]
-    fn get_expiring(&self, key: &K, ttl_ms: u64) -> Option<V> {
-        let from = crate::hlc::HybridClock::written_since(ttl_ms);
-        self.shared.store.get_live(key, from)
+    fn get_expiring(&self, key: &K) -> Option<V> {
+        self.shared.store.get_live(key, self.shared.live_from())
     }
 
     /// Every value of a key (at most one, except for a bag). Local.

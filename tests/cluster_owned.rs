@@ -382,3 +382,75 @@ async fn with_a_conflict_handler_a_delete_still_wins_over_the_older_versions() {
     }
     shutdown_all(&mesh.nodes).await;
 }
+
+/// `insert_with_ttl`: the lifetime travels with the record to every node and through a join;
+/// a newer write decides (another ttl renews it, a plain insert makes it permanent); the sweep
+/// removes expired records everywhere. In a cluster-owned table, as the brief's caches need.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_records_own_ttl_expires_everywhere_and_a_newer_write_decides() {
+    let nodes = cluster(&["a", "b"]).await;
+    let opts = || TableOptions::set().cluster_owned();
+    let a: Kv = nodes[0].0.start("cache", opts()).await.unwrap();
+    let b: Kv = nodes[1].0.start("cache", opts()).await.unwrap();
+    joined(&[&a, &b]).await;
+    let short = Duration::from_millis(400);
+    a.insert_with_ttl("short".into(), "v".into(), short)
+        .await
+        .unwrap();
+    a.insert_with_ttl("renewed".into(), "v1".into(), short)
+        .await
+        .unwrap();
+    a.insert_with_ttl("made-permanent".into(), "v1".into(), short)
+        .await
+        .unwrap();
+    a.insert("plain".into(), "v".into()).await.unwrap();
+    // Newer writes of two keys, from the other node: a longer ttl, and none.
+    b.insert_with_ttl("renewed".into(), "v2".into(), Duration::from_secs(600))
+        .await
+        .unwrap();
+    b.insert("made-permanent".into(), "v2".into())
+        .await
+        .unwrap();
+    assert_eq!(
+        kv(&b, "short").as_deref(),
+        Some("v"),
+        "replicated with its ttl"
+    );
+    for t in [&a, &b] {
+        let t2 = t.clone();
+        eventually(WAIT, "the short record expired and was swept", || {
+            let t = t2.clone();
+            async move { kv(&t, "short").is_none() && t.len() == 3 }
+        })
+        .await;
+        assert_eq!(kv(t, "renewed").as_deref(), Some("v2"));
+        assert_eq!(kv(t, "made-permanent").as_deref(), Some("v2"));
+        assert_eq!(kv(t, "plain").as_deref(), Some("v"));
+        assert!(!t.contains_key(&"short".to_string()));
+    }
+    // A node that joins later gets the lifetimes with the records.
+    let (c, h) = node("c").await;
+    h.set(vec![nodes[0].0.local_addr(), nodes[1].0.local_addr()]);
+    let tc: Kv = c.start("cache", opts()).await.unwrap();
+    a.insert_with_ttl("late".into(), "v".into(), Duration::from_secs(4))
+        .await
+        .unwrap();
+    joined(&[&a, &b, &tc]).await;
+    same_everywhere(&[&a, &b, &tc], "c holds the records").await;
+    assert_eq!(
+        kv(&tc, "late").as_deref(),
+        Some("v"),
+        "joined within its ttl"
+    );
+    let tc2 = tc.clone();
+    eventually(WAIT, "c's copy of the late record expires too", || {
+        let t = tc2.clone();
+        async move { kv(&t, "late").is_none() && t.len() == 3 }
+    })
+    .await;
+    let bad = a
+        .insert_with_ttl("k".into(), "v".into(), Duration::ZERO)
+        .await;
+    assert!(matches!(bad, Err(Error::Config(_))));
+    shutdown_all([&nodes[0].0, &nodes[1].0, &c]).await;
+}

@@ -1596,6 +1596,7 @@ mod wire {
         pub value: String,
         pub ts: u64,
         pub owner: u32,
+        pub ttl: u32,
     }
 
     #[derive(Debug, Serialize, Deserialize)]
@@ -1606,6 +1607,10 @@ mod wire {
         InsertOwned {
             owners: Vec<NodeId>,
             records: Vec<(u64, String, u32)>,
+        },
+        InsertTtl {
+            ttl_ms: u32,
+            records: Vec<(u64, String)>,
         },
     }
 
@@ -1913,6 +1918,7 @@ async fn a_dump_that_never_ends_is_not_kept_without_end() {
                 value: "x".repeat(100),
                 ts: 1,
                 owner: 0,
+                ttl: 0,
             })
             .collect();
         let chunk = wire::JoinRep::Chunk {

@@ -127,11 +127,21 @@ impl<K: Key, V: Value> Server<K, V> {
                 let recs = recs
                     .into_iter()
                     .map(|(k, v)| {
-                        let rec = Rec {
-                            value: v,
-                            ts,
-                            owner: writer,
-                        };
+                        let rec = Rec::new(v, ts, writer);
+                        (k, rec)
+                    })
+                    .collect();
+                (Inserted::Records(recs), Vec::new())
+            }
+            OpKind::InsertTtl { ttl_ms, records } => {
+                self.shared
+                    .record_ttl
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                let recs = records
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let mut rec = Rec::new(v, ts, writer);
+                        rec.ttl = ttl_ms;
                         (k, rec)
                     })
                     .collect();
@@ -144,14 +154,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 let mut orphans = Vec::new();
                 for (k, v, i) in records {
                     match (live.get(i as usize), owners.get(i as usize)) {
-                        (Some(&Some(owner)), _) => recs.push((
-                            k,
-                            Rec {
-                                value: v,
-                                ts,
-                                owner,
-                            },
-                        )),
+                        (Some(&Some(owner)), _) => recs.push((k, Rec::new(v, ts, owner))),
                         (_, Some(id)) => orphans.push((k, id.clone())),
                         _ => tracing::debug!("a record naming no owner skipped"),
                     }
@@ -187,7 +190,9 @@ impl<K: Key, V: Value> Server<K, V> {
                         won
                     });
                 }
-                Inserted::Other(OpKind::Insert(_) | OpKind::InsertOwned { .. }) => {}
+                Inserted::Other(
+                    OpKind::Insert(_) | OpKind::InsertOwned { .. } | OpKind::InsertTtl { .. },
+                ) => {}
                 Inserted::Other(OpKind::Delete(keys)) => keys.iter().for_each(|k| {
                     lasting |= store.remove(k);
                 }),
@@ -246,7 +251,9 @@ impl<K: Key, V: Value> Server<K, V> {
                     self.tombstones.remove(&k);
                 }
             }
-            Inserted::Other(OpKind::Insert(_) | OpKind::InsertOwned { .. }) => {}
+            Inserted::Other(
+                OpKind::Insert(_) | OpKind::InsertOwned { .. } | OpKind::InsertTtl { .. },
+            ) => {}
             Inserted::Other(OpKind::Delete(keys)) => {
                 let outcomes = {
                     let stamp = (ts, self.owners.get(writer));

@@ -60,10 +60,20 @@ impl<K: Key, V: Value> Server<K, V> {
         // Requests whose coordinator gave up (its join ended) wait for no reply any more.
         self.join_replies.retain(|_, a| !a.tx.is_closed());
         self.forget_tombstones();
-        if let Some(ttl_ms) = self.shared.expire_ms {
+        // Records with a lifetime of their own (`insert_with_ttl`) are swept every second.
+        let every = match self.shared.expire_ms {
+            Some(ttl_ms) => Some(Duration::from_millis(ttl_ms / 4).clamp(SWEEP_MIN, SWEEP_MAX)),
+            None if self.shared.has_record_ttl() => Some(crate::record_ttl::SWEEP_EVERY),
+            None => None,
+        };
+        if let Some(every) = every {
             if now >= self.next_sweep {
-                self.sweep_expired(ttl_ms);
-                let every = Duration::from_millis(ttl_ms / 4).clamp(SWEEP_MIN, SWEEP_MAX);
+                self.sweep_expired();
+                let every = if self.shared.has_record_ttl() {
+                    every.min(crate::record_ttl::SWEEP_EVERY)
+                } else {
+                    every
+                };
                 self.next_sweep = deadline_after(every);
             }
         }
@@ -98,13 +108,14 @@ impl<K: Key, V: Value> Server<K, V> {
     /// write's stamp, so nothing is sent; and no tombstone is kept, since an older write of the
     /// key that may still arrive has expired too. Records are found under read locks and removed
     /// in one batch, as a delete would.
-    pub(super) fn sweep_expired(&mut self, ttl_ms: u64) {
-        let before = HybridClock::written_since(ttl_ms);
+    pub(super) fn sweep_expired(&mut self) {
+        // A record is expired by the table's lifetime (stamped before `from`) or its own.
+        let from = self.shared.live_from();
         let store = &self.shared.store;
         let removed = if self.shared.kind == TableKind::Bag {
             let mut objects = Vec::new();
             store.for_each(|k, r| {
-                if r.ts < before {
+                if !r.live(from) {
                     objects.push((k.clone(), r.value.clone()));
                 }
             });
@@ -118,13 +129,14 @@ impl<K: Key, V: Value> Server<K, V> {
         } else {
             let mut keys = Vec::new();
             store.for_each(|k, r| {
-                if r.ts < before {
+                if !r.live(from) {
                     keys.push(k.clone());
                 }
             });
             let watch = self.watch_keys(keys.iter());
             let n = store
-                .remove_many_if(&keys, |(ts, _)| ts < before)
+                // Nothing wrote in between: this server is the only writer.
+                .remove_many_if(&keys, |_| true)
                 .into_iter()
                 .filter(|r| *r == Some(true))
                 .count();

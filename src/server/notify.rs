@@ -55,6 +55,7 @@ impl<K: Key, V: Value> Server<K, V> {
         }
         match &op.kind {
             OpKind::Insert(recs) => self.watch_keys(recs.iter().map(|(k, _)| k)),
+            OpKind::InsertTtl { records, .. } => self.watch_keys(records.iter().map(|(k, _)| k)),
             OpKind::InsertOwned { records, .. } => self.watch_keys(records.iter().map(|r| &r.0)),
             OpKind::Delete(keys) => self.watch_keys(keys.iter()),
             OpKind::DeleteObject(objs) => self.watch_keys(objs.iter().map(|(k, _)| k)),

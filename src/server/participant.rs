@@ -149,11 +149,13 @@ impl<K: Key, V: Value> Server<K, V> {
                         }
                         self.tombstones.remove(&r.key);
                     }
-                    let rec = Rec {
-                        value: r.value,
-                        ts: r.ts,
-                        owner,
-                    };
+                    if r.ttl != 0 {
+                        self.shared
+                            .record_ttl
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    let mut rec = Rec::new(r.value, r.ts, owner);
+                    rec.ttl = r.ttl;
                     recs.push((r.key, rec));
                 }
                 self.clock.observe(newest);
@@ -262,7 +264,7 @@ impl<K: Key, V: Value> Server<K, V> {
         // not make one live again with a new stamp.
         let from = self.shared.live_from();
         self.shared.store.for_each(|k, r| {
-            if r.ts < from {
+            if !r.live(from) {
                 return;
             }
             if let Some(&Some(owner)) = wire.get(r.owner as usize) {
@@ -271,6 +273,7 @@ impl<K: Key, V: Value> Server<K, V> {
                     value: r.value.clone(),
                     ts: r.ts,
                     owner,
+                    ttl: r.ttl,
                 });
             }
         });
