@@ -55,7 +55,8 @@ mod table;
 mod tombstones;
 mod transport;
 
-/// Discovery backends (re-export of the `cets-discovery` crate).
+/// Discovery backends (re-export of the `cets-discovery` crate). `DnsDiscovery` is there with the
+/// cargo feature `dns` (on by default); `--no-default-features` builds without a DNS resolver.
 pub use cets_discovery as discovery;
 
 pub use config::NodeConfig;

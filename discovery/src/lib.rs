@@ -12,8 +12,9 @@
 //! - [`StaticDiscovery`]: a list given in code, changeable at run time through a
 //!   [`StaticDiscoveryHandle`] (handy in tests).
 //! - [`FileDiscovery`]: a text file with one `host:port` per line, re-read on every poll.
-//! - [`DnsDiscovery`]: A/AAAA records of a name with a fixed port (Kubernetes headless
-//!   services), or SRV records.
+//! - `DnsDiscovery` (cargo feature `dns`, on by default): A/AAAA records of a name with a
+//!   fixed port (Kubernetes headless services), or SRV records. Without the feature the crate
+//!   does not compile a DNS resolver.
 //!
 //! Any other source can be plugged in by implementing [`Discovery`]; a
 //! `Box<dyn Discovery>` is itself a backend, so a node can take any of them.
@@ -48,12 +49,14 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "dns")]
 mod dns;
 mod error;
 mod file;
 mod peer;
 mod static_list;
 
+#[cfg(feature = "dns")]
 pub use dns::DnsDiscovery;
 pub use error::{Error, Result};
 pub use file::FileDiscovery;
