@@ -1,8 +1,9 @@
 //! The cets benchmark suite: `cargo bench --bench cluster`.
 //!
-//! Prints one markdown table (also written to `target/bench-report.md`) in which every figure
-//! stands beside a baseline measured in the same run, their ratio, and the target of the
-//! performance issue with pass/miss. The machines this runs on are shared and noisy: absolute
+//! Prints one markdown table in which every figure stands beside a baseline measured in the
+//! same run, their ratio, and its target with pass/miss. The table is also written to
+//! `target/bench-report.md` and, by a run of every section (or with `CETS_BENCH_WRITE_DOC=1`),
+//! into the latest-table block of `BENCHMARKS.md`. The machines this runs on are shared and noisy: absolute
 //! figures drift between runs, ratios within one run hold.
 //!
 //! - `CETS_BENCH_FULL=1` (or `cargo bench --bench cluster -- --full`) runs the full sizes
@@ -1906,7 +1907,7 @@ fn main() {
     let mut report = String::new();
     let _ = writeln!(
         report,
-        "## cets benchmarks ({} sizes)\n",
+        "### cets benchmarks ({} sizes)\n",
         if full { "full" } else { "default" }
     );
     let _ = writeln!(report, "Command: `{command}` (release build)  ");
@@ -1928,6 +1929,35 @@ fn main() {
     let path = target.join("bench-report.md");
     match std::fs::write(&path, &report) {
         Ok(()) => eprintln!("[cets bench] report written to {}", path.display()),
+        Err(e) => eprintln!("[cets bench] cannot write {}: {e}", path.display()),
+    }
+    // A run of every section is the latest table of BENCHMARKS.md; a partial one would drop rows.
+    if picked.is_empty() || std::env::var_os("CETS_BENCH_WRITE_DOC").is_some() {
+        write_doc(&report);
+    }
+}
+
+/// Replaces the block between the report markers of `BENCHMARKS.md` with `report`.
+fn write_doc(report: &str) {
+    const BEGIN: &str = "<!-- bench-report:begin -->";
+    const END: &str = "<!-- bench-report:end -->";
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
+    let doc = match std::fs::read_to_string(&path) {
+        Ok(doc) => doc,
+        Err(e) => return eprintln!("[cets bench] cannot read {}: {e}", path.display()),
+    };
+    let (Some(b), Some(e)) = (doc.find(BEGIN), doc.find(END)) else {
+        return eprintln!("[cets bench] no report markers in {}", path.display());
+    };
+    if e < b {
+        return eprintln!(
+            "[cets bench] report markers out of order in {}",
+            path.display()
+        );
+    }
+    let new = format!("{}{BEGIN}\n{}\n{}", &doc[..b], report.trim_end(), &doc[e..]);
+    match std::fs::write(&path, new) {
+        Ok(()) => eprintln!("[cets bench] latest table written to {}", path.display()),
         Err(e) => eprintln!("[cets bench] cannot write {}: {e}", path.display()),
     }
 }

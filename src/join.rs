@@ -1,16 +1,19 @@
 //! The join coordinator: merges the partition of this node's table with a peer's partition.
 //!
-//! The protocol is written down in `ALGORITHM.md` at the root of the repository. In short:
-//! 1. ask both sides for their member lists (`Info`); equal lists mean already joined;
-//! 2. pause every server of both partitions, one at a time in node order, as a lease that
+//! The protocol is written down in `ALGORITHM.md` at the root of the repository (section 9);
+//! the step numbers below and in this file's comments are its steps:
+//! 1. Info: ask both sides for their member lists; equal lists mean already joined;
+//! 2. Lock: pause every server of both partitions, one at a time in node order, as a lease that
 //!    this task renews while it works (a busy server makes the whole join back off);
-//! 3. dump one server per partition (or every server, if a partition is not consistent),
-//!    without records of owners that are not alive;
-//! 4. two consistent sides under last writer wins: each dump goes to the other side, and every
-//!    receiver keeps the later version per key (`exchange`); otherwise
-//!    merge: per key, the conflict rule picks one winner, once; each node is sent what it lacks;
-//! 5. each node stores the records and, with the last chunk, the full member list;
-//! 6. unpause everyone (also on failure), so buffered writes go on to the new members.
+//! 3. Reachability: every locked node must reach every other;
+//! 4. Views: the lists seen under the lock must still name exactly the locked nodes;
+//! 5. Sources: one server per partition dumps, or every server if a partition is not consistent;
+//! 6. Dump: the sources send their records, without records of owners that are not alive;
+//! 7. Exchange or merge: two consistent sides under last writer wins send each dump to the other
+//!    side, and every receiver keeps the later version per key (`exchange`); otherwise the
+//!    conflict rule picks one winner per key, once, and each node is sent what it lacks;
+//! 8. Apply: each node stores the records and, with the last chunk, the full member list;
+//! 9. Unpause everyone (also on failure), so buffered writes go on to the new members.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -104,6 +107,7 @@ impl<K: Key, V: Value> JoinCtx<K, V> {
 
 /// Runs one join of this node's table with `peer`'s. Returns the number of conflicting keys.
 pub(crate) async fn run<K: Key, V: Value>(ctx: JoinCtx<K, V>, peer: NodeId) -> Result<u64> {
+    // 1. Info.
     let local = match ctx.ask(&ctx.me, JoinReq::Info).await? {
         JoinRep::Info { members, .. } => members,
         _ => return Err(ctx.fail(&ctx.me, "unexpected reply to Info")),
@@ -165,10 +169,12 @@ pub(crate) async fn run<K: Key, V: Value>(ctx: JoinCtx<K, V>, peer: NodeId) -> R
     if let Some(f) = &ctx.checkpoint {
         f("locked").await;
     }
+    // 3. Reachability.
     let result = match unreachable_pair(&all, &reach) {
         Some((a, b)) => Err(ctx.fail(&peer, format!("{a} cannot reach {b}; not joining"))),
         None => merge(&ctx, &peer, join, &all, &views, &sizes, &mut lease).await,
     };
+    // 9. Unpause.
     release(&ctx, &locked, join).await;
     result
 }
@@ -257,7 +263,7 @@ async fn merge<K: Key, V: Value>(
     lease: &mut Lease,
 ) -> Result<u64> {
     let everyone: Vec<NodeId> = all.iter().cloned().collect();
-    // Already joined while we waited for the locks?
+    // 4. Views. Already joined while we waited for the locks?
     if views.values().all(|(m, _)| *m == everyone) {
         return Ok(0);
     }
@@ -276,7 +282,7 @@ async fn merge<K: Key, V: Value>(
         })
     };
     let disjoint = l.iter().all(|n| !r.contains(n));
-    // Each source's dump stands for a group of target nodes.
+    // 5. Sources. Each source's dump stands for a group of target nodes.
     let groups: Vec<(NodeId, Vec<NodeId>)> = if disjoint && consistent(&l, le) && consistent(&r, re)
     {
         vec![(ctx.me.clone(), l), (peer.clone(), r)]
@@ -297,7 +303,7 @@ async fn merge<K: Key, V: Value>(
         return exchange(ctx, peer, join, [a, b], (&everyone, &dumped), lease).await;
     }
 
-    // 3. Dumps.
+    // 6. Dumps.
     let mut owners: Vec<NodeId> = Vec::new();
     let mut owner_idx: HashMap<NodeId, u32> = HashMap::new();
     // Sized once from what the sources said they hold (capped: the figure comes from the network).
@@ -381,7 +387,7 @@ async fn merge<K: Key, V: Value>(
         drop_deleted(&mut versions, &owners, &tombs);
     }
 
-    // 4. Merge.
+    // 7. Merge.
     let mut deltas: Vec<Vec<WireRecord<K, V>>> = vec![Vec::new(); groups.len()];
     let mut conflicts = 0u64;
     for (key, vs) in versions {
@@ -474,7 +480,7 @@ async fn merge<K: Key, V: Value>(
     if let Some(f) = &ctx.checkpoint {
         f("before_apply").await;
     }
-    // 5. Apply everywhere, the member list with the last chunk. The groups are sent one after
+    // 8. Apply everywhere, the member list with the last chunk. The groups are sent one after
     // the other (then all run at once): a coordinator that dies in between leaves a
     // half-finished join, which the view check detects and a new join repairs.
     let mut waits = Vec::new();
@@ -534,7 +540,7 @@ async fn merge<K: Key, V: Value>(
 /// A source's dump: its chunks, each with the owner list its records index.
 type Dump<K, V> = Vec<(Vec<NodeId>, Vec<WireRecord<K, V>>)>;
 
-/// Steps 3 to 5 for two consistent partitions under last writer wins: each source's dump goes
+/// Steps 6 to 8 for two consistent partitions under last writer wins: each source's dump goes
 /// to the nodes of the other partition, which keep per key the later of their record and the
 /// dumped one (`Apply { merge: Some(all) }`, where a stored record whose owner is not in `all`
 /// counts as absent: it was not dumped, as in a central merge). Both sides compare the same

@@ -9,23 +9,8 @@
 //! - `bag`: the same map, of key to the list of distinct values, edited under the shard lock,
 //!   so a reader sees either the old or the new list, never a half-edited one.
 //!
-//! papaya (lock-free) was the first choice; `cargo bench --bench cluster` measured it at a
-//! third of `std::collections::HashMap::get` (a pointer chase per read to a boxed entry and a
-//! reclamation guard per read) and at 0.6 µs per insert (an allocation per record); a sharded
-//! map reads and writes faster on the same run. `dashmap` (64 equal shards) came next; the
-//! staggered shards replaced it to keep memory per record flat across sizes (see
-//! `sharded_map.rs`).
-//!
-//! Two other designs were measured against it and dropped. `scc::HashIndex` reads without any
-//! lock and reads as fast, but a read racing the replacement of a key's value can find neither
-//! the old entry nor the new one: a stored key briefly reads as absent, which the test
-//! `readers_never_miss_a_stored_key_nor_see_a_torn_value_while_batches_grow_the_map` catches.
-//! More shards (256 instead of 64) cut the times a reader waits for a preempted writer from
-//! about 50 to about 10 per benchmark run, but the writer, which must find each of four times
-//! as many locks free of readers, fell from 4-6 M to 1.1 M records/s beside two readers.
-//! A lock-free table of pointers to immutable entries freed through `crossbeam-epoch` read at
-//! half the speed (two dependent cache misses per read instead of one) and its readers, which
-//! run the writer's deferred frees, blocked more often, not less (ALGORITHM.md, section 7.5).
+//! The designs measured against this one and rejected (lock-free maps, more shards, ...) are
+//! in `BENCHMARKS.md`.
 //!
 //! Every record carries its write timestamp and owner; readers only ever see the value.
 

@@ -145,8 +145,8 @@ async fn an_expiry_under_a_millisecond_is_refused() {
 /// Two nodes that each hold an expired (not yet swept) version of a key join: the conflict
 /// handler merges the two expired versions into a new value, which the coordinator stamps now,
 /// so a record that every node had stopped returning is read again on both, for a whole new
-/// `ttl` (ALGORITHM.md 7.6: "a join's dump of expired records stores nothing a read would
-/// return").
+/// `ttl` (ALGORITHM.md 7.6: "a conflict handler is never called with a version that expired
+/// since its dump").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_does_not_bring_back_expired_records_through_the_conflict_handler() {
     let ttl = Duration::from_secs(2);

@@ -799,12 +799,12 @@ async fn a_record_whose_owner_is_already_down_on_a_replica_is_not_stored_there()
     assert_eq!(tb.get(&"a/1".into()), Some(1));
 }
 
-/// Known gap 9 of the first write-up: a writer that dies before its write reached every member
-/// left the members different. Here n's overwrite of a's record reaches a and x but not y; when
-/// n is gone, a and x drop n's record (and with it a's overwritten version), while y keeps a's
-/// version. The survivors applied different lasting writes of n, so their views differ
-/// (`Link::lasting`), and the view check has them merge again: every member ends with a's
-/// version, as if n's write had never been made.
+/// A writer that dies before its write reached every member (ALGORITHM.md 8). Here n's
+/// overwrite of a's record reaches a and x but not y; when n is gone, a and x drop n's record
+/// (and with it a's overwritten version), while y keeps a's version. The survivors applied
+/// different lasting writes of n, so their views differ (`Link::lasting`), and the view check
+/// has them merge again: every member ends with a's version, as if n's write had never been
+/// made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overwrite_by_a_node_that_dies_halfway_leaves_the_members_equal() {
     let mesh = Mesh::start(&["a", "n", "x", "y"]).await;
