@@ -16,6 +16,7 @@
 //! 9. Unpause everyone (also on failure), so buffered writes go on to the new members.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,6 +51,8 @@ pub(crate) struct JoinCtx<K, V> {
     /// This node and the nodes it was connected to when the join started: the dumps keep the
     /// records these own, though some are not in the join (`dumped_owners`).
     pub live: Vec<NodeId>,
+    /// Records sent in `Apply` requests so far (`cets_join_records_total`).
+    pub moved: Arc<AtomicU64>,
 }
 
 /// Every version of one key seen in the dumps, with the index of the source that had it; the
@@ -79,6 +82,10 @@ impl<K: Key, V: Value> JoinCtx<K, V> {
 
     fn request(&self, to: &NodeId, body: JoinReq<K, V>) -> mpsc::UnboundedReceiver<JoinRep<K, V>> {
         let (tx, rx) = mpsc::unbounded_channel();
+        if let JoinReq::Apply { records, .. } = &body {
+            self.moved
+                .fetch_add(records.len() as u64, Ordering::Relaxed);
+        }
         let _ = self.control.send(Control::JoinRequest {
             to: to.clone(),
             body,

@@ -39,6 +39,7 @@ mod error;
 pub mod hlc;
 mod join;
 pub mod membership;
+pub mod metrics;
 mod node;
 mod outbox;
 pub mod ownership;

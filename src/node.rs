@@ -94,6 +94,7 @@ impl NodeBuilder {
         if let Some(tls) = &self.tls {
             tls.check_own_name(&self.name)?;
         }
+        crate::metrics::describe();
         let id = NodeId::new(self.name);
         let (endpoint, socket) =
             crate::transport::endpoint(self.listen, &self.config, self.tls.as_ref())?;
@@ -119,6 +120,7 @@ impl NodeBuilder {
                 peers.clone(),
                 discovery_state.clone(),
                 self.config.clone(),
+                crate::metrics::NodeMetrics::new(&id.name).discovery_errors,
             )
             .instrument(tracing::info_span!("cets_discovery", node = %id.name)),
         );
@@ -520,6 +522,7 @@ async fn discovery_loop(
     peers: mpsc::UnboundedSender<Command>,
     state: Arc<Mutex<DiscoveryState>>,
     config: NodeConfig,
+    errors: ::metrics::Counter,
 ) {
     let mut delay = config.discovery_interval;
     loop {
@@ -549,6 +552,7 @@ async fn discovery_loop(
                 }
             }
             Err(e) => {
+                errors.increment(1);
                 tracing::warn!(error = %e, "discovery failed");
                 delay = delay.saturating_mul(2).min(config.discovery_max_backoff);
             }

@@ -94,7 +94,6 @@ impl Outbox {
     }
 
     /// Bytes queued and not yet written.
-    #[cfg(test)]
     pub(crate) fn queued(&self) -> usize {
         self.shared.queued.load(Ordering::Relaxed)
     }

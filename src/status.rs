@@ -1,13 +1,16 @@
-//! The health report: what an operator reads first.
+//! The health report: what an operator reads first. Both reports serialise with serde (to
+//! JSON, say, for an HTTP endpoint) and deserialise back.
 
 use std::fmt;
 use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
 
 use crate::membership::NodeId;
 use crate::table::TableKind;
 
 /// The state of one table on this node.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct TableStatus {
     /// Table name.
@@ -47,7 +50,7 @@ pub struct TableStatus {
 }
 
 /// The node's health report, from [`crate::Node::status`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct NodeStatus {
     /// This node.

@@ -10,6 +10,7 @@ use hickory_resolver::net::NetError;
 use hickory_resolver::proto::rr::RData;
 use hickory_resolver::{Resolver, TokioResolver};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::peer::normalize;
 use crate::{Discovery, Error, Peer, Result};
@@ -266,10 +267,14 @@ async fn lookup_srv(resolver: &TokioResolver, name: &str) -> Result<Vec<Peer>> {
                 break;
             };
             let resolver = resolver.clone();
-            set.spawn(async move {
-                let res = lookup_addrs(&resolver, &target).await;
-                (target, port, res)
-            });
+            // In the caller's span (the node's discovery task), as every task cets spawns.
+            set.spawn(
+                async move {
+                    let res = lookup_addrs(&resolver, &target).await;
+                    (target, port, res)
+                }
+                .in_current_span(),
+            );
         }
         let Some(joined) = set.join_next().await else {
             break;

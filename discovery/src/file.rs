@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::peer::normalize;
 use crate::{Discovery, Error, Peer, Result};
@@ -264,10 +265,14 @@ impl FileDiscovery {
                     break;
                 };
                 let timeout = self.resolve_timeout;
-                set.spawn(async move {
-                    let res = resolve(&host, port, timeout).await;
-                    (line_no, res)
-                });
+                // In the caller's span (the node's discovery task), as every task cets spawns.
+                set.spawn(
+                    async move {
+                        let res = resolve(&host, port, timeout).await;
+                        (line_no, res)
+                    }
+                    .in_current_span(),
+                );
             }
             let Some(joined) = set.join_next().await else {
                 break;

@@ -110,11 +110,16 @@ impl<K: Key, V: Value> Server<K, V> {
             live: std::iter::once(self.me.clone())
                 .chain(self.links.values().map(|l| l.id.clone()))
                 .collect(),
+            moved: Arc::default(),
         };
         let control = self.control_tx.clone();
         let table = self.shared.name.clone();
+        let moved = ctx.moved.clone();
+        let metrics = self.metrics.join();
+        let span = tracing::info_span!("cets_join", node = %self.me.name, table = %self.shared.name, peer = %peer);
         tokio::spawn(
             async move {
+                let started = Instant::now();
                 // The join runs in a task of its own, so that whatever panics in it (the
                 // conflict handler is caught closer, with its key) still ends it here with a
                 // `JoinDone`: without one the pair stays marked as joining, never to join again.
@@ -134,12 +139,23 @@ impl<K: Key, V: Value> Server<K, V> {
                         })
                     }
                 };
+                let took = started.elapsed();
+                let records = moved.load(std::sync::atomic::Ordering::Relaxed);
+                metrics.finished(result.as_ref().ok().copied(), took, records);
+                match &result {
+                    Ok(conflicts) => {
+                        tracing::info!(outcome = "ok", conflicts, records, ?took, "join finished")
+                    }
+                    Err(e) => {
+                        tracing::debug!(outcome = "error", error = %e, records, ?took, "join finished")
+                    }
+                }
                 let _ = control.send(Control::JoinDone {
                     peer: done_with,
                     result,
                 });
             }
-            .in_current_span(),
+            .instrument(span),
         );
     }
 }

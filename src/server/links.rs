@@ -30,6 +30,7 @@ impl<K: Key, V: Value> Server<K, V> {
         }
         let gen = self.next_link;
         self.next_link += 1;
+        let metrics = self.metrics.peer(&pc.id.name);
         self.links.insert(
             key,
             Link {
@@ -49,6 +50,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 member_until_closed: false,
                 lasting: 0,
                 refusals: 0,
+                metrics,
             },
         );
         self.open_writer(key);
@@ -75,8 +77,9 @@ impl<K: Key, V: Value> Server<K, V> {
         };
         link.writer = writer;
         link.writer_after_inbound = link.inbound;
+        let span = link_span(&self.me, &self.shared.name, &link.id, "out");
         link.out = Some(spawn_writer(
-            pc, header, key, link.gen, writer, inputs, limit,
+            pc, header, key, link.gen, writer, inputs, limit, span,
         ));
     }
 
@@ -120,6 +123,7 @@ impl<K: Key, V: Value> Server<K, V> {
         let inputs = self.inputs_tx.clone();
         let budget = u32::try_from(self.config.max_frame_size).unwrap_or(u32::MAX);
         let room = Arc::new(Semaphore::new(budget as usize));
+        let span = link_span(&self.me, &self.shared.name, &pc.id, "in");
         tokio::spawn(
             async move {
                 loop {
@@ -161,7 +165,7 @@ impl<K: Key, V: Value> Server<K, V> {
                     }
                 }
             }
-            .in_current_span(),
+            .instrument(span),
         );
     }
 
@@ -253,6 +257,7 @@ pub(super) fn spawn_writer<K: Key, V: Value>(
     writer: u64,
     inputs: mpsc::Sender<Input<K, V>>,
     limit: usize,
+    span: tracing::Span,
 ) -> Outbox {
     let (tx, mut rx) = outbox(limit);
     tokio::spawn(
@@ -316,9 +321,19 @@ pub(super) fn spawn_writer<K: Key, V: Value>(
                     .await;
             }
         }
-        .in_current_span(),
+        .instrument(span),
     );
     tx
+}
+
+/// The span of a link's reader (`dir = "in"`) or writer (`"out"`) task.
+pub(super) fn link_span(
+    me: &NodeId,
+    table: &str,
+    peer: &NodeId,
+    dir: &'static str,
+) -> tracing::Span {
+    tracing::info_span!("cets_link", node = %me.name, table = %table, peer = %peer, dir)
 }
 
 #[cfg(test)]

@@ -41,6 +41,7 @@ use crate::config::{deadline_after, NodeConfig};
 use crate::hlc::HybridClock;
 use crate::join::{self, JoinCtx};
 use crate::membership::{NodeId, OwnerIdx, Owners};
+use crate::metrics::{PeerMetrics, TableMetrics};
 use crate::outbox::{outbox, Outbox, Refused};
 use crate::proto::{
     close, stop, Chunker, JoinRep, JoinReq, Op, OpKind, PeerMsg, StreamHeader, WireRecord,
@@ -179,6 +180,8 @@ struct Link {
     /// The sum of the marks of the writes of other nodes that a record or tombstone of this
     /// member refused here (`Server::note_refusals`); mixed into the epoch with `lasting`.
     refusals: u64,
+    /// The link's metric handles (queue bytes, replication lag).
+    metrics: PeerMetrics,
 }
 
 impl Link {
@@ -224,6 +227,8 @@ enum Inserted<K, V> {
 
 struct Pending {
     seq: u64,
+    /// When the batch was queued to the members (`cets_ack_latency_seconds`).
+    sent: Instant,
     replies: Vec<oneshot::Sender<Result<()>>>,
     waiting: Vec<OwnerIdx>,
     deadline: Instant,
@@ -287,6 +292,8 @@ pub(crate) struct Server<K, V> {
     repeats: Repeats,
     /// When expired records are removed next (`TableOptions::expire_after`).
     next_sweep: Instant,
+    /// The table's metric handles (`crate::metrics`).
+    metrics: TableMetrics,
 }
 
 /// Everything a server needs from its node.
@@ -320,6 +327,7 @@ mod housekeeping;
 mod links;
 mod node_down;
 mod notify;
+mod observe;
 mod participant;
 mod writes;
 
@@ -335,6 +343,7 @@ impl<K: Key, V: Value> Server<K, V> {
         let me_idx = owners.intern(&parts.me);
         let span =
             tracing::info_span!("cets_table", node = %parts.me.name, table = %parts.shared.name);
+        let metrics = TableMetrics::new(&parts.me.name, &parts.shared.name);
         let server = Server {
             shared: parts.shared,
             opts: parts.opts,
@@ -370,6 +379,7 @@ impl<K: Key, V: Value> Server<K, V> {
             gone: HashSet::new(),
             repeats: Repeats::new(),
             next_sweep: Instant::now(),
+            metrics,
         };
         Ok(tokio::spawn(server.run().instrument(span)))
     }

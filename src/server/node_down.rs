@@ -10,6 +10,9 @@ impl<K: Key, V: Value> Server<K, V> {
         };
         let link = self.links.remove(&key);
         let was_link = link.is_some();
+        if let Some(l) = &link {
+            l.metrics.clear();
+        }
         let (lasting, refusals) = link.as_ref().map_or((0, 0), |l| (l.lasting, l.refusals));
         // A member whose table stream closed just before (the writer task reported the lost
         // connection before the node's `PeerDown` got here) was a member all the same.
@@ -54,6 +57,7 @@ impl<K: Key, V: Value> Server<K, V> {
             self.epoch ^= departure_mark(id, lasting, refusals);
             self.publish_members();
         }
+        self.metrics.node_down_drops.increment(removed.len() as u64);
         if was_link || was_member || !removed.is_empty() {
             tracing::info!(peer = %id, dropped = removed.len(), "node down");
         }

@@ -90,6 +90,7 @@ impl<K: Key, V: Value> Server<K, V> {
             }
             next = self.writes.try_recv().ok();
         }
+        self.metrics.writes.increment(accepted_ops.len() as u64);
         if !replicate {
             self.apply_local(accepted_ops);
             for r in replies {
@@ -112,6 +113,8 @@ impl<K: Key, V: Value> Server<K, V> {
                 return;
             }
         };
+        self.metrics.batch_writes.record(count as f64);
+        self.metrics.batch_bytes.record(frame.len() as f64);
         let mut waiting = Vec::with_capacity(self.members.len());
         for key in &self.members {
             if self.links.get(key).is_some_and(|l| l.queue(frame.clone())) {
@@ -124,6 +127,7 @@ impl<K: Key, V: Value> Server<K, V> {
         self.apply_local(accepted_ops);
         self.pending.push_back(Pending {
             seq: self.seq,
+            sent: Instant::now(),
             replies,
             waiting,
             deadline: deadline_after(self.opts.ack_timeout),
@@ -149,6 +153,9 @@ impl<K: Key, V: Value> Server<K, V> {
                 break;
             }
             if let Some(p) = self.pending.pop_front() {
+                if !p.waiting.is_empty() {
+                    self.metrics.ack_latency.record(p.sent.elapsed());
+                }
                 for r in p.replies {
                     let _ = r.send(Ok(()));
                 }

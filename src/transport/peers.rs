@@ -30,6 +30,7 @@ use super::frame::{self, FrameReader};
 use super::handshake::{self, Authenticated, Credentials};
 use crate::config::{deadline_after, NodeConfig};
 use crate::membership::NodeId;
+use crate::metrics::NodeMetrics;
 use crate::proto::{close, StreamHeader};
 use crate::registry::{PeerConn, Registry, TableEvent};
 
@@ -126,6 +127,7 @@ pub(crate) struct PeerManager {
     dialing: HashSet<SocketAddr>,
     self_addrs: HashSet<SocketAddr>,
     unavailable: HashMap<SocketAddr, Unavailable>,
+    metrics: NodeMetrics,
 }
 
 impl PeerManager {
@@ -144,6 +146,7 @@ impl PeerManager {
             self_addrs.insert(canonical(a));
         }
         let span = tracing::info_span!("cets_node", node = %me.name);
+        let metrics = NodeMetrics::new(&me.name);
         tokio::spawn(
             accept_loop(
                 endpoint.clone(),
@@ -165,6 +168,7 @@ impl PeerManager {
             dialing: HashSet::new(),
             self_addrs,
             unavailable: HashMap::new(),
+            metrics,
         };
         tokio::spawn(manager.run(rx).instrument(span));
         tx
@@ -293,6 +297,7 @@ impl PeerManager {
             self.tx.clone(),
         );
         let timeout = self.config.handshake_timeout;
+        let span = tracing::info_span!("cets_dial", node = %self.me.name, peer = %addr);
         tokio::spawn(
             async move {
                 let mut dialed: Option<Connection> = None;
@@ -322,13 +327,14 @@ impl PeerManager {
                     Err(_) if closed_with == Some(close::REDIRECT) => Command::Redirected(addr),
                     Err(e) => {
                         if matches!(e, crate::Error::Handshake { .. }) {
+                            crate::metrics::refused(&me.name, crate::metrics::refusal_reason(&e));
                             tracing::warn!(%addr, error = %e, "handshake refused");
                         }
                         Command::DialFailed(addr, e.to_string())
                     }
                 });
             }
-            .in_current_span(),
+            .instrument(span),
         );
     }
 
@@ -359,6 +365,7 @@ impl PeerManager {
                 }
             } else {
                 tracing::error!(%addr, name = %peer.name, "another node uses this node's name; refusing it");
+                self.metrics.refused("name");
                 self.failed(addr, format!("node name {} is used twice", peer.name));
                 a.conn.close(
                     VarInt::from_u32(close::DUPLICATE),
@@ -414,6 +421,7 @@ impl PeerManager {
                 conn: conn.clone(),
             },
         );
+        self.metrics.connections.set(self.active.len() as f64);
         let pc = PeerConn {
             id: peer.clone(),
             conn: conn.clone(),
@@ -422,14 +430,18 @@ impl PeerManager {
         let tx = self.tx.clone();
         let watched = conn.clone();
         let name = peer.name.clone();
-        tokio::spawn(async move {
-            let reason = watched.closed().await;
-            let _ = tx.send(Command::Closed {
-                name,
-                stable_id: watched.stable_id(),
-                reason: reason.to_string(),
-            });
-        });
+        let span = tracing::info_span!("cets_peer", node = %self.me.name, peer = %peer);
+        tokio::spawn(
+            async move {
+                let reason = watched.closed().await;
+                let _ = tx.send(Command::Closed {
+                    name,
+                    stable_id: watched.stable_id(),
+                    reason: reason.to_string(),
+                });
+            }
+            .instrument(span.clone()),
+        );
         // Tables hear PeerUp before any stream of the peer reaches them (the registry's
         // channels keep order), so a refusal always finds the peer's link.
         self.registry.broadcast(|| TableEvent::PeerUp(pc.clone()));
@@ -439,7 +451,7 @@ impl PeerManager {
                 self.registry.clone(),
                 self.config.max_frame_size,
             )
-            .in_current_span(),
+            .instrument(span),
         );
     }
 
@@ -447,11 +459,15 @@ impl PeerManager {
     /// if it has not.
     fn close_unless_closed(&self, conn: Connection, code: u32, reason: &'static [u8]) {
         let wait = self.config.handshake_timeout;
-        tokio::spawn(async move {
-            if tokio::time::timeout(wait, conn.closed()).await.is_err() {
-                conn.close(VarInt::from_u32(code), reason);
+        let span = tracing::info_span!("cets_closing", node = %self.me.name, peer = %conn.remote_address());
+        tokio::spawn(
+            async move {
+                if tokio::time::timeout(wait, conn.closed()).await.is_err() {
+                    conn.close(VarInt::from_u32(code), reason);
+                }
             }
-        });
+            .instrument(span),
+        );
     }
 
     fn closed(&mut self, name: &str, stable_id: usize, reason: &str) {
@@ -461,6 +477,7 @@ impl PeerManager {
             .is_some_and(|a| a.conn.stable_id() == stable_id)
         {
             if let Some(a) = self.active.remove(name) {
+                self.metrics.connections.set(self.active.len() as f64);
                 tracing::info!(peer = %a.id, %reason, "connection lost; node is down");
                 self.unavailable.insert(
                     canonical(a.conn.remote_address()),
@@ -497,6 +514,7 @@ async fn accept_loop(
                     continue;
                 }
                 Admit::Refuse => {
+                    crate::metrics::refused(&me.name, "busy");
                     tracing::debug!(%addr, "too many handshakes in progress; connection refused");
                     incoming.refuse();
                     continue;
@@ -504,6 +522,7 @@ async fn accept_loop(
             };
         let (me, auth, tx) = (me.clone(), auth.clone(), tx.clone());
         let timeout = config.handshake_timeout;
+        let span = tracing::info_span!("cets_accept", node = %me.name, peer = %addr);
         tokio::spawn(
             async move {
                 let conn = match tokio::time::timeout(timeout, incoming).await {
@@ -520,6 +539,7 @@ async fn accept_loop(
                 // The QUIC handshake proved the address: now it counts against its IP.
                 let ip = canonical(conn.remote_address()).ip();
                 if !slot.claim_ip(ip) {
+                    crate::metrics::refused(&me.name, "per_ip");
                     let reason = format!("too many handshakes from {ip}");
                     tracing::warn!(%addr, "{reason}; connection closed");
                     conn.close(VarInt::from_u32(close::PROTOCOL), reason.as_bytes());
@@ -529,10 +549,13 @@ async fn accept_loop(
                     Ok(a) => {
                         let _ = tx.send(Command::Authenticated(a));
                     }
-                    Err(e) => tracing::warn!(%addr, error = %e, "refused incoming connection"),
+                    Err(e) => {
+                        crate::metrics::refused(&me.name, crate::metrics::refusal_reason(&e));
+                        tracing::warn!(%addr, error = %e, "refused incoming connection")
+                    }
                 }
             }
-            .in_current_span(),
+            .instrument(span),
         );
     }
 }
