@@ -21,6 +21,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use cets::discovery::{FileDiscovery, StaticDiscovery};
@@ -104,11 +105,11 @@ impl Seen {
 /// Runs `test` on a current-thread runtime with a recorder of its own (see the module doc).
 fn with_recorder<F, Fut>(test: F)
 where
-    F: FnOnce(Arc<Seen>) -> Fut,
+    F: FnOnce(Rc<Seen>) -> Fut,
     Fut: Future<Output = ()>,
 {
     let recorder = DebuggingRecorder::new();
-    let seen = Arc::new(Seen {
+    let seen = Rc::new(Seen {
         snapshotter: recorder.snapshotter(),
         counters: RefCell::default(),
         gauges: RefCell::default(),
@@ -376,6 +377,15 @@ fn tasks_run_in_spans_with_node_table_and_peer() {
         entered
             .iter()
             .any(|(n, f)| *n == "cets_link" && on_b(f) && peer_is(f, "a") && has(f, "dir", "in")),
+        "{entered:?}"
+    );
+    // a's writer task that sent it.
+    assert!(
+        entered.iter().any(|(n, f)| *n == "cets_link"
+            && has(f, "node", "a")
+            && has(f, "table", "t_spans")
+            && peer_is(f, "b")
+            && has(f, "dir", "out")),
         "{entered:?}"
     );
     // a coordinated the join (the smaller name), in a span of its own, and logged its end.

@@ -77,9 +77,11 @@ impl<K: Key, V: Value> Server<K, V> {
         };
         link.writer = writer;
         link.writer_after_inbound = link.inbound;
+        // The writer task runs in the link's span (`spawn_writer` spawns it in the current one).
         let span = link_span(&self.me, &self.shared.name, &link.id, "out");
+        let _in_span = span.enter();
         link.out = Some(spawn_writer(
-            pc, header, key, link.gen, writer, inputs, limit, span,
+            pc, header, key, link.gen, writer, inputs, limit,
         ));
     }
 
@@ -257,7 +259,6 @@ pub(super) fn spawn_writer<K: Key, V: Value>(
     writer: u64,
     inputs: mpsc::Sender<Input<K, V>>,
     limit: usize,
-    span: tracing::Span,
 ) -> Outbox {
     let (tx, mut rx) = outbox(limit);
     tokio::spawn(
@@ -321,7 +322,7 @@ pub(super) fn spawn_writer<K: Key, V: Value>(
                     .await;
             }
         }
-        .instrument(span),
+        .in_current_span(),
     );
     tx
 }
