@@ -1,4 +1,4 @@
-//! Metrics: what the library records, through the [`metrics`](::metrics) facade crate.
+//! Metrics: what the library records, through the [`metrics`] facade crate.
 //!
 //! cets records into whatever recorder the application installed (Prometheus, StatsD, ... see
 //! the `metrics` crate's exporters; `examples/prometheus.rs` serves them over HTTP). With no
