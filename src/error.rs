@@ -83,6 +83,15 @@ pub enum Error {
     /// Waiting for something took longer than the caller allowed.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    /// A persistence backend failed, or a snapshot could not be read: `file` names the file
+    /// (or the store) concerned.
+    #[error("persistence: {file}: {reason}")]
+    Persistence {
+        /// The file, directory or store concerned.
+        file: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// A user callback (conflict handler, `on_node_down`, owner function) panicked. Only the
     /// write or join that called it fails; the table goes on.
     #[error("the {callback} of table {table:?} panicked: {reason}")]

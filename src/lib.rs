@@ -43,6 +43,7 @@ pub mod metrics;
 mod node;
 mod outbox;
 pub mod ownership;
+pub mod persistence;
 mod proto;
 mod record_ttl;
 mod registry;

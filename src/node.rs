@@ -246,6 +246,29 @@ fn expiry_mark(expire_ms: Option<u64>) -> u64 {
     })
 }
 
+/// The last snapshot of a table started with `TableOptions::persist`, decoded; or, if it cannot
+/// be read and the options say to start empty, nothing and the error.
+async fn restore_of<K: Key, V: Value>(
+    name: &str,
+    opts: &TableOptions<K, V>,
+) -> Result<(Vec<crate::persistence::SnapBlock<K, V>>, Option<String>)> {
+    let Some(p) = &opts.persist else {
+        return Ok((Vec::new(), None));
+    };
+    let loaded = p.backend.load(name).await.and_then(|blocks| match blocks {
+        None => Ok(Vec::new()),
+        Some(b) => crate::persistence::decode_blocks(&format!("snapshot of table {name:?}"), &b),
+    });
+    match loaded {
+        Ok(blocks) => Ok((blocks, None)),
+        Err(e) if p.on_restore_error == crate::persistence::OnRestoreError::StartEmpty => {
+            tracing::error!(table = name, error = %e, "snapshot unreadable; starting empty");
+            Ok((Vec::new(), Some(e.to_string())))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// A stable fingerprint of the key and value types (FNV-1a of their type names).
 fn fingerprint<K, V>() -> u64 {
     let mut h: u64 = FNV_OFFSET;
@@ -305,6 +328,7 @@ impl Node {
         // Nodes whose records live differently must not share the table: the same refusal as
         // for different types.
         crate::ownership::check(&opts)?;
+        let (restore, restore_error) = restore_of::<K, V>(name, &opts).await?;
         let fp = fingerprint::<K, V>()
             ^ expiry_mark(expire_ms)
             ^ crate::ownership::fingerprint_mark(opts.ownership);
@@ -339,6 +363,8 @@ impl Node {
             control: control_rx,
             control_tx: control_tx.clone(),
             events: ev_rx,
+            restore,
+            restore_error,
         });
         if let Err(e) = spawned {
             self.inner.registry.remove(name);

@@ -47,6 +47,8 @@ pub struct TableStatus {
     /// Tombstones held: recent deletes that stop older writes still on their way, and in a
     /// cluster-owned table the deletes younger than its tombstone retention.
     pub tombstones: usize,
+    /// Snapshots and restore, for a table started with `TableOptions::persist`.
+    pub persistence: Option<crate::persistence::PersistStatus>,
 }
 
 /// The node's health report, from [`crate::Node::status`].

@@ -78,6 +78,7 @@ pub struct TableOptions<K, V> {
     pub(crate) subscription_buffer: usize,
     pub(crate) ownership: crate::Ownership,
     pub(crate) tombstone_retention: Duration,
+    pub(crate) persist: Option<crate::persistence::PersistOptions>,
 }
 
 impl<K, V> Clone for TableOptions<K, V> {
@@ -93,6 +94,7 @@ impl<K, V> Clone for TableOptions<K, V> {
             subscription_buffer: self.subscription_buffer,
             ownership: self.ownership,
             tombstone_retention: self.tombstone_retention,
+            persist: self.persist.clone(),
         }
     }
 }
@@ -125,6 +127,7 @@ impl<K, V> TableOptions<K, V> {
             subscription_buffer: crate::subscription::DEFAULT_SUBSCRIPTION_BUFFER,
             ownership: crate::Ownership::Node,
             tombstone_retention: crate::ownership::DEFAULT_TOMBSTONE_RETENTION,
+            persist: None,
         }
     }
 
@@ -250,6 +253,16 @@ impl<K, V> TableOptions<K, V> {
     /// `ownership(Ownership::Cluster)` (see [`crate::Ownership::Cluster`]).
     pub fn cluster_owned(self) -> Self {
         self.ownership(crate::Ownership::Cluster)
+    }
+
+    /// Snapshots the table as `p` says, and restores the last snapshot when the table starts
+    /// (see [`crate::persistence`]): a node-owned table restores the records this node's name
+    /// owned (they become the new incarnation's), a cluster-owned table every record and the
+    /// tombstones younger than its retention. The join that follows merges them with the live
+    /// members by stamp.
+    pub fn persist(mut self, p: crate::persistence::PersistOptions) -> Self {
+        self.persist = Some(p);
+        self
     }
 
     /// The table's ownership mode.

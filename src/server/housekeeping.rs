@@ -61,6 +61,7 @@ impl<K: Key, V: Value> Server<K, V> {
         // Requests whose coordinator gave up (its join ended) wait for no reply any more.
         self.join_replies.retain(|_, a| !a.tx.is_closed());
         self.forget_tombstones();
+        self.persist_tick(now);
         // Records with a lifetime of their own (`insert_with_ttl`) are swept every second.
         let every = match self.shared.expire_ms {
             Some(ttl_ms) => Some(Duration::from_millis(ttl_ms / 4).clamp(SWEEP_MIN, SWEEP_MAX)),
@@ -257,6 +258,7 @@ impl<K: Key, V: Value> Server<K, V> {
             disagreeing,
             known_nodes: self.owners.len(),
             tombstones: self.tombstones.len(),
+            persistence: self.persist_status(),
         }
     }
 }

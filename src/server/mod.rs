@@ -294,6 +294,8 @@ pub(crate) struct Server<K, V> {
     next_sweep: Instant,
     /// The table's metric handles (`crate::metrics`).
     metrics: TableMetrics,
+    /// Snapshots (`TableOptions::persist`).
+    persist: persist::PersistState,
 }
 
 /// Everything a server needs from its node.
@@ -308,6 +310,10 @@ pub(crate) struct ServerParts<K, V> {
     pub control: mpsc::UnboundedReceiver<Control<K, V>>,
     pub control_tx: mpsc::UnboundedSender<Control<K, V>>,
     pub events: mpsc::UnboundedReceiver<TableEvent>,
+    /// The blocks of the last snapshot, decoded (`TableOptions::persist`), and the error that
+    /// made the node start empty instead, if any.
+    pub restore: Vec<crate::persistence::SnapBlock<K, V>>,
+    pub restore_error: Option<String>,
 }
 
 /// A `Vec` that postcard appends to by reference, so the bytes before an encode that fails are
@@ -329,10 +335,12 @@ mod node_down;
 mod notify;
 mod observe;
 mod participant;
+mod persist;
 mod writes;
 
 impl<K: Key, V: Value> Server<K, V> {
     pub(crate) fn spawn(parts: ServerParts<K, V>) -> Result<tokio::task::JoinHandle<()>> {
+        let (restore, restore_error) = (parts.restore, parts.restore_error);
         let header = frame::encode(&StreamHeader {
             table: parts.shared.name.clone(),
             kind: parts.shared.kind,
@@ -380,7 +388,10 @@ impl<K: Key, V: Value> Server<K, V> {
             repeats: Repeats::new(),
             next_sweep: Instant::now(),
             metrics,
+            persist: persist::PersistState::default(),
         };
+        let mut server = server;
+        span.in_scope(|| server.restore(restore, restore_error));
         Ok(tokio::spawn(server.run().instrument(span)))
     }
 

@@ -1,0 +1,100 @@
+//! Persistence of tables: a backend trait and the built-in directory backend.
+//!
+//! A table started with [`crate::TableOptions::persist`] is snapshotted by its table server every
+//! interval: the server copies its records (and, in a cluster-owned table, its tombstones) and
+//! hands them to a background task, which encodes them in blocks and gives the blocks to the
+//! backend. Writers wait only for the copy, never for the encoding or the disk. A node that starts
+//! the table restores the last snapshot before it joins anyone, so the join merges it with the
+//! live members by stamp, never over newer data (ALGORITHM.md, section 14).
+//!
+//! A failing backend is retried with back-off and reported in [`crate::TableStatus::persistence`];
+//! replication and reads go on.
+
+mod dir;
+mod snapshot;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use dir::DirectoryBackend;
+pub(crate) use snapshot::{decode_blocks, SnapBlock, SnapRecord, SnapTombstone};
+
+use crate::Result;
+
+/// Where snapshots of tables go. A backend stores, per table name, the blocks of the table's last
+/// snapshot, and returns them as they were saved. Implementations must replace a table's snapshot
+/// atomically (a crash during `save` leaves the previous one), and report a damaged store as
+/// [`crate::Error::Persistence`] naming what is damaged, never panic.
+#[async_trait]
+pub trait Persistence: Send + Sync + 'static {
+    /// Replaces the snapshot of `table` by `blocks` (each an opaque byte string); returns the
+    /// bytes stored.
+    async fn save(&self, table: &str, blocks: Vec<Vec<u8>>) -> Result<u64>;
+    /// The blocks of the last snapshot of `table`, or `None` if there is none.
+    async fn load(&self, table: &str) -> Result<Option<Vec<Vec<u8>>>>;
+}
+
+/// What a node does when a table's snapshot cannot be read at start (corrupt, truncated,
+/// unreadable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnRestoreError {
+    /// `Node::start` returns the error (naming the file): the operator decides. The default.
+    #[default]
+    Refuse,
+    /// The table starts empty (the error is logged and shown in the status); it gets the live
+    /// members' records by the join, and the next snapshot replaces the damaged one.
+    StartEmpty,
+}
+
+/// How a table is persisted (see [`crate::TableOptions::persist`]).
+#[derive(Clone)]
+pub struct PersistOptions {
+    pub(crate) backend: Arc<dyn Persistence>,
+    pub(crate) every: Duration,
+    pub(crate) on_restore_error: OnRestoreError,
+}
+
+impl std::fmt::Debug for PersistOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PersistOptions")
+            .field("every", &self.every)
+            .field("on_restore_error", &self.on_restore_error)
+            .finish()
+    }
+}
+
+impl PersistOptions {
+    /// Snapshots to `backend` every `every` (Mantis uses 60 s; at least 10 ms).
+    pub fn new(backend: impl Persistence, every: Duration) -> Self {
+        Self {
+            backend: Arc::new(backend),
+            every: every.max(Duration::from_millis(10)),
+            on_restore_error: OnRestoreError::Refuse,
+        }
+    }
+
+    /// What to do with a snapshot that cannot be read at start (default: refuse to start).
+    pub fn on_restore_error(mut self, o: OnRestoreError) -> Self {
+        self.on_restore_error = o;
+        self
+    }
+}
+
+/// The persistence of one table on this node, in [`crate::TableStatus::persistence`].
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct PersistStatus {
+    /// Snapshots written since start.
+    pub snapshots: u64,
+    /// Bytes of the last snapshot written.
+    pub snapshot_bytes: u64,
+    /// Time since the last snapshot was written (`None`: none yet).
+    pub snapshot_age: Option<Duration>,
+    /// Records restored at start.
+    pub restored: u64,
+    /// The last error (a failed snapshot, or a snapshot that could not be restored), with how
+    /// long ago it happened; cleared by the next successful snapshot.
+    pub last_error: Option<String>,
+}
