@@ -8,7 +8,7 @@
 //!
 //! - `CETS_BENCH_FULL=1` (or `cargo bench --bench cluster -- --full`) runs the full sizes
 //!   (longer phases, a join of 1 M + 1 M records).
-//! - Positional arguments pick sections: `memory get latency throughput batch join down`
+//! - Positional arguments pick sections: `memory get latency throughput batch join down ae`
 //!   (default: all), e.g. `cargo bench --bench cluster -- latency join`.
 //!
 //! Two measurements run in a child process (this same binary, re-executed with
@@ -34,6 +34,9 @@ type Tab = Table<u64, Val>;
 type Rec = (u64, Val);
 
 const COOKIE: &str = "cets-bench";
+
+#[path = "cluster/anti_entropy.rs"]
+mod anti_entropy;
 
 // ------------------------------------------------------------------------------------------
 // Counting allocator: live bytes, only while COUNTING is set (the `memory` child sets it first
@@ -1879,6 +1882,10 @@ fn main() {
         ("batch", Box::new(|| rt.block_on(batches(&s)))),
         ("join", Box::new(|| rt.block_on(join(&s)))),
         ("down", Box::new(|| rt.block_on(down(&s)))),
+        (
+            "ae",
+            Box::new(|| rt.block_on(anti_entropy::anti_entropy(&s))),
+        ),
     ];
     for (name, run) in sections {
         if !wants(name) {

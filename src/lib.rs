@@ -35,6 +35,8 @@
 mod callbacks;
 pub mod config;
 pub mod conflict;
+mod convergence;
+mod digest;
 mod error;
 pub mod hlc;
 mod join;
@@ -54,6 +56,8 @@ pub mod status;
 mod store;
 pub mod subscription;
 mod table;
+#[cfg(feature = "testing")]
+mod testing;
 mod tombstones;
 mod transport;
 

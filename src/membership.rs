@@ -45,9 +45,19 @@ pub(crate) struct Owners {
     ids: Vec<Option<NodeId>>,
     index: HashMap<NodeId, OwnerIdx>,
     free: Vec<OwnerIdx>,
+    /// The table's digest hashes owners by identity: told of every index given.
+    hashes: Option<crate::digest::OwnerHashes>,
 }
 
 impl Owners {
+    /// Owners that tell `hashes` (the table's digest) the identity of every index they give.
+    pub(crate) fn hashed(hashes: crate::digest::OwnerHashes) -> Self {
+        Self {
+            hashes: Some(hashes),
+            ..Self::default()
+        }
+    }
+
     pub(crate) fn intern(&mut self, id: &NodeId) -> OwnerIdx {
         if let Some(&i) = self.index.get(id) {
             return i;
@@ -62,6 +72,9 @@ impl Owners {
             (self.ids.len() - 1) as OwnerIdx
         });
         self.index.insert(id.clone(), i);
+        if let Some(h) = &self.hashes {
+            crate::digest::name_owner(h, i, id);
+        }
         i
     }
 

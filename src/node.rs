@@ -10,13 +10,13 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::config::{deadline_after, NodeConfig};
+use crate::digest::Records;
 use crate::discovery::{Discovery, StaticDiscovery};
 use crate::hlc::HybridClock;
 use crate::membership::NodeId;
 use crate::registry::{Registry, TableEntry};
 use crate::server::{Control, Server, ServerParts};
 use crate::status::{NodeStatus, TableStatus};
-use crate::store::Store;
 use crate::table::{Key, Shared, Table, TableOptions, Value};
 use crate::transport::handshake::Credentials;
 use crate::transport::peers::{canonical, Command, PeerManager, PeersView};
@@ -346,7 +346,7 @@ impl Node {
         let shared = Arc::new(Shared {
             name: name.to_string(),
             kind,
-            store: Store::new(kind),
+            store: Records::new(kind, self.inner.config.anti_entropy_interval.is_some()),
             members: std::sync::RwLock::new(Vec::new()),
             expire_ms,
             record_ttl: std::sync::atomic::AtomicBool::new(false),

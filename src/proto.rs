@@ -15,7 +15,7 @@ use crate::membership::NodeId;
 use crate::table::TableKind;
 
 /// Version of the wire protocol. Nodes with different versions refuse each other.
-pub(crate) const PROTOCOL_VERSION: u32 = 3;
+pub(crate) const PROTOCOL_VERSION: u32 = 4;
 /// First bytes of every [`Hello`].
 pub(crate) const MAGIC: [u8; 4] = *b"CETS";
 
@@ -94,6 +94,61 @@ pub(crate) enum PeerMsg<K, V> {
     Join { req: u64, body: JoinReq<K, V> },
     /// The answer to a join request.
     JoinReply { req: u64, body: JoinRep<K, V> },
+    /// Anti-entropy: digests of the table's contents and their repair.
+    AntiEntropy(AeMsg<K, V>),
+}
+
+/// What a table server has applied, as anti-entropy compares it: for itself and each member,
+/// the `seq` of that node's last write batch it has applied (its own: the last it sent),
+/// sorted by node. Two servers whose frontiers and views are equal hold the result of the
+/// same writes.
+pub(crate) type Frontier = Vec<(NodeId, u64)>;
+
+/// Anti-entropy messages (ALGORITHM.md, section 15). Each carries the sender's view and
+/// frontier when it was sent; the receiver acts on it only if both equal its own now.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum AeMsg<K, V> {
+    /// Every round, to every member: the summary of the digest and the number of records.
+    Digest {
+        view: u64,
+        frontier: Frontier,
+        root: u64,
+        count: u64,
+    },
+    /// The digests differ: here are my buckets, (sum, count) each.
+    Buckets {
+        view: u64,
+        frontier: Frontier,
+        buckets: Vec<(u64, u64)>,
+    },
+    /// The records of the buckets that differ (all of them, bucket by bucket), as stamps and
+    /// value hashes; `owner` indexes `owners`.
+    Entries {
+        view: u64,
+        frontier: Frontier,
+        buckets: Vec<u32>,
+        owners: Vec<NodeId>,
+        entries: Vec<AeEntry<K>>,
+    },
+    /// The repair: store `records` by the rule of a replicated write, remove the versions in
+    /// `remove` if still held, and (if `answer`) send back the records named in `want`.
+    Repair {
+        owners: Vec<NodeId>,
+        records: Vec<WireRecord<K, V>>,
+        remove: Vec<AeEntry<K>>,
+        want: Vec<(K, u64)>,
+        answer: bool,
+    },
+}
+
+/// One record (one object, in a bag) as anti-entropy lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct AeEntry<K> {
+    pub key: K,
+    pub ts: u64,
+    pub owner: u32,
+    /// The stable hash of the value (`crate::digest::value_hash`).
+    pub value: u64,
 }
 
 /// Join requests (see `ALGORITHM.md`).

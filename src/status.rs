@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::digest::{AntiEntropyStatus, PeerDigest};
 use crate::membership::NodeId;
 use crate::table::TableKind;
 
@@ -49,6 +50,9 @@ pub struct TableStatus {
     pub tombstones: usize,
     /// Snapshots and restore, for a table started with `TableOptions::persist`.
     pub persistence: Option<crate::persistence::PersistStatus>,
+    /// Anti-entropy (`NodeConfig::anti_entropy_interval`): this table's digest and how each
+    /// member's compares with it. `None` when anti-entropy is off.
+    pub anti_entropy: Option<AntiEntropyStatus>,
 }
 
 /// The node's health report, from [`crate::Node::status`].
@@ -142,6 +146,21 @@ impl fmt::Display for NodeStatus {
             }
             for (n, why) in &t.refused {
                 writeln!(f, "    refused {n}: {why}")?;
+            }
+            if let Some(a) = &t.anti_entropy {
+                let behind: Vec<&str> = a
+                    .peers
+                    .iter()
+                    .filter(|p| !p.matches)
+                    .map(|p| p.node.as_str())
+                    .collect();
+                if !behind.is_empty() {
+                    writeln!(f, "    digest not (yet) matched by: {}", behind.join(", "))?;
+                }
+                let repaired: u64 = a.peers.iter().map(|p| p.repaired).sum();
+                if repaired > 0 {
+                    writeln!(f, "    {repaired} records repaired by anti-entropy")?;
+                }
             }
         }
         Ok(())

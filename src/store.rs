@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crossbeam_skiplist::SkipMap;
 use serde::Serialize;
 
+use crate::digest::Hook;
 use crate::membership::OwnerIdx;
 use crate::sharded_map::ShardedMap;
 use crate::table::TableKind;
@@ -99,7 +100,7 @@ pub(crate) fn same_value<V: Serialize>(a: &V, b: &V) -> bool {
 
 impl<K, V> Store<K, V>
 where
-    K: Hash + Eq + Ord + Clone + Send + Sync + 'static,
+    K: Hash + Eq + Ord + Clone + Serialize + Send + Sync + 'static,
     V: Clone + Serialize + Send + Sync + 'static,
 {
     pub(crate) fn new(kind: TableKind) -> Self {
@@ -220,6 +221,10 @@ where
     }
 
     // ---- writes (the table server only) ----
+    //
+    // Every method that changes the store takes the digest's `Hook` and reports to it each
+    // record it stores or removes (`crate::digest::Records` passes it): anti-entropy compares
+    // digests, so a change the digest misses is a difference reported between equal replicas.
 
     /// Timestamp and owner of a set/ordered_set record.
     pub(crate) fn meta(&self, k: &K) -> Option<(u64, OwnerIdx)> {
@@ -233,35 +238,38 @@ where
     /// Stores a record: replaces the key's record (set, ordered_set) or adds the object unless
     /// an equal one is stored (bag).
     #[cfg(test)]
-    pub(crate) fn put(&self, k: K, rec: Rec<V>) {
-        match self {
-            Store::Set(m) => {
-                m.insert(k, rec);
-            }
-            Store::Ordered(m) => {
-                m.insert(k, rec);
-            }
-            Store::Bag { .. } => self.put_object(k, rec, |_, _| false),
-        }
+    pub(crate) fn put(&self, k: K, rec: Rec<V>, h: &Hook<'_>) {
+        // A bag keeps the stored one of two equal objects.
+        let bag = matches!(self, Store::Bag { .. });
+        self.put_many_if(vec![(k, rec)], |_, _, _| !bag, h);
     }
 
     /// Bag: adds the object unless an equal one is stored; if one is, `replace(new, stored)`
     /// says whether the new record takes its place (its stamp and owner).
-    fn put_object(&self, k: K, rec: Rec<V>, replace: impl FnOnce(&Rec<V>, &Rec<V>) -> bool) {
+    fn put_object(
+        &self,
+        k: K,
+        rec: Rec<V>,
+        replace: impl FnOnce(&Rec<V>, &Rec<V>) -> bool,
+        h: &Hook<'_>,
+    ) {
         let Store::Bag { map, objects } = self else {
             return;
         };
+        let key = k.clone();
         let added = map.edit(
             k,
             Some(Vec::new),
             |list| match list.iter().position(|r| same_value(&r.value, &rec.value)) {
                 Some(i) => {
                     if replace(&rec, &list[i]) {
+                        h.replace(&key, Some(&list[i]), &rec);
                         list[i] = rec;
                     }
                     false
                 }
                 None => {
+                    h.add(&key, &rec);
                     list.push(rec);
                     true
                 }
@@ -282,13 +290,22 @@ where
         &self,
         recs: Vec<(K, Rec<V>)>,
         mut wins: impl FnMut(&K, &Rec<V>, Option<&Rec<V>>) -> bool,
+        h: &Hook<'_>,
     ) {
         match self {
-            Store::Set(m) => m.insert_many_if(recs, wins),
+            Store::Set(m) => m.insert_many_if(recs, |k, new, cur| {
+                let won = wins(k, new, cur);
+                if won {
+                    h.replace(k, cur, new);
+                }
+                won
+            }),
             Store::Ordered(m) => {
                 for (k, rec) in recs {
-                    let won = wins(&k, &rec, m.get(&k).as_ref().map(|e| e.value()));
+                    let cur = m.get(&k);
+                    let won = wins(&k, &rec, cur.as_ref().map(|e| e.value()));
                     if won {
+                        h.replace(&k, cur.as_ref().map(|e| e.value()), &rec);
                         m.insert(k, rec);
                     }
                 }
@@ -297,7 +314,7 @@ where
                 for (k, rec) in recs {
                     let won = |new: &Rec<V>, cur: &Rec<V>| wins(&k, new, Some(cur));
                     // `k` is lent to the check and given to the map: the map needs its own.
-                    self.put_object(k.clone(), rec, won);
+                    self.put_object(k.clone(), rec, won, h);
                 }
             }
         }
@@ -309,20 +326,26 @@ where
         &self,
         k: &K,
         wins: impl FnOnce((u64, OwnerIdx)) -> bool,
+        h: &Hook<'_>,
     ) -> Option<bool> {
         match self {
-            Store::Set(m) => m
-                .remove_if(k, |r| wins((r.ts, r.owner)))
-                .map(|removed| removed.is_some()),
+            Store::Set(m) => m.remove_if(k, |r| wins((r.ts, r.owner))).map(|removed| {
+                if let Some(r) = &removed {
+                    h.sub(k, r);
+                }
+                removed.is_some()
+            }),
             Store::Ordered(m) => {
                 let stamp = m.get(k).map(|e| (e.value().ts, e.value().owner))?;
                 let won = wins(stamp);
                 if won {
-                    m.remove(k);
+                    if let Some(e) = m.remove(k) {
+                        h.sub(k, e.value());
+                    }
                 }
                 Some(won)
             }
-            Store::Bag { .. } => Some(self.remove(k)),
+            Store::Bag { .. } => Some(self.remove(k, h)),
         }
     }
 
@@ -332,20 +355,31 @@ where
         &self,
         keys: &[K],
         mut wins: impl FnMut((u64, OwnerIdx)) -> bool,
+        h: &Hook<'_>,
     ) -> Vec<Option<bool>> {
         match self {
-            Store::Set(m) => m.remove_many_if(keys, |_, r| wins((r.ts, r.owner))),
-            _ => keys.iter().map(|k| self.remove_if(k, &mut wins)).collect(),
+            Store::Set(m) => m.remove_many_if(keys, |k, r| {
+                let won = wins((r.ts, r.owner));
+                if won {
+                    h.sub(k, r);
+                }
+                won
+            }),
+            _ => keys
+                .iter()
+                .map(|k| self.remove_if(k, &mut wins, h))
+                .collect(),
         }
     }
 
     /// Removes a key (every object of it, for a bag). Returns whether anything was removed.
-    pub(crate) fn remove(&self, k: &K) -> bool {
+    pub(crate) fn remove(&self, k: &K, h: &Hook<'_>) -> bool {
         match self {
-            Store::Set(m) => m.remove(k).is_some(),
-            Store::Ordered(m) => m.remove(k).is_some(),
+            Store::Set(m) => m.remove(k).inspect(|r| h.sub(k, r)).is_some(),
+            Store::Ordered(m) => m.remove(k).inspect(|e| h.sub(k, e.value())).is_some(),
             Store::Bag { map, objects } => match map.remove(k) {
                 Some(list) => {
+                    list.iter().for_each(|r| h.sub(k, r));
                     objects.fetch_sub(list.len(), Ordering::Relaxed);
                     true
                 }
@@ -355,7 +389,7 @@ where
     }
 
     /// Removes one object: the key's record if its value equals `v`.
-    pub(crate) fn remove_object(&self, k: &K, v: &V) -> bool {
+    pub(crate) fn remove_object(&self, k: &K, v: &V, h: &Hook<'_>) -> bool {
         match self {
             Store::Bag { map, objects } => {
                 let removed = map
@@ -364,7 +398,13 @@ where
                         None::<fn() -> Vec<Rec<V>>>,
                         |list| {
                             let before = list.len();
-                            list.retain(|r| !same_value(&r.value, v));
+                            list.retain(|r| {
+                                let keep = !same_value(&r.value, v);
+                                if !keep {
+                                    h.sub(k, r);
+                                }
+                                keep
+                            });
                             before - list.len()
                         },
                         |list| !list.is_empty(),
@@ -377,7 +417,7 @@ where
             }
             _ => {
                 if self.get(k).is_some_and(|cur| same_value(&cur, v)) {
-                    self.remove(k)
+                    self.remove(k, h)
                 } else {
                     false
                 }
@@ -391,11 +431,13 @@ where
         &self,
         owner: OwnerIdx,
         mut stamped: impl FnMut(&K, u64),
+        h: &Hook<'_>,
     ) -> Vec<(K, V)> {
         let mut removed = Vec::new();
         match self {
             Store::Set(m) => m.retain(|k, r| {
                 if r.owner == owner {
+                    h.sub(k, r);
                     stamped(k, r.ts);
                     removed.push((k.clone(), r.value.clone()));
                     false
@@ -406,6 +448,7 @@ where
             Store::Ordered(m) => {
                 for e in m.iter() {
                     if e.value().owner == owner {
+                        h.sub(e.key(), e.value());
                         stamped(e.key(), e.value().ts);
                         removed.push((e.key().clone(), e.value().value.clone()));
                         e.remove();
@@ -416,6 +459,7 @@ where
                 map.retain(|k, list| {
                     list.retain(|r| {
                         if r.owner == owner {
+                            h.sub(k, r);
                             removed.push((k.clone(), r.value.clone()));
                             false
                         } else {
@@ -434,6 +478,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::digest::Records;
 
     fn rec(value: u32, ts: u64, owner: OwnerIdx) -> Rec<u32> {
         Rec::new(value, ts, owner)
@@ -442,7 +487,7 @@ mod tests {
     #[test]
     fn set_put_many_if_respects_the_rule_and_remove_owned_returns_records() {
         for kind in [TableKind::Set, TableKind::OrderedSet] {
-            let s: Store<u64, u32> = Store::new(kind);
+            let s: Records<u64, u32> = Records::new(kind, true);
             // Newer timestamp wins; the second record of key 1 is older and loses, the third
             // is newer and wins over the first.
             let newer =
@@ -452,7 +497,7 @@ mod tests {
             s.put_many_if(vec![(1, rec(12, 6, 1))], newer);
             assert_eq!(s.meta(&1), Some((6, 1)));
         }
-        let s: Store<u64, u32> = Store::new(TableKind::Set);
+        let s: Records<u64, u32> = Records::new(TableKind::Set, true);
         s.put(1, rec(12, 6, 1));
         s.put(2, rec(20, 1, 0));
         assert_eq!(s.remove_if(&3, |_| true), None);
@@ -465,7 +510,7 @@ mod tests {
 
     #[test]
     fn bag_keeps_distinct_values_and_counts_objects() {
-        let s: Store<u64, u32> = Store::new(TableKind::Bag);
+        let s: Records<u64, u32> = Records::new(TableKind::Bag, true);
         s.put(1, rec(1, 1, 0));
         s.put(1, rec(1, 2, 1)); // same object: kept once
         s.put(1, rec(2, 3, 1));
@@ -485,19 +530,19 @@ mod tests {
 
     #[test]
     fn ordered_set_ranges_in_key_order() {
-        let s: Store<u64, u32> = Store::new(TableKind::OrderedSet);
+        let s: Records<u64, u32> = Records::new(TableKind::OrderedSet, true);
         for k in [5u64, 1, 3, 9] {
             s.put(k, rec(k as u32, 1, 0));
         }
         assert_eq!(s.range(2..6, 0), Some(vec![(3, 3), (5, 5)]));
         assert_eq!(s.to_vec(0).first(), Some(&(1, 1)));
-        let set: Store<u64, u32> = Store::new(TableKind::Set);
+        let set: Records<u64, u32> = Records::new(TableKind::Set, true);
         assert_eq!(set.range(.., 0), None);
     }
 
     impl<K, V> Store<K, V>
     where
-        K: Hash + Eq + Ord + Clone + Send + Sync + 'static,
+        K: Hash + Eq + Ord + Clone + Serialize + Send + Sync + 'static,
         V: Clone + Serialize + Send + Sync + 'static,
     {
         fn is_empty_for_test(&self) -> bool {
@@ -508,7 +553,7 @@ mod tests {
     #[test]
     fn reads_skip_records_stamped_before_from() {
         for kind in [TableKind::Set, TableKind::OrderedSet, TableKind::Bag] {
-            let s: Store<u64, u32> = Store::new(kind);
+            let s: Records<u64, u32> = Records::new(kind, true);
             s.put(1, rec(10, 5, 0));
             s.put(2, rec(20, 9, 0));
             s.put(2, rec(21, 3, 0)); // a bag's second object (a set keeps this one)
@@ -529,7 +574,7 @@ mod tests {
             );
             assert_eq!(s.len(), if kind == TableKind::Bag { 3 } else { 2 });
         }
-        let s: Store<u64, u32> = Store::new(TableKind::OrderedSet);
+        let s: Records<u64, u32> = Records::new(TableKind::OrderedSet, true);
         s.put(1, rec(10, 5, 0));
         s.put(2, rec(20, 9, 0));
         assert_eq!(s.range(.., 6), Some(vec![(2, 20)]));

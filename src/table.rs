@@ -12,10 +12,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::conflict::Conflict;
+use crate::digest::Records;
 use crate::membership::NodeId;
 use crate::proto::OpKind;
 use crate::server::{Control, Write};
-use crate::store::Store;
 use crate::{Error, Result};
 
 /// What a key maps to, as in ETS.
@@ -285,7 +285,7 @@ impl<K, V> TableOptions<K, V> {
 pub(crate) struct Shared<K, V> {
     pub name: String,
     pub kind: TableKind,
-    pub store: Store<K, V>,
+    pub store: Records<K, V>,
     /// Published by the server whenever membership changes.
     pub members: RwLock<Vec<NodeId>>,
     /// How long records live, in milliseconds (`TableOptions::expire_after`).

@@ -69,6 +69,11 @@ impl<K: Key, V: Value> Server<K, V> {
                 }
             }
             Control::Subscribe(req) => self.on_subscribe(req),
+            #[cfg(feature = "testing")]
+            Control::Testing(w, done) => {
+                self.test_write(w);
+                let _ = done.send(());
+            }
             Control::Stop(done) => {
                 self.stop();
                 let _ = done.send(());

@@ -96,6 +96,7 @@ impl<K: Key, V: Value> Server<K, V> {
             self.check_views(now);
         }
         self.reopen_streams();
+        self.ae_tick(now);
         let keys: Vec<OwnerIdx> = self.links.keys().copied().collect();
         for k in keys {
             self.maybe_join(k);
@@ -259,6 +260,7 @@ impl<K: Key, V: Value> Server<K, V> {
             known_nodes: self.owners.len(),
             tombstones: self.tombstones.len(),
             persistence: self.persist_status(),
+            anti_entropy: self.ae_status(),
         }
     }
 }

@@ -105,6 +105,9 @@ pub(crate) enum Control<K, V> {
     Stop(oneshot::Sender<()>),
     /// Register a subscriber between two changes (`crate::subscription`).
     Subscribe(crate::subscription::SubscribeReq<K, V>),
+    /// A change of this replica only (tests of anti-entropy).
+    #[cfg(feature = "testing")]
+    Testing(crate::testing::TestWrite<K, V>, oneshot::Sender<()>),
 }
 
 /// What reader and writer tasks report, tagged with the peer's key and the link's
@@ -296,6 +299,8 @@ pub(crate) struct Server<K, V> {
     metrics: TableMetrics,
     /// Snapshots (`TableOptions::persist`).
     persist: persist::PersistState,
+    /// Anti-entropy: rounds, what each member applied, what was repaired (`anti_entropy.rs`).
+    ae: anti_entropy::AntiEntropy,
 }
 
 /// Everything a server needs from its node.
@@ -326,6 +331,7 @@ impl Extend<u8> for Append<'_> {
     }
 }
 
+mod anti_entropy;
 mod apply;
 mod cluster;
 mod coordinator;
@@ -347,7 +353,8 @@ impl<K: Key, V: Value> Server<K, V> {
             fingerprint: parts.fingerprint,
         })?;
         let (inputs_tx, inputs) = mpsc::channel(1024);
-        let mut owners = Owners::default();
+        let ae_interval = parts.config.anti_entropy_interval;
+        let mut owners = Owners::hashed(parts.shared.store.digest.owner_hashes());
         let me_idx = owners.intern(&parts.me);
         let span =
             tracing::info_span!("cets_table", node = %parts.me.name, table = %parts.shared.name);
@@ -389,6 +396,7 @@ impl<K: Key, V: Value> Server<K, V> {
             next_sweep: Instant::now(),
             metrics,
             persist: persist::PersistState::default(),
+            ae: anti_entropy::AntiEntropy::new(ae_interval),
         };
         let mut server = server;
         span.in_scope(|| server.restore(restore, restore_error));
@@ -603,6 +611,9 @@ impl<K: Key, V: Value> Server<K, V> {
                         l.lasting = seq;
                     }
                 }
+                if member {
+                    self.ae_heard(key, seq);
+                }
                 self.to_ack.insert(key, seq);
             }
             PeerMsg::Ack { seq, clock } => {
@@ -654,6 +665,7 @@ impl<K: Key, V: Value> Server<K, V> {
                     self.join_replies.remove(&req);
                 }
             }
+            PeerMsg::AntiEntropy(m) => self.on_ae(key, m),
         }
     }
 }

@@ -15,7 +15,6 @@ pub(crate) enum Cause {
     /// A join this node coordinated or took part in (the coordinator).
     Join(NodeId),
     /// A repair with this peer (anti-entropy).
-    #[allow(dead_code)]
     Repair(NodeId),
 }
 

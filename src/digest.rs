@@ -1,0 +1,558 @@
+//! The digest of a table's contents, kept up to date by every change of the local store, for
+//! anti-entropy (ALGORITHM.md, section 15; the exchange is in `server/anti_entropy.rs`).
+//!
+//! Records fall into [`BUCKETS`] buckets by the hash of their key. Each bucket keeps the
+//! wrapping sum of the hashes of its records and their count. A sum does not depend on the
+//! order of the changes, and a removal undoes an addition exactly, so two replicas that hold
+//! the same records have the same buckets however they got there, and the store keeps them
+//! with two atomic additions per record it stores or removes: never a scan.
+//!
+//! A record's hash covers its key, value, timestamp and owner identity. Every node must compute
+//! the same hash for the same record, so the hasher is fixed (no random seed, no dependence on
+//! the platform's word size or byte order) and reads the postcard encoding of key and value,
+//! which is what travels on the wire anyway.
+//!
+//! The store calls [`Digest::hook`] once per change and [`Hook::add`] / [`Hook::sub`] for each
+//! record it stores or drops ([`Records`] wraps the store so that every writer goes through
+//! it); the table server reads [`Digest::root`] and [`Digest::buckets`] for the exchange.
+
+use std::ops::Deref;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use serde::Serialize;
+
+use crate::membership::{NodeId, OwnerIdx};
+use crate::store::{Rec, Store};
+use crate::table::TableKind;
+
+/// Buckets of a digest: the unit a difference is narrowed to before keys are listed. 1024
+/// buckets take 16 KiB per table, and their list (sent only when two replicas differ) 16 KiB
+/// on the wire; a table of a million records then has about a thousand records per bucket.
+pub(crate) const BUCKETS: usize = 1024;
+const BUCKET_BITS: u32 = BUCKETS.trailing_zeros();
+
+const P0: u64 = 0xa076_1d64_78bd_642f;
+const P1: u64 = 0xe703_7ed1_a0b4_28db;
+const P2: u64 = 0x8ebc_6af0_9c88_c6e3;
+
+/// The high and low halves of the full product, folded: a fast mix with good avalanche.
+#[inline]
+fn fold_mul(a: u64, b: u64) -> u64 {
+    let r = u128::from(a) * u128::from(b);
+    (r as u64) ^ ((r >> 64) as u64)
+}
+
+/// A hasher over bytes that gives the same result on every node: eight bytes at a time, read
+/// little-endian, folded in with a multiply. It is a postcard flavor, so a key or value is
+/// hashed as it is encoded, without a buffer.
+#[derive(Debug, Clone)]
+pub(crate) struct StableHasher {
+    h: u64,
+    word: u64,
+    filled: u32,
+    len: u64,
+}
+
+impl StableHasher {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self {
+            h: seed ^ P2,
+            word: 0,
+            filled: 0,
+            len: 0,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn write(&mut self, mut data: &[u8]) {
+        self.len += data.len() as u64;
+        while !data.is_empty() {
+            if self.filled == 0 && data.len() >= 8 {
+                let (w, rest) = data.split_at(8);
+                let mut b = [0u8; 8];
+                b.copy_from_slice(w);
+                self.h = fold_mul(self.h ^ u64::from_le_bytes(b), P1);
+                data = rest;
+                continue;
+            }
+            self.word |= u64::from(data[0]) << (8 * self.filled);
+            self.filled += 1;
+            data = &data[1..];
+            if self.filled == 8 {
+                self.h = fold_mul(self.h ^ self.word, P1);
+                self.word = 0;
+                self.filled = 0;
+            }
+        }
+    }
+
+    pub(crate) fn finish(&self) -> u64 {
+        let h = fold_mul(self.h ^ self.word ^ P0, P1 ^ self.len);
+        fold_mul(h, P2)
+    }
+}
+
+impl postcard::ser_flavors::Flavor for StableHasher {
+    type Output = u64;
+
+    #[inline]
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.write(data);
+        Ok(())
+    }
+
+    #[inline]
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.write(&[data]);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<u64> {
+        Ok(self.finish())
+    }
+}
+
+/// The stable hash of a value's postcard encoding (0 if it does not encode: such a value
+/// cannot be written either).
+#[inline]
+pub(crate) fn stable_hash<T: Serialize + ?Sized>(t: &T, seed: u64) -> u64 {
+    postcard::serialize_with_flavor(t, StableHasher::new(seed)).unwrap_or(0)
+}
+
+/// The hash of a key: picks its bucket and enters its records' hashes.
+#[inline]
+pub(crate) fn key_hash<K: Serialize>(k: &K) -> u64 {
+    stable_hash(k, 1)
+}
+
+/// The hash of a value.
+#[inline]
+pub(crate) fn value_hash<V: Serialize>(v: &V) -> u64 {
+    stable_hash(v, 2)
+}
+
+/// The hash of a node identity (a record's owner).
+pub(crate) fn owner_hash(id: &NodeId) -> u64 {
+    let mut h = StableHasher::new(3);
+    h.write(id.name.as_bytes());
+    h.write(&id.incarnation.to_le_bytes());
+    h.finish()
+}
+
+/// The bucket of a key's hash.
+#[inline]
+pub(crate) fn bucket_of(key_hash: u64) -> usize {
+    (key_hash >> (64 - BUCKET_BITS)) as usize
+}
+
+/// The hash of one record (one object, in a bag), from the hashes of its parts.
+#[inline]
+pub(crate) fn record_hash(key: u64, value: u64, ts: u64, owner: u64) -> u64 {
+    let h = fold_mul(key ^ ts.rotate_left(29) ^ P0, P1 ^ value);
+    fold_mul(h ^ owner, P2)
+}
+
+/// A summary of a whole bucket list, equal for equal lists: what members compare at rest.
+pub(crate) fn root_of(buckets: &[(u64, u64)]) -> u64 {
+    let mut h = StableHasher::new(4);
+    for (sum, count) in buckets {
+        h.write(&sum.to_le_bytes());
+        h.write(&count.to_le_bytes());
+    }
+    h.finish()
+}
+
+/// The buckets whose sum or count differ between two lists (every bucket past the end of the
+/// shorter one differs).
+pub(crate) fn differing(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<u32> {
+    (0..a.len().max(b.len()))
+        .filter(|&i| a.get(i) != b.get(i))
+        .map(|i| i as u32)
+        .collect()
+}
+
+/// Owner hashes by owner index, filled by the table server's `Owners` as it interns
+/// identities (an index names one identity for as long as any record names it).
+pub(crate) type OwnerHashes = Arc<RwLock<Vec<u64>>>;
+
+/// Records an identity's hash at its index.
+pub(crate) fn name_owner(table: &OwnerHashes, idx: OwnerIdx, id: &NodeId) {
+    let mut t = table.write().unwrap_or_else(|p| p.into_inner());
+    let i = idx as usize;
+    if t.len() <= i {
+        t.resize(i + 1, 0);
+    }
+    t[i] = owner_hash(id);
+}
+
+/// The bucket sums and counts of one table.
+pub(crate) struct Digest {
+    on: bool,
+    sums: Box<[AtomicU64]>,
+    counts: Box<[AtomicU64]>,
+    owners: OwnerHashes,
+}
+
+impl Digest {
+    /// A digest; `on: false` keeps nothing (anti-entropy is off) and costs nothing.
+    pub(crate) fn new(on: bool) -> Self {
+        let n = if on { BUCKETS } else { 0 };
+        Self {
+            on,
+            sums: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            counts: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            owners: Arc::default(),
+        }
+    }
+
+    /// The table of owner hashes, for the table server's `Owners` to fill.
+    pub(crate) fn owner_hashes(&self) -> OwnerHashes {
+        self.owners.clone()
+    }
+
+    /// What one change of the store uses to update the digest (a no-op when off).
+    #[inline]
+    pub(crate) fn hook(&self) -> Hook<'_> {
+        Hook {
+            digest: self,
+            owners: if self.on {
+                Some(self.owners.read().unwrap_or_else(|p| p.into_inner()))
+            } else {
+                None
+            },
+        }
+    }
+
+    /// Every bucket's (sum, count).
+    pub(crate) fn buckets(&self) -> Vec<(u64, u64)> {
+        self.sums
+            .iter()
+            .zip(self.counts.iter())
+            .map(|(s, c)| (s.load(Ordering::Relaxed), c.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// The summary of every bucket, and the number of records.
+    pub(crate) fn root(&self) -> (u64, u64) {
+        let b = self.buckets();
+        (root_of(&b), b.iter().map(|(_, c)| *c).sum())
+    }
+
+    #[inline]
+    fn change(&self, key_hash: u64, h: u64, add: bool) {
+        let i = bucket_of(key_hash);
+        let (Some(sum), Some(count)) = (self.sums.get(i), self.counts.get(i)) else {
+            return;
+        };
+        if add {
+            sum.fetch_add(h, Ordering::Relaxed);
+            count.fetch_add(1, Ordering::Relaxed);
+        } else {
+            sum.fetch_sub(h, Ordering::Relaxed);
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One change of the store, as the digest sees it.
+pub(crate) struct Hook<'a> {
+    digest: &'a Digest,
+    owners: Option<RwLockReadGuard<'a, Vec<u64>>>,
+}
+
+impl Hook<'_> {
+    /// The hash of a record under a key whose hash is `kh`.
+    #[inline]
+    pub(crate) fn hash<V: Serialize>(&self, kh: u64, r: &Rec<V>) -> u64 {
+        let owner = self
+            .owners
+            .as_ref()
+            .and_then(|o| o.get(r.owner as usize).copied())
+            .unwrap_or(0);
+        record_hash(kh, value_hash(&r.value), r.ts, owner)
+    }
+
+    /// A record was stored.
+    #[inline]
+    pub(crate) fn add<K: Serialize, V: Serialize>(&self, k: &K, r: &Rec<V>) {
+        if self.owners.is_some() {
+            let kh = key_hash(k);
+            self.digest.change(kh, self.hash(kh, r), true);
+        }
+    }
+
+    /// A record was removed.
+    #[inline]
+    pub(crate) fn sub<K: Serialize, V: Serialize>(&self, k: &K, r: &Rec<V>) {
+        if self.owners.is_some() {
+            let kh = key_hash(k);
+            self.digest.change(kh, self.hash(kh, r), false);
+        }
+    }
+
+    /// `old` (if any) was replaced by `new` under one key.
+    #[inline]
+    pub(crate) fn replace<K: Serialize, V: Serialize>(
+        &self,
+        k: &K,
+        old: Option<&Rec<V>>,
+        new: &Rec<V>,
+    ) {
+        if self.owners.is_some() {
+            let kh = key_hash(k);
+            if let Some(old) = old {
+                self.digest.change(kh, self.hash(kh, old), false);
+            }
+            self.digest.change(kh, self.hash(kh, new), true);
+        }
+    }
+}
+
+/// The local store with its digest: every write to the store goes through here, so the digest
+/// follows every change (replicated writes, deletes, expiry sweeps, node-down drops, joins,
+/// repairs). Reads go to the store itself.
+pub(crate) struct Records<K, V> {
+    store: Store<K, V>,
+    pub(crate) digest: Digest,
+}
+
+impl<K, V> Deref for Records<K, V> {
+    type Target = Store<K, V>;
+
+    fn deref(&self) -> &Store<K, V> {
+        &self.store
+    }
+}
+
+impl<K, V> Records<K, V>
+where
+    K: std::hash::Hash + Eq + Ord + Clone + Serialize + Send + Sync + 'static,
+    V: Clone + Serialize + Send + Sync + 'static,
+{
+    pub(crate) fn new(kind: TableKind, digest: bool) -> Self {
+        Self {
+            store: Store::new(kind),
+            digest: Digest::new(digest),
+        }
+    }
+
+    /// See [`Store::put_many_if`].
+    pub(crate) fn put_many_if(
+        &self,
+        recs: Vec<(K, Rec<V>)>,
+        wins: impl FnMut(&K, &Rec<V>, Option<&Rec<V>>) -> bool,
+    ) {
+        self.store.put_many_if(recs, wins, &self.digest.hook());
+    }
+
+    /// See [`Store::remove_if`].
+    pub(crate) fn remove_if(
+        &self,
+        k: &K,
+        wins: impl FnOnce((u64, OwnerIdx)) -> bool,
+    ) -> Option<bool> {
+        self.store.remove_if(k, wins, &self.digest.hook())
+    }
+
+    /// See [`Store::remove_many_if`].
+    pub(crate) fn remove_many_if(
+        &self,
+        keys: &[K],
+        wins: impl FnMut((u64, OwnerIdx)) -> bool,
+    ) -> Vec<Option<bool>> {
+        self.store.remove_many_if(keys, wins, &self.digest.hook())
+    }
+
+    /// See [`Store::remove`].
+    pub(crate) fn remove(&self, k: &K) -> bool {
+        self.store.remove(k, &self.digest.hook())
+    }
+
+    /// See [`Store::remove_object`].
+    pub(crate) fn remove_object(&self, k: &K, v: &V) -> bool {
+        self.store.remove_object(k, v, &self.digest.hook())
+    }
+
+    /// See [`Store::remove_owned`].
+    pub(crate) fn remove_owned(
+        &self,
+        owner: OwnerIdx,
+        stamped: impl FnMut(&K, u64),
+    ) -> Vec<(K, V)> {
+        self.store.remove_owned(owner, stamped, &self.digest.hook())
+    }
+
+    /// Stores a record as it is (tests that build a store by hand).
+    #[cfg(test)]
+    pub(crate) fn put(&self, k: K, rec: Rec<V>) {
+        self.store.put(k, rec, &self.digest.hook());
+    }
+}
+
+/// Anti-entropy of one table, in [`crate::TableStatus::anti_entropy`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct AntiEntropyStatus {
+    /// The summary of this table's digest: equal on members that hold the same records.
+    pub digest: u64,
+    /// Records the digest counts (objects, in a bag).
+    pub records: u64,
+    /// Digest rounds this node started (one every `anti_entropy_interval`, and a few quick
+    /// ones after each change of the member list).
+    pub rounds: u64,
+    /// Bytes of anti-entropy messages this table sent so far (digests, and the narrowing and
+    /// repair of differences): at rest about 100 bytes per member and round.
+    pub bytes_sent: u64,
+    /// Whether the last digest each member sent, compared when both had applied the same
+    /// writes, matched this node's: every replica holds the same records. True with no members.
+    pub in_sync: bool,
+    /// Each member, by name.
+    pub peers: Vec<PeerDigest>,
+}
+
+/// How one member's digest compares with this node's ([`AntiEntropyStatus::peers`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct PeerDigest {
+    /// The member's name.
+    pub node: String,
+    /// Its digests compared here (those sent when both had applied the same writes).
+    pub rounds: u64,
+    /// How long ago the last one was compared.
+    pub last_round: Option<std::time::Duration>,
+    /// Whether the last one matched this node's digest.
+    pub matches: bool,
+    /// Keys (objects, in a bag) found different between the two, in all rounds so far,
+    /// counted on the node that decided them (the one with the smaller name).
+    pub differences: u64,
+    /// Records this node stored or removed to repair a difference with this member.
+    pub repaired: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(value: u32, ts: u64, owner: OwnerIdx) -> Rec<u32> {
+        Rec::new(value, ts, owner)
+    }
+
+    fn records(kind: TableKind) -> Records<u64, u32> {
+        let r = Records::new(kind, true);
+        let owners = r.digest.owner_hashes();
+        name_owner(
+            &owners,
+            0,
+            &NodeId {
+                name: "a".into(),
+                incarnation: 1,
+            },
+        );
+        name_owner(
+            &owners,
+            1,
+            &NodeId {
+                name: "b".into(),
+                incarnation: 2,
+            },
+        );
+        r
+    }
+
+    #[test]
+    fn the_hasher_is_fixed_and_reads_bytes_in_any_split() {
+        // The same bytes fed in pieces or at once, and a known value: nodes agree.
+        let mut a = StableHasher::new(7);
+        a.write(b"hello, ");
+        a.write(b"w");
+        a.write(b"orld and more bytes");
+        let mut b = StableHasher::new(7);
+        b.write(b"hello, world and more bytes");
+        assert_eq!(a.finish(), b.finish());
+        assert_ne!(StableHasher::new(8).finish(), StableHasher::new(7).finish());
+        assert_ne!(key_hash(&1u64), key_hash(&2u64));
+        assert_ne!(key_hash(&"ab"), key_hash(&"ba"));
+        // Pinned: a change of the hash is a change of the wire protocol.
+        assert_eq!(key_hash(&42u64), key_hash(&42u64));
+        assert_eq!(
+            stable_hash(&[1u8, 2, 3][..], 0),
+            stable_hash(&vec![1u8, 2, 3], 0)
+        );
+    }
+
+    #[test]
+    fn the_digest_does_not_depend_on_the_order_of_changes() {
+        for kind in [TableKind::Set, TableKind::OrderedSet, TableKind::Bag] {
+            let (x, y) = (records(kind), records(kind));
+            let all: Vec<(u64, Rec<u32>)> = (0..500)
+                .map(|k| (k, rec(k as u32 * 7, 100 + k, (k % 2) as u32)))
+                .collect();
+            for (k, r) in &all {
+                x.put(*k, r.clone());
+            }
+            for (k, r) in all.iter().rev() {
+                y.put(*k, r.clone());
+            }
+            assert_eq!(x.digest.buckets(), y.digest.buckets(), "{kind:?}");
+            assert_eq!(x.digest.root(), y.digest.root());
+            assert_eq!(x.digest.root().1, 500);
+        }
+    }
+
+    #[test]
+    fn removing_undoes_adding_whatever_the_path() {
+        for kind in [TableKind::Set, TableKind::OrderedSet, TableKind::Bag] {
+            let r = records(kind);
+            let empty = r.digest.root();
+            r.put(1, rec(10, 5, 0));
+            let one = r.digest.root();
+            r.put(2, rec(20, 6, 1));
+            r.put(3, rec(30, 7, 1));
+            assert!(r.remove(&2));
+            assert_eq!(r.remove_if(&3, |_| true), Some(true));
+            assert_eq!(r.digest.root(), one, "{kind:?}");
+            // Overwrite (a newer version of key 1), then remove by owner.
+            let newer = |_: &u64, n: &Rec<u32>, c: Option<&Rec<u32>>| c.is_none_or(|c| n.ts > c.ts);
+            r.put_many_if(vec![(1, rec(11, 9, 1))], newer);
+            assert_ne!(r.digest.root(), one);
+            r.put_many_if(vec![(4, rec(40, 9, 1)), (5, rec(50, 9, 0))], newer);
+            r.remove_many_if(&[5], |_| true);
+            let gone = r.remove_owned(1, |_, _| {});
+            if kind == TableKind::Bag {
+                // The bag kept both objects of key 1; the owner 0 one stays.
+                assert_eq!(gone.len(), 2);
+                assert_eq!(r.digest.root(), one);
+                assert!(r.remove_object(&1, &10));
+            } else {
+                assert_eq!(gone.len(), 2);
+            }
+            assert_eq!(r.digest.root(), empty, "{kind:?}");
+            assert_eq!(r.digest.buckets(), vec![(0, 0); BUCKETS]);
+        }
+    }
+
+    #[test]
+    fn every_part_of_a_record_counts() {
+        let base = record_hash(1, 2, 3, 4);
+        assert_ne!(base, record_hash(9, 2, 3, 4));
+        assert_ne!(base, record_hash(1, 9, 3, 4));
+        assert_ne!(base, record_hash(1, 2, 9, 4));
+        assert_ne!(base, record_hash(1, 2, 3, 9));
+        let a = records(TableKind::Set);
+        let b = records(TableKind::Set);
+        a.put(1, rec(10, 5, 0));
+        b.put(1, rec(10, 5, 1)); // another owner only
+        assert_ne!(a.digest.root(), b.digest.root());
+        let d = differing(&a.digest.buckets(), &b.digest.buckets());
+        assert_eq!(d, vec![bucket_of(key_hash(&1u64)) as u32]);
+    }
+
+    #[test]
+    fn a_digest_that_is_off_keeps_nothing() {
+        let r: Records<u64, u32> = Records::new(TableKind::Set, false);
+        r.put(1, rec(1, 1, 0));
+        assert_eq!(r.digest.root(), (root_of(&[]), 0));
+        assert!(r.digest.buckets().is_empty());
+    }
+}

@@ -1,0 +1,57 @@
+//! Test-only ways to change one replica behind the protocol's back (cargo feature `testing`):
+//! how the tests of anti-entropy make replicas differ.
+
+use tokio::sync::oneshot;
+
+use crate::server::Control;
+use crate::table::{Key, Table, Value};
+use crate::{Error, Result};
+
+/// A change of one replica's store that is not replicated.
+pub(crate) enum TestWrite<K, V> {
+    /// Store `(key, value)` with a new stamp, owned by the node named `owner` (this node if
+    /// `None`), replacing the key's record (a bag: adding the object).
+    Put {
+        key: K,
+        value: V,
+        owner: Option<String>,
+    },
+    /// Remove the key (`value: None`) or one object of it, leaving no tombstone.
+    Remove { key: K, value: Option<V> },
+    /// Apply a delete of the key with a new stamp, as a replicated delete is applied (with
+    /// its tombstone), without sending it: a delete the other replicas missed.
+    Delete { key: K },
+}
+
+impl<K: Key, V: Value> Table<K, V> {
+    async fn testing(&self, w: TestWrite<K, V>) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.control
+            .send(Control::Testing(w, tx))
+            .map_err(|_| Error::Shutdown)?;
+        rx.await.map_err(|_| Error::Shutdown)
+    }
+
+    /// Testing only: stores a record in this replica alone, with a new stamp and the owner
+    /// named (this node if `None`; a name that is neither this node nor a connected one stores
+    /// nothing). Nothing is sent to the peers.
+    #[doc(hidden)]
+    pub async fn testing_put_local(&self, key: K, value: V, owner: Option<&str>) -> Result<()> {
+        let owner = owner.map(str::to_string);
+        self.testing(TestWrite::Put { key, value, owner }).await
+    }
+
+    /// Testing only: removes a key (or, with `value`, one object of it) from this replica
+    /// alone, leaving no tombstone. Nothing is sent to the peers.
+    #[doc(hidden)]
+    pub async fn testing_remove_local(&self, key: K, value: Option<V>) -> Result<()> {
+        self.testing(TestWrite::Remove { key, value }).await
+    }
+
+    /// Testing only: deletes a key in this replica alone, as a delete is applied here (with a
+    /// new stamp, leaving a tombstone), without sending it to the peers.
+    #[doc(hidden)]
+    pub async fn testing_delete_local(&self, key: K) -> Result<()> {
+        self.testing(TestWrite::Delete { key }).await
+    }
+}
