@@ -3,17 +3,60 @@
 //!
 //! The client sends to `addr()`; the relay forwards from its own upstream socket to the target
 //! and sends the target's answers back to the client. While cut, packets in both directions
-//! are dropped, so QUIC sees silence and the idle timeout fires on both sides.
+//! are dropped, so QUIC sees silence and the idle timeout fires on both sides. Each direction
+//! can also be cut alone (`cut_way`), and packets can be dropped at random (`set_loss`).
+#![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::UdpSocket;
 
+/// One direction of a relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    /// From the client to the target.
+    Up,
+    /// From the target back to the client.
+    Down,
+}
+
+#[derive(Default)]
+struct Faults {
+    up: AtomicBool,
+    down: AtomicBool,
+    /// Packets dropped at random, per million.
+    loss: AtomicU32,
+    /// A xorshift state for the loss draw.
+    rng: AtomicU64,
+}
+
+impl Faults {
+    fn drops(&self, way: Way) -> bool {
+        let cut = match way {
+            Way::Up => &self.up,
+            Way::Down => &self.down,
+        };
+        if cut.load(Ordering::Relaxed) {
+            return true;
+        }
+        let loss = self.loss.load(Ordering::Relaxed);
+        if loss == 0 {
+            return false;
+        }
+        let mut x = self.rng.load(Ordering::Relaxed) | 1;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.store(x, Ordering::Relaxed);
+        (x % 1_000_000) < u64::from(loss)
+    }
+}
+
 pub struct Proxy {
     addr: SocketAddr,
-    cut: Arc<AtomicBool>,
+    faults: Arc<Faults>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -22,37 +65,42 @@ impl Proxy {
         let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let addr = front.local_addr().unwrap();
-        let cut = Arc::new(AtomicBool::new(false));
+        let faults = Arc::new(Faults {
+            rng: AtomicU64::new(u64::from(addr.port()) * 0x9e37_79b9 + 1),
+            ..Faults::default()
+        });
         let client: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
         let t1 = {
-            let (front, back, cut, client) =
-                (front.clone(), back.clone(), cut.clone(), client.clone());
+            let (front, back, faults, client) =
+                (front.clone(), back.clone(), faults.clone(), client.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 while let Ok((n, from)) = front.recv_from(&mut buf).await {
                     *client.lock().unwrap() = Some(from);
-                    if !cut.load(Ordering::Relaxed) {
+                    if !faults.drops(Way::Up) {
                         let _ = back.send_to(&buf[..n], target).await;
                     }
                 }
             })
         };
         let t2 = {
-            let (front, back, cut, client) =
-                (front.clone(), back.clone(), cut.clone(), client.clone());
+            let (front, back, faults, client) =
+                (front.clone(), back.clone(), faults.clone(), client.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 while let Ok((n, _)) = back.recv_from(&mut buf).await {
                     let to = *client.lock().unwrap();
-                    if let (Some(to), false) = (to, cut.load(Ordering::Relaxed)) {
-                        let _ = front.send_to(&buf[..n], to).await;
+                    if let Some(to) = to {
+                        if !faults.drops(Way::Down) {
+                            let _ = front.send_to(&buf[..n], to).await;
+                        }
                     }
                 }
             })
         };
         Proxy {
             addr,
-            cut,
+            faults,
             tasks: vec![t1, t2],
         }
     }
@@ -64,12 +112,29 @@ impl Proxy {
 
     /// Drops every packet from now on.
     pub fn cut(&self) {
-        self.cut.store(true, Ordering::Relaxed);
+        self.cut_way(Way::Up);
+        self.cut_way(Way::Down);
     }
 
-    /// Forwards packets again.
+    /// Drops every packet going `way` from now on; the other direction is unchanged.
+    pub fn cut_way(&self, way: Way) {
+        match way {
+            Way::Up => self.faults.up.store(true, Ordering::Relaxed),
+            Way::Down => self.faults.down.store(true, Ordering::Relaxed),
+        }
+    }
+
+    /// Drops each packet, either way, with probability `p` (0 to 1) on top of any cut.
+    pub fn set_loss(&self, p: f64) {
+        let per_million = (p.clamp(0.0, 1.0) * 1_000_000.0) as u32;
+        self.faults.loss.store(per_million, Ordering::Relaxed);
+    }
+
+    /// Forwards packets again, both ways, and ends any loss.
     pub fn heal(&self) {
-        self.cut.store(false, Ordering::Relaxed);
+        self.faults.up.store(false, Ordering::Relaxed);
+        self.faults.down.store(false, Ordering::Relaxed);
+        self.faults.loss.store(0, Ordering::Relaxed);
     }
 }
 
