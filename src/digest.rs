@@ -383,6 +383,15 @@ where
         self.store.remove_owned(owner, stamped, &self.digest.hook())
     }
 
+    /// See [`Store::remove_owned_by`].
+    pub(crate) fn remove_owned_by(
+        &self,
+        of: impl Fn(OwnerIdx) -> bool,
+        stamped: impl FnMut(&K, u64),
+    ) -> Vec<(K, V)> {
+        self.store.remove_owned_by(of, stamped, &self.digest.hook())
+    }
+
     /// Stores a record as it is (tests that build a store by hand).
     #[cfg(test)]
     pub(crate) fn put(&self, k: K, rec: Rec<V>) {

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use crate::authority::{self, Dump};
 use crate::conflict::Conflict;
 use crate::hlc::HybridClock;
 use crate::membership::NodeId;
@@ -48,9 +49,6 @@ pub(crate) struct JoinCtx<K, V> {
     pub expire_ms: Option<u64>,
     /// The table is cluster-owned: dumps carry tombstones and writer names as owners.
     pub cluster: bool,
-    /// This node and the nodes it was connected to when the join started: the dumps keep the
-    /// records these own, though some are not in the join (`dumped_owners`).
-    pub live: Vec<NodeId>,
     /// Records sent in `Apply` requests so far (`cets_join_records_total`).
     pub moved: Arc<AtomicU64>,
 }
@@ -135,6 +133,7 @@ pub(crate) async fn run<K: Key, V: Value>(ctx: JoinCtx<K, V>, peer: NodeId) -> R
     let mut views: BTreeMap<NodeId, (Vec<NodeId>, u64)> = BTreeMap::new();
     let mut reach: BTreeMap<NodeId, Vec<NodeId>> = BTreeMap::new();
     let mut sizes: BTreeMap<NodeId, u64> = BTreeMap::new();
+    let mut missed = authority::Missed::default();
     for n in &all {
         match ctx.ask(n, JoinReq::Pause { join, lease_ms }).await {
             Ok(JoinRep::Paused {
@@ -142,7 +141,9 @@ pub(crate) async fn run<K: Key, V: Value>(ctx: JoinCtx<K, V>, peer: NodeId) -> R
                 epoch,
                 reachable,
                 len,
+                missed: m,
             }) => {
+                missed.note(n, m);
                 sizes.insert(n.clone(), len);
                 locked.push(n.clone());
                 views.insert(n.clone(), (members, epoch));
@@ -179,7 +180,14 @@ pub(crate) async fn run<K: Key, V: Value>(ctx: JoinCtx<K, V>, peer: NodeId) -> R
     // 3. Reachability.
     let result = match unreachable_pair(&all, &reach) {
         Some((a, b)) => Err(ctx.fail(&peer, format!("{a} cannot reach {b}; not joining"))),
-        None => merge(&ctx, &peer, join, &all, &views, &sizes, &mut lease).await,
+        None => {
+            let facts = Facts {
+                views: &views,
+                sizes: &sizes,
+                missed: &missed,
+            };
+            merge(&ctx, &peer, join, &all, facts, &mut lease).await
+        }
     };
     // 9. Unpause.
     release(&ctx, &locked, join).await;
@@ -260,15 +268,26 @@ async fn release<K: Key, V: Value>(ctx: &JoinCtx<K, V>, locked: &[NodeId], join:
     }
 }
 
+/// What the lock learnt from each node.
+struct Facts<'a> {
+    views: &'a BTreeMap<NodeId, (Vec<NodeId>, u64)>,
+    sizes: &'a BTreeMap<NodeId, u64>,
+    missed: &'a authority::Missed,
+}
+
 async fn merge<K: Key, V: Value>(
     ctx: &JoinCtx<K, V>,
     peer: &NodeId,
     join: u64,
     all: &BTreeSet<NodeId>,
-    views: &BTreeMap<NodeId, (Vec<NodeId>, u64)>,
-    sizes: &BTreeMap<NodeId, u64>,
+    facts: Facts<'_>,
     lease: &mut Lease,
 ) -> Result<u64> {
+    let Facts {
+        views,
+        sizes,
+        missed,
+    } = facts;
     let everyone: Vec<NodeId> = all.iter().cloned().collect();
     // 4. Views. Already joined while we waited for the locks?
     if views.values().all(|(m, _)| *m == everyone) {
@@ -301,13 +320,18 @@ async fn merge<K: Key, V: Value>(
             .collect()
     };
 
-    let dumped = dumped_owners(&everyone, &ctx.live);
+    // The dumps carry the records of the join's nodes only. Records of a linked node outside
+    // the join are not its truth (its writes reach none of them), and not every node of the
+    // join could store them (one that is not linked to it skips them): each node drops them
+    // when the join ends (`Server::drop_outsiders`), and the first join with their owner brings
+    // them back from its own side (section 12).
+    let dumped = everyone.clone();
     // Last writer wins between two consistent partitions needs no central decision: each
     // side keeps the later version of a key, and both compare the same stamps.
     if let ([a, b], Conflict::LastWriterWins, false) =
         (groups.as_slice(), &ctx.conflict, ctx.kind == TableKind::Bag)
     {
-        return exchange(ctx, peer, join, [a, b], (&everyone, &dumped), lease).await;
+        return exchange(ctx, peer, join, [a, b], (&everyone, &dumped), missed, lease).await;
     }
 
     // 6. Dumps.
@@ -394,13 +418,43 @@ async fn merge<K: Key, V: Value>(
         drop_deleted(&mut versions, &owners, &tombs);
     }
 
-    // 7. Merge.
+    // 7. Merge. A record owned by a node of the join counts only as its owner's group holds it
+    // (`authority`): other copies are stale, and removed where they are.
+    let auth: Vec<Option<usize>> = owners
+        .iter()
+        .map(|o| groups.iter().position(|(_, targets)| targets.contains(o)))
+        .collect();
+    // Groups one of whose nodes missed writes of a node of the other: only their copies of
+    // each other's records are checked against the owner's side.
+    let apart: Vec<Vec<bool>> = groups
+        .iter()
+        .map(|(_, g)| {
+            groups
+                .iter()
+                .map(|(_, h)| g.iter().any(|x| h.iter().any(|y| missed.apart(x, y))))
+                .collect()
+        })
+        .collect();
     let mut deltas: Vec<Vec<WireRecord<K, V>>> = vec![Vec::new(); groups.len()];
+    let mut stale: Vec<Vec<WireRecord<K, V>>> = vec![Vec::new(); groups.len()];
     let mut conflicts = 0u64;
     for (key, vs) in versions {
         // The common case: a key only one source has. Every other source gets it as it is.
         if vs.rest.is_empty() {
             let (src, v) = vs.first;
+            if auth
+                .get(v.owner as usize)
+                .is_some_and(|a| a.is_some_and(|a| a != src && apart[src][a]))
+            {
+                stale[src].push(WireRecord {
+                    key,
+                    value: v.value,
+                    ts: v.ts,
+                    owner: v.owner,
+                    ttl: v.ttl,
+                });
+                continue;
+            }
             let others: Vec<usize> = (0..deltas.len()).filter(|i| *i != src).collect();
             if let Some((&last, rest)) = others.split_last() {
                 for &i in rest {
@@ -422,7 +476,44 @@ async fn merge<K: Key, V: Value>(
             }
             continue;
         }
-        let vs: Vec<(usize, Version<V>)> = std::iter::once(vs.first).chain(vs.rest).collect();
+        let all_vs: Vec<(usize, Version<V>)> = std::iter::once(vs.first).chain(vs.rest).collect();
+        let flags = authority::stale_versions(
+            &all_vs
+                .iter()
+                .map(|(s, v)| (*s, v.ts, v.owner, &v.value))
+                .collect::<Vec<_>>(),
+            &auth,
+            |a, b| apart[a][b],
+        );
+        let mut vs = Vec::with_capacity(all_vs.len());
+        let mut old = Vec::new();
+        for ((src, v), is_stale) in all_vs.into_iter().zip(flags) {
+            if is_stale {
+                old.push((src, v));
+            } else {
+                vs.push((src, v));
+            }
+        }
+        // A stale copy is removed where no winner of its key (set) or no object of its value
+        // (bag) replaces it.
+        for (src, v) in old {
+            let replaced = match ctx.kind {
+                TableKind::Bag => vs.iter().any(|(_, w)| same_value(&w.value, &v.value)),
+                _ => !vs.is_empty(),
+            };
+            if !replaced {
+                stale[src].push(WireRecord {
+                    key: key.clone(),
+                    value: v.value,
+                    ts: v.ts,
+                    owner: v.owner,
+                    ttl: v.ttl,
+                });
+            }
+        }
+        if vs.is_empty() {
+            continue;
+        }
         if ctx.kind == TableKind::Bag {
             // Union of objects, each with the greatest stamp it has anywhere (as replication
             // keeps it, so that a node-down removes the same objects everywhere): every source
@@ -491,6 +582,15 @@ async fn merge<K: Key, V: Value>(
     // the other (then all run at once): a coordinator that dies in between leaves a
     // half-finished join, which the view check detects and a new join repairs.
     let mut waits = Vec::new();
+    for ((_, targets), records) in groups.iter().zip(stale) {
+        send_stale(
+            ctx,
+            join,
+            targets,
+            vec![(owners.clone(), records)],
+            &mut waits,
+        );
+    }
     for (g, ((_, targets), delta)) in groups.iter().zip(deltas).enumerate() {
         if g > 0 {
             if let Some(f) = &ctx.checkpoint {
@@ -544,8 +644,33 @@ async fn merge<K: Key, V: Value>(
     Ok(conflicts)
 }
 
-/// A source's dump: its chunks, each with the owner list its records index.
-type Dump<K, V> = Vec<(Vec<NodeId>, Vec<WireRecord<K, V>>)>;
+/// Sends stale copies (`authority`) to be removed from every node of a group; the replies
+/// join `waits`.
+fn send_stale<K: Key, V: Value>(
+    ctx: &JoinCtx<K, V>,
+    join: u64,
+    targets: &[NodeId],
+    dump: Dump<K, V>,
+    waits: &mut Vec<(NodeId, mpsc::UnboundedReceiver<JoinRep<K, V>>)>,
+) {
+    for (owners, records) in dump {
+        if records.is_empty() {
+            continue;
+        }
+        let mut chunker = Chunker::new(ctx.chunk, ctx.chunk_bytes);
+        records.into_iter().for_each(|r| chunker.push(r));
+        for records in chunker.finish() {
+            for t in targets {
+                let body = JoinReq::Stale {
+                    join,
+                    owners: owners.clone(),
+                    records: records.clone(),
+                };
+                waits.push((t.clone(), ctx.request(t, body)));
+            }
+        }
+    }
+}
 
 /// Steps 6 to 8 for two consistent partitions under last writer wins: each source's dump goes
 /// to the nodes of the other partition, which keep per key the later of their record and the
@@ -561,6 +686,7 @@ async fn exchange<K: Key, V: Value>(
     join: u64,
     groups: [&(NodeId, Vec<NodeId>); 2],
     (everyone, dumped): (&[NodeId], &[NodeId]),
+    missed: &authority::Missed,
     lease: &mut Lease,
 ) -> Result<u64> {
     // Both sources dump at once; the chunks wait in their channels until read.
@@ -607,9 +733,16 @@ async fn exchange<K: Key, V: Value>(
     if let Some(f) = &ctx.checkpoint {
         f("before_apply").await;
     }
+    // Copies of one side's records that side does not hold are sent to neither side: they
+    // are removed where they are, before the other side's records arrive (`authority`).
+    let stale = authority::strip_stale(&mut dumps, [&groups[0].1, &groups[1].1], missed);
+    let mut removals = Vec::new();
+    for (g, dump) in stale.into_iter().enumerate() {
+        send_stale(ctx, join, &groups[g].1, dump, &mut removals);
+    }
     let [dump0, dump1] = dumps;
     let [tombs0, tombs1] = tombs;
-    let mut waits = Vec::new();
+    let mut waits: Vec<_> = removals.into_iter().map(|(t, rx)| (t, 1, rx)).collect();
     for (to, dump, tombs) in [(0usize, dump1, tombs1), (1, dump0, tombs0)] {
         if to == 1 {
             if let Some(f) = &ctx.checkpoint {
@@ -666,18 +799,6 @@ async fn exchange<K: Key, V: Value>(
     Ok(conflicts)
 }
 
-/// The owners whose records the dumps carry: the join's nodes, and the other nodes connected to
-/// the coordinator. A node outside the join is still alive, and its records must reach both
-/// sides too: two nodes that joined without the records of a third they both hold different
-/// versions of would end as one consistent side that is not, and a later join with the third
-/// would dump one of them only.
-fn dumped_owners(everyone: &[NodeId], live: &[NodeId]) -> Vec<NodeId> {
-    let mut all: Vec<NodeId> = everyone.iter().chain(live).cloned().collect();
-    all.sort();
-    all.dedup();
-    all
-}
-
 /// Whether two versions of a key are one: the same stamp and the same value (two writers can
 /// give one owner a key in the same clock tick, with different values).
 fn same_version<V: Value>(a: &Version<V>, b: &Version<V>) -> bool {
@@ -686,7 +807,7 @@ fn same_version<V: Value>(a: &Version<V>, b: &Version<V>) -> bool {
 
 /// What a dump chunk must be. Records, unless it is the last: each chunk renews the join's
 /// lease, so empty ones could keep the tables paused for as long as a source sends them. Owners
-/// among those the dump was asked for only (`dumped_owners`; `send_dump` names no other), as
+/// among those the dump was asked for only (the join's nodes; `send_dump` names no other), as
 /// the coordinator keeps every name it is given. (The bytes of one dump are bounded where replies
 /// arrive, by `max_link_queue_bytes`: `Server::on_peer_msg`.)
 fn check_chunk<K, V>(

@@ -32,6 +32,7 @@
 #![deny(missing_docs)]
 #![warn(unreachable_pub)]
 
+mod authority;
 mod callbacks;
 pub mod config;
 pub mod conflict;

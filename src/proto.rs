@@ -183,6 +183,14 @@ pub(crate) enum JoinReq<K, V> {
         owners: Vec<NodeId>,
         tombstones: Vec<WireTombstone<K>>,
     },
+    /// Remove these records where stored in this very version (stamp, owner, value): copies of
+    /// a join node's records that its side does not hold (`crate::authority`). Answered with
+    /// `Applied`. Sent before the join's `Apply` chunks.
+    Stale {
+        join: u64,
+        owners: Vec<NodeId>,
+        records: Vec<WireRecord<K, V>>,
+    },
 }
 
 /// Join replies.
@@ -200,6 +208,9 @@ pub(crate) enum JoinRep<K, V> {
         reachable: Vec<NodeId>,
         /// Records held (lets the coordinator size its merge once).
         len: u64,
+        /// Linked nodes whose writes this one missed, or that missed its writes, since the
+        /// join that made them members (`crate::authority`).
+        missed: Vec<NodeId>,
     },
     Busy {
         by: String,

@@ -425,18 +425,60 @@ where
         }
     }
 
+    /// Removes the record (set, ordered_set) or object (bag) of `k` if it is stored in exactly
+    /// this version: stamp `ts`, `owner` and value `v`. Returns whether it was.
+    pub(crate) fn remove_version(&self, k: &K, v: &V, ts: u64, owner: OwnerIdx) -> bool {
+        let this = |r: &Rec<V>| r.ts == ts && r.owner == owner && same_value(&r.value, v);
+        match self {
+            Store::Set(m) => m.remove_if(k, |r| this(r)).is_some_and(|r| r.is_some()),
+            Store::Ordered(m) => match m.get(k) {
+                Some(e) if this(e.value()) => {
+                    e.remove();
+                    true
+                }
+                _ => false,
+            },
+            Store::Bag { map, objects } => {
+                let removed = map
+                    .edit(
+                        k.clone(),
+                        None::<fn() -> Vec<Rec<V>>>,
+                        |list| {
+                            let before = list.len();
+                            list.retain(|r| !this(r));
+                            before - list.len()
+                        },
+                        |list| !list.is_empty(),
+                    )
+                    .unwrap_or(0);
+                objects.fetch_sub(removed, Ordering::Relaxed);
+                removed > 0
+            }
+        }
+    }
+
     /// Removes every record owned by `owner`; returns them. `stamped(key, ts)` hears the
     /// timestamp of each record removed from a set or ordered_set.
     pub(crate) fn remove_owned(
         &self,
         owner: OwnerIdx,
+        stamped: impl FnMut(&K, u64),
+        h: &Hook<'_>,
+    ) -> Vec<(K, V)> {
+        self.remove_owned_by(|o| o == owner, stamped, h)
+    }
+
+    /// `remove_owned` for every owner `of` names, in one pass.
+    pub(crate) fn remove_owned_by(
+        &self,
+        of: impl Fn(OwnerIdx) -> bool,
         mut stamped: impl FnMut(&K, u64),
         h: &Hook<'_>,
     ) -> Vec<(K, V)> {
         let mut removed = Vec::new();
         match self {
             Store::Set(m) => m.retain(|k, r| {
-                if r.owner == owner {
+                if of(r.owner) {
                     h.sub(k, r);
                     stamped(k, r.ts);
                     removed.push((k.clone(), r.value.clone()));
@@ -447,7 +489,7 @@ where
             }),
             Store::Ordered(m) => {
                 for e in m.iter() {
-                    if e.value().owner == owner {
+                    if of(e.value().owner) {
                         h.sub(e.key(), e.value());
                         stamped(e.key(), e.value().ts);
                         removed.push((e.key().clone(), e.value().value.clone()));
@@ -458,7 +500,7 @@ where
             Store::Bag { map, objects } => {
                 map.retain(|k, list| {
                     list.retain(|r| {
-                        if r.owner == owner {
+                        if of(r.owner) {
                             h.sub(k, r);
                             removed.push((k.clone(), r.value.clone()));
                             false

@@ -112,9 +112,6 @@ impl<K: Key, V: Value> Server<K, V> {
             checkpoint: self.opts.join_checkpoint.clone(),
             expire_ms: self.shared.expire_ms,
             cluster: self.cluster_owned(),
-            live: std::iter::once(self.me.clone())
-                .chain(self.links.values().map(|l| l.id.clone()))
-                .collect(),
             moved: Arc::default(),
         };
         let control = self.control_tx.clone();

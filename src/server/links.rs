@@ -51,6 +51,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 lasting: 0,
                 refusals: 0,
                 metrics,
+                missed: false,
             },
         );
         self.open_writer(key);

@@ -185,6 +185,12 @@ struct Link {
     refusals: u64,
     /// The link's metric handles (queue bytes, replication lag).
     metrics: PeerMetrics,
+    /// Writes of one of us did not reach the other since the last join that made us members:
+    /// ours went out while it was no member (or its queue refused them), or its came while it
+    /// was none here (acknowledged, not applied). Its copies of our records, or ours of its,
+    /// may miss a delete or an overwrite, and the next join checks them against the owner's
+    /// side (`crate::authority`; reported in `JoinRep::Paused`).
+    missed: bool,
 }
 
 impl Link {
@@ -244,6 +250,9 @@ struct Pause {
     /// The table's dump was sent for this join: a join asks each node once, and a second
     /// request would queue another copy of the table.
     dumped: bool,
+    /// Records of this join were stored here, and its member list has not arrived yet: if the
+    /// join ends now, those of nodes that did not become members are dropped (`drop_outsiders`).
+    applied: bool,
 }
 
 #[derive(Default)]
@@ -594,6 +603,11 @@ impl<K: Key, V: Value> Server<K, V> {
                             tracing::debug!(peer = %l.id, "writes from a non-member acknowledged, not applied")
                         }
                         None => tracing::debug!("writes from a node that is down dropped"),
+                    }
+                }
+                if !member && !ops.is_empty() {
+                    if let Some(l) = self.links.get_mut(&key) {
+                        l.missed = true;
                     }
                 }
                 let mut lasting = false;

@@ -15,6 +15,12 @@ impl<K: Key, V: Value> Server<K, V> {
                 .map(|l| l.id.clone())
                 .collect(),
             len: self.shared.store.len() as u64,
+            missed: self
+                .links
+                .values()
+                .filter(|l| l.missed)
+                .map(|l| l.id.clone())
+                .collect(),
         }
     }
 
@@ -92,6 +98,7 @@ impl<K: Key, V: Value> Server<K, V> {
                             coordinator,
                             deadline,
                             dumped: false,
+                            applied: false,
                         });
                         if self.pending.is_empty() {
                             let rep = self.paused_reply();
@@ -197,8 +204,16 @@ impl<K: Key, V: Value> Server<K, V> {
                     });
                 let by = self.origin_id(&origin).unwrap_or_else(|| self.me.clone());
                 self.emit(watch, notify::Cause::Join(by));
+                if let Some(p) = self.paused.as_mut() {
+                    p.applied = true;
+                }
                 if let Some(members) = members {
                     self.set_members(&members, join);
+                    let by = self.origin_id(&origin).unwrap_or_else(|| self.me.clone());
+                    self.drop_outsiders(by);
+                    if let Some(p) = self.paused.as_mut() {
+                        p.applied = false;
+                    }
                 }
                 self.reply(origin, JoinRep::Applied { conflicts });
             }
@@ -217,6 +232,26 @@ impl<K: Key, V: Value> Server<K, V> {
                 }
                 let by = self.origin_id(&origin).unwrap_or_else(|| self.me.clone());
                 self.apply_join_tombstones(owners, tombstones, by);
+                self.reply(origin, JoinRep::Applied { conflicts: 0 });
+            }
+            JoinReq::Stale {
+                join,
+                owners,
+                records,
+            } => {
+                if !self.paused_by(join) {
+                    self.refuse(origin, "not paused by this join");
+                    return;
+                }
+                let by = self.origin_id(&origin).unwrap_or_else(|| self.me.clone());
+                let removed = self.remove_stale(&owners, records, by);
+                if removed > 0 {
+                    tracing::info!(
+                        removed,
+                        join,
+                        "dropped copies of records their owners' side no longer holds"
+                    );
+                }
                 self.reply(origin, JoinRep::Applied { conflicts: 0 });
             }
             JoinReq::Unpause { join } => {
@@ -312,6 +347,12 @@ impl<K: Key, V: Value> Server<K, V> {
                 }
             }
         }
+        // The join checked the copies of every pair that missed writes (`crate::authority`).
+        for k in &set {
+            if let Some(l) = self.links.get_mut(k) {
+                l.missed = false;
+            }
+        }
         self.members = set;
         self.epoch = epoch;
         for l in self.links.values_mut() {
@@ -326,6 +367,10 @@ impl<K: Key, V: Value> Server<K, V> {
     pub(super) fn unpause(&mut self) {
         if let Some(p) = self.paused.take() {
             self.remember_released(p.join);
+            if p.applied {
+                // The join stored records here and ended before its member list came.
+                self.drop_outsiders(p.coordinator.clone());
+            }
         }
         self.pause_waiters.clear();
     }
@@ -336,6 +381,80 @@ impl<K: Key, V: Value> Server<K, V> {
             self.released.push_back(join);
             if self.released.len() > 64 {
                 self.released.pop_front();
+            }
+        }
+    }
+}
+
+impl<K: Key, V: Value> Server<K, V> {
+    /// Removes the stale copies a join names (`crate::authority`), each only where it is stored
+    /// in that very version. Returns how many were removed.
+    fn remove_stale(
+        &mut self,
+        owners: &[NodeId],
+        records: Vec<WireRecord<K, V>>,
+        by: NodeId,
+    ) -> usize {
+        let map: Vec<Option<OwnerIdx>> = owners.iter().map(|id| self.owners.lookup(id)).collect();
+        let watch = self.watch_keys(records.iter().map(|r| &r.key));
+        let removed = records
+            .iter()
+            .filter(|r| match map.get(r.owner as usize) {
+                Some(&Some(owner)) => self
+                    .shared
+                    .store
+                    .remove_version(&r.key, &r.value, r.ts, owner),
+                _ => false,
+            })
+            .count();
+        self.emit(watch, notify::Cause::Join(by));
+        removed
+    }
+}
+
+impl<K: Key, V: Value> Server<K, V> {
+    /// Drops the records of every owner that is neither this node nor a member: at the end of a
+    /// join, the records of linked nodes outside it, which no node of the join keeps up to date
+    /// (their writes reach none of them) and which not every node of it could store; after a
+    /// join that stored records and failed, those of its other side. A node holds, after a
+    /// join, only records of its members and itself, as every other node of the join does, and
+    /// the owner's own side brings them back when it joins (ALGORITHM.md, section 12).
+    pub(super) fn drop_outsiders(&mut self, by: NodeId) {
+        // Cluster-owned records belong to writer names, never members: they stay.
+        if self.cluster_owned() {
+            return;
+        }
+        let (me, members) = (self.me_idx, &self.members);
+        let outside = |o: OwnerIdx| o != me && !members.contains(&o);
+        let watch = if self.shared.hub.watching() {
+            let mut keys = Vec::new();
+            self.shared.store.for_each(|k, r| {
+                if outside(r.owner) {
+                    keys.push(k.clone());
+                }
+            });
+            self.watch_keys(keys.iter())
+        } else {
+            None
+        };
+        let removed = self.shared.store.remove_owned_by(outside, |_, _| {});
+        self.emit(watch, notify::Cause::Join(by));
+        if !removed.is_empty() {
+            tracing::info!(
+                dropped = removed.len(),
+                "records of nodes outside the table's members dropped"
+            );
+        }
+    }
+}
+
+impl<K: Key, V: Value> Server<K, V> {
+    /// A batch of our writes went to the members in `sent` only: every other linked node that
+    /// runs the table missed it (`Link::missed`).
+    pub(super) fn note_missed(&mut self, sent: &[OwnerIdx]) {
+        for (k, l) in self.links.iter_mut() {
+            if !sent.contains(k) && !l.lacks_table && l.refused.is_none() {
+                l.missed = true;
             }
         }
     }

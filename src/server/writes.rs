@@ -91,8 +91,12 @@ impl<K: Key, V: Value> Server<K, V> {
             next = self.writes.try_recv().ok();
         }
         self.metrics.writes.increment(accepted_ops.len() as u64);
+        let wrote = !accepted_ops.is_empty();
         if !replicate {
             self.apply_local(accepted_ops);
+            if wrote {
+                self.note_missed(&[]);
+            }
             for r in replies {
                 let _ = r.send(Ok(()));
             }
@@ -125,6 +129,9 @@ impl<K: Key, V: Value> Server<K, V> {
         // peers' own apply. Replies wait for the acks, which this task handles after the
         // apply, so a caller still finds its write on every node when its call returns.
         self.apply_local(accepted_ops);
+        if wrote {
+            self.note_missed(&waiting);
+        }
         self.pending.push_back(Pending {
             seq: self.seq,
             sent: Instant::now(),

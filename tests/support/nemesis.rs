@@ -271,7 +271,9 @@ impl Run {
         let mut rng = StdRng::seed_from_u64(self.plan.seed);
         let n = NAMES.len();
         for round in 0..self.plan.rounds {
-            let restart = rng.random_bool(self.plan.restart_chance).then(|| rng.random_range(0..n));
+            let restart = rng
+                .random_bool(self.plan.restart_chance)
+                .then(|| rng.random_range(0..n));
             let fault = match rng.random_range(0..12) {
                 0 | 1 => Fault::None,
                 2..=4 => {
@@ -360,7 +362,13 @@ impl Run {
             .map(|t| t.to_vec().into_iter().collect())
             .collect();
         for (i, t) in self.tables.iter().enumerate() {
-            let _ = writeln!(out, "  {}: {} records, members {:?}", NAMES[i], t.len(), t.nodes());
+            let _ = writeln!(
+                out,
+                "  {}: {} records, members {:?}",
+                NAMES[i],
+                t.len(),
+                t.nodes()
+            );
         }
         let mut keys: Vec<&String> = all.iter().flat_map(|m| m.keys()).collect();
         keys.sort();
@@ -533,7 +541,11 @@ async fn write_loop(
                     .collect();
                 keys.sort();
                 keys.dedup();
-                Call::Put(keys.into_iter().map(|n| (own_key(node, n), value())).collect())
+                Call::Put(
+                    keys.into_iter()
+                        .map(|n| (own_key(node, n), value()))
+                        .collect(),
+                )
             }
             50..70 => Call::Del(own_key(node, rng.random_range(0..plan.own_keys))),
             70..90 => Call::Put(vec![(
@@ -544,9 +556,7 @@ async fn write_loop(
         };
         let start = Instant::now();
         let result = match &call {
-            Call::Put(recs) if recs.len() == 1 => {
-                table.insert(recs[0].0.clone(), recs[0].1).await
-            }
+            Call::Put(recs) if recs.len() == 1 => table.insert(recs[0].0.clone(), recs[0].1).await,
             Call::Put(recs) => table.insert_many(recs.clone()).await,
             Call::Del(k) => table.delete(k).await,
         };
