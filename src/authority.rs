@@ -1,4 +1,4 @@
-//! Owner authority in a join (ALGORITHM.md, section 11): a record owned by a node of the join
+//! Owner authority in a join (ALGORITHM.md, section 16): a record owned by a node of the join
 //! is taken from that node's side only. A copy of it elsewhere that its owner's side does not
 //! hold in that very version is stale: a node that kept it while it was linked to the owner but
 //! not its member (a view split, an ack timeout, a cut between two other nodes) missed the

@@ -324,7 +324,7 @@ async fn merge<K: Key, V: Value>(
     // the join are not its truth (its writes reach none of them), and not every node of the
     // join could store them (one that is not linked to it skips them): each node drops them
     // when the join ends (`Server::drop_outsiders`), and the first join with their owner brings
-    // them back from its own side (section 12).
+    // them back from its own side (ALGORITHM.md, section 16).
     let dumped = everyone.clone();
     // Last writer wins between two consistent partitions needs no central decision: each
     // side keeps the later version of a key, and both compare the same stamps.

@@ -1,6 +1,6 @@
 //! A record's owner decides what becomes of it: a copy held by a node that missed the owner's
 //! later writes (it was connected, but not a member) does not come back in a join
-//! (ALGORITHM.md, section 11). Issue 20: an acknowledged delete came back on every replica.
+//! (ALGORITHM.md, section 16). Issue 20: an acknowledged delete came back on every replica.
 
 #[allow(dead_code)]
 #[path = "support/mesh.rs"]

@@ -1805,7 +1805,7 @@ async fn a_join_reply_from_another_peer_does_not_cancel_a_request() {
 /// nodes, so their copies of its records are not its truth, and a node of the join that is not
 /// linked to it cannot store them: dumped, they left the merged side "consistent" by its view
 /// and different in content (the nemesis: n1 kept n4's deleted record, n3 never had it). Each
-/// node drops them at the end of the join instead (ALGORITHM.md, section 12); the dump request
+/// node drops them at the end of the join instead (ALGORITHM.md, section 16); the dump request
 /// named every connected node before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_dumps_the_records_of_its_own_nodes_only() {

@@ -418,7 +418,7 @@ impl<K: Key, V: Value> Server<K, V> {
     /// (their writes reach none of them) and which not every node of it could store; after a
     /// join that stored records and failed, those of its other side. A node holds, after a
     /// join, only records of its members and itself, as every other node of the join does, and
-    /// the owner's own side brings them back when it joins (ALGORITHM.md, section 12).
+    /// the owner's own side brings them back when it joins (ALGORITHM.md, section 16).
     pub(super) fn drop_outsiders(&mut self, by: NodeId) {
         // Cluster-owned records belong to writer names, never members: they stay.
         if self.cluster_owned() {
