@@ -65,9 +65,10 @@ pub(crate) enum Command {
     /// From `Node::connect`: as `Dial`, but now, whatever the backoff.
     DialNow(SocketAddr),
     Authenticated(Authenticated),
-    DialFailed(SocketAddr, String),
-    /// The peer closed our dial because it dials us instead.
-    Redirected(SocketAddr),
+    /// A dial failed (the address, why, and which dial: `PeerManager::dialing`).
+    DialFailed(SocketAddr, String, u64),
+    /// The peer closed our dial (the address, and which dial) because it dials us instead.
+    Redirected(SocketAddr, u64),
     Closed {
         name: String,
         stable_id: usize,
@@ -104,6 +105,18 @@ struct Unavailable {
 enum Backoff {
     Honour,
     Ignore,
+    /// The peer is up at this address right now (it dialed us and we sent it `REDIRECT`): dial
+    /// at once, replacing a dial to it still in flight. That one may have been sent while the
+    /// peer's port was closed (it was restarting), and would reach it only when QUIC resends
+    /// its first packet, a second or more later.
+    Replace,
+}
+
+/// A dial in flight: which one (an older dial's late result must not end a newer one's
+/// entry) and its task, aborted if a new dial replaces it.
+struct InFlight {
+    id: u64,
+    task: tokio::task::AbortHandle,
 }
 
 /// The wait after `failures` failed dials in a row: the discovery interval, doubled for each
@@ -124,7 +137,9 @@ pub(crate) struct PeerManager {
     registry: Arc<Registry>,
     tx: mpsc::UnboundedSender<Command>,
     active: HashMap<String, Active>,
-    dialing: HashSet<SocketAddr>,
+    dialing: HashMap<SocketAddr, InFlight>,
+    /// Id of the next dial (`InFlight::id`).
+    next_dial: u64,
     self_addrs: HashSet<SocketAddr>,
     unavailable: HashMap<SocketAddr, Unavailable>,
     metrics: NodeMetrics,
@@ -165,7 +180,8 @@ impl PeerManager {
             registry,
             tx: tx.clone(),
             active: HashMap::new(),
-            dialing: HashSet::new(),
+            dialing: HashMap::new(),
+            next_dial: 0,
             self_addrs,
             unavailable: HashMap::new(),
             metrics,
@@ -180,13 +196,15 @@ impl PeerManager {
                 Command::Dial(addr) => self.dial(canonical(addr), Backoff::Honour),
                 Command::DialNow(addr) => self.dial(canonical(addr), Backoff::Ignore),
                 Command::Authenticated(a) => self.authenticated(a),
-                Command::Redirected(addr) => {
-                    self.dialing.remove(&addr);
-                    self.unavailable.remove(&addr);
+                Command::Redirected(addr, id) => {
+                    if self.dial_ended(addr, id) {
+                        self.unavailable.remove(&addr);
+                    }
                 }
-                Command::DialFailed(addr, reason) => {
-                    self.dialing.remove(&addr);
-                    self.failed(addr, reason);
+                Command::DialFailed(addr, reason, id) => {
+                    if self.dial_ended(addr, id) {
+                        self.failed(addr, reason);
+                    }
                 }
                 Command::Closed {
                     name,
@@ -270,8 +288,21 @@ impl PeerManager {
         );
     }
 
+    /// Dial `id` to `addr` ended: false if a newer dial to `addr` replaced it.
+    fn dial_ended(&mut self, addr: SocketAddr, id: u64) -> bool {
+        if self.dialing.get(&addr).is_some_and(|d| d.id == id) {
+            self.dialing.remove(&addr);
+            true
+        } else {
+            false
+        }
+    }
+
     fn dial(&mut self, addr: SocketAddr, backoff: Backoff) {
-        if self.self_addrs.contains(&addr) || self.dialing.contains(&addr) {
+        if self.self_addrs.contains(&addr) {
+            return;
+        }
+        if self.dialing.contains_key(&addr) && backoff != Backoff::Replace {
             return;
         }
         if backoff == Backoff::Honour
@@ -289,7 +320,8 @@ impl PeerManager {
         {
             return;
         }
-        self.dialing.insert(addr);
+        let id = self.next_dial;
+        self.next_dial += 1;
         let (endpoint, me, auth, tx) = (
             self.endpoint.clone(),
             self.me.clone(),
@@ -298,7 +330,8 @@ impl PeerManager {
         );
         let timeout = self.config.handshake_timeout;
         let span = tracing::info_span!("cets_dial", node = %self.me.name, peer = %addr);
-        tokio::spawn(
+        tracing::debug!(%addr, "dialing");
+        let task = tokio::spawn(
             async move {
                 let mut dialed: Option<Connection> = None;
                 let result = async {
@@ -324,18 +357,30 @@ impl PeerManager {
                 });
                 let _ = tx.send(match result {
                     Ok(a) => Command::Authenticated(a),
-                    Err(_) if closed_with == Some(close::REDIRECT) => Command::Redirected(addr),
+                    Err(_) if closed_with == Some(close::REDIRECT) => Command::Redirected(addr, id),
                     Err(e) => {
                         if matches!(e, crate::Error::Handshake { .. }) {
                             crate::metrics::refused(&me.name, crate::metrics::refusal_reason(&e));
                             tracing::warn!(%addr, error = %e, "handshake refused");
                         }
-                        Command::DialFailed(addr, e.to_string())
+                        Command::DialFailed(addr, e.to_string(), id)
                     }
                 });
             }
             .instrument(span),
         );
+        let replaced = self.dialing.insert(
+            addr,
+            InFlight {
+                id,
+                task: task.abort_handle(),
+            },
+        );
+        if let Some(old) = replaced {
+            // Dropping its connection closes it; the peer may have it half open.
+            old.task.abort();
+            tracing::debug!(%addr, "a dial in flight replaced: the peer is up there now");
+        }
     }
 
     fn authenticated(&mut self, a: Authenticated) {
@@ -389,7 +434,7 @@ impl PeerManager {
                     .get(&peer.name)
                     .is_none_or(|x| x.conn.close_reason().is_some())
                 {
-                    self.dial(addr, Backoff::Ignore);
+                    self.dial(addr, Backoff::Replace);
                 }
             } else {
                 // We are the larger node: the peer closes this connection and dials back.

@@ -67,6 +67,8 @@ impl<S: Subscriber> Layer<S> for Capture {
 }
 
 /// Installs the capture (once per test binary) and returns its log. `RUST_LOG` still prints.
+/// Every test of a binary that uses it must call it before it starts a node (whose
+/// `init_tracing` would install another subscriber first).
 pub fn capture() -> Logs {
     static LOGS: OnceLock<Logs> = OnceLock::new();
     LOGS.get_or_init(|| {
