@@ -27,7 +27,7 @@ use crate::conflict::Conflict;
 use crate::hlc::HybridClock;
 use crate::membership::NodeId;
 use crate::ownership::is_writer_id;
-use crate::proto::{Chunker, JoinRep, JoinReq, WireRecord, WireTombstone};
+use crate::proto::{Chunker, JoinRep, JoinReq, PeerMsg, WireRecord, WireTombstone};
 use crate::server::Control;
 use crate::store::{same_value, value_order};
 use crate::table::{Key, TableKind, Value};
@@ -51,6 +51,10 @@ pub(crate) struct JoinCtx<K, V> {
     pub cluster: bool,
     /// Records sent in `Apply` requests so far (`cets_join_records_total`).
     pub moved: Arc<AtomicU64>,
+    /// The table streams to the peers (when the join started), for the lease's renewals: they
+    /// go out from here, not through this node's table server, which may be busy for longer
+    /// than the lease with the join's own work (its dump, the chunks it applies).
+    pub streams: HashMap<NodeId, crate::outbox::Outbox>,
 }
 
 /// Every version of one key seen in the dumps, with the index of the source that had it; the
@@ -210,15 +214,24 @@ impl Lease {
             return;
         }
         self.last = tokio::time::Instant::now();
+        let pause = || JoinReq::Pause {
+            join: self.join,
+            lease_ms: self.lease_ms,
+        };
+        // Request number 0 is never awaited (`Server::on_control` numbers from 1): the reply is
+        // dropped where it arrives.
+        let direct = crate::transport::frame::encode(&PeerMsg::<K, V>::Join {
+            req: 0,
+            body: pause(),
+        });
         for n in &self.nodes {
             // Replies are not awaited: a lost renewal shows up as a refused step later.
-            drop(ctx.request(
-                n,
-                JoinReq::Pause {
-                    join: self.join,
-                    lease_ms: self.lease_ms,
-                },
-            ));
+            match (ctx.streams.get(n), &direct) {
+                (Some(out), Ok(frame)) if !out.is_closed() => {
+                    let _ = out.send(frame.clone());
+                }
+                _ => drop(ctx.request(n, pause())),
+            }
         }
     }
 }
@@ -699,7 +712,10 @@ async fn exchange<K: Key, V: Value>(
             },
         )
     };
-    let mut rx = [request(&groups[0].0), request(&groups[1].0)];
+    // The other source first: this node's table server, when it is the first source, cuts its
+    // own dump before it forwards anything after it, and the two dumps should run at once.
+    let rx1 = request(&groups[1].0);
+    let mut rx = [request(&groups[0].0), rx1];
     let mut dumps: [Dump<K, V>; 2] = [Vec::new(), Vec::new()];
     let mut tombs: [Vec<TombstoneChunk<K>>; 2] = [Vec::new(), Vec::new()];
     for (from, dump) in dumps.iter_mut().enumerate() {

@@ -23,8 +23,9 @@ struct Shared {
     overflowed: AtomicBool,
 }
 
-/// The table server's end of a link's queue.
-#[derive(Debug)]
+/// The table server's end of a link's queue. A join coordinator holds a copy to renew its
+/// lease without waiting for the table server (`join::Lease`).
+#[derive(Debug, Clone)]
 pub(crate) struct Outbox {
     tx: mpsc::UnboundedSender<Bytes>,
     shared: Arc<Shared>,

@@ -315,6 +315,13 @@ impl<K: Serialize, V: Serialize> Chunker<K, V> {
     pub(crate) fn finish(self) -> Vec<Vec<WireRecord<K, V>>> {
         self.chunks
     }
+
+    /// The chunks that are full (every one but the one still filling), taken out: a dump can
+    /// send them while it goes on. Each holds records.
+    pub(crate) fn take_full(&mut self) -> std::vec::Drain<'_, Vec<WireRecord<K, V>>> {
+        let full = self.chunks.len().saturating_sub(1);
+        self.chunks.drain(..full)
+    }
 }
 
 #[cfg(test)]

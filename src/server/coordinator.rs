@@ -113,6 +113,12 @@ impl<K: Key, V: Value> Server<K, V> {
             expire_ms: self.shared.expire_ms,
             cluster: self.cluster_owned(),
             moved: Arc::default(),
+            streams: self
+                .links
+                .values()
+                .filter(|l| l.ready())
+                .filter_map(|l| Some((l.id.clone(), l.out.clone()?)))
+                .collect(),
         };
         let control = self.control_tx.clone();
         let table = self.shared.name.clone();

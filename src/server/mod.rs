@@ -247,6 +247,9 @@ struct Pause {
     join: u64,
     coordinator: NodeId,
     deadline: Instant,
+    /// The lease the coordinator asked for (bounded): every step of its join that arrives
+    /// here (a dump request, an applied chunk) renews it (`Server::join_progress`).
+    lease: Duration,
     /// The table's dump was sent for this join: a join asks each node once, and a second
     /// request would queue another copy of the table.
     dumped: bool,
@@ -422,8 +425,14 @@ impl<K: Key, V: Value> Server<K, V> {
                 biased;
                 Some(ev) = self.events.recv() => self.on_event(ev),
                 Some(c) = self.control.recv() => {
+                    let started = Instant::now();
                     if self.on_control(c) {
                         return;
+                    }
+                    if started.elapsed() >= MAX_BURST {
+                        // A heavy step of a join (a chunk applied here): the join task it woke
+                        // waits on this thread until this task yields, and must renew its lease.
+                        tokio::task::yield_now().await;
                     }
                 }
                 Some(input) = self.inputs.recv() => {

@@ -56,6 +56,18 @@ impl<K: Key, V: Value> Server<K, V> {
         }
     }
 
+    /// A step of the join that holds the pause arrived (a dump request, a chunk to apply): the
+    /// coordinator is alive and working, so its lease is renewed. Its own renewals may be
+    /// queued behind the chunks it sent before them, and while this node takes longer than
+    /// the lease to receive and apply those, they would arrive too late (8 M + 8 M records
+    /// never joined under `fast_failover`'s 2 s lease: the participant unpaused part way and
+    /// refused the rest).
+    pub(super) fn join_progress(&mut self) {
+        if let Some(p) = self.paused.as_mut() {
+            p.deadline = Instant::now() + p.lease;
+        }
+    }
+
     pub(super) fn paused_by(&self, join: u64) -> bool {
         self.paused.as_ref().is_some_and(|p| p.join == join)
     }
@@ -88,6 +100,7 @@ impl<K: Key, V: Value> Server<K, V> {
                     }
                     Some(p) => {
                         p.deadline = deadline;
+                        p.lease = lease;
                         let rep = self.paused_reply();
                         self.reply(origin, rep);
                     }
@@ -97,6 +110,7 @@ impl<K: Key, V: Value> Server<K, V> {
                             join,
                             coordinator,
                             deadline,
+                            lease,
                             dumped: false,
                             applied: false,
                         });
@@ -114,6 +128,7 @@ impl<K: Key, V: Value> Server<K, V> {
                     self.refuse(origin, "not paused by this join");
                     return;
                 }
+                self.join_progress();
                 if let Some(p) = self.paused.as_mut() {
                     if p.dumped {
                         self.refuse(origin, "this join had the dump already");
@@ -121,7 +136,19 @@ impl<K: Key, V: Value> Server<K, V> {
                     }
                     p.dumped = true;
                 }
-                self.send_dump(origin, &alive);
+                // A large table takes a while: on a multi-threaded runtime, the tasks queued
+                // behind this one (the join coordinator, woken by each chunk it is sent, the
+                // table streams' writers) move to another thread meanwhile, so the join's lease
+                // renewals still go out.
+                if tokio::runtime::Handle::current().runtime_flavor()
+                    == tokio::runtime::RuntimeFlavor::MultiThread
+                {
+                    tokio::task::block_in_place(|| self.send_dump(origin, &alive));
+                } else {
+                    self.send_dump(origin, &alive);
+                }
+                // The lease runs from the dump's end.
+                self.join_progress();
             }
             JoinReq::Apply {
                 join,
@@ -134,6 +161,7 @@ impl<K: Key, V: Value> Server<K, V> {
                     self.refuse(origin, "not paused by this join");
                     return;
                 }
+                self.join_progress();
                 // Records of owners that are not alive here (a node that died during the
                 // join) are not stored: nothing would ever remove them.
                 let map: Vec<Option<OwnerIdx>> = owners
@@ -215,6 +243,8 @@ impl<K: Key, V: Value> Server<K, V> {
                         p.applied = false;
                     }
                 }
+                // Applying a large chunk takes time: the lease runs from its end.
+                self.join_progress();
                 self.reply(origin, JoinRep::Applied { conflicts });
             }
             JoinReq::Tombstones {
@@ -298,6 +328,24 @@ impl<K: Key, V: Value> Server<K, V> {
         // Expired records stay out: a read returns none of them, and a conflict handler must
         // not make one live again with a new stamp.
         let from = self.shared.live_from();
+        // Each chunk goes out as soon as it is full, so the coordinator hears of the dump's
+        // progress (and renews its lease) while a large table is still being read, instead of
+        // waiting, up to its per-reply timeout, for the whole table to be cut first.
+        let send = |records, last| {
+            let body = JoinRep::Chunk {
+                owners: owners.clone(),
+                records,
+                last,
+            };
+            match &origin {
+                Origin::Local(tx) => {
+                    let _ = tx.send(body);
+                }
+                Origin::Peer(key, req) => {
+                    self.send_to(*key, &PeerMsg::JoinReply { req: *req, body })
+                }
+            }
+        };
         self.shared.store.for_each(|k, r| {
             if !r.live(from) {
                 return;
@@ -310,24 +358,16 @@ impl<K: Key, V: Value> Server<K, V> {
                     owner,
                     ttl: r.ttl,
                 });
+                for records in chunker.take_full() {
+                    send(records, false);
+                }
             }
         });
-        let chunks = chunker.finish();
-        let n = chunks.len();
-        for (i, records) in chunks.into_iter().enumerate() {
-            let body = JoinRep::Chunk {
-                owners: owners.clone(),
-                records,
-                last: i + 1 == n,
-            };
-            match &origin {
-                Origin::Local(tx) => {
-                    let _ = tx.send(body);
-                }
-                Origin::Peer(key, req) => {
-                    self.send_to(*key, &PeerMsg::JoinReply { req: *req, body })
-                }
-            }
+        // The last chunk (possibly empty) says the dump is complete.
+        let rest = chunker.finish();
+        let n = rest.len();
+        for (i, records) in rest.into_iter().enumerate() {
+            send(records, i + 1 == n);
         }
     }
 
