@@ -109,6 +109,14 @@ pub struct NodeConfig {
     /// no digest is kept and no round runs; every node of a cluster should agree on this
     /// (a node with it off ignores the others' digests).
     pub anti_entropy_interval: Option<Duration>,
+    /// How far ahead of this node's wall clock a stamp received from a peer may move its
+    /// hybrid logical clock. Default 1 s. A stamp further ahead (the peer's clock is wrong) is
+    /// not taken by the clock: the write still counts with its stamp, but this node's own later
+    /// stamps do not jump ahead with it, so one bad clock cannot make every node's
+    /// `expire_after` records live longer. The peer is logged and listed in
+    /// `NodeStatus::clock_ahead`. Keep it above the clock offsets your nodes really have (NTP
+    /// keeps them in milliseconds); `Duration::MAX` takes every stamp.
+    pub max_clock_drift: Duration,
 }
 
 impl Default for NodeConfig {
@@ -133,6 +141,7 @@ impl Default for NodeConfig {
             join_chunk_records: 10_000,
             max_link_queue_bytes: 256 * 1024 * 1024,
             anti_entropy_interval: Some(Duration::from_secs(2)),
+            max_clock_drift: Duration::from_secs(1),
         }
     }
 }

@@ -385,7 +385,7 @@ async fn merge<K: Key, V: Value>(
                         })
                         .collect();
                     for rec in records {
-                        ctx.clock.observe(rec.ts);
+                        ctx.clock.observe_from(&src.name, rec.ts);
                         let Some(&owner) = map.get(rec.owner as usize) else {
                             continue;
                         };

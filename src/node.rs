@@ -33,6 +33,7 @@ pub struct NodeBuilder {
     discovery: Option<Box<dyn Discovery>>,
     config: NodeConfig,
     tls: Option<crate::TlsConfig>,
+    clock_skew: Duration,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -80,6 +81,14 @@ impl NodeBuilder {
         self
     }
 
+    /// Testing hook: this node's clock runs `ahead` of the system's wall clock (a node with a
+    /// wrong clock, for tests of `NodeConfig::max_clock_drift`).
+    #[doc(hidden)]
+    pub fn clock_skew_for_tests(mut self, ahead: Duration) -> Self {
+        self.clock_skew = ahead;
+        self
+    }
+
     /// Binds the endpoint and starts the node's tasks. Must run inside a Tokio runtime.
     pub async fn start(self) -> Result<Node> {
         self.config.validate()?;
@@ -96,6 +105,7 @@ impl NodeBuilder {
         }
         crate::metrics::describe();
         let id = NodeId::new(self.name);
+        let config_drift = self.config.max_clock_drift;
         let (endpoint, socket) =
             crate::transport::endpoint(self.listen, &self.config, self.tls.as_ref())?;
         let local_addr = endpoint.local_addr()?;
@@ -134,7 +144,7 @@ impl NodeBuilder {
                 local_addr,
                 registry,
                 peers,
-                clock: Arc::new(HybridClock::new()),
+                clock: Arc::new(HybridClock::with_max_drift(config_drift).skewed(self.clock_skew)),
                 tables: Mutex::new(Vec::new()),
                 discovery: discovery_state,
                 discovery_task: task,
@@ -293,6 +303,7 @@ impl Node {
             discovery: None,
             config: NodeConfig::default(),
             tls: None,
+            clock_skew: Duration::ZERO,
         }
     }
 
@@ -448,6 +459,7 @@ impl Node {
             discovery_rounds: rounds,
             discovery_error: error,
             tables,
+            clock_ahead: self.inner.clock.ahead(),
         };
         (status, view.own)
     }

@@ -75,6 +75,10 @@ pub struct NodeStatus {
     pub discovery_error: Option<String>,
     /// Every table on this node.
     pub tables: Vec<TableStatus>,
+    /// Peers whose stamps ran more than `NodeConfig::max_clock_drift` ahead of this node's
+    /// wall clock in the last minute, with the largest lead seen: their clocks are wrong, and
+    /// their stamps did not move this node's clock.
+    pub clock_ahead: Vec<(String, std::time::Duration)>,
 }
 
 impl NodeStatus {
@@ -115,6 +119,12 @@ impl fmt::Display for NodeStatus {
             for (addr, why) in &self.unavailable {
                 writeln!(f, "  {addr}: {why}")?;
             }
+        }
+        for (peer, lead) in &self.clock_ahead {
+            writeln!(
+                f,
+                "clock of {peer} runs {lead:?} ahead (over max_clock_drift)"
+            )?;
         }
         writeln!(f, "tables ({}):", self.tables.len())?;
         for t in &self.tables {

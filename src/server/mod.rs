@@ -345,6 +345,7 @@ impl Extend<u8> for Append<'_> {
 
 mod anti_entropy;
 mod apply;
+mod clock;
 mod cluster;
 mod coordinator;
 mod housekeeping;
@@ -621,7 +622,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 }
                 let mut lasting = false;
                 for op in ops {
-                    self.clock.observe(op.ts);
+                    self.observe(key, op.ts);
                     if let Some(l) = self.links.get_mut(&key) {
                         l.watermark = l.watermark.max(op.ts);
                     }
@@ -640,7 +641,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 self.to_ack.insert(key, seq);
             }
             PeerMsg::Ack { seq, clock } => {
-                self.clock.observe(clock);
+                self.observe(key, clock);
                 if let Some(l) = self.links.get_mut(&key) {
                     l.acked = l.acked.max(seq);
                     l.watermark = l.watermark.max(clock);
@@ -649,7 +650,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 self.forget_tombstones();
             }
             PeerMsg::Tick { clock, view } => {
-                self.clock.observe(clock);
+                self.observe(key, clock);
                 if let Some(l) = self.links.get_mut(&key) {
                     l.watermark = l.watermark.max(clock);
                     l.view = Some(view);

@@ -193,7 +193,13 @@ impl<K: Key, V: Value> Server<K, V> {
                     rec.ttl = r.ttl;
                     recs.push((r.key, rec));
                 }
-                self.clock.observe(newest);
+                // The coordinator sent them (from its dumps).
+                match self.paused.as_ref().map(|p| p.coordinator.name.clone()) {
+                    Some(coordinator) => self.clock.observe_from(&coordinator, newest),
+                    None => {
+                        let _ = self.clock.observe(newest);
+                    }
+                }
                 // For a merge: which stored owners the other side's dump could have included.
                 let cluster = self.cluster_owned();
                 let dumped: Vec<bool> = match &merge {
