@@ -80,6 +80,15 @@ pub enum Error {
         /// The table name.
         table: String,
     },
+    /// An `insert_new` could not be decided: no leader answered within `ack_timeout`, or the
+    /// leader's table stopped or could not replicate the record.
+    #[error("insert_new on table {table:?} failed: {reason}")]
+    InsertNew {
+        /// The table name.
+        table: String,
+        /// Why.
+        reason: String,
+    },
     /// Waiting for something took longer than the caller allowed.
     #[error("timed out after {0:?}")]
     Timeout(Duration),

@@ -376,6 +376,7 @@ impl Node {
             events: ev_rx,
             restore,
             restore_error,
+            writes_tx: writes_tx.clone(),
         });
         if let Err(e) = spawned {
             self.inner.registry.remove(name);

@@ -96,6 +96,29 @@ pub(crate) enum PeerMsg<K, V> {
     JoinReply { req: u64, body: JoinRep<K, V> },
     /// Anti-entropy: digests of the table's contents and their repair.
     AntiEntropy(AeMsg<K, V>),
+    /// An `insert_new` call of the sender, for the table's leader to decide (ALGORITHM.md,
+    /// section 17). `retry`: the leader it went to first went down.
+    InsertNew {
+        req: u64,
+        key: K,
+        value: V,
+        retry: bool,
+    },
+    /// The leader's answer to an `InsertNew`, sent once a granted record is acknowledged.
+    InsertNewReply { req: u64, outcome: ClaimOutcome<V> },
+}
+
+/// What the leader decided about an `insert_new` call.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum ClaimOutcome<V> {
+    /// The key was free; the record is stored (and, on the wire, acknowledged by every member).
+    Inserted,
+    /// The key holds this value; nothing was written.
+    Exists(V),
+    /// The receiver is not the leader in its view: ask again (the views differ for a moment).
+    NotLeader,
+    /// The claim could not be decided (the leader's table stopped, its write timed out).
+    Failed(String),
 }
 
 /// What a table server has applied, as anti-entropy compares it: for itself and each member,

@@ -361,7 +361,11 @@ impl<K: crate::table::Key, V: crate::table::Value> Table<K, V> {
     async fn write(&self, op: Option<OpKind<K, V>>) -> Result<()> {
         let (reply, rx) = oneshot::channel();
         self.writes
-            .send(Write { op, reply })
+            .send(Write {
+                op,
+                reply,
+                claim: None,
+            })
             .await
             .map_err(|_| Error::Shutdown)?;
         rx.await.map_err(|_| Error::Shutdown)?

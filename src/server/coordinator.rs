@@ -74,6 +74,12 @@ impl<K: Key, V: Value> Server<K, V> {
                 self.test_write(w);
                 let _ = done.send(());
             }
+            Control::ClaimDone {
+                peer,
+                gen,
+                req,
+                outcome,
+            } => self.on_claim_done(peer, gen, req, outcome),
             Control::Stop(done) => {
                 self.stop();
                 let _ = done.send(());

@@ -58,6 +58,7 @@ impl<K: Key, V: Value> Server<K, V> {
         }
         self.complete_pending();
         self.sample_metrics(now);
+        self.claims_tick(now);
         // Requests whose coordinator gave up (its join ended) wait for no reply any more.
         self.join_replies.retain(|_, a| !a.tx.is_closed());
         self.forget_tombstones();

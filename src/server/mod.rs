@@ -87,6 +87,8 @@ const MAX_PAUSE_LEASE: Duration = Duration::from_secs(60);
 pub(crate) struct Write<K, V> {
     pub op: Option<OpKind<K, V>>,
     pub reply: oneshot::Sender<Result<()>>,
+    /// An `insert_new` (`claims.rs`): the op is its one record, inserted only if it wins.
+    pub claim: Option<Claim<V>>,
 }
 
 /// Requests from handles, the node and join coordinators; served even while paused.
@@ -108,6 +110,13 @@ pub(crate) enum Control<K, V> {
     /// A change of this replica only (tests of anti-entropy).
     #[cfg(feature = "testing")]
     Testing(crate::testing::TestWrite<K, V>, oneshot::Sender<()>),
+    /// A member's `insert_new` was decided here: answer it on its link (`claims.rs`).
+    ClaimDone {
+        peer: OwnerIdx,
+        gen: u64,
+        req: u64,
+        outcome: crate::proto::ClaimOutcome<V>,
+    },
 }
 
 /// What reader and writer tasks report, tagged with the peer's key and the link's
@@ -313,6 +322,10 @@ pub(crate) struct Server<K, V> {
     persist: persist::PersistState,
     /// Anti-entropy: rounds, what each member applied, what was repaired (`anti_entropy.rs`).
     ae: anti_entropy::AntiEntropy,
+    /// `insert_new` calls forwarded to the leader, or served as the leader (`claims.rs`).
+    claims: claims::Claims<K, V>,
+    /// This table's own write queue: claims decided here go through it, in turn.
+    writes_tx: mpsc::Sender<Write<K, V>>,
 }
 
 /// Everything a server needs from its node.
@@ -331,6 +344,7 @@ pub(crate) struct ServerParts<K, V> {
     /// made the node start empty instead, if any.
     pub restore: Vec<crate::persistence::SnapBlock<K, V>>,
     pub restore_error: Option<String>,
+    pub writes_tx: mpsc::Sender<Write<K, V>>,
 }
 
 /// A `Vec` that postcard appends to by reference, so the bytes before an encode that fails are
@@ -346,6 +360,7 @@ impl Extend<u8> for Append<'_> {
 mod anti_entropy;
 mod apply;
 mod clock;
+mod claims;
 mod cluster;
 mod coordinator;
 mod housekeeping;
@@ -356,6 +371,8 @@ mod observe;
 mod participant;
 mod persist;
 mod writes;
+
+pub(crate) use claims::Claim;
 
 impl<K: Key, V: Value> Server<K, V> {
     pub(crate) fn spawn(parts: ServerParts<K, V>) -> Result<tokio::task::JoinHandle<()>> {
@@ -410,6 +427,8 @@ impl<K: Key, V: Value> Server<K, V> {
             metrics,
             persist: persist::PersistState::default(),
             ae: anti_entropy::AntiEntropy::new(ae_interval),
+            claims: claims::Claims::default(),
+            writes_tx: parts.writes_tx,
         };
         let mut server = server;
         span.in_scope(|| server.restore(restore, restore_error));
@@ -690,6 +709,13 @@ impl<K: Key, V: Value> Server<K, V> {
                 }
             }
             PeerMsg::AntiEntropy(m) => self.on_ae(key, m),
+            PeerMsg::InsertNew {
+                req,
+                key: k,
+                value,
+                retry,
+            } => self.on_peer_claim(key, req, k, value, retry),
+            PeerMsg::InsertNewReply { req, outcome } => self.on_claim_reply(key, req, outcome),
         }
     }
 }

@@ -71,6 +71,7 @@ impl<K: Key, V: Value> Server<K, V> {
             }
         }
         self.complete_pending();
+        self.claims_leader_gone(key);
         if key != self.me_idx {
             self.gone.insert(key);
         }

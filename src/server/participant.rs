@@ -267,7 +267,9 @@ impl<K: Key, V: Value> Server<K, V> {
                     return;
                 }
                 let by = self.origin_id(&origin).unwrap_or_else(|| self.me.clone());
-                self.apply_join_tombstones(owners, tombstones, by);
+                let watch = self.watch_keys(tombstones.iter().map(|t| &t.key));
+                self.apply_join_tombstones(owners, tombstones, by.clone());
+                self.emit(watch, notify::Cause::Join(by));
                 self.reply(origin, JoinRep::Applied { conflicts: 0 });
             }
             JoinReq::Stale {

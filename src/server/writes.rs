@@ -14,7 +14,12 @@ impl<K: Key, V: Value> Server<K, V> {
         let mut replies = Vec::new();
         let mut accepted_ops = Vec::new();
         let mut next = Some(first);
-        while let Some(Write { op, reply }) = next.take() {
+        let mut claimed = HashMap::new();
+        while let Some(Write { op, reply, claim }) = next.take() {
+            let Some((op, reply)) = self.gate_claim(op, reply, claim, &mut claimed) else {
+                next = self.writes.try_recv().ok();
+                continue;
+            };
             let mut reply = Some(reply);
             if let Some(kind) = op {
                 let refuse = |e: Error, reply: &mut Option<oneshot::Sender<Result<()>>>| {
