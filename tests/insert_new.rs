@@ -204,3 +204,44 @@ async fn across_a_partition_both_sides_may_win_and_the_heal_keeps_the_later() {
     assert!(!a.insert_new(1, "again".into()).await.unwrap());
     shutdown_all([&na, &nb]).await;
 }
+
+/// In a cluster-owned table the three nodes race the same way, and a granted record stays
+/// when the node that claimed it and the leader go down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_owned_tables_have_one_winner_and_keep_it_when_nodes_go() {
+    let c = cluster(&["a", "b", "c"]).await;
+    let mut tables: Vec<Table<K, V>> = Vec::new();
+    for (n, _) in &c {
+        let opts = TableOptions::set().cluster_owned();
+        tables.push(n.start("names", opts).await.unwrap());
+    }
+    joined(&tables.iter().collect::<Vec<_>>()).await;
+    let mut calls = tokio::task::JoinSet::new();
+    for k in 0..200u64 {
+        for (i, t) in tables.iter().enumerate() {
+            let t = t.clone();
+            calls.spawn(async move { (k, i, t.insert_new(k, format!("{i}")).await.unwrap()) });
+        }
+    }
+    let mut winners: HashMap<K, Vec<usize>> = HashMap::new();
+    while let Some(r) = calls.join_next().await {
+        let (k, i, won) = r.unwrap();
+        if won {
+            winners.entry(k).or_default().push(i);
+        }
+    }
+    for k in 0..200u64 {
+        let w = &winners[&k];
+        assert_eq!(w.len(), 1, "key {k}: winners {w:?}");
+        for t in &tables {
+            assert_eq!(t.get(&k), Some(format!("{}", w[0])), "key {k}");
+        }
+    }
+    // b and the leader c go: a keeps every record, and decides alone now.
+    c[1].0.shutdown().await.unwrap();
+    c[2].0.shutdown().await.unwrap();
+    eventually(WAIT, "a alone", || async { tables[0].nodes().is_empty() }).await;
+    assert_eq!(tables[0].len(), 200);
+    assert!(!tables[0].insert_new(5, "late".into()).await.unwrap());
+    c[0].0.shutdown().await.unwrap();
+}
