@@ -267,9 +267,7 @@ impl<K: Key, V: Value> Server<K, V> {
                     return;
                 }
                 let by = self.origin_id(&origin).unwrap_or_else(|| self.me.clone());
-                let watch = self.watch_keys(tombstones.iter().map(|t| &t.key));
-                self.apply_join_tombstones(owners, tombstones, by.clone());
-                self.emit(watch, notify::Cause::Join(by));
+                self.apply_join_tombstones(owners, tombstones, by);
                 self.reply(origin, JoinRep::Applied { conflicts: 0 });
             }
             JoinReq::Stale {
