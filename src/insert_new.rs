@@ -1,5 +1,5 @@
 //! `insert_new` and `insert_new_or_get`: insert a key only if no node holds it, with one winner
-//! among concurrent calls on connected members (ALGORITHM.md, section 16).
+//! among concurrent calls on connected members (ALGORITHM.md, section 17).
 
 use tokio::sync::oneshot;
 

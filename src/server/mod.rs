@@ -359,8 +359,8 @@ impl Extend<u8> for Append<'_> {
 
 mod anti_entropy;
 mod apply;
-mod clock;
 mod claims;
+mod clock;
 mod cluster;
 mod coordinator;
 mod housekeeping;
