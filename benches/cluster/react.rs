@@ -54,18 +54,19 @@ async fn calls_per_sec(
 }
 
 /// A subscriber that reads one change per millisecond: far behind any write load, so it
-/// lags all the time.
-fn slow_subscriber(mut sub: cets::Subscription<u64, Val>) -> tokio::task::JoinHandle<(u64, u64)> {
+/// lags all the time. Counts what it read and how many changes it was told it missed.
+fn slow_subscriber(
+    mut sub: cets::Subscription<u64, Val>,
+    counts: Arc<(AtomicU64, AtomicU64)>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let (mut read, mut lagged) = (0u64, 0u64);
         while let Some(u) = sub.recv().await {
             match u {
-                cets::Update::Change(_) => read += 1,
-                cets::Update::Lagged(n) => lagged += n,
-            }
+                cets::Update::Change(_) => counts.0.fetch_add(1, Ordering::Relaxed),
+                cets::Update::Lagged(n) => counts.1.fetch_add(n, Ordering::Relaxed),
+            };
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        (read, lagged)
     })
 }
 
@@ -80,14 +81,16 @@ pub(super) async fn react(s: &Settings) -> Res<Vec<Row>> {
             calls_per_sec(&c.tables, 256, s.phase, base(1 + 2 * round), Call::Insert).await?;
         none = none.max(r);
         let sub = c.tables[0].subscribe().await?;
-        let reader = slow_subscriber(sub);
+        let counts = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let reader = slow_subscriber(sub, counts.clone());
         let (r, _) =
             calls_per_sec(&c.tables, 256, s.phase, base(2 + 2 * round), Call::Insert).await?;
         slow = slow.max(r);
         reader.abort();
-        if let Ok((read, lagged)) = reader.await {
-            lag = (read, lagged);
-        }
+        lag = (
+            counts.0.load(Ordering::Relaxed),
+            counts.1.load(Ordering::Relaxed),
+        );
     }
     // insert_new against plain inserts: one caller on a node that is not the leader (the
     // leader is the largest name, react-2), then 256 callers spread over the three nodes.
