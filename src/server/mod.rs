@@ -586,10 +586,9 @@ impl<K: Key, V: Value> Server<K, V> {
                     && !link.writer_after_inbound
                 {
                     // The peer stopped a stream we opened before its own arrived, so before it
-                    // ran the table; it runs it now. (Handled late, behind the peer's new
-                    // stream, this stop used to leave the link without an outbound stream for
-                    // good: a reported the peer `without_table`, the peer reported a
-                    // `not_joined`, and nothing repaired it.)
+                    // ran the table; it runs it now. Handled late, behind the peer's new
+                    // stream, this stop would otherwise leave the link without an outbound
+                    // stream for good, so a new one is opened here.
                     tracing::debug!(peer = %link.id, "stream stopped before the peer ran the table; opening another");
                     self.open_writer(key);
                     return;
