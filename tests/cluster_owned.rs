@@ -11,14 +11,12 @@ mod proxy {
 }
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::Duration;
 
 use cets::discovery::StaticDiscovery;
 use cets::{Error, Node, NodeConfig, Ownership, Table, TableOptions};
 use common::*;
 use mesh::Mesh;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 type Kv = Table<String, String>;
 
@@ -304,31 +302,13 @@ async fn a_sigkilled_writers_records_stay_on_the_survivors() {
     joined(&[&ta, &tb]).await;
     let peers = [a.local_addr(), b.local_addr()];
     let list: Vec<String> = peers.iter().map(|a| a.to_string()).collect();
-    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            "cluster_owned_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("CETS_CLUSTER_CHILD", list.join(","))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let found = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains("inserted") {
-                return true;
-            }
-        }
-        false
-    })
+    let mut child = child::spawn_ready(
+        "cluster_owned_child",
+        ("CETS_CLUSTER_CHILD", list.join(",")),
+        "inserted",
+        Duration::from_secs(30),
+    )
     .await;
-    assert_eq!(found, Ok(true), "child did not report its records");
     assert_eq!(ta.len(), CHILD_RECORDS);
     assert_eq!(tb.len(), CHILD_RECORDS);
     child.start_kill().unwrap(); // SIGKILL

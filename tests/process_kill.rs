@@ -5,14 +5,14 @@
 //! The child process is this test binary itself, re-run with `CETS_CHILD` set (see
 //! `child_node`), so no other binary needs to be built.
 
+mod common;
+
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cets::discovery::StaticDiscovery;
 use cets::{Node, NodeConfig, Table, TableOptions};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 type Kv = Table<String, String>;
 const RECORDS: usize = 200;
@@ -50,32 +50,13 @@ async fn child_node() {
 
 async fn spawn_child(peers: &[SocketAddr]) -> tokio::process::Child {
     let list: Vec<String> = peers.iter().map(|a| a.to_string()).collect();
-    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            "child_node",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("CETS_CHILD", list.join(","))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let found = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains("inserted") {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert_eq!(found, Ok(true), "child did not report its records");
-    child
+    common::child::spawn_ready(
+        "child_node",
+        ("CETS_CHILD", list.join(",")),
+        "inserted",
+        Duration::from_secs(20),
+    )
+    .await
 }
 
 async fn wait_len(t: &Kv, n: usize) -> Duration {

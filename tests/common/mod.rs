@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: nodes on loopback, bounded polling.
 #![allow(dead_code)]
 
+pub mod child;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
