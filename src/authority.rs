@@ -6,8 +6,9 @@
 //! Stale copies are neither sent nor kept: the join removes them where they are
 //! (`JoinReq::Stale`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
+use crate::bag::encoding;
 use crate::membership::NodeId;
 use crate::proto::WireRecord;
 use crate::store::same_value;
@@ -105,6 +106,9 @@ pub(crate) fn strip_stale<K: Key, V: Value>(
     stale
 }
 
+/// A version as `stale_versions` looks it up: source, stamp, owner and the value's encoding.
+type Held = (usize, u64, u32, Vec<u8>);
+
 /// Which versions of one key are stale. `versions[i]` is `(source, ts, owner, value)`, `owner`
 /// indexing the join's owner list; `auth[owner]` is the source that stands for the owner's
 /// side (`None`: the owner is not a node of the join, and no source decides for it). A version
@@ -118,12 +122,22 @@ pub(crate) fn stale_versions<V: Value>(
     auth: &[Option<usize>],
     apart: impl Fn(usize, usize) -> bool,
 ) -> Vec<bool> {
+    // Every version by (source, stamp, owner, encoding), built at the first version that needs
+    // it: a bag key has a version per object and source, and comparing each with every other
+    // one is quadratic.
+    let mut held: Option<HashSet<Held>> = None;
     versions
         .iter()
         .map(|&(src, ts, owner, value)| match auth.get(owner as usize) {
-            Some(&Some(a)) if a != src && apart(src, a) => !versions
-                .iter()
-                .any(|&(s, t, o, v)| s == a && t == ts && o == owner && same_value(v, value)),
+            Some(&Some(a)) if a != src && apart(src, a) => {
+                let held = held.get_or_insert_with(|| {
+                    versions
+                        .iter()
+                        .map(|&(s, t, o, v)| (s, t, o, encoding(v)))
+                        .collect()
+                });
+                !held.contains(&(a, ts, owner, encoding(value)))
+            }
             _ => false,
         })
         .collect()

@@ -374,6 +374,12 @@ where
         self.store.remove_object(k, v, &self.digest.hook())
     }
 
+    /// See [`Store::remove_version`].
+    pub(crate) fn remove_version(&self, k: &K, v: &V, ts: u64, owner: OwnerIdx) -> bool {
+        self.store
+            .remove_version(k, v, ts, owner, &self.digest.hook())
+    }
+
     /// See [`Store::remove_owned`].
     pub(crate) fn remove_owned(
         &self,

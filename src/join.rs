@@ -509,9 +509,17 @@ async fn merge<K: Key, V: Value>(
         }
         // A stale copy is removed where no winner of its key (set) or no object of its value
         // (bag) replaces it.
+        let kept: std::collections::HashSet<Vec<u8>> =
+            if ctx.kind == TableKind::Bag && !old.is_empty() {
+                vs.iter()
+                    .map(|(_, w)| crate::bag::encoding(&w.value))
+                    .collect()
+            } else {
+                Default::default()
+            };
         for (src, v) in old {
             let replaced = match ctx.kind {
-                TableKind::Bag => vs.iter().any(|(_, w)| same_value(&w.value, &v.value)),
+                TableKind::Bag => kept.contains(&crate::bag::encoding(&v.value)),
                 _ => !vs.is_empty(),
             };
             if !replaced {
@@ -531,19 +539,16 @@ async fn merge<K: Key, V: Value>(
             // Union of objects, each with the greatest stamp it has anywhere (as replication
             // keeps it, so that a node-down removes the same objects everywhere): every source
             // gets the objects it lacks, or holds under another stamp.
-            let stamp = |v: &Version<V>| (v.ts, owners.get(v.owner as usize));
-            let mut objects: Vec<&Version<V>> = Vec::new();
-            for (_, v) in &vs {
-                match objects.iter_mut().find(|o| same_value(&o.value, &v.value)) {
-                    Some(o) if stamp(v) > stamp(o) => *o = v,
-                    Some(_) => {}
-                    None => objects.push(v),
-                }
-            }
+            // (`bag::union`: one encoding per version, not a comparison of every pair.)
+            let stamped: Vec<(usize, &V, _)> = vs
+                .iter()
+                .map(|(s, v)| (*s, &v.value, (v.ts, owners.get(v.owner as usize))))
+                .collect();
+            let objects = crate::bag::union(&stamped, deltas.len());
             for (src_i, delta) in deltas.iter_mut().enumerate() {
-                for o in &objects {
-                    let has = vs.iter().any(|(s, v)| *s == src_i && same_version(v, o));
-                    if !has {
+                for (i, held) in &objects {
+                    let o = &vs[*i].1;
+                    if !held.get(src_i).copied().unwrap_or(false) {
                         delta.push(WireRecord {
                             key: key.clone(),
                             value: o.value.clone(),

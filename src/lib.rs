@@ -33,6 +33,7 @@
 #![warn(unreachable_pub)]
 
 mod authority;
+mod bag;
 mod callbacks;
 pub mod config;
 pub mod conflict;

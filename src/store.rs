@@ -6,8 +6,9 @@
 //!   misses and any growth under the read lock and holding the write lock only for in-cache
 //!   changes. Records are stored inline (no allocation per record).
 //! - `ordered_set`: `crossbeam_skiplist::SkipMap` (lock-free reads and ordered ranges).
-//! - `bag`: the same map, of key to the list of distinct values, edited under the shard lock,
-//!   so a reader sees either the old or the new list, never a half-edited one.
+//! - `bag`: the same map, of key to its distinct values (`crate::bag::Objects`, found by the
+//!   hash of their encodings), edited under the shard lock, so a reader sees either the old or
+//!   the new list, never a half-edited one.
 //!
 //! The designs measured against this one and rejected (lock-free maps, more shards, ...) are
 //! in `BENCHMARKS.md`.
@@ -21,6 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crossbeam_skiplist::SkipMap;
 use serde::Serialize;
 
+use crate::bag::{object_hash, Objects};
 use crate::digest::Hook;
 use crate::membership::OwnerIdx;
 use crate::sharded_map::ShardedMap;
@@ -75,7 +77,7 @@ pub(crate) enum Store<K, V> {
     Set(Map<K, Rec<V>>),
     Ordered(Box<SkipMap<K, Rec<V>>>),
     Bag {
-        map: Map<K, Vec<Rec<V>>>,
+        map: Map<K, Objects<V>>,
         objects: AtomicUsize,
     },
 }
@@ -257,20 +259,21 @@ where
             return;
         };
         let key = k.clone();
+        let hash = object_hash(&rec.value);
         let added = map.edit(
             k,
-            Some(Vec::new),
-            |list| match list.iter().position(|r| same_value(&r.value, &rec.value)) {
+            Some(Objects::default),
+            |list| match list.find(&rec.value, hash) {
                 Some(i) => {
-                    if replace(&rec, &list[i]) {
-                        h.replace(&key, Some(&list[i]), &rec);
-                        list[i] = rec;
+                    if let Some(cur) = list.get(i).filter(|cur| replace(&rec, cur)) {
+                        h.replace(&key, Some(cur), &rec);
+                        list.replace(i, rec);
                     }
                     false
                 }
                 None => {
                     h.add(&key, &rec);
-                    list.push(rec);
+                    list.push(rec, hash);
                     true
                 }
             },
@@ -392,28 +395,22 @@ where
     pub(crate) fn remove_object(&self, k: &K, v: &V, h: &Hook<'_>) -> bool {
         match self {
             Store::Bag { map, objects } => {
+                let hash = object_hash(v);
                 let removed = map
                     .edit(
                         k.clone(),
-                        None::<fn() -> Vec<Rec<V>>>,
+                        None::<fn() -> Objects<V>>,
                         |list| {
-                            let before = list.len();
-                            list.retain(|r| {
-                                let keep = !same_value(&r.value, v);
-                                if !keep {
-                                    h.sub(k, r);
-                                }
-                                keep
-                            });
-                            before - list.len()
+                            let r = list.find(v, hash).and_then(|i| list.remove(i));
+                            r.inspect(|r| h.sub(k, r)).is_some()
                         },
                         |list| !list.is_empty(),
                     )
-                    .unwrap_or(0);
-                if removed > 0 {
-                    objects.fetch_sub(removed, Ordering::Relaxed);
+                    .unwrap_or(false);
+                if removed {
+                    objects.fetch_sub(1, Ordering::Relaxed);
                 }
-                removed > 0
+                removed
             }
             _ => {
                 if self.get(k).is_some_and(|cur| same_value(&cur, v)) {
@@ -427,32 +424,47 @@ where
 
     /// Removes the record (set, ordered_set) or object (bag) of `k` if it is stored in exactly
     /// this version: stamp `ts`, `owner` and value `v`. Returns whether it was.
-    pub(crate) fn remove_version(&self, k: &K, v: &V, ts: u64, owner: OwnerIdx) -> bool {
+    pub(crate) fn remove_version(
+        &self,
+        k: &K,
+        v: &V,
+        ts: u64,
+        owner: OwnerIdx,
+        h: &Hook<'_>,
+    ) -> bool {
         let this = |r: &Rec<V>| r.ts == ts && r.owner == owner && same_value(&r.value, v);
         match self {
-            Store::Set(m) => m.remove_if(k, |r| this(r)).is_some_and(|r| r.is_some()),
+            Store::Set(m) => m
+                .remove_if(k, |r| this(r))
+                .is_some_and(|r| r.inspect(|r| h.sub(k, r)).is_some()),
             Store::Ordered(m) => match m.get(k) {
                 Some(e) if this(e.value()) => {
+                    h.sub(k, e.value());
                     e.remove();
                     true
                 }
                 _ => false,
             },
             Store::Bag { map, objects } => {
+                let hash = object_hash(v);
                 let removed = map
                     .edit(
                         k.clone(),
-                        None::<fn() -> Vec<Rec<V>>>,
+                        None::<fn() -> Objects<V>>,
                         |list| {
-                            let before = list.len();
-                            list.retain(|r| !this(r));
-                            before - list.len()
+                            let i = list
+                                .find(v, hash)
+                                .filter(|&i| list.get(i).is_some_and(this));
+                            let r = i.and_then(|i| list.remove(i));
+                            r.inspect(|r| h.sub(k, r)).is_some()
                         },
                         |list| !list.is_empty(),
                     )
-                    .unwrap_or(0);
-                objects.fetch_sub(removed, Ordering::Relaxed);
-                removed > 0
+                    .unwrap_or(false);
+                if removed {
+                    objects.fetch_sub(1, Ordering::Relaxed);
+                }
+                removed
             }
         }
     }

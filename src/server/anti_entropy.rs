@@ -610,7 +610,7 @@ impl<K: Key, V: Value> Server<K, V> {
         match &*self.shared.store {
             Store::Bag { map, .. } => map
                 .read(k, |list| {
-                    list.iter().find(|r| value_hash(&r.value) == vh).cloned()
+                    list.find_hash(vh).and_then(|i| list.get(i)).cloned()
                 })
                 .flatten(),
             _ => self.shared.store.records(k).into_iter().next(),

@@ -18,9 +18,11 @@ pub(crate) enum Cause {
     Repair(NodeId),
 }
 
-/// The records of some keys before a change.
+/// The records of some keys before a change. A key comes with `None` (all its records) or,
+/// for a write of single bag objects, `Some(object)`: that object only, so that adding one
+/// object to a key of many costs a lookup, not a copy of the key's list.
 pub(crate) struct Watch<K, V> {
-    keys: Vec<K>,
+    keys: Vec<(K, Option<V>)>,
     before: Vec<Vec<Rec<V>>>,
 }
 
@@ -33,7 +35,24 @@ impl<K: Key, V: Value> Store<K, V> {
                 .get(k)
                 .map(|e| vec![e.value().clone()])
                 .unwrap_or_default(),
-            Store::Bag { map, .. } => map.read(k, |list| list.clone()).unwrap_or_default(),
+            Store::Bag { map, .. } => map
+                .read(k, |list| list.iter().cloned().collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The records a watch looks at: the key's, or one object's (`Watch`).
+    fn watched(&self, k: &K, object: Option<&V>) -> Vec<Rec<V>> {
+        match (self, object) {
+            (Store::Bag { map, .. }, Some(v)) => map
+                .read(k, |list| {
+                    let i = list.find(v, crate::bag::object_hash(v));
+                    i.and_then(|i| list.get(i)).cloned()
+                })
+                .flatten()
+                .into_iter()
+                .collect(),
+            _ => self.records(k),
         }
     }
 }
@@ -51,6 +70,19 @@ impl<K: Key, V: Value> Server<K, V> {
     fn watch_op(&self, op: &Op<K, V>) -> Option<Watch<K, V>> {
         if !self.shared.hub.watching() {
             return None;
+        }
+        if self.shared.kind == TableKind::Bag {
+            return match &op.kind {
+                OpKind::Insert(recs)
+                | OpKind::InsertTtl { records: recs, .. }
+                | OpKind::DeleteObject(recs) => {
+                    self.watch_objects(recs.iter().map(|(k, v)| (k, v)))
+                }
+                OpKind::InsertOwned { records, .. } => {
+                    self.watch_objects(records.iter().map(|(k, v, _)| (k, v)))
+                }
+                OpKind::Delete(keys) => self.watch_keys(keys.iter()),
+            };
         }
         match &op.kind {
             OpKind::Insert(recs) => self.watch_keys(recs.iter().map(|(k, _)| k)),
@@ -71,8 +103,39 @@ impl<K: Key, V: Value> Server<K, V> {
             return None;
         }
         let mut seen = HashSet::new();
-        let keys: Vec<K> = keys.filter(|k| seen.insert(*k)).cloned().collect();
-        let before = keys.iter().map(|k| self.shared.store.records(k)).collect();
+        let keys: Vec<(K, Option<V>)> = keys
+            .filter(|k| seen.insert(*k))
+            .map(|k| (k.clone(), None))
+            .collect();
+        let before = keys
+            .iter()
+            .map(|(k, _)| self.shared.store.records(k))
+            .collect();
+        Some(Watch { keys, before })
+    }
+
+    /// The bag objects a write touches (each once), if anyone is subscribed.
+    fn watch_objects<'a>(
+        &self,
+        objects: impl Iterator<Item = (&'a K, &'a V)>,
+    ) -> Option<Watch<K, V>>
+    where
+        K: 'a,
+        V: 'a,
+    {
+        if !self.shared.hub.watching() {
+            return None;
+        }
+        let mut seen = HashSet::new();
+        let keys: Vec<(K, Option<V>)> = objects
+            .filter(|(k, v)| seen.insert((*k, postcard::to_stdvec(v).unwrap_or_default())))
+            .map(|(k, v)| (k.clone(), Some(v.clone())))
+            .collect();
+        let store = &self.shared.store;
+        let before = keys
+            .iter()
+            .map(|(k, v)| store.watched(k, v.as_ref()))
+            .collect();
         Some(Watch { keys, before })
     }
 
@@ -88,21 +151,27 @@ impl<K: Key, V: Value> Server<K, V> {
         };
         let bag = self.shared.kind == TableKind::Bag;
         let mut changes = Vec::new();
-        for (k, before) in keys.into_iter().zip(before) {
-            let after = self.shared.store.records(&k);
+        for ((k, object), before) in keys.into_iter().zip(before) {
+            let after = self.shared.store.watched(&k, object.as_ref());
             if bag {
+                // Objects compared by their encodings, through sets: a key of many objects
+                // costs time in proportion to them, not to their square.
                 let enc = |r: &Rec<V>| postcard::to_stdvec(&r.value).unwrap_or_default();
                 let (b, a): (Vec<Vec<u8>>, Vec<Vec<u8>>) = (
                     before.iter().map(enc).collect(),
                     after.iter().map(enc).collect(),
                 );
+                let (in_b, in_a): (HashSet<&[u8]>, HashSet<&[u8]>) = (
+                    b.iter().map(Vec::as_slice).collect(),
+                    a.iter().map(Vec::as_slice).collect(),
+                );
                 for (r, e) in before.iter().zip(&b) {
-                    if !a.contains(e) {
+                    if !in_a.contains(e.as_slice()) {
                         changes.extend(change(&cause, k.clone(), Some(r.value.clone()), None));
                     }
                 }
                 for (r, e) in after.iter().zip(&a) {
-                    if !b.contains(e) {
+                    if !in_b.contains(e.as_slice()) {
                         changes.extend(change(&cause, k.clone(), None, Some(r.value.clone())));
                     }
                 }
