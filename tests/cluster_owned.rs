@@ -2,21 +2,14 @@
 //! them, deletes outlive a partition for the tombstone retention, joins merge by newer wins.
 
 mod common;
-#[path = "support/mesh.rs"]
-#[allow(dead_code)]
-mod mesh;
-/// The relay of `common`, under the name `mesh.rs` uses (loading `proxy.rs` twice is refused).
-mod proxy {
-    pub use crate::common::Relay as Proxy;
-}
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use cets::discovery::StaticDiscovery;
 use cets::{Error, Node, NodeConfig, Ownership, Table, TableOptions};
+use common::mesh::Mesh;
 use common::*;
-use mesh::Mesh;
 
 type Kv = Table<String, String>;
 

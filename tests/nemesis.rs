@@ -1,4 +1,4 @@
-//! The nemesis (`support/nemesis.rs`): five nodes, every link through a cuttable relay, rounds
+//! The nemesis (`common/nemesis.rs`): five nodes, every link through a cuttable relay, rounds
 //! of random faults and restarts while every node writes, and a check of every acknowledged
 //! write after the final heal.
 //!
@@ -6,13 +6,10 @@
 //! the rounds per seed, `CETS_NEMESIS_SEEDS` the number of seeds. The long run:
 //! `cargo test --release --test nemesis -- --ignored --nocapture`.
 
-#[allow(dead_code)]
-#[path = "support/mesh.rs"]
-mod mesh;
-#[path = "support/nemesis.rs"]
+mod common;
+/// The nemesis itself, over `common`'s mesh (only this test binary compiles it).
+#[path = "common/nemesis.rs"]
 mod nemesis;
-#[path = "support/proxy.rs"]
-mod proxy;
 
 use std::time::Instant;
 

@@ -2,44 +2,18 @@
 //! later writes (it was connected, but not a member) does not come back in a join
 //! (ALGORITHM.md, section 16). Issue 20: an acknowledged delete came back on every replica.
 
-#[allow(dead_code)]
-#[path = "support/mesh.rs"]
-mod mesh;
-#[path = "support/proxy.rs"]
-mod proxy;
+mod common;
 
-use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cets::{Table, TableOptions};
-use mesh::Mesh;
+use common::mesh::Mesh;
+use common::{eventually, joined_within, sorted};
 
 type T = Table<String, u64>;
 
+/// The wait of every poll here (longer than `common::WAIT`: the partition takes a view check).
 const WAIT: Duration = Duration::from_secs(20);
-
-async fn eventually<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + WAIT;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn all_joined(tables: &[&T]) {
-    for t in tables {
-        let t = (*t).clone();
-        eventually("every table lists both other nodes", || {
-            let t = t.clone();
-            async move { t.nodes().len() == 2 }
-        })
-        .await;
-    }
-}
 
 /// a, b and c; the link between b and c is cut, so no partition can hold both, and one of
 /// them stays connected to a without being its member, holding a's record. a deletes it
@@ -51,7 +25,7 @@ async fn a_delete_by_the_owner_is_not_undone_by_a_copy_that_missed_it() {
     for n in &mesh.nodes {
         t.push(n.start("t", TableOptions::set()).await.unwrap());
     }
-    all_joined(&[&t[0], &t[1], &t[2]]).await;
+    joined_within(WAIT, &[&t[0], &t[1], &t[2]]).await;
     let k = "own-a".to_string();
     t[0].insert(k.clone(), 1).await.unwrap();
     assert!(t.iter().all(|t| t.get(&k) == Some(1)));
@@ -60,7 +34,7 @@ async fn a_delete_by_the_owner_is_not_undone_by_a_copy_that_missed_it() {
     // b and c lose each other; a keeps its links to both, but can be a member of only one
     // partition. Wait until a node holds a's record while a does not list it.
     let (a, b, c) = (t[0].clone(), t[1].clone(), t[2].clone());
-    eventually("a node linked to a but outside a's partition", || {
+    eventually(WAIT, "a node linked to a but outside a's partition", || {
         let (a, b, c) = (a.clone(), b.clone(), c.clone());
         async move {
             let members = a.nodes();
@@ -83,8 +57,8 @@ async fn a_delete_by_the_owner_is_not_undone_by_a_copy_that_missed_it() {
         .count();
 
     mesh.heal(&[1], &[2]);
-    all_joined(&[&t[0], &t[1], &t[2]]).await;
-    eventually("the members hold the same records", || {
+    joined_within(WAIT, &[&t[0], &t[1], &t[2]]).await;
+    eventually(WAIT, "the members hold the same records", || {
         let t = t.clone();
         async move {
             let v: Vec<Vec<(String, u64)>> = t.iter().map(|t| sorted(t.to_vec())).collect();
@@ -99,9 +73,4 @@ async fn a_delete_by_the_owner_is_not_undone_by_a_copy_that_missed_it() {
             "{n} holds a's deleted record after the heal ({outside:?} outside a's partition, {stale} held a stale copy)"
         );
     }
-}
-
-fn sorted(mut v: Vec<(String, u64)>) -> Vec<(String, u64)> {
-    v.sort();
-    v
 }

@@ -99,10 +99,18 @@ pub async fn node_disco(
 
 /// Waits until every table lists every other table's node as a member.
 pub async fn joined<K: cets::Key, V: cets::Value>(tables: &[&cets::Table<K, V>]) {
+    joined_within(WAIT, tables).await
+}
+
+/// `joined`, waiting up to `timeout`.
+pub async fn joined_within<K: cets::Key, V: cets::Value>(
+    timeout: Duration,
+    tables: &[&cets::Table<K, V>],
+) {
     let n = tables.len() - 1;
     for t in tables {
         let t = (*t).clone();
-        eventually(WAIT, "every table sees every other node", || {
+        eventually(timeout, "every table sees every other node", || {
             let t = t.clone();
             async move { t.nodes().len() == n }
         })
@@ -164,9 +172,25 @@ pub async fn shutdown_all<'a>(nodes: impl IntoIterator<Item = &'a Node>) {
     }
 }
 
-/// A UDP relay between one client and a target that a test can cut and heal (see
-/// `tests/support/proxy.rs`).
-#[path = "../support/proxy.rs"]
-mod proxy;
+/// Asserts that every table holds the same records, and returns them sorted (`what` names the
+/// tables in the message).
+pub async fn same_everywhere<K, V>(tables: &[&cets::Table<K, V>], what: &str) -> Vec<(K, V)>
+where
+    K: cets::Key + Ord + std::fmt::Debug,
+    V: cets::Value + Ord + std::fmt::Debug,
+{
+    let first = sorted(tables[0].to_vec());
+    for t in &tables[1..] {
+        assert_eq!(sorted(t.to_vec()), first, "{what}: tables differ");
+    }
+    first
+}
+
+/// Nodes connected through cuttable relays (`Mesh`), and the helpers of its tests.
+pub mod mesh;
+
+/// A UDP relay between one client and a target that a test can cut (both ways or one), make
+/// lossy and heal.
+pub mod relay;
 #[allow(unused_imports)]
-pub use proxy::Proxy as Relay;
+pub use relay::Relay;

@@ -54,14 +54,14 @@ impl Faults {
     }
 }
 
-pub struct Proxy {
+pub struct Relay {
     addr: SocketAddr,
     faults: Arc<Faults>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-impl Proxy {
-    pub async fn start(target: SocketAddr) -> Proxy {
+impl Relay {
+    pub async fn start(target: SocketAddr) -> Relay {
         let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let addr = front.local_addr().unwrap();
@@ -98,7 +98,7 @@ impl Proxy {
                 }
             })
         };
-        Proxy {
+        Relay {
             addr,
             faults,
             tasks: vec![t1, t2],
@@ -138,7 +138,7 @@ impl Proxy {
     }
 }
 
-impl Drop for Proxy {
+impl Drop for Relay {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();

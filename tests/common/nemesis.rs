@@ -1,5 +1,5 @@
 //! A nemesis for one table on five in-process nodes: every link goes through its own cuttable
-//! relay (`proxy.rs`), rounds of random faults (two halves, one node cut off, one pair cut, one
+//! relay (`relay.rs`), rounds of random faults (two halves, one node cut off, one pair cut, one
 //! way of a link cut, packet loss) and restarts of a node under its name, while every node
 //! writes throughout, one awaited call at a time: its own keys (`own-<node>-<n>`, written by
 //! that node only: insert, insert_many, delete) and shared keys that every node writes.
@@ -27,8 +27,9 @@ use cets::{NodeConfig, Table, TableOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::mesh::{start_node, Mesh};
-use super::proxy::Way;
+use crate::common::mesh::Mesh;
+use crate::common::node as start_node;
+use crate::common::relay::{Relay, Way};
 
 pub type T = Table<String, u64>;
 
@@ -238,7 +239,7 @@ impl Run {
         }
     }
 
-    fn relay(&self, a: usize, b: usize) -> &super::proxy::Proxy {
+    fn relay(&self, a: usize, b: usize) -> &Relay {
         &self.mesh.relays[&(a.min(b), a.max(b))]
     }
 

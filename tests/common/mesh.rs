@@ -1,40 +1,19 @@
 //! Nodes connected through cuttable relays: node `i` reaches node `j > i` (by name order)
-//! only through `relay(i, j)`, so a test can partition any set of links.
+//! only through `relay(i, j)`, so a test can partition any set of links; and the helpers of the
+//! tests that use it.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use cets::discovery::{StaticDiscovery, StaticDiscoveryHandle};
-use cets::{Node, NodeConfig};
+use cets::discovery::StaticDiscoveryHandle;
+use cets::{Node, NodeConfig, Table};
 
-use super::proxy::Proxy;
+use super::{eventually, node_with, Relay, WAIT};
 
 pub struct Mesh {
     pub nodes: Vec<Node>,
     pub handles: Vec<StaticDiscoveryHandle>,
-    pub relays: BTreeMap<(usize, usize), Proxy>,
-}
-
-pub async fn start_node(name: &str) -> (Node, StaticDiscoveryHandle) {
-    start_node_with(name, NodeConfig::fast_failover()).await
-}
-
-pub async fn start_node_with(name: &str, config: NodeConfig) -> (Node, StaticDiscoveryHandle) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let disco = StaticDiscovery::new(Vec::<SocketAddr>::new());
-    let h = disco.handle();
-    let node = Node::builder(name)
-        .listen("127.0.0.1:0".parse().unwrap())
-        .cookie("mesh")
-        .config(config)
-        .discovery(disco)
-        .start()
-        .await
-        .unwrap();
-    (node, h)
+    pub relays: BTreeMap<(usize, usize), Relay>,
 }
 
 impl Mesh {
@@ -52,7 +31,7 @@ impl Mesh {
         let mut nodes = Vec::new();
         let mut handles = Vec::new();
         for n in names {
-            let (node, h) = start_node_with(n, config.clone()).await;
+            let (node, h) = node_with(n, "test-cookie", config.clone()).await;
             nodes.push(node);
             handles.push(h);
         }
@@ -63,7 +42,7 @@ impl Mesh {
         };
         for i in 0..names.len() {
             for j in i + 1..names.len() {
-                let p = Proxy::start(mesh.nodes[j].local_addr()).await;
+                let p = Relay::start(mesh.nodes[j].local_addr()).await;
                 mesh.relays.insert((i, j), p);
             }
         }
@@ -89,14 +68,14 @@ impl Mesh {
         self.nodes[i] = node;
         self.handles[i] = handle;
         for j in 0..i {
-            let p = Proxy::start(self.nodes[i].local_addr()).await;
+            let p = Relay::start(self.nodes[i].local_addr()).await;
             self.relays.insert((j, i), p);
             self.refresh(j);
         }
         self.refresh(i);
     }
 
-    fn relay(&self, a: usize, b: usize) -> &Proxy {
+    fn relay(&self, a: usize, b: usize) -> &Relay {
         &self.relays[&(a.min(b), a.max(b))]
     }
 
@@ -117,4 +96,41 @@ impl Mesh {
             }
         }
     }
+}
+
+/// Waits until every table lists exactly the given number of peers.
+pub async fn members(tables: &[&Table<String, u64>], n: usize) {
+    for t in tables {
+        let t = (*t).clone();
+        eventually(WAIT, &format!("{} has {n} peers", t.name()), || {
+            let t = t.clone();
+            async move { t.nodes().len() == n }
+        })
+        .await;
+    }
+}
+
+/// Writes `n` records `prefix-i` = `i` in one `insert_many`.
+pub async fn write_n(t: &Table<String, u64>, prefix: &str, n: u64) {
+    let recs = (0..n).map(|i| (format!("{prefix}-{i}"), i)).collect();
+    t.insert_many(recs).await.unwrap();
+}
+
+/// Waits until the wall clock's millisecond changed: last writer wins compares hybrid clocks,
+/// whose physical part has millisecond resolution, so two partitioned nodes only order their
+/// writes by time when a millisecond passed between them (otherwise the owner decides).
+pub async fn next_millisecond() {
+    let ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0)
+    };
+    let start = ms();
+    eventually(
+        WAIT,
+        "the wall clock moved on a millisecond",
+        || async move { ms() > start },
+    )
+    .await;
 }
