@@ -443,6 +443,10 @@ pub struct PeerDigest {
     pub differences: u64,
     /// Records this node stored or removed to repair a difference with this member.
     pub repaired: u64,
+    /// Comparisons at a cut made with this member: those made while writes were in flight,
+    /// when no digest could be compared (ALGORITHM.md, section 15.4). Counted on the node
+    /// with the smaller name.
+    pub rounds_at_cut: u64,
 }
 
 #[cfg(test)]

@@ -162,6 +162,23 @@ pub(crate) enum AeMsg<K, V> {
         want: Vec<(K, u64)>,
         answer: bool,
     },
+    /// No digest was comparable (writes in flight): the asker's buckets, for a comparison at
+    /// a cut (ALGORITHM.md, section 15.4); `prefer`: buckets to list first.
+    CutBuckets {
+        view: u64,
+        buckets: Vec<(u64, u64)>,
+        prefer: Vec<u32>,
+    },
+    /// The entries of the buckets that differ, with the lister's stamps: every write stamped
+    /// below `stable` is applied here, and none applied here is stamped above `seen`.
+    CutEntries {
+        view: u64,
+        stable: u64,
+        seen: u64,
+        buckets: Vec<u32>,
+        owners: Vec<NodeId>,
+        entries: Vec<AeEntry<K>>,
+    },
 }
 
 /// One record (one object, in a bag) as anti-entropy lists it.

@@ -21,6 +21,9 @@ pub(crate) enum TestWrite<K, V> {
     /// Apply a delete of the key with a new stamp, as a replicated delete is applied (with
     /// its tombstone), without sending it: a delete the other replicas missed.
     Delete { key: K },
+    /// Compare digests as they are (section 15.3) or not: with `false`, only the comparison
+    /// at a cut (15.4) runs, whether writes are in flight or not.
+    CompareAtRest(bool),
 }
 
 impl<K: Key, V: Value> Table<K, V> {
@@ -53,5 +56,13 @@ impl<K: Key, V: Value> Table<K, V> {
     #[doc(hidden)]
     pub async fn testing_delete_local(&self, key: K) -> Result<()> {
         self.testing(TestWrite::Delete { key }).await
+    }
+
+    /// Testing only: turns this node's comparison of digests as they are (when both sides
+    /// applied the same writes) off or on, so that a test can show what the comparison at a
+    /// cut alone finds and repairs.
+    #[doc(hidden)]
+    pub async fn testing_compare_at_rest(&self, on: bool) -> Result<()> {
+        self.testing(TestWrite::CompareAtRest(on)).await
     }
 }

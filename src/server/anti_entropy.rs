@@ -10,7 +10,9 @@
 //! answers with the entries (key, stamp, owner, value hash) of the buckets that differ; the
 //! smaller-named member decides each differing key and sends the repair, and the other answers
 //! with the records it was asked for. Every step re-checks the views and frontiers, so a write
-//! that arrives meanwhile cancels the round instead of being "repaired".
+//! that arrives meanwhile cancels the round instead of being "repaired". A member whose
+//! digests are never comparable (writes that never pause) is compared at a cut instead
+//! (`ae_cut.rs`).
 //!
 //! The decision, per key (per object in a bag):
 //! - both hold it in different versions: each sends its version, and each side stores the
@@ -53,7 +55,7 @@ pub(super) struct PeerAe {
 
 /// The anti-entropy state of a table server.
 pub(super) struct AntiEntropy {
-    interval: Option<Duration>,
+    pub(super) interval: Option<Duration>,
     next_round: Instant,
     quick: u32,
     last_view: u64,
@@ -61,6 +63,11 @@ pub(super) struct AntiEntropy {
     /// Bytes of anti-entropy frames queued to members.
     bytes: u64,
     peers: HashMap<OwnerIdx, PeerAe>,
+    /// Comparisons at a cut, by member (`ae_cut.rs`).
+    pub(super) cuts: HashMap<OwnerIdx, super::ae_cut::Cut>,
+    /// Whether digests are compared as they are; only tests turn it off
+    /// (`Table::testing_compare_at_rest`).
+    at_rest: bool,
 }
 
 impl AntiEntropy {
@@ -73,6 +80,8 @@ impl AntiEntropy {
             rounds: 0,
             bytes: 0,
             peers: HashMap::new(),
+            cuts: HashMap::new(),
+            at_rest: true,
         }
     }
 }
@@ -165,6 +174,7 @@ impl<K: Key, V: Value> Server<K, V> {
         self.ae
             .peers
             .retain(|k, p| links.get(k).is_some_and(|l| l.id == p.id));
+        self.ae.cuts.retain(|k, _| links.contains_key(k));
         if self.members.is_empty() {
             return;
         }
@@ -188,7 +198,7 @@ impl<K: Key, V: Value> Server<K, V> {
     }
 
     /// Queues an anti-entropy message to a member, and counts its bytes.
-    fn ae_send(&mut self, key: OwnerIdx, msg: AeMsg<K, V>) {
+    pub(super) fn ae_send(&mut self, key: OwnerIdx, msg: AeMsg<K, V>) {
         let Some(link) = self.links.get(&key) else {
             return;
         };
@@ -226,7 +236,9 @@ impl<K: Key, V: Value> Server<K, V> {
                 root,
                 count,
             } => {
-                if !self.comparable(view, &frontier) {
+                if !self.comparable(view, &frontier) || !self.ae.at_rest {
+                    // Writes in flight: compare at a cut instead (`ae_cut.rs`).
+                    self.ae_cut_digest(key, &peer, view, (root, count));
                     return;
                 }
                 let mine = self.shared.store.digest.root();
@@ -286,8 +298,24 @@ impl<K: Key, V: Value> Server<K, V> {
                     p.narrowing = None;
                 }
                 if self.comparable(view, &frontier) {
-                    self.ae_decide(key, &peer, &buckets, &owners, entries);
+                    self.ae_decide(key, &peer, &buckets, &owners, entries, None);
                 }
+            }
+            AeMsg::CutBuckets {
+                view,
+                buckets,
+                prefer,
+            } => self.ae_on_cut_buckets(key, view, buckets, prefer),
+            AeMsg::CutEntries {
+                view,
+                stable,
+                seen,
+                buckets,
+                owners,
+                entries,
+            } => {
+                let stamps = super::ae_cut::CutStamps { stable, seen };
+                self.ae_on_cut_entries(key, &peer, view, stamps, buckets, owners, entries);
             }
             AeMsg::Repair {
                 owners,
@@ -372,7 +400,7 @@ impl<K: Key, V: Value> Server<K, V> {
 
     /// The first of `buckets` (valid ones, at least one) that hold at most [`MAX_ENTRIES`]
     /// records here and, by `theirs` (their (sum, count) list, if known), there.
-    fn ae_budget(&self, buckets: &[u32], theirs: &[(u64, u64)]) -> Vec<u32> {
+    pub(super) fn ae_budget(&self, buckets: &[u32], theirs: &[(u64, u64)]) -> Vec<u32> {
         let mine = self.shared.store.digest.buckets();
         let mut total = 0u64;
         let mut out = Vec::new();
@@ -394,7 +422,11 @@ impl<K: Key, V: Value> Server<K, V> {
     /// The entries of the records in `buckets`, with the buckets they cover and their
     /// owners. With `cap`, whole buckets only, in order, as many as fit in a quarter of
     /// `max_frame_size` (at least one).
-    fn ae_entries(&self, buckets: &[u32], cap: bool) -> (Vec<u32>, Vec<NodeId>, Vec<AeEntry<K>>) {
+    pub(super) fn ae_entries(
+        &self,
+        buckets: &[u32],
+        cap: bool,
+    ) -> (Vec<u32>, Vec<NodeId>, Vec<AeEntry<K>>) {
         let mut wanted = vec![false; digest::BUCKETS];
         for &b in buckets {
             if let Some(w) = wanted.get_mut(b as usize) {
@@ -464,13 +496,15 @@ impl<K: Key, V: Value> Server<K, V> {
 
     /// Decides every differing key of `buckets` from the peer's entries and ours, repairs our
     /// side and sends the peer its repair.
-    fn ae_decide(
+    /// `cut`: a comparison at a cut (`ae_cut.rs`), which repairs only confirmed differences.
+    pub(super) fn ae_decide(
         &mut self,
         key: OwnerIdx,
         peer: &NodeId,
         buckets: &[u32],
         their_owners: &[NodeId],
         theirs: Vec<AeEntry<K>>,
+        cut: Option<(u64, super::ae_cut::CutStamps)>,
     ) {
         let bag = self.shared.kind == TableKind::Bag;
         let cluster = self.cluster_owned();
@@ -501,6 +535,10 @@ impl<K: Key, V: Value> Server<K, V> {
         let mut mine_map: HashMap<(K, u64), AeEntry<K>> = HashMap::new();
         for e in mine {
             mine_map.insert(unit(&e), e);
+        }
+        if let Some(cut) = cut {
+            let (mine, theirs) = (&mut mine_map, &mut their_map);
+            self.ae_cut_filter(key, cut, &my_owners, their_owners, mine, theirs);
         }
         let mut out = WireOut::default();
         let mut remove_there: Vec<AeEntry<K>> = Vec::new();
@@ -742,6 +780,7 @@ impl<K: Key, V: Value> Server<K, V> {
                     matches: p.is_some_and(|p| p.matches),
                     differences: p.map_or(0, |p| p.differences),
                     repaired: p.map_or(0, |p| p.repaired),
+                    rounds_at_cut: self.ae_cut_rounds(*k, &l.id),
                 })
             })
             .collect();
@@ -836,6 +875,7 @@ impl<K: Key, V: Value> Server<K, V> {
             } => {
                 self.shared.store.remove_object(&key, &v);
             }
+            TestWrite::CompareAtRest(on) => self.ae.at_rest = on,
             TestWrite::Delete { key } => {
                 let op = Op {
                     ts: self.clock.now(),

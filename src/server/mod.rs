@@ -357,6 +357,7 @@ impl Extend<u8> for Append<'_> {
     }
 }
 
+mod ae_cut;
 mod anti_entropy;
 mod apply;
 mod claims;
