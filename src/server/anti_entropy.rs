@@ -203,6 +203,14 @@ impl<K: Key, V: Value> Server<K, V> {
             return;
         };
         match frame::encode(&PeerMsg::AntiEntropy(msg)) {
+            // A frame past the peer's limit would close the connection: a table whose
+            // `max_frame_size` cannot carry the 16 KiB of buckets is not narrowed down.
+            Ok(f) if f.len() > self.config.max_frame_size => {
+                tracing::debug!(
+                    bytes = f.len(),
+                    "anti-entropy message over max_frame_size; not sent"
+                );
+            }
             Ok(f) => {
                 let n = f.len() as u64;
                 if link.queue(f) {
