@@ -6,7 +6,7 @@
 //! Stale copies are neither sent nor kept: the join removes them where they are
 //! (`JoinReq::Stale`).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::bag::encoding;
 use crate::membership::NodeId;
@@ -32,6 +32,38 @@ impl Missed {
         let says = |x: &NodeId, y: &NodeId| self.0.get(x).is_some_and(|m| m.contains(y));
         says(a, b) || says(b, a)
     }
+
+    /// Whether some locked node reports `o` (its writes or ours did not get through).
+    fn marks(&self, o: &NodeId) -> bool {
+        self.0.values().any(|m| m.contains(o))
+    }
+}
+
+/// The linked nodes outside the join whose records the join carries and keeps: every node of
+/// the join (`all`) has a ready link to it (`reach`, from `JoinRep::Paused`), and none reports
+/// it in `missed`. Their copies on the join's nodes are then exact, but for what a writer that
+/// died halfway changed on some of them only, which the union of the join repairs (ALGORITHM.md,
+/// section 8): dropping them instead would leave that repair to the owner's side, which may be
+/// the one the dying writer changed. Records of any other node outside the join are dropped
+/// at its end (`Server::drop_outsiders`).
+pub(crate) fn kept_outsiders(
+    all: &BTreeSet<NodeId>,
+    reach: &BTreeMap<NodeId, Vec<NodeId>>,
+    missed: &Missed,
+) -> Vec<NodeId> {
+    let mut keep: Option<BTreeSet<&NodeId>> = None;
+    for n in all {
+        let seen: BTreeSet<&NodeId> = reach.get(n).into_iter().flatten().collect();
+        keep = Some(match keep {
+            None => seen,
+            Some(k) => k.intersection(&seen).copied().collect(),
+        });
+    }
+    keep.unwrap_or_default()
+        .into_iter()
+        .filter(|o| !all.contains(*o) && !missed.marks(o))
+        .cloned()
+        .collect()
 }
 
 /// Two consistent sides (`sides[i]`: the nodes dump `i` stands for): takes out of each dump the
@@ -199,6 +231,27 @@ mod tests {
         let mut again: [Dump<String, u64>; 2] = [Vec::new(), stale[1].clone()];
         let none = strip_stale(&mut again, sides, &Missed::default());
         assert!(none[1].is_empty());
+    }
+
+    #[test]
+    fn an_outsider_is_kept_if_every_node_reaches_it_and_none_missed_its_writes() {
+        let (a, b, c, d) = (id("a"), id("b"), id("c"), id("d"));
+        let all: BTreeSet<NodeId> = [a.clone(), c.clone()].into();
+        let mut reach = BTreeMap::new();
+        reach.insert(a.clone(), vec![b.clone(), c.clone(), d.clone()]);
+        reach.insert(c.clone(), vec![a.clone(), b.clone()]);
+        // b: reached by both, marked by none; d: not reached by c.
+        assert_eq!(
+            kept_outsiders(&all, &reach, &Missed::default()),
+            vec![b.clone()]
+        );
+        // c reports b (a new link, or writes that did not get through): b is not kept.
+        let mut missed = Missed::default();
+        missed.note(&c, vec![b.clone()]);
+        assert!(kept_outsiders(&all, &reach, &missed).is_empty());
+        // A node that reported nothing reaches nobody.
+        reach.remove(&c);
+        assert!(kept_outsiders(&all, &reach, &Missed::default()).is_empty());
     }
 
     #[test]

@@ -185,10 +185,12 @@ pub(crate) async fn run<K: Key, V: Value>(ctx: JoinCtx<K, V>, peer: NodeId) -> R
     let result = match unreachable_pair(&all, &reach) {
         Some((a, b)) => Err(ctx.fail(&peer, format!("{a} cannot reach {b}; not joining"))),
         None => {
+            let keep = authority::kept_outsiders(&all, &reach, &missed);
             let facts = Facts {
                 views: &views,
                 sizes: &sizes,
                 missed: &missed,
+                keep: &keep,
             };
             merge(&ctx, &peer, join, &all, facts, &mut lease).await
         }
@@ -286,6 +288,8 @@ struct Facts<'a> {
     views: &'a BTreeMap<NodeId, (Vec<NodeId>, u64)>,
     sizes: &'a BTreeMap<NodeId, u64>,
     missed: &'a authority::Missed,
+    /// Linked nodes outside the join whose records it carries (`authority::kept_outsiders`).
+    keep: &'a [NodeId],
 }
 
 async fn merge<K: Key, V: Value>(
@@ -300,6 +304,7 @@ async fn merge<K: Key, V: Value>(
         views,
         sizes,
         missed,
+        keep,
     } = facts;
     let everyone: Vec<NodeId> = all.iter().cloned().collect();
     // 4. Views. Already joined while we waited for the locks?
@@ -321,8 +326,16 @@ async fn merge<K: Key, V: Value>(
         })
     };
     let disjoint = l.iter().all(|n| !r.contains(n));
-    // 5. Sources. Each source's dump stands for a group of target nodes.
-    let groups: Vec<(NodeId, Vec<NodeId>)> = if disjoint && consistent(&l, le) && consistent(&r, re)
+    let exchangeable =
+        matches!(ctx.conflict, Conflict::LastWriterWins) && ctx.kind != TableKind::Bag;
+    // 5. Sources. Each source's dump stands for a group of target nodes. A node learns which
+    // outsiders' records the join keeps from its dump request or from the merge list of an
+    // exchange; a node that gets neither (the non-dumping node of a central merge of two
+    // consistent sides) would drop them, so with such outsiders every node dumps.
+    let groups: Vec<(NodeId, Vec<NodeId>)> = if disjoint
+        && consistent(&l, le)
+        && consistent(&r, re)
+        && (keep.is_empty() || exchangeable)
     {
         vec![(ctx.me.clone(), l), (peer.clone(), r)]
     } else {
@@ -333,12 +346,15 @@ async fn merge<K: Key, V: Value>(
             .collect()
     };
 
-    // The dumps carry the records of the join's nodes only. Records of a linked node outside
-    // the join are not its truth (its writes reach none of them), and not every node of the
-    // join could store them (one that is not linked to it skips them): each node drops them
+    // The dumps carry the records of the join's nodes, and of the linked nodes outside it that
+    // every node of the join reaches and none missed writes of (`keep`): the union repairs what
+    // a writer that died halfway changed on some of them only (ALGORITHM.md, section 8). The
+    // records of any other node outside the join may be stale (its writes reached none of them)
+    // or not storable everywhere (a node not linked to it skips them): each node drops them
     // when the join ends (`Server::drop_outsiders`), and the first join with their owner brings
-    // them back from its own side (ALGORITHM.md, section 16).
-    let dumped = everyone.clone();
+    // them back from its own side (section 16).
+    let mut dumped = everyone.clone();
+    dumped.extend(keep.iter().cloned());
     // Last writer wins between two consistent partitions needs no central decision: each
     // side keeps the later version of a key, and both compare the same stamps.
     if let ([a, b], Conflict::LastWriterWins, false) =

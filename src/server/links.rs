@@ -51,7 +51,9 @@ impl<K: Key, V: Value> Server<K, V> {
                 lasting: 0,
                 refusals: 0,
                 metrics,
-                missed: false,
+                // A new link is no member: nothing says which of its writes reached this
+                // node (or ours it) before, so a join checks its copies (section 16).
+                missed: true,
             },
         );
         self.open_writer(key);

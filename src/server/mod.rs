@@ -265,6 +265,10 @@ struct Pause {
     /// Records of this join were stored here, and its member list has not arrived yet: if the
     /// join ends now, those of nodes that did not become members are dropped (`drop_outsiders`).
     applied: bool,
+    /// The owners whose records this join carries (its dump request's `alive`, an exchange's
+    /// merge list): the join's nodes and the linked nodes outside it that it keeps
+    /// (`crate::authority::kept_outsiders`). Their records stay when the join ends.
+    carried: Vec<NodeId>,
 }
 
 #[derive(Default)]

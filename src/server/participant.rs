@@ -113,6 +113,7 @@ impl<K: Key, V: Value> Server<K, V> {
                             lease,
                             dumped: false,
                             applied: false,
+                            carried: Vec::new(),
                         });
                         if self.pending.is_empty() {
                             let rep = self.paused_reply();
@@ -135,6 +136,7 @@ impl<K: Key, V: Value> Server<K, V> {
                         return;
                     }
                     p.dumped = true;
+                    p.carried = alive.clone();
                 }
                 // A large table takes a while: on a multi-threaded runtime, the tasks queued
                 // behind this one (the join coordinator, woken by each chunk it is sent, the
@@ -212,6 +214,9 @@ impl<K: Key, V: Value> Server<K, V> {
                         .collect(),
                     None => Vec::new(),
                 };
+                if let (Some(all), Some(p)) = (&merge, self.paused.as_mut()) {
+                    p.carried = all.clone();
+                }
                 let merge = merge.is_some();
                 let watch = self.watch_keys(recs.iter().map(|(k, _)| k));
                 let mut conflicts = 0;
@@ -244,7 +249,12 @@ impl<K: Key, V: Value> Server<K, V> {
                 if let Some(members) = members {
                     self.set_members(&members, join);
                     let by = self.origin_id(&origin).unwrap_or_else(|| self.me.clone());
-                    self.drop_outsiders(by);
+                    let carried = self
+                        .paused
+                        .as_mut()
+                        .map(|p| std::mem::take(&mut p.carried))
+                        .unwrap_or_default();
+                    self.drop_outsiders(by, &carried);
                     if let Some(p) = self.paused.as_mut() {
                         p.applied = false;
                     }
@@ -414,8 +424,10 @@ impl<K: Key, V: Value> Server<K, V> {
         if let Some(p) = self.paused.take() {
             self.remember_released(p.join);
             if p.applied {
-                // The join stored records here and ended before its member list came.
-                self.drop_outsiders(p.coordinator.clone());
+                // The join stored records here and ended before its member list came: the
+                // other nodes of its side may not have stored them, so none of another
+                // node's records stay.
+                self.drop_outsiders(p.coordinator.clone(), &[]);
             }
         }
         self.pause_waiters.clear();
@@ -459,19 +471,24 @@ impl<K: Key, V: Value> Server<K, V> {
 }
 
 impl<K: Key, V: Value> Server<K, V> {
-    /// Drops the records of every owner that is neither this node nor a member: at the end of a
-    /// join, the records of linked nodes outside it, which no node of the join keeps up to date
-    /// (their writes reach none of them) and which not every node of it could store; after a
-    /// join that stored records and failed, those of its other side. A node holds, after a
-    /// join, only records of its members and itself, as every other node of the join does, and
-    /// the owner's own side brings them back when it joins (ALGORITHM.md, section 16).
-    pub(super) fn drop_outsiders(&mut self, by: NodeId) {
+    /// Drops the records of every owner that is neither this node, nor a member, nor `carried`
+    /// by the join: at the end of a join, the records of linked nodes outside it that not every
+    /// node of the join reaches, or whose writes one of them missed (they may be stale, and not
+    /// every node of the join could store them); after a join that stored records and failed
+    /// (`carried` empty), those of every node but its members. Every node of a join keeps the
+    /// records of the same owners, which the join made equal everywhere; the owner's own side
+    /// brings the dropped ones back when it joins (ALGORITHM.md, section 16).
+    pub(super) fn drop_outsiders(&mut self, by: NodeId, carried: &[NodeId]) {
         // Cluster-owned records belong to writer names, never members: they stay.
         if self.cluster_owned() {
             return;
         }
+        let kept: BTreeSet<OwnerIdx> = carried
+            .iter()
+            .filter_map(|id| self.owners.lookup(id))
+            .collect();
         let (me, members) = (self.me_idx, &self.members);
-        let outside = |o: OwnerIdx| o != me && !members.contains(&o);
+        let outside = |o: OwnerIdx| o != me && !members.contains(&o) && !kept.contains(&o);
         let watch = if self.shared.hub.watching() {
             let mut keys = Vec::new();
             self.shared.store.for_each(|k, r| {
