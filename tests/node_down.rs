@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cets::{Table, TableOptions};
+use cets::{NodeConfig, Table, TableOptions};
 use common::mesh::*;
 use common::*;
 
@@ -188,7 +188,13 @@ async fn owner_function_decides_whose_records_go_with_a_node() {
 /// then the frames. They must be dropped quietly, and the table must keep working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_still_queued_when_their_node_shuts_down_are_dropped_and_the_table_goes_on() {
-    let mesh = Mesh::start(&["a", "b"]).await;
+    // Long idle timeouts and join leases: the busy nodes must not lose their link before a's
+    // shutdown (which b hears as the connection's close, not as silence).
+    let mut config = NodeConfig::fast_failover();
+    config.keep_alive_interval = Duration::from_secs(1);
+    config.idle_timeout = Duration::from_secs(60);
+    config.join_lease = Duration::from_secs(60);
+    let mesh = Mesh::start_with(&["a", "b"], config).await;
     let ta: T = mesh.nodes[0].start("t", TableOptions::set()).await.unwrap();
     let tb: T = mesh.nodes[1].start("t", TableOptions::set()).await.unwrap();
     members(&[&ta, &tb], 1).await;
@@ -218,12 +224,10 @@ async fn writes_still_queued_when_their_node_shuts_down_are_dropped_and_the_tabl
                 let recs = (0..50_000u64)
                     .map(|i| (format!("b-{round}-{i}"), i))
                     .collect();
-                if tb.insert_many(recs).await.is_err() {
-                    return false;
-                }
+                tb.insert_many(recs).await?;
                 round += 1;
             }
-            true
+            Ok::<(), cets::Error>(())
         })
     };
     // (A batch is applied in order, so the first of a's records b holds is the first of some
@@ -238,7 +242,9 @@ async fn writes_still_queued_when_their_node_shuts_down_are_dropped_and_the_tabl
         w.await.unwrap();
     }
     stop.store(true, Ordering::Relaxed);
-    assert!(b_writer.await.unwrap(), "b's table server stopped");
+    if let Err(e) = b_writer.await.unwrap() {
+        panic!("b's write failed: {e}");
+    }
     eventually(3 * WAIT, "a's records dropped on b", || {
         let tb = tb.clone();
         async move {
