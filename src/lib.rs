@@ -60,7 +60,7 @@ mod store;
 pub mod subscription;
 mod table;
 #[cfg(feature = "testing")]
-mod testing;
+pub mod testing;
 mod tombstones;
 mod transport;
 

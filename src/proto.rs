@@ -9,19 +9,24 @@
 //!   writes travel back on the receiver's own table stream, behind any write it sent earlier,
 //!   which is what lets a cumulative ack double as a flush marker.
 
+// The wire types are public under the cargo feature `testing` (`cets::testing::wire`, for the
+// tests that speak the protocol themselves), and crate-internal otherwise.
+#![cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
+#![cfg_attr(feature = "testing", allow(missing_docs))]
+
 use serde::{Deserialize, Serialize};
 
 use crate::membership::NodeId;
 use crate::table::TableKind;
 
 /// Version of the wire protocol. Nodes with different versions refuse each other.
-pub(crate) const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// First bytes of every [`Hello`].
-pub(crate) const MAGIC: [u8; 4] = *b"CETS";
+pub const MAGIC: [u8; 4] = *b"CETS";
 
 /// The handshake message, sent once by each side of a new connection.
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct Hello {
+pub struct Hello {
     pub magic: [u8; 4],
     pub version: u32,
     pub node: NodeId,
@@ -31,7 +36,7 @@ pub(crate) struct Hello {
 
 /// First frame of a table stream: which table, and what it holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct StreamHeader {
+pub struct StreamHeader {
     pub table: String,
     pub kind: TableKind,
     /// Hash of the key and value type names.
@@ -40,7 +45,7 @@ pub(crate) struct StreamHeader {
 
 /// One replicated write, as it travels between table servers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct Op<K, V> {
+pub struct Op<K, V> {
     /// Hybrid logical clock timestamp of the write.
     pub ts: u64,
     pub kind: OpKind<K, V>,
@@ -48,7 +53,7 @@ pub(crate) struct Op<K, V> {
 
 /// What a replicated write does.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) enum OpKind<K, V> {
+pub enum OpKind<K, V> {
     /// Records owned by the writer.
     Insert(Vec<(K, V)>),
     Delete(Vec<K>),
@@ -70,7 +75,7 @@ pub(crate) enum OpKind<K, V> {
 /// A record with its metadata, as shipped by a join. `owner` indexes a list of owners sent
 /// alongside.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct WireRecord<K, V> {
+pub struct WireRecord<K, V> {
     pub key: K,
     pub value: V,
     pub ts: u64,
@@ -81,7 +86,7 @@ pub(crate) struct WireRecord<K, V> {
 
 /// A message from one table server to the same table's server on another node.
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum PeerMsg<K, V> {
+pub enum PeerMsg<K, V> {
     /// A batch of writes (group commit). `seq` grows by one per batch.
     Ops { seq: u64, ops: Vec<Op<K, V>> },
     /// Every `Ops` batch up to `seq` that the receiver sent has been applied here.
@@ -110,7 +115,7 @@ pub(crate) enum PeerMsg<K, V> {
 
 /// What the leader decided about an `insert_new` call.
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum ClaimOutcome<V> {
+pub enum ClaimOutcome<V> {
     /// The key was free; the record is stored (and, on the wire, acknowledged by every member).
     Inserted,
     /// The key holds this value; nothing was written.
@@ -125,12 +130,12 @@ pub(crate) enum ClaimOutcome<V> {
 /// the `seq` of that node's last write batch it has applied (its own: the last it sent),
 /// sorted by node. Two servers whose frontiers and views are equal hold the result of the
 /// same writes.
-pub(crate) type Frontier = Vec<(NodeId, u64)>;
+pub type Frontier = Vec<(NodeId, u64)>;
 
 /// Anti-entropy messages (ALGORITHM.md, section 15). Each carries the sender's view and
 /// frontier when it was sent; the receiver acts on it only if both equal its own now.
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum AeMsg<K, V> {
+pub enum AeMsg<K, V> {
     /// Every round, to every member: the summary of the digest and the number of records.
     Digest {
         view: u64,
@@ -183,7 +188,7 @@ pub(crate) enum AeMsg<K, V> {
 
 /// One record (one object, in a bag) as anti-entropy lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct AeEntry<K> {
+pub struct AeEntry<K> {
     pub key: K,
     pub ts: u64,
     pub owner: u32,
@@ -193,7 +198,7 @@ pub(crate) struct AeEntry<K> {
 
 /// Join requests (see `ALGORITHM.md`).
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum JoinReq<K, V> {
+pub enum JoinReq<K, V> {
     /// Who are your members, and are you paused?
     Info,
     /// Pause for this join, as a lease; answered once every earlier write of the server is
@@ -235,7 +240,7 @@ pub(crate) enum JoinReq<K, V> {
 
 /// Join replies.
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum JoinRep<K, V> {
+pub enum JoinRep<K, V> {
     Info {
         members: Vec<NodeId>,
         epoch: u64,
@@ -279,41 +284,41 @@ pub(crate) enum JoinRep<K, V> {
 /// The tombstone of a deleted key, as shipped by a join of a cluster-owned table: the delete's
 /// stamp. `owner` indexes a list of owners sent alongside.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct WireTombstone<K> {
+pub struct WireTombstone<K> {
     pub key: K,
     pub ts: u64,
     pub owner: u32,
 }
 
 /// Connection close codes (QUIC application error codes).
-pub(crate) mod close {
+pub mod close {
     /// The node is shutting down.
-    pub(crate) const SHUTDOWN: u32 = 0;
+    pub const SHUTDOWN: u32 = 0;
     /// The cookie proof was wrong.
-    pub(crate) const AUTH: u32 = 1;
+    pub const AUTH: u32 = 1;
     /// A frame could not be decoded, was too large, or broke the protocol.
-    pub(crate) const PROTOCOL: u32 = 2;
+    pub const PROTOCOL: u32 = 2;
     /// Another protocol version.
-    pub(crate) const VERSION: u32 = 3;
+    pub const VERSION: u32 = 3;
     /// The other side dials: only the node with the smaller name keeps a connection it dialed.
-    pub(crate) const REDIRECT: u32 = 4;
+    pub const REDIRECT: u32 = 4;
     /// A live connection to this node already exists.
-    pub(crate) const DUPLICATE: u32 = 5;
+    pub const DUPLICATE: u32 = 5;
     /// The node dialed itself.
-    pub(crate) const SELF: u32 = 6;
+    pub const SELF: u32 = 6;
     /// A node with this name connected again under a new incarnation.
-    pub(crate) const REPLACED: u32 = 7;
+    pub const REPLACED: u32 = 7;
     /// The peer did not read a table stream while frames for it piled up past
     /// `NodeConfig::max_link_queue_bytes`.
-    pub(crate) const OVERLOAD: u32 = 8;
+    pub const OVERLOAD: u32 = 8;
 }
 
 /// Stream stop codes.
-pub(crate) mod stop {
+pub mod stop {
     /// The receiving node runs no table of that name.
-    pub(crate) const UNKNOWN_TABLE: u32 = 1;
+    pub const UNKNOWN_TABLE: u32 = 1;
     /// The receiving node's table has another kind or other types.
-    pub(crate) const INCOMPATIBLE: u32 = 2;
+    pub const INCOMPATIBLE: u32 = 2;
 }
 
 /// Cuts a stream of records into chunks of at most `max_records` records and about

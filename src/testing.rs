@@ -1,5 +1,9 @@
-//! Test-only ways to change one replica behind the protocol's back (cargo feature `testing`):
-//! how the tests of anti-entropy make replicas differ.
+//! For tests only, with the cargo feature `testing`; not a stable API: it changes with the
+//! protocol and the internals whenever they change.
+//!
+//! - `Table::testing_*`: ways to change one replica behind the protocol's back (how the tests
+//!   of anti-entropy make replicas differ);
+//! - [`wire`]: the wire types, for the tests whose raw peer speaks the protocol itself.
 
 use tokio::sync::oneshot;
 
@@ -65,4 +69,14 @@ impl<K: Key, V: Value> Table<K, V> {
     pub async fn testing_compare_at_rest(&self, on: bool) -> Result<()> {
         self.testing(TestWrite::CompareAtRest(on)).await
     }
+}
+
+/// The messages of the wire protocol, as the library encodes them (postcard): a raw peer in
+/// a test builds and reads them with these types rather than with copies. For tests only; not a
+/// stable API.
+pub mod wire {
+    pub use crate::proto::{
+        close, stop, AeEntry, AeMsg, ClaimOutcome, Frontier, Hello, JoinRep, JoinReq, Op, OpKind,
+        PeerMsg, StreamHeader, WireRecord, WireTombstone, MAGIC, PROTOCOL_VERSION,
+    };
 }

@@ -1,6 +1,7 @@
 //! A peer that speaks the wire protocol itself: a raw quinn client (TLS, the cookie
-//! handshake, frames) built from `src/transport/` and `src/proto.rs`, with a mirror of the wire
-//! types (`wire`), and a pair of nodes (`Pair`) to aim it at. Included by the test files that
+//! handshake, frames) built from `src/transport/` and `src/proto.rs`, speaking the library's own
+//! wire types (`cets::testing::wire`, aliased for a `u64 -> String` table in `wire`), and a
+//! pair of nodes (`Pair`) to aim it at. Included by the test files that
 //! need it with `#[path = "common/raw_peer.rs"] mod raw_peer;`.
 #![allow(dead_code)]
 
@@ -132,13 +133,13 @@ pub mod raw {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use cets::{NodeId, TableKind};
+    use cets::NodeId;
     use quinn::crypto::rustls::QuicClientConfig;
     use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
     use rustls::crypto::CryptoProvider;
     use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
     use rustls::DigitallySignedStruct;
-    use serde::{Deserialize, Serialize};
+    use serde::Serialize;
 
     pub const ALPN: &[u8] = b"cets/1";
 
@@ -254,25 +255,7 @@ pub mod raw {
         quinn::Endpoint::server(cfg, format!("{ip}:0").parse().unwrap()).unwrap()
     }
 
-    /// `proto::PROTOCOL_VERSION`.
-    pub const PROTOCOL_VERSION: u32 = 4;
-
-    /// `proto::Hello`.
-    #[derive(Debug, Serialize, Deserialize)]
-    pub struct Hello {
-        pub magic: [u8; 4],
-        pub version: u32,
-        pub node: NodeId,
-        pub proof: Vec<u8>,
-    }
-
-    /// `proto::StreamHeader`.
-    #[derive(Debug, PartialEq, Serialize, Deserialize)]
-    pub struct StreamHeader {
-        pub table: String,
-        pub kind: TableKind,
-        pub fingerprint: u64,
-    }
+    pub use cets::testing::wire::{Hello, StreamHeader, PROTOCOL_VERSION};
 
     /// `node::fingerprint::<K, V>()`: FNV-1a of the type names.
     pub fn fingerprint<K, V>() -> u64 {
@@ -389,12 +372,8 @@ pub fn reason(c: &quinn::ApplicationClose) -> String {
     String::from_utf8_lossy(&c.reason).into_owned()
 }
 
-pub const PROTOCOL: u32 = 2;
-pub const VERSION: u32 = 3;
-pub const AUTH: u32 = 1;
-pub const REDIRECT: u32 = 4;
-pub const SELF: u32 = 6;
-pub const OVERLOAD: u32 = 8;
+#[allow(unused_imports)]
+pub use cets::testing::wire::close::{AUTH, OVERLOAD, PROTOCOL, REDIRECT, SELF, VERSION};
 
 pub fn code(c: &quinn::ApplicationClose) -> u32 {
     u32::try_from(c.error_code.into_inner()).unwrap()
@@ -417,9 +396,10 @@ pub async fn their_header(conn: &quinn::Connection) -> quinn::RecvStream {
     let mut recv = conn.accept_uni().await.unwrap();
     let header: raw::StreamHeader =
         postcard::from_bytes(&raw::read_frame(&mut recv).await).unwrap();
+    let ours = our_header("t");
     assert_eq!(
-        header,
-        our_header("t"),
+        (header.table, header.kind, header.fingerprint),
+        (ours.table, ours.kind, ours.fingerprint),
         "the fingerprint is computed as the node does"
     );
     recv
@@ -462,7 +442,7 @@ impl TablePeer {
             let msg: wire::PeerMsg =
                 postcard::from_bytes(&raw::read_frame(&mut self.theirs).await).unwrap();
             match msg {
-                wire::PeerMsg::JoinReply { req: r, body } if r == req => return body.name(),
+                wire::PeerMsg::JoinReply { req: r, body } if r == req => return wire::name(&body),
                 wire::PeerMsg::Tick { .. } | wire::PeerMsg::JoinReply { .. } => continue,
                 other => panic!("unexpected {other:?}"),
             }
@@ -470,123 +450,30 @@ impl TablePeer {
     }
 }
 
-/// The whole of `proto::PeerMsg` and its join messages for a `u64 -> String` table, as the
-/// raw peers here write and read them (postcard tags enum variants by index, so the order of
-/// variants is the crate's).
+/// The library's wire messages (`cets::testing::wire`) for the `u64 -> String` table of the
+/// raw peers here.
 pub mod wire {
-    use cets::NodeId;
-    use serde::{Deserialize, Serialize};
+    use cets::testing::wire as lib;
 
-    #[derive(Debug, Clone, Serialize, Deserialize)]
-    pub struct WireRecord {
-        pub key: u64,
-        pub value: String,
-        pub ts: u64,
-        pub owner: u32,
-        pub ttl: u32,
-    }
+    pub type WireRecord = lib::WireRecord<u64, String>;
+    pub type OpKind = lib::OpKind<u64, String>;
+    pub type Op = lib::Op<u64, String>;
+    pub type JoinReq = lib::JoinReq<u64, String>;
+    pub type JoinRep = lib::JoinRep<u64, String>;
+    pub type PeerMsg = lib::PeerMsg<u64, String>;
 
-    #[derive(Debug, Serialize, Deserialize)]
-    pub enum OpKind {
-        Insert(Vec<(u64, String)>),
-        Delete(Vec<u64>),
-        DeleteObject(Vec<(u64, String)>),
-        InsertOwned {
-            owners: Vec<NodeId>,
-            records: Vec<(u64, String, u32)>,
-        },
-        InsertTtl {
-            ttl_ms: u32,
-            records: Vec<(u64, String)>,
-        },
-    }
-
-    #[derive(Debug, Serialize, Deserialize)]
-    pub struct Op {
-        pub ts: u64,
-        pub kind: OpKind,
-    }
-
-    #[derive(Debug, Serialize, Deserialize)]
-    pub enum JoinReq {
-        Info,
-        Pause {
-            join: u64,
-            lease_ms: u64,
-        },
-        Dump {
-            join: u64,
-            alive: Vec<NodeId>,
-        },
-        Apply {
-            join: u64,
-            owners: Vec<NodeId>,
-            records: Vec<WireRecord>,
-            members: Option<Vec<NodeId>>,
-            merge: Option<Vec<NodeId>>,
-        },
-        Unpause {
-            join: u64,
-        },
-        Stale {
-            join: u64,
-            owners: Vec<NodeId>,
-            records: Vec<WireRecord>,
-        },
-    }
-
-    #[derive(Debug, Serialize, Deserialize)]
-    pub enum JoinRep {
-        Info {
-            members: Vec<NodeId>,
-            epoch: u64,
-        },
-        Paused {
-            members: Vec<NodeId>,
-            epoch: u64,
-            reachable: Vec<NodeId>,
-            len: u64,
-            missed: Vec<NodeId>,
-        },
-        Busy {
-            by: String,
-        },
-        Chunk {
-            owners: Vec<NodeId>,
-            records: Vec<WireRecord>,
-            last: bool,
-        },
-        Applied {
-            conflicts: u64,
-        },
-        Unpaused,
-        Refused {
-            reason: String,
-        },
-    }
-
-    impl JoinRep {
-        /// The variant's name.
-        pub fn name(&self) -> &'static str {
-            match self {
-                JoinRep::Info { .. } => "Info",
-                JoinRep::Paused { .. } => "Paused",
-                JoinRep::Busy { .. } => "Busy",
-                JoinRep::Chunk { .. } => "Chunk",
-                JoinRep::Applied { .. } => "Applied",
-                JoinRep::Unpaused => "Unpaused",
-                JoinRep::Refused { .. } => "Refused",
-            }
+    /// The name of a join reply's variant.
+    pub fn name(rep: &JoinRep) -> &'static str {
+        match rep {
+            JoinRep::Info { .. } => "Info",
+            JoinRep::Paused { .. } => "Paused",
+            JoinRep::Busy { .. } => "Busy",
+            JoinRep::Chunk { .. } => "Chunk",
+            JoinRep::Applied { .. } => "Applied",
+            JoinRep::Unpaused => "Unpaused",
+            JoinRep::Refused { .. } => "Refused",
+            JoinRep::Tombstones { .. } => "Tombstones",
         }
-    }
-
-    #[derive(Debug, Serialize, Deserialize)]
-    pub enum PeerMsg {
-        Ops { seq: u64, ops: Vec<Op> },
-        Ack { seq: u64, clock: u64 },
-        Tick { clock: u64, view: u64 },
-        Join { req: u64, body: JoinReq },
-        JoinReply { req: u64, body: JoinRep },
     }
 }
 
@@ -685,12 +572,8 @@ impl TablePeer {
         let start = std::time::Instant::now();
         self.ours.write_all(&f).await.unwrap();
         loop {
-            // (A frame this copy of the messages cannot decode is an anti-entropy digest.)
-            let Ok(msg) =
-                postcard::from_bytes::<wire::PeerMsg>(&raw::read_frame(&mut self.theirs).await)
-            else {
-                continue;
-            };
+            let msg: wire::PeerMsg =
+                postcard::from_bytes(&raw::read_frame(&mut self.theirs).await).unwrap();
             if matches!(msg, wire::PeerMsg::Ack { seq: s, .. } if s >= seq) {
                 return start.elapsed();
             }
