@@ -146,6 +146,8 @@ async fn a_difference_is_repaired_while_every_node_keeps_writing() {
     )
     .await;
 
+    // b's subscriber hears the repair among the writes, as a repair from a.
+    let mut sub = b.subscribe().await.unwrap();
     b.testing_remove_local(1, None).await.unwrap();
     b.testing_put_local(2, "b's own".into(), None)
         .await
@@ -169,6 +171,24 @@ async fn a_difference_is_repaired_while_every_node_keeps_writing() {
     .await;
     let writes_at_repair = done.load(Ordering::Relaxed);
     let during = total(&tables).await;
+    let restored = cets::Change::Repaired {
+        key: 1,
+        value: Some("a's".to_string()),
+        previous: None,
+    };
+    let heard = tokio::time::timeout(WAIT, async {
+        while let Some(u) = sub.recv().await {
+            if let cets::Update::Change(e) = u {
+                if e.change == restored {
+                    return e.node.name;
+                }
+            }
+        }
+        String::new()
+    })
+    .await
+    .expect("b's subscriber hears key 1 come back as a repair");
+    assert_eq!(heard, "a", "the repair is named after its peer");
     stop_writers(&stop, tasks).await;
     compare_at_rest(&tables, true).await;
     assert!(
