@@ -8,7 +8,7 @@
 //!
 //! - `CETS_BENCH_FULL=1` (or `cargo bench --bench cluster -- --full`) runs the full sizes
 //!   (longer phases, a join of 1 M + 1 M records).
-//! - Positional arguments pick sections: `memory get latency throughput batch join down ae react`
+//! - Positional arguments pick sections: `memory get latency throughput batch join down ae react metrics`
 //!   (default: all), e.g. `cargo bench --bench cluster -- latency join`.
 //!
 //! Two measurements run in a child process (this same binary, re-executed with
@@ -37,6 +37,9 @@ const COOKIE: &str = "cets-bench";
 
 #[path = "cluster/anti_entropy.rs"]
 mod anti_entropy;
+/// The cost of a metrics recorder (the `metrics` section).
+#[path = "cluster/metrics.rs"]
+mod metrics;
 /// Subscriptions and `insert_new` (the `react` section).
 #[path = "cluster/react.rs"]
 mod react;
@@ -1890,6 +1893,8 @@ fn main() {
             Box::new(|| rt.block_on(anti_entropy::anti_entropy(&s))),
         ),
         ("react", Box::new(|| rt.block_on(react::react(&s)))),
+        // Last: it installs a global recorder that every node started after it records into.
+        ("metrics", Box::new(|| rt.block_on(metrics::metrics(&s)))),
     ];
     for (name, run) in sections {
         if !wants(name) {

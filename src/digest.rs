@@ -5,7 +5,7 @@
 //! wrapping sum of the hashes of its records and their count. A sum does not depend on the
 //! order of the changes, and a removal undoes an addition exactly, so two replicas that hold
 //! the same records have the same buckets however they got there, and the store keeps them
-//! with two atomic additions per record it stores or removes: never a scan.
+//! with two additions per record it stores or removes: never a scan.
 //!
 //! A record's hash covers its key, value, timestamp and owner identity. Every node must compute
 //! the same hash for the same record, so the hasher is fixed (no random seed, no dependence on
@@ -18,7 +18,7 @@
 
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 
@@ -87,6 +87,20 @@ impl StableHasher {
         }
     }
 
+    /// `write(&[b])`, without the loop: postcard hands over a `u8` (each byte of an array,
+    /// a bool, an enum tag under 128) one at a time.
+    #[inline]
+    pub(crate) fn push(&mut self, b: u8) {
+        self.len += 1;
+        self.word |= u64::from(b) << (8 * self.filled);
+        self.filled += 1;
+        if self.filled == 8 {
+            self.h = fold_mul(self.h ^ self.word, P1);
+            self.word = 0;
+            self.filled = 0;
+        }
+    }
+
     pub(crate) fn finish(&self) -> u64 {
         let h = fold_mul(self.h ^ self.word ^ P0, P1 ^ self.len);
         fold_mul(h, P2)
@@ -104,7 +118,7 @@ impl postcard::ser_flavors::Flavor for StableHasher {
 
     #[inline]
     fn try_push(&mut self, data: u8) -> postcard::Result<()> {
-        self.write(&[data]);
+        self.push(data);
         Ok(())
     }
 
@@ -172,25 +186,75 @@ pub(crate) fn differing(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<u32> {
         .collect()
 }
 
-/// Owner hashes by owner index, filled by the table server's `Owners` as it interns
+/// Owner indexes whose hash a digest keeps in a plain array, read without a lock (a table
+/// rarely sees more identities than this; the rest are behind a lock).
+const FAST_OWNERS: usize = 256;
+
+/// The hash of each owner index, filled by the table server's `Owners` as it interns
 /// identities (an index names one identity for as long as any record names it).
-pub(crate) type OwnerHashes = Arc<RwLock<Vec<u64>>>;
+#[derive(Debug)]
+pub(crate) struct OwnerTable {
+    fast: Box<[AtomicU64]>,
+    rest: RwLock<Vec<u64>>,
+}
+
+impl Default for OwnerTable {
+    fn default() -> Self {
+        Self {
+            fast: (0..FAST_OWNERS).map(|_| AtomicU64::new(0)).collect(),
+            rest: RwLock::default(),
+        }
+    }
+}
+
+impl OwnerTable {
+    /// The hash of the identity at `idx` (0 for an index never named).
+    #[inline]
+    fn get(&self, idx: OwnerIdx) -> u64 {
+        let i = idx as usize;
+        match self.fast.get(i) {
+            Some(h) => h.load(Ordering::Relaxed),
+            None => self.rest_of(i),
+        }
+    }
+
+    #[cold]
+    fn rest_of(&self, i: usize) -> u64 {
+        let rest = self.rest.read().unwrap_or_else(|p| p.into_inner());
+        rest.get(i - FAST_OWNERS).copied().unwrap_or(0)
+    }
+}
+
+/// The owner hashes of one table's digest, shared with its `Owners`.
+pub(crate) type OwnerHashes = Arc<OwnerTable>;
 
 /// Records an identity's hash at its index.
 pub(crate) fn name_owner(table: &OwnerHashes, idx: OwnerIdx, id: &NodeId) {
-    let mut t = table.write().unwrap_or_else(|p| p.into_inner());
-    let i = idx as usize;
-    if t.len() <= i {
-        t.resize(i + 1, 0);
+    let (i, h) = (idx as usize, owner_hash(id));
+    if let Some(slot) = table.fast.get(i) {
+        slot.store(h, Ordering::Relaxed);
+        return;
     }
-    t[i] = owner_hash(id);
+    let mut rest = table.rest.write().unwrap_or_else(|p| p.into_inner());
+    let j = i - FAST_OWNERS;
+    if rest.len() <= j {
+        rest.resize(j + 1, 0);
+    }
+    rest[j] = h;
+}
+
+/// One bucket: the sum of its records' hashes and their count, side by side so that a change
+/// touches one cache line.
+#[derive(Default)]
+struct Bucket {
+    sum: AtomicU64,
+    count: AtomicU64,
 }
 
 /// The bucket sums and counts of one table.
 pub(crate) struct Digest {
     on: bool,
-    sums: Box<[AtomicU64]>,
-    counts: Box<[AtomicU64]>,
+    buckets: Box<[Bucket]>,
     owners: OwnerHashes,
 }
 
@@ -200,8 +264,7 @@ impl Digest {
         let n = if on { BUCKETS } else { 0 };
         Self {
             on,
-            sums: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            counts: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            buckets: (0..n).map(|_| Bucket::default()).collect(),
             owners: Arc::default(),
         }
     }
@@ -215,21 +278,20 @@ impl Digest {
     #[inline]
     pub(crate) fn hook(&self) -> Hook<'_> {
         Hook {
-            digest: self,
-            owners: if self.on {
-                Some(self.owners.read().unwrap_or_else(|p| p.into_inner()))
-            } else {
-                None
-            },
+            digest: self.on.then_some(self),
         }
     }
 
     /// Every bucket's (sum, count).
     pub(crate) fn buckets(&self) -> Vec<(u64, u64)> {
-        self.sums
+        self.buckets
             .iter()
-            .zip(self.counts.iter())
-            .map(|(s, c)| (s.load(Ordering::Relaxed), c.load(Ordering::Relaxed)))
+            .map(|b| {
+                (
+                    b.sum.load(Ordering::Relaxed),
+                    b.count.load(Ordering::Relaxed),
+                )
+            })
             .collect()
     }
 
@@ -240,54 +302,57 @@ impl Digest {
     }
 
     #[inline]
-    fn change(&self, key_hash: u64, h: u64, add: bool) {
-        let i = bucket_of(key_hash);
-        let (Some(sum), Some(count)) = (self.sums.get(i), self.counts.get(i)) else {
+    fn change_bucket(&self, i: usize, h: u64, add: bool) {
+        let Some(Bucket { sum, count }) = self.buckets.get(i) else {
             return;
         };
+        // The table server is the only writer (`Records`), so a load and a store do: a locked
+        // read-modify-write would wait here for the store of the record itself, often a
+        // cache miss, to complete. Readers (status, the exchange) see each word whole.
+        let (s, c) = (sum.load(Ordering::Relaxed), count.load(Ordering::Relaxed));
         if add {
-            sum.fetch_add(h, Ordering::Relaxed);
-            count.fetch_add(1, Ordering::Relaxed);
+            sum.store(s.wrapping_add(h), Ordering::Relaxed);
+            count.store(c.wrapping_add(1), Ordering::Relaxed);
         } else {
-            sum.fetch_sub(h, Ordering::Relaxed);
-            count.fetch_sub(1, Ordering::Relaxed);
+            sum.store(s.wrapping_sub(h), Ordering::Relaxed);
+            count.store(c.wrapping_sub(1), Ordering::Relaxed);
         }
     }
 }
 
 /// One change of the store, as the digest sees it.
 pub(crate) struct Hook<'a> {
-    digest: &'a Digest,
-    owners: Option<RwLockReadGuard<'a, Vec<u64>>>,
+    /// `None` when anti-entropy is off.
+    digest: Option<&'a Digest>,
 }
 
 impl Hook<'_> {
+    #[inline]
+    fn change(&self, d: &Digest, kh: u64, h: u64, add: bool) {
+        d.change_bucket(bucket_of(kh), h, add);
+    }
+
     /// The hash of a record under a key whose hash is `kh`.
     #[inline]
-    pub(crate) fn hash<V: Serialize>(&self, kh: u64, r: &Rec<V>) -> u64 {
-        let owner = self
-            .owners
-            .as_ref()
-            .and_then(|o| o.get(r.owner as usize).copied())
-            .unwrap_or(0);
-        record_hash(kh, value_hash(&r.value), r.ts, owner)
+    fn hash<V: Serialize>(d: &Digest, kh: u64, r: &Rec<V>) -> u64 {
+        record_hash(kh, value_hash(&r.value), r.ts, d.owners.get(r.owner))
     }
 
     /// A record was stored.
     #[inline]
     pub(crate) fn add<K: Serialize, V: Serialize>(&self, k: &K, r: &Rec<V>) {
-        if self.owners.is_some() {
+        if let Some(d) = self.digest {
             let kh = key_hash(k);
-            self.digest.change(kh, self.hash(kh, r), true);
+            self.change(d, kh, Self::hash(d, kh, r), true);
         }
     }
 
     /// A record was removed.
     #[inline]
     pub(crate) fn sub<K: Serialize, V: Serialize>(&self, k: &K, r: &Rec<V>) {
-        if self.owners.is_some() {
+        if let Some(d) = self.digest {
             let kh = key_hash(k);
-            self.digest.change(kh, self.hash(kh, r), false);
+            self.change(d, kh, Self::hash(d, kh, r), false);
         }
     }
 
@@ -299,12 +364,12 @@ impl Hook<'_> {
         old: Option<&Rec<V>>,
         new: &Rec<V>,
     ) {
-        if self.owners.is_some() {
+        if let Some(d) = self.digest {
             let kh = key_hash(k);
             if let Some(old) = old {
-                self.digest.change(kh, self.hash(kh, old), false);
+                self.change(d, kh, Self::hash(d, kh, old), false);
             }
-            self.digest.change(kh, self.hash(kh, new), true);
+            self.change(d, kh, Self::hash(d, kh, new), true);
         }
     }
 }
@@ -498,6 +563,11 @@ mod tests {
             stable_hash(&[1u8, 2, 3][..], 0),
             stable_hash(&vec![1u8, 2, 3], 0)
         );
+        // Bytes pushed one at a time (an array of u8) hash as the same bytes written at once.
+        let bytes: [u8; 19] = std::array::from_fn(|i| (i as u8).wrapping_mul(37));
+        let mut w = StableHasher::new(5);
+        w.write(&bytes);
+        assert_eq!(stable_hash(&bytes, 5), w.finish());
     }
 
     #[test]
@@ -565,6 +635,31 @@ mod tests {
         assert_ne!(a.digest.root(), b.digest.root());
         let d = differing(&a.digest.buckets(), &b.digest.buckets());
         assert_eq!(d, vec![bucket_of(key_hash(&1u64)) as u32]);
+    }
+
+    #[test]
+    fn owners_past_the_lock_free_slots_hash_as_the_first_ones() {
+        let r: Records<u64, u32> = Records::new(TableKind::Set, true);
+        let owners = r.digest.owner_hashes();
+        let id = |name: &str| NodeId {
+            name: name.into(),
+            incarnation: 1,
+        };
+        let far = (FAST_OWNERS + 3) as OwnerIdx;
+        name_owner(&owners, far, &id("far"));
+        name_owner(&owners, 0, &id("near"));
+        assert_eq!(owners.get(far), owner_hash(&id("far")));
+        assert_eq!(owners.get(0), owner_hash(&id("near")));
+        assert_eq!(owners.get(far + 1), 0);
+        r.put(1, rec(10, 5, far));
+        let want = record_hash(
+            key_hash(&1u64),
+            value_hash(&10u32),
+            5,
+            owner_hash(&id("far")),
+        );
+        let b = r.digest.buckets();
+        assert_eq!(b[bucket_of(key_hash(&1u64))], (want, 1));
     }
 
     #[test]

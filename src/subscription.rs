@@ -163,11 +163,40 @@ pub enum Update<K, V> {
     Lagged(u64),
 }
 
+/// A change as the log keeps it: its node shared with the other changes of that node, so that
+/// logging a change copies no name (the subscriber's read makes the [`Event`]).
+struct Logged<K, V> {
+    seq: u64,
+    node: Arc<NodeId>,
+    change: Change<K, V>,
+}
+
+/// Nodes whose identity the ring keeps for the changes it logs next: the writers of a table
+/// are few, so a short list found by comparison saves a copy of the name per change.
+const NODES_KEPT: usize = 8;
+
 /// The ring of changes shared by the table server (writer) and the subscribers (readers).
 struct Ring<K, V> {
-    events: VecDeque<Arc<Event<K, V>>>,
+    events: VecDeque<Arc<Logged<K, V>>>,
     /// The sequence number the next change gets; the oldest kept is `next - events.len()`.
     next: u64,
+    /// Recent nodes of logged changes ([`NODES_KEPT`]).
+    nodes: Vec<Arc<NodeId>>,
+}
+
+impl<K, V> Ring<K, V> {
+    /// The shared identity of `node`.
+    fn node(&mut self, node: &NodeId) -> Arc<NodeId> {
+        if let Some(n) = self.nodes.iter().find(|n| ***n == *node) {
+            return n.clone();
+        }
+        if self.nodes.len() == NODES_KEPT {
+            self.nodes.remove(0);
+        }
+        let n = Arc::new(node.clone());
+        self.nodes.push(n.clone());
+        n
+    }
 }
 
 /// A table's change log on this node.
@@ -184,6 +213,8 @@ pub(crate) struct Hub<K, V> {
     born: Instant,
     /// `Ring::next`, readable without the lock (wake-ups).
     head: AtomicU64,
+    /// Subscribers waiting for a change: with none, a change wakes nobody and skips `notify`.
+    waiting: AtomicUsize,
     closed: AtomicBool,
     ring: Mutex<Ring<K, V>>,
     notify: Notify,
@@ -199,10 +230,12 @@ impl<K, V> Hub<K, V> {
             retain_until: AtomicU64::new(0),
             born: Instant::now(),
             head: AtomicU64::new(1),
+            waiting: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             ring: Mutex::new(Ring {
                 events: VecDeque::new(),
                 next: 1,
+                nodes: Vec::new(),
             }),
             notify: Notify::new(),
         }
@@ -247,31 +280,32 @@ impl<K, V> Hub<K, V> {
             .saturating_add(1)
     }
 
-    /// Logs changes (server only) and wakes the subscribers.
-    pub(crate) fn publish(&self, changes: Vec<(NodeId, Change<K, V>)>) {
-        if changes.is_empty() {
+    /// Logs changes that came from `node` (server only) and wakes the subscribers.
+    pub(crate) fn publish(&self, node: &NodeId, changes: impl IntoIterator<Item = Change<K, V>>) {
+        let mut changes = changes.into_iter().peekable();
+        if changes.peek().is_none() {
             return;
         }
         {
             let mut ring = self.ring();
-            for (node, change) in changes {
-                let cursor = Cursor {
-                    stream: self.stream,
-                    seq: ring.next,
-                };
+            let node = ring.node(node);
+            for change in changes {
+                let seq = ring.next;
                 ring.next += 1;
                 if ring.events.len() == self.capacity {
                     ring.events.pop_front();
                 }
-                ring.events.push_back(Arc::new(Event {
-                    cursor,
-                    node,
-                    change,
-                }));
+                let node = node.clone();
+                ring.events
+                    .push_back(Arc::new(Logged { seq, node, change }));
             }
-            self.head.store(ring.next, Ordering::Release);
+            self.head.store(ring.next, Ordering::SeqCst);
         }
-        self.notify.notify_waiters();
+        // Either a subscriber that starts to wait is counted here, or it sees the new head
+        // (both sides are sequentially consistent; see `Subscription::poll`).
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.notify.notify_waiters();
+        }
     }
 
     /// Registers a subscriber (server only, between two changes): the sequence number of
@@ -319,7 +353,7 @@ impl<K, V> Hub<K, V> {
     }
 
     /// The change numbered `pos`, or how many changes before the oldest kept it is.
-    fn read(&self, pos: u64) -> Option<std::result::Result<Arc<Event<K, V>>, u64>> {
+    fn read(&self, pos: u64) -> Option<std::result::Result<Arc<Logged<K, V>>, u64>> {
         let ring = self.ring();
         let oldest = ring.next - ring.events.len() as u64;
         if pos < oldest {
@@ -330,6 +364,22 @@ impl<K, V> Hub<K, V> {
 }
 
 type Wait = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// One subscriber waiting for a change (`Hub::waiting`), for as long as it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// A stream of the changes a table applies on this node ([`Table::subscribe`]); implements
 /// `futures_core::Stream`, and [`Subscription::recv`] reads it without any stream trait. It
@@ -379,10 +429,18 @@ impl<K: Clone + Send + Sync + 'static, V: Clone + Send + Sync + 'static> Subscri
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Update<K, V>>> {
         loop {
             match self.hub.read(self.pos) {
-                Some(Ok(event)) => {
+                Some(Ok(logged)) => {
                     self.wait = None;
                     self.pos += 1;
-                    return Poll::Ready(Some(Update::Change(Arc::unwrap_or_clone(event))));
+                    let event = Event {
+                        cursor: Cursor {
+                            stream: self.hub.stream,
+                            seq: logged.seq,
+                        },
+                        node: NodeId::clone(&logged.node),
+                        change: logged.change.clone(),
+                    };
+                    return Poll::Ready(Some(Update::Change(event)));
                 }
                 Some(Err(missed)) => {
                     self.wait = None;
@@ -395,12 +453,15 @@ impl<K: Clone + Send + Sync + 'static, V: Clone + Send + Sync + 'static> Subscri
             let wait = self.wait.get_or_insert_with(|| {
                 let (hub, pos) = (self.hub.clone(), self.pos);
                 Box::pin(async move {
+                    // Counted before the check of the head: `publish` stores the head, then
+                    // reads the count, so it either wakes this wait or this check sees its change.
+                    let _waiting = Waiting::new(&hub.waiting);
                     loop {
                         let notified = hub.notify.notified();
                         tokio::pin!(notified);
                         // Registered before the check, so a change published after it wakes us.
                         notified.as_mut().enable();
-                        if hub.head.load(Ordering::Acquire) > pos
+                        if hub.head.load(Ordering::SeqCst) > pos
                             || hub.closed.load(Ordering::Acquire)
                         {
                             return;

@@ -18,26 +18,57 @@ pub(crate) enum Cause {
     Repair(NodeId),
 }
 
-/// The records of some keys before a change. A key comes with `None` (all its records) or,
-/// for a write of single bag objects, `Some(object)`: that object only, so that adding one
-/// object to a key of many costs a lookup, not a copy of the key's list.
-pub(crate) struct Watch<K, V> {
-    keys: Vec<(K, Option<V>)>,
-    before: Vec<Vec<Rec<V>>>,
+/// The records of some keys before a change.
+pub(crate) enum Watch<K, V> {
+    /// One key of a set or ordered_set (the common write): nothing allocated.
+    Key { key: K, before: Option<Rec<V>> },
+    /// Keys of a set or ordered_set, each once.
+    Keys {
+        keys: Vec<K>,
+        before: Vec<Option<Rec<V>>>,
+    },
+    /// Bag keys. A key comes with `None` (all its records) or, for a write of single bag
+    /// objects, `Some(object)`: that object only, so that adding one object to a key of many
+    /// costs a lookup, not a copy of the key's list.
+    Bag {
+        keys: Vec<(K, Option<V>)>,
+        before: Vec<Vec<Rec<V>>>,
+    },
+}
+
+/// Each key of `keys` once, in order; a set of the keys seen only when there are two or more.
+fn distinct<'a, K: Key + 'a>(mut keys: impl Iterator<Item = &'a K>) -> Vec<K> {
+    let Some(first) = keys.next() else {
+        return Vec::new();
+    };
+    let mut out = vec![first.clone()];
+    let mut seen: Option<HashSet<&K>> = None;
+    for k in keys {
+        let seen = seen.get_or_insert_with(|| HashSet::from([first]));
+        if seen.insert(k) {
+            out.push(k.clone());
+        }
+    }
+    out
 }
 
 impl<K: Key, V: Value> Store<K, V> {
     /// Every record of a key (at most one, except in a bag), with its metadata.
     pub(crate) fn records(&self, k: &K) -> Vec<Rec<V>> {
         match self {
-            Store::Set(m) => m.read(k, |r| vec![r.clone()]).unwrap_or_default(),
-            Store::Ordered(m) => m
-                .get(k)
-                .map(|e| vec![e.value().clone()])
-                .unwrap_or_default(),
             Store::Bag { map, .. } => map
                 .read(k, |list| list.iter().cloned().collect())
                 .unwrap_or_default(),
+            _ => self.record(k).into_iter().collect(),
+        }
+    }
+
+    /// The record of a key of a set or ordered_set, with its metadata (`None` in a bag).
+    pub(crate) fn record(&self, k: &K) -> Option<Rec<V>> {
+        match self {
+            Store::Set(m) => m.read(k, Rec::clone),
+            Store::Ordered(m) => m.get(k).map(|e| e.value().clone()),
+            Store::Bag { .. } => None,
         }
     }
 
@@ -102,16 +133,22 @@ impl<K: Key, V: Value> Server<K, V> {
         if !self.shared.hub.watching() {
             return None;
         }
-        let mut seen = HashSet::new();
-        let keys: Vec<(K, Option<V>)> = keys
-            .filter(|k| seen.insert(*k))
-            .map(|k| (k.clone(), None))
-            .collect();
-        let before = keys
-            .iter()
-            .map(|(k, _)| self.shared.store.records(k))
-            .collect();
-        Some(Watch { keys, before })
+        let store = &self.shared.store;
+        if self.shared.kind != TableKind::Bag {
+            let mut keys = keys.peekable();
+            let key = keys.next()?;
+            if keys.peek().is_none() {
+                let before = store.record(key);
+                let key = key.clone();
+                return Some(Watch::Key { key, before });
+            }
+            let keys = distinct(std::iter::once(key).chain(keys));
+            let before = keys.iter().map(|k| store.record(k)).collect();
+            return Some(Watch::Keys { keys, before });
+        }
+        let keys: Vec<(K, Option<V>)> = distinct(keys).into_iter().map(|k| (k, None)).collect();
+        let before = keys.iter().map(|(k, _)| store.records(k)).collect();
+        Some(Watch::Bag { keys, before })
     }
 
     /// The bag objects a write touches (each once), if anyone is subscribed.
@@ -136,58 +173,64 @@ impl<K: Key, V: Value> Server<K, V> {
             .iter()
             .map(|(k, v)| store.watched(k, v.as_ref()))
             .collect();
-        Some(Watch { keys, before })
+        Some(Watch::Bag { keys, before })
     }
 
     /// Compares the watched keys' records with what they hold now and logs the differences.
     pub(super) fn emit(&self, watch: Option<Watch<K, V>>, cause: Cause) {
-        let Some(Watch { keys, before }) = watch else {
+        let Some(watch) = watch else {
             return;
         };
         let node = match &cause {
-            Cause::Write(w) => self.owners.get(*w).unwrap_or(&self.me).clone(),
-            Cause::Expired => self.me.clone(),
-            Cause::Join(n) | Cause::Repair(n) => n.clone(),
+            Cause::Write(w) => self.owners.get(*w).unwrap_or(&self.me),
+            Cause::Expired => &self.me,
+            Cause::Join(n) | Cause::Repair(n) => n,
         };
-        let bag = self.shared.kind == TableKind::Bag;
+        let store = &self.shared.store;
+        // The change of one key of a set or ordered_set, from its record before.
+        let one = |k: K, b: Option<Rec<V>>| {
+            let a = store.record(&k);
+            if let (Some(b), Some(a)) = (&b, &a) {
+                if (b.ts, b.owner) == (a.ts, a.owner) {
+                    return None;
+                }
+            }
+            change(&cause, k, b.map(|r| r.value), a.map(|r| r.value))
+        };
+        let (keys, before) = match watch {
+            Watch::Key { key, before } => return self.shared.hub.publish(node, one(key, before)),
+            Watch::Keys { keys, before } => {
+                let changes = keys.into_iter().zip(before).filter_map(|(k, b)| one(k, b));
+                return self.shared.hub.publish(node, changes.collect::<Vec<_>>());
+            }
+            Watch::Bag { keys, before } => (keys, before),
+        };
         let mut changes = Vec::new();
         for ((k, object), before) in keys.into_iter().zip(before) {
-            let after = self.shared.store.watched(&k, object.as_ref());
-            if bag {
-                // Objects compared by their encodings, through sets: a key of many objects
-                // costs time in proportion to them, not to their square.
-                let enc = |r: &Rec<V>| postcard::to_stdvec(&r.value).unwrap_or_default();
-                let (b, a): (Vec<Vec<u8>>, Vec<Vec<u8>>) = (
-                    before.iter().map(enc).collect(),
-                    after.iter().map(enc).collect(),
-                );
-                let (in_b, in_a): (HashSet<&[u8]>, HashSet<&[u8]>) = (
-                    b.iter().map(Vec::as_slice).collect(),
-                    a.iter().map(Vec::as_slice).collect(),
-                );
-                for (r, e) in before.iter().zip(&b) {
-                    if !in_a.contains(e.as_slice()) {
-                        changes.extend(change(&cause, k.clone(), Some(r.value.clone()), None));
-                    }
+            let after = store.watched(&k, object.as_ref());
+            // Objects compared by their encodings, through sets: a key of many objects
+            // costs time in proportion to them, not to their square.
+            let enc = |r: &Rec<V>| postcard::to_stdvec(&r.value).unwrap_or_default();
+            let (b, a): (Vec<Vec<u8>>, Vec<Vec<u8>>) = (
+                before.iter().map(enc).collect(),
+                after.iter().map(enc).collect(),
+            );
+            let (in_b, in_a): (HashSet<&[u8]>, HashSet<&[u8]>) = (
+                b.iter().map(Vec::as_slice).collect(),
+                a.iter().map(Vec::as_slice).collect(),
+            );
+            for (r, e) in before.iter().zip(&b) {
+                if !in_a.contains(e.as_slice()) {
+                    changes.extend(change(&cause, k.clone(), Some(r.value.clone()), None));
                 }
-                for (r, e) in after.iter().zip(&a) {
-                    if !in_b.contains(e.as_slice()) {
-                        changes.extend(change(&cause, k.clone(), None, Some(r.value.clone())));
-                    }
+            }
+            for (r, e) in after.iter().zip(&a) {
+                if !in_b.contains(e.as_slice()) {
+                    changes.extend(change(&cause, k.clone(), None, Some(r.value.clone())));
                 }
-            } else {
-                let (b, a) = (before.into_iter().next(), after.into_iter().next());
-                if let (Some(b), Some(a)) = (&b, &a) {
-                    if (b.ts, b.owner) == (a.ts, a.owner) {
-                        continue;
-                    }
-                }
-                changes.extend(change(&cause, k, b.map(|r| r.value), a.map(|r| r.value)));
             }
         }
-        self.shared
-            .hub
-            .publish(changes.into_iter().map(|c| (node.clone(), c)).collect());
+        self.shared.hub.publish(node, changes);
     }
 
     /// The records of a node that went down were dropped.
@@ -195,14 +238,11 @@ impl<K: Key, V: Value> Server<K, V> {
         if removed.is_empty() || !self.shared.hub.watching() {
             return;
         }
-        let changes = removed
-            .iter()
-            .map(|(key, value)| {
-                let (key, value) = (key.clone(), value.clone());
-                (id.clone(), Change::OwnerDown { key, value })
-            })
-            .collect();
-        self.shared.hub.publish(changes);
+        let changes = removed.iter().map(|(key, value)| {
+            let (key, value) = (key.clone(), value.clone());
+            Change::OwnerDown { key, value }
+        });
+        self.shared.hub.publish(id, changes);
     }
 
     /// Registers a subscriber here, between two changes (`Table::subscribe*`).
