@@ -46,6 +46,7 @@ mod join;
 pub mod membership;
 pub mod metrics;
 mod node;
+mod object_deletes;
 mod outbox;
 pub mod ownership;
 pub mod persistence;

@@ -41,6 +41,10 @@ impl<K: Key, V: Value> Server<K, V> {
     /// write they must stop is still on its way. Runs at every ack, so the map stays as small
     /// as the writes in flight (and in cache) under a stream of deletes.
     pub(super) fn forget_tombstones(&mut self) {
+        if !self.object_deletes.is_empty() {
+            let min = self.min_watermark();
+            self.object_deletes.forget_up_to(min);
+        }
         if self.tombstones.oldest_queued().is_none() {
             return;
         }
@@ -177,8 +181,15 @@ impl<K: Key, V: Value> Server<K, V> {
             match kind {
                 // An object stored already keeps the greater stamp of the two: two writers that
                 // insert one object at once thus leave it, on every node, to the same owner.
-                Inserted::Records(recs) => {
+                Inserted::Records(mut recs) => {
                     let owners = &self.owners;
+                    // Objects a `delete_object` that arrived first deletes are not stored: a
+                    // copy of the object stored here is either newer than that delete (it
+                    // stays, and would keep its greater stamp) or was removed by it.
+                    if !self.object_deletes.is_empty() {
+                        let deletes = &self.object_deletes;
+                        recs.retain(|(k, new)| !overtaken(deletes, owners, k, new));
+                    }
                     store.put_many_if(recs, |k, new, cur| {
                         let won = cur.is_none_or(|c| {
                             (new.ts, owners.get(new.owner)) > (c.ts, owners.get(c.owner))
@@ -196,9 +207,14 @@ impl<K: Key, V: Value> Server<K, V> {
                 Inserted::Other(OpKind::Delete(keys)) => keys.iter().for_each(|k| {
                     lasting |= store.remove(k);
                 }),
-                Inserted::Other(OpKind::DeleteObject(objs)) => objs.iter().for_each(|(k, v)| {
-                    lasting |= store.remove_object(k, v);
-                }),
+                Inserted::Other(OpKind::DeleteObject(objs)) => {
+                    for (k, v) in objs {
+                        lasting |= self.shared.store.remove_object(&k, &v);
+                        if !self.members.is_empty() {
+                            self.note_object_delete(k, ts, writer, &v);
+                        }
+                    }
+                }
             }
             self.note_refusals(ts, writer, refused);
             return lasting;
@@ -209,10 +225,12 @@ impl<K: Key, V: Value> Server<K, V> {
             // One batch for the whole op (the store applies small ones record by record).
             Inserted::Records(recs) => {
                 let (owners, tombstones) = (&self.owners, &self.tombstones);
+                let deletes = &self.object_deletes;
                 let mut untombstoned = Vec::new();
+                let mut doomed = Vec::new();
                 store.put_many_if(recs, |k, new, cur| {
                     let stamp = (new.ts, owners.get(new.owner));
-                    match cur {
+                    let won = match cur {
                         // Equal stamps come from two writers that named one owner in the same
                         // clock tick (a write carries a key once): ordered by value, the same
                         // on every node. An equal value is the same write again.
@@ -244,11 +262,31 @@ impl<K: Key, V: Value> Server<K, V> {
                             }
                             None => true,
                         },
+                    };
+                    if won && overtaken(deletes, owners, k, new) {
+                        doomed.push((k.clone(), new.value.clone(), new.ts, new.owner));
                     }
+                    won
                 });
                 lasting |= !untombstoned.is_empty();
                 for k in untombstoned {
                     self.tombstones.remove(&k);
+                }
+                // Versions a `delete_object` that arrived first deletes: removed as it would
+                // have removed them, leaving the tombstone of the version.
+                for (k, v, vts, vowner) in doomed {
+                    if self.shared.store.remove_version(&k, &v, vts, vowner) {
+                        lasting = true;
+                        if keep_tombstones {
+                            let value = postcard::to_stdvec(&v).ok().map(Vec::into_boxed_slice);
+                            let t = Tombstone {
+                                ts: vts,
+                                owner: vowner,
+                                value,
+                            };
+                            self.add_tombstone(k, t);
+                        }
+                    }
                 }
             }
             Inserted::Other(
@@ -293,9 +331,12 @@ impl<K: Key, V: Value> Server<K, V> {
                                     owner: vowner,
                                     value,
                                 };
-                                self.add_tombstone(k, t);
+                                self.add_tombstone(k.clone(), t);
                             }
                         }
+                    }
+                    if !self.members.is_empty() {
+                        self.note_object_delete(k, ts, writer, &v);
                     }
                 }
             }
@@ -367,5 +408,31 @@ pub(super) fn beats_tombstone<V: Serialize>(
         Ordering::Equal => t.value.is_some_and(|deleted| {
             postcard::to_stdvec(value).is_ok_and(|v| v.as_slice() > deleted)
         }),
+    }
+}
+
+/// Whether a `delete_object` applied here before this record arrived deletes it: same key and
+/// value, stamped at or after the record (`crate::object_deletes`).
+fn overtaken<K: Key, V: Value>(
+    deletes: &ObjectDeletes<K>,
+    owners: &Owners,
+    k: &K,
+    new: &Rec<V>,
+) -> bool {
+    deletes.has(k)
+        && postcard::to_stdvec(&new.value)
+            .is_ok_and(|v| deletes.deletes(k, new.ts, owners.get(new.owner), &v))
+}
+
+impl<K: Key, V: Value> Server<K, V> {
+    /// Keeps an applied `delete_object` of `v` under `k` while a member may still send an
+    /// older insert of that object (ALGORITHM.md, section 7.2).
+    fn note_object_delete(&mut self, k: K, ts: u64, writer: OwnerIdx, v: &V) {
+        let (Some(id), Ok(value)) = (self.owners.get(writer), postcard::to_stdvec(v)) else {
+            return;
+        };
+        let id = id.clone();
+        self.object_deletes
+            .add(k, ts, &id, value.into_boxed_slice());
     }
 }

@@ -42,6 +42,7 @@ use crate::hlc::HybridClock;
 use crate::join::{self, JoinCtx};
 use crate::membership::{NodeId, OwnerIdx, Owners};
 use crate::metrics::{PeerMetrics, TableMetrics};
+use crate::object_deletes::ObjectDeletes;
 use crate::outbox::{outbox, Outbox, Refused};
 use crate::proto::{
     close, stop, Chunker, JoinRep, JoinReq, Op, OpKind, PeerMsg, StreamHeader, WireRecord,
@@ -292,6 +293,8 @@ pub(crate) struct Server<K, V> {
     seq: u64,
     pending: VecDeque<Pending>,
     tombstones: Tombstones<K>,
+    /// Applied `delete_object`s an older insert may still follow (`crate::object_deletes`).
+    object_deletes: ObjectDeletes<K>,
     paused: Option<Pause>,
     /// Joins whose pause ended (unpaused, lease expired, coordinator gone): a late renewal of
     /// one of them must not pause the table again.
@@ -408,6 +411,7 @@ impl<K: Key, V: Value> Server<K, V> {
             seq: 0,
             pending: VecDeque::new(),
             tombstones: Tombstones::new(),
+            object_deletes: ObjectDeletes::new(),
             paused: None,
             released: VecDeque::new(),
             pause_waiters: Vec::new(),
