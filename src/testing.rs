@@ -3,7 +3,8 @@
 //!
 //! - `Table::testing_*`: ways to change one replica behind the protocol's back (how the tests
 //!   of anti-entropy make replicas differ);
-//! - [`wire`]: the wire types, for the tests whose raw peer speaks the protocol itself.
+//! - [`wire`]: the wire types, for the tests whose raw peer speaks the protocol itself;
+//! - [`any_certificate`]: the nodes' own verifier of server certificates, for raw QUIC clients.
 
 use tokio::sync::oneshot;
 
@@ -79,4 +80,12 @@ pub mod wire {
         close, stop, AeEntry, AeMsg, ClaimOutcome, Frontier, Hello, JoinRep, JoinReq, Op, OpKind,
         PeerMsg, StreamHeader, WireRecord, WireTombstone, MAGIC, PROTOCOL_VERSION,
     };
+}
+
+/// The server certificate verifier the nodes use when they dial (no cluster CA): it accepts
+/// any certificate and checks the handshake's signatures (ring), since the cookie proof is the
+/// authentication. For a test's or bench's own QUIC client of a node
+/// (`rustls::ClientConfig::dangerous().with_custom_certificate_verifier`). For tests only.
+pub fn any_certificate() -> std::sync::Arc<dyn rustls::client::danger::ServerCertVerifier> {
+    crate::transport::tls::any_certificate()
 }

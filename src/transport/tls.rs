@@ -281,6 +281,13 @@ impl ServerCertVerifier for CaOnly {
 #[derive(Debug)]
 struct AnyCertificate(Arc<CryptoProvider>);
 
+/// The verifier of [`AnyCertificate`], for the raw QUIC clients of tests and benches
+/// (`cets::testing::any_certificate`).
+#[cfg(feature = "testing")]
+pub(crate) fn any_certificate() -> Arc<dyn ServerCertVerifier> {
+    Arc::new(AnyCertificate(provider()))
+}
+
 impl ServerCertVerifier for AnyCertificate {
     fn verify_server_cert(
         &self,
