@@ -8,8 +8,9 @@
 //!
 //! - `CETS_BENCH_FULL=1` (or `cargo bench --bench cluster -- --full`) runs the full sizes
 //!   (longer phases, a join of 1 M + 1 M records).
-//! - Positional arguments pick sections: `memory get latency throughput batch join down ae react metrics`
-//!   (default: all), e.g. `cargo bench --bench cluster -- latency join`.
+//! - Positional arguments pick sections: `memory get latency throughput batch join down ae react
+//!   bigjoin metrics` (default: all but `bigjoin`, which runs only when named or with `--full`),
+//!   e.g. `cargo bench --bench cluster -- latency join`.
 //!
 //! Two measurements run in a child process (this same binary, re-executed with
 //! `CETS_BENCH_CHILD` set): `memory`, so that the counting allocator counts from the first
@@ -48,6 +49,7 @@ mod report;
 // The sections, in the order they run.
 mod anti_entropy;
 mod batch;
+mod big_join;
 mod down;
 mod get;
 mod join;
@@ -313,7 +315,9 @@ fn main() {
         .filter(|a| !a.starts_with('-'))
         .map(String::as_str)
         .collect();
-    let wants = |name: &str| picked.is_empty() || picked.contains(&name);
+    // `bigjoin` takes several GB: only when named, or in a full run of every section.
+    let wants =
+        |name: &str| picked.contains(&name) || (picked.is_empty() && (name != "bigjoin" || full));
     let s = Settings::new(full);
 
     let mut command = String::new();
@@ -352,6 +356,7 @@ fn main() {
             Box::new(|| rt.block_on(anti_entropy::anti_entropy(&s))),
         ),
         ("react", Box::new(|| rt.block_on(react::react(&s)))),
+        ("bigjoin", Box::new(|| rt.block_on(big_join::big_join(&s)))),
         // Last: it installs a global recorder that every node started after it records into.
         ("metrics", Box::new(|| rt.block_on(metrics::metrics(&s)))),
     ];
