@@ -729,7 +729,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 },
                 None => match tombstones.get(k) {
                     Some(t) if !bag => {
-                        let won = super::apply::beats_tombstone(stamp, &new.value, t, owners);
+                        let won = super::rules::beats_tombstone(stamp, &new.value, t, owners);
                         if won {
                             untombstoned.push(k.clone());
                         } else {

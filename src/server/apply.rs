@@ -1,6 +1,7 @@
 //! Applying a write, local or replicated: newer wins (timestamp, then owner, then value),
 //! tombstones, owners and orphans.
 
+use super::rules;
 use super::*;
 
 impl<K: Key, V: Value> Server<K, V> {
@@ -9,21 +10,21 @@ impl<K: Key, V: Value> Server<K, V> {
     /// owner identity. A removal wins a tie with a record, and so with the tombstone of one
     /// removed version, but not with another removal's tombstone (nothing would change).
     pub(super) fn newer(&self, k: &K, ts: u64, owner: OwnerIdx) -> bool {
-        let stamp = (ts, self.owners.get(owner));
-        if let Some((cts, cowner)) = self.shared.store.meta(k) {
-            return stamp >= (cts, self.owners.get(cowner));
-        }
-        if self.tombstones.is_empty() {
-            return true;
-        }
-        match self.tombstones.get(k) {
-            Some(t) => match stamp.cmp(&(t.ts, self.owners.get(t.owner))) {
-                Ordering::Greater => true,
-                Ordering::Equal => t.value.is_some(),
-                Ordering::Less => false,
-            },
-            None => true,
-        }
+        let owners = &self.owners;
+        let stored = self
+            .shared
+            .store
+            .meta(k)
+            .map(|(cts, cowner)| (cts, owners.get(cowner)));
+        let tombstone = if stored.is_some() || self.tombstones.is_empty() {
+            None
+        } else {
+            self.tombstones.get(k).map(|t| rules::TombstoneStamp {
+                stamp: (t.ts, owners.get(t.owner)),
+                of_version: t.value.is_some(),
+            })
+        };
+        rules::removal_beats((ts, owners.get(owner)), stored, tombstone)
     }
 
     /// The smallest watermark of the members (`u64::MAX` with none): every write a member
@@ -192,7 +193,10 @@ impl<K: Key, V: Value> Server<K, V> {
                     }
                     store.put_many_if(recs, |k, new, cur| {
                         let won = cur.is_none_or(|c| {
-                            (new.ts, owners.get(new.owner)) > (c.ts, owners.get(c.owner))
+                            rules::bag_object_beats(
+                                (new.ts, owners.get(new.owner)),
+                                (c.ts, owners.get(c.owner)),
+                            )
                         });
                         lasting |= won && cur.is_some_and(|c| c.owner != writer);
                         if let Some(c) = cur.filter(|_| !won) {
@@ -235,13 +239,12 @@ impl<K: Key, V: Value> Server<K, V> {
                         // clock tick (a write carries a key once): ordered by value, the same
                         // on every node. An equal value is the same write again.
                         Some(c) => {
-                            let won = match stamp.cmp(&(c.ts, owners.get(c.owner))) {
-                                Ordering::Greater => true,
-                                Ordering::Less => false,
-                                Ordering::Equal => {
-                                    value_order(&new.value, &c.value) != Ordering::Less
-                                }
-                            };
+                            let won = rules::insert_beats_record(
+                                stamp,
+                                &new.value,
+                                (c.ts, owners.get(c.owner)),
+                                &c.value,
+                            );
                             lasting |= won && c.owner != writer;
                             if !won {
                                 refused.push((c.owner, k.clone()));
@@ -252,7 +255,7 @@ impl<K: Key, V: Value> Server<K, V> {
                         None => match tombstones.get(k) {
                             Some(t) => {
                                 let deleter = t.owner;
-                                let won = beats_tombstone(stamp, &new.value, t, owners);
+                                let won = rules::beats_tombstone(stamp, &new.value, t, owners);
                                 if won {
                                     untombstoned.push(k.clone());
                                 } else {
@@ -364,7 +367,7 @@ impl<K: Key, V: Value> Server<K, V> {
             if owner == self.me_idx || owner == writer {
                 continue;
             }
-            let mark = refusal_mark(&k, ts, self.owners.get(writer));
+            let mark = rules::refusal_mark(&k, ts, self.owners.get(writer));
             match self.links.get_mut(&owner) {
                 Some(l) => l.refusals = l.refusals.wrapping_add(mark),
                 None => {
@@ -376,38 +379,6 @@ impl<K: Key, V: Value> Server<K, V> {
         if after_departure {
             self.publish_members();
         }
-    }
-}
-
-/// A refused write of one key, the same on every node: FNV-1a of the encoded key, the stamp and
-/// the writer's identity.
-fn refusal_mark<K: Serialize>(k: &K, ts: u64, writer: Option<&NodeId>) -> u64 {
-    let key = postcard::to_stdvec(k).unwrap_or_default();
-    let (name, incarnation) = writer.map_or((&[][..], 0), |w| (w.name.as_bytes(), w.incarnation));
-    key.iter()
-        .chain(&ts.to_le_bytes())
-        .chain(name)
-        .chain(&incarnation.to_le_bytes())
-        .fold(0xcbf2_9ce4_8422_2325, |h, b| {
-            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-        })
-}
-
-/// Whether a record stamped `stamp` with `value` beats the key's tombstone `t`: it is newer, or
-/// has the stamp of the version `t` stands for and would have beaten that version by value. A
-/// tombstone of a delete wins every tie.
-pub(super) fn beats_tombstone<V: Serialize>(
-    stamp: (u64, Option<&NodeId>),
-    value: &V,
-    t: TombstoneRef<'_>,
-    owners: &Owners,
-) -> bool {
-    match stamp.cmp(&(t.ts, owners.get(t.owner))) {
-        Ordering::Greater => true,
-        Ordering::Less => false,
-        Ordering::Equal => t.value.is_some_and(|deleted| {
-            postcard::to_stdvec(value).is_ok_and(|v| v.as_slice() > deleted)
-        }),
     }
 }
 

@@ -131,7 +131,7 @@ impl<K: Key, V: Value> Server<K, V> {
             return true;
         }
         match self.tombstones.get(k) {
-            Some(t) => apply::beats_tombstone((ts, self.owners.get(owner)), value, t, &self.owners),
+            Some(t) => rules::beats_tombstone((ts, self.owners.get(owner)), value, t, &self.owners),
             None => true,
         }
     }

@@ -33,7 +33,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quinn::VarInt;
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
@@ -52,7 +51,7 @@ use crate::repeats::Repeats;
 use crate::status::TableStatus;
 use crate::store::{same_value, value_order, Rec, Store};
 use crate::table::{Key, Shared, TableKind, TableOptions, Value};
-use crate::tombstones::{Tombstone, TombstoneRef, Tombstones};
+use crate::tombstones::{Tombstone, Tombstones};
 use crate::transport::frame::{self, FrameReader};
 use crate::{Error, Result};
 
@@ -378,6 +377,7 @@ mod notify;
 mod observe;
 mod participant;
 mod persist;
+mod rules;
 mod writes;
 
 pub(crate) use claims::Claim;
