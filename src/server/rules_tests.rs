@@ -113,7 +113,8 @@ fn a_record_beats_a_tombstone_when_newer_or_on_its_version_by_value() {
     let enc = |v: u32| postcard::to_stdvec(&v).unwrap();
     let (three, seven) = (enc(3), enc(7));
     // (record stamp, value, tombstone stamp, deleted version's encoding, beats)
-    let cases: Vec<(Stamp, u32, Stamp, Option<&[u8]>, bool)> = vec![
+    type Case<'a> = (Stamp<'a>, u32, Stamp<'a>, Option<&'a [u8]>, bool);
+    let cases: Vec<Case> = vec![
         ((3, Some(&a)), 1, (2, Some(&a)), None, true),
         ((1, Some(&a)), 1, (2, Some(&a)), None, false),
         ((2, Some(&a)), 9, (2, Some(&a)), None, false), // a delete wins every tie
