@@ -4,12 +4,14 @@
 //! (`u32`); then per block its length (`u32`), its CRC-32 (IEEE) and its bytes. A file is written
 //! as `<name>.tmp`, fsynced, renamed over the old one, and the directory fsynced, so a crash
 //! leaves either the old snapshot or the new one. Leftover `.tmp` files are removed on `load`.
+//! The write-ahead log (`PersistOptions::sync_writes`) lives beside, in `wal.rs`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
+use super::wal::{self, Logs};
 use super::Persistence;
 use crate::{Error, Result};
 
@@ -19,15 +21,44 @@ const VERSION: u32 = 1;
 const MAX_BLOCK: u32 = 1 << 30;
 
 /// Snapshots in a directory the user names; it is created if missing. No other setup.
+/// It keeps a write-ahead log too (`PersistOptions::sync_writes`), one segment file per stretch
+/// between two snapshots, `<dir>/<table>.<n>.wal`.
 #[derive(Debug, Clone)]
 pub struct DirectoryBackend {
     dir: PathBuf,
+    logs: std::sync::Arc<Logs>,
 }
 
 impl DirectoryBackend {
     /// A backend writing into `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            dir: dir.into(),
+            logs: Default::default(),
+        }
+    }
+
+    /// The file name of a table without extension (see [`DirectoryBackend::file_of`]).
+    fn stem_of(&self, table: &str) -> String {
+        let f = self.file_of(table);
+        f.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Runs a blocking step of the log of `table` on the blocking pool.
+    async fn log_step<T: Send + 'static>(
+        &self,
+        table: &str,
+        step: impl FnOnce(&Path, &str, &Logs) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (dir, stem, logs) = (self.dir.clone(), self.stem_of(table), self.logs.clone());
+        tokio::task::spawn_blocking(move || step(&dir, &stem, &logs))
+            .await
+            .map_err(|e| Error::Persistence {
+                file: self.dir.display().to_string(),
+                reason: format!("the log task failed: {e}"),
+            })?
     }
 
     /// The file of a table: its name if it is made of ASCII letters, digits, `-` and `_`,
@@ -46,7 +77,7 @@ impl DirectoryBackend {
     }
 }
 
-fn err(file: &Path, reason: impl std::fmt::Display) -> Error {
+pub(super) fn err(file: &Path, reason: impl std::fmt::Display) -> Error {
     Error::Persistence {
         file: file.display().to_string(),
         reason: reason.to_string(),
@@ -57,6 +88,8 @@ fn write_atomically(dir: &Path, file: &Path, blocks: &[Vec<u8>]) -> Result<u64> 
     std::fs::create_dir_all(dir).map_err(|e| err(dir, format!("cannot create: {e}")))?;
     let tmp = file.with_extension("snap.tmp");
     let mut bytes = 16u64;
+    // Removes the temporary file if anything below fails (after the rename it is gone).
+    let _tmp_guard = RemoveOnDrop(Some(tmp.clone()));
     {
         let f = std::fs::File::create(&tmp).map_err(|e| err(&tmp, e))?;
         let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
@@ -81,10 +114,15 @@ fn write_atomically(dir: &Path, file: &Path, blocks: &[Vec<u8>]) -> Result<u64> 
         f.sync_all().map_err(|e| err(&tmp, e))?;
     }
     std::fs::rename(&tmp, file).map_err(|e| err(file, e))?;
+    sync_dir(dir)?;
+    Ok(bytes)
+}
+
+/// Fsyncs a directory, so that the files created, renamed or removed in it stay so.
+pub(super) fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| err(dir, format!("fsync of the directory: {e}")))?;
-    Ok(bytes)
+        .map_err(|e| err(dir, format!("fsync of the directory: {e}")))
 }
 
 fn read(file: &Path) -> Result<Option<Vec<Vec<u8>>>> {
@@ -138,8 +176,20 @@ fn parse(data: &[u8]) -> std::result::Result<Vec<Vec<u8>>, String> {
     Ok(blocks)
 }
 
+/// Removes a temporary file unless disarmed: a snapshot that fails half written (a full disk)
+/// leaves no partial file holding the space.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// CRC-32 (IEEE 802.3, reflected, polynomial 0xEDB88320), bitwise per byte with a small table.
-fn crc32(data: &[u8]) -> u32 {
+pub(super) fn crc32(data: &[u8]) -> u32 {
     const fn table() -> [u32; 256] {
         let mut t = [0u32; 256];
         let mut i = 0;
@@ -187,6 +237,28 @@ impl Persistence for DirectoryBackend {
                 file: self.dir.display().to_string(),
                 reason: format!("the reader task failed: {e}"),
             })?
+    }
+
+    fn has_log(&self) -> bool {
+        true
+    }
+
+    async fn log_append(&self, table: &str, entries: Vec<Vec<u8>>) -> Result<u64> {
+        self.log_step(table, move |d, s, l| wal::append(d, s, l, &entries))
+            .await
+    }
+
+    async fn log_cut(&self, table: &str) -> Result<u64> {
+        self.log_step(table, wal::cut).await
+    }
+
+    async fn log_drop(&self, table: &str, mark: u64) -> Result<u64> {
+        self.log_step(table, move |d, s, l| wal::drop_upto(d, s, l, mark))
+            .await
+    }
+
+    async fn log_load(&self, table: &str) -> Result<Vec<Vec<u8>>> {
+        self.log_step(table, wal::load).await
     }
 }
 

@@ -12,6 +12,7 @@
 
 mod dir;
 mod snapshot;
+mod wal;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +35,47 @@ pub trait Persistence: Send + Sync + 'static {
     async fn save(&self, table: &str, blocks: Vec<Vec<u8>>) -> Result<u64>;
     /// The blocks of the last snapshot of `table`, or `None` if there is none.
     async fn load(&self, table: &str) -> Result<Option<Vec<Vec<u8>>>>;
+
+    /// Whether this backend keeps a write-ahead log (`log_*` below), which
+    /// [`PersistOptions::sync_writes`] needs. Default: no.
+    fn has_log(&self) -> bool {
+        false
+    }
+
+    /// Appends `entries` (opaque byte strings, in order) to the log of `table` and returns only
+    /// once they are on stable storage (the directory backend: written and fsynced, one fsync
+    /// for all of them). Returns the bytes the table's log holds now. A failed append leaves
+    /// the log as it was before it. Default: unsupported.
+    async fn log_append(&self, table: &str, entries: Vec<Vec<u8>>) -> Result<u64> {
+        let _ = entries;
+        Err(crate::Error::Persistence {
+            file: table.to_string(),
+            reason: "this backend keeps no write-ahead log".into(),
+        })
+    }
+
+    /// Ends the current part of the log of `table`: entries appended after this call go to a
+    /// later part. Returns the mark to give [`Persistence::log_drop`] once a snapshot covers
+    /// everything appended before the call. Default: 0.
+    async fn log_cut(&self, table: &str) -> Result<u64> {
+        let _ = table;
+        Ok(0)
+    }
+
+    /// Removes the parts of the log of `table` up to `mark` (from [`Persistence::log_cut`]): a
+    /// snapshot saved since covers them. Returns the bytes the log holds now. Default: nothing
+    /// to remove.
+    async fn log_drop(&self, table: &str, mark: u64) -> Result<u64> {
+        let _ = (table, mark);
+        Ok(0)
+    }
+
+    /// Every entry of the log of `table`, oldest first (an empty log: none). A damaged log is
+    /// [`crate::Error::Persistence`] naming what is damaged. Default: none.
+    async fn log_load(&self, table: &str) -> Result<Vec<Vec<u8>>> {
+        let _ = table;
+        Ok(Vec::new())
+    }
 }
 
 /// What a node does when a table's snapshot cannot be read at start (corrupt, truncated,
@@ -54,6 +96,7 @@ pub struct PersistOptions {
     pub(crate) backend: Arc<dyn Persistence>,
     pub(crate) every: Duration,
     pub(crate) on_restore_error: OnRestoreError,
+    pub(crate) sync_writes: bool,
 }
 
 impl std::fmt::Debug for PersistOptions {
@@ -61,6 +104,7 @@ impl std::fmt::Debug for PersistOptions {
         f.debug_struct("PersistOptions")
             .field("every", &self.every)
             .field("on_restore_error", &self.on_restore_error)
+            .field("sync_writes", &self.sync_writes)
             .finish()
     }
 }
@@ -72,7 +116,20 @@ impl PersistOptions {
             backend: Arc::new(backend),
             every: every.max(Duration::from_millis(10)),
             on_restore_error: OnRestoreError::Refuse,
+            sync_writes: false,
         }
+    }
+
+    /// Durability on fsync: every write of this node (insert, insert_many, delete, ...) is also
+    /// appended to the backend's write-ahead log, and the call returns only once the log is on
+    /// disk (group commit: one fsync per batch of concurrent writes). A crash of every node then
+    /// loses no acknowledged write: a start restores the snapshot and replays the log. A write
+    /// whose append fails returns [`crate::Error::Persistence`] (it is applied and replicated
+    /// all the same). The backend must keep a log ([`Persistence::has_log`]), or
+    /// `Node::start_table` refuses the table. Default: off (snapshots only).
+    pub fn sync_writes(mut self, on: bool) -> Self {
+        self.sync_writes = on;
+        self
     }
 
     /// What to do with a snapshot that cannot be read at start (default: refuse to start).
@@ -92,9 +149,14 @@ pub struct PersistStatus {
     pub snapshot_bytes: u64,
     /// Time since the last snapshot was written (`None`: none yet).
     pub snapshot_age: Option<Duration>,
-    /// Records restored at start.
+    /// Records restored at start (from the snapshot, and the writes replayed from the log).
     pub restored: u64,
-    /// The last error (a failed snapshot, or a snapshot that could not be restored), with how
-    /// long ago it happened; cleared by the next successful snapshot.
+    /// Bytes in the write-ahead log (`PersistOptions::sync_writes`), removed as snapshots
+    /// cover them.
+    pub log_bytes: u64,
+    /// Log entries (batches of writes) replayed at start.
+    pub log_replayed: u64,
+    /// The last error (a failed snapshot or log append, or a snapshot or log that could not be
+    /// restored); cleared by the next successful snapshot.
     pub last_error: Option<String>,
 }
