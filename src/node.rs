@@ -256,24 +256,53 @@ fn expiry_mark(expire_ms: Option<u64>) -> u64 {
     })
 }
 
-/// The last snapshot of a table started with `TableOptions::persist`, decoded; or, if it cannot
-/// be read and the options say to start empty, nothing and the error.
+/// What a table started with `TableOptions::persist` restores: its last snapshot, decoded, and
+/// (with `sync_writes`) its write-ahead log, decoded; or, if either cannot be read and the
+/// options say to start empty, nothing and the error.
 async fn restore_of<K: Key, V: Value>(
     name: &str,
     opts: &TableOptions<K, V>,
-) -> Result<(Vec<crate::persistence::SnapBlock<K, V>>, Option<String>)> {
+) -> Result<crate::server::Restored<K, V>> {
+    use crate::server::Restored;
     let Some(p) = &opts.persist else {
-        return Ok((Vec::new(), None));
+        return Ok(Restored::default());
     };
-    let loaded = p.backend.load(name).await.and_then(|blocks| match blocks {
-        None => Ok(Vec::new()),
-        Some(b) => crate::persistence::decode_blocks(&format!("snapshot of table {name:?}"), &b),
-    });
-    match loaded {
-        Ok(blocks) => Ok((blocks, None)),
+    if p.sync_writes && !p.backend.has_log() {
+        return Err(Error::Config(
+            "PersistOptions::sync_writes needs a backend that keeps a log".into(),
+        ));
+    }
+    let loaded = async {
+        let blocks = match p.backend.load(name).await? {
+            None => Vec::new(),
+            Some(b) => {
+                crate::persistence::decode_blocks(&format!("snapshot of table {name:?}"), &b)?
+            }
+        };
+        let mut log = Vec::new();
+        if p.sync_writes {
+            for (i, e) in p.backend.log_load(name).await?.into_iter().enumerate() {
+                let ops = postcard::from_bytes(&e).map_err(|e| Error::Persistence {
+                    file: format!("log of table {name:?}"),
+                    reason: format!("entry {i} does not decode as this table's writes: {e}"),
+                })?;
+                log.push(ops);
+            }
+        }
+        Ok::<_, Error>((blocks, log))
+    };
+    match loaded.await {
+        Ok((blocks, log)) => Ok(Restored {
+            blocks,
+            log,
+            error: None,
+        }),
         Err(e) if p.on_restore_error == crate::persistence::OnRestoreError::StartEmpty => {
-            tracing::error!(table = name, error = %e, "snapshot unreadable; starting empty");
-            Ok((Vec::new(), Some(e.to_string())))
+            tracing::error!(table = name, error = %e, "snapshot or log unreadable; starting empty");
+            Ok(Restored {
+                error: Some(e.to_string()),
+                ..Restored::default()
+            })
         }
         Err(e) => Err(e),
     }
@@ -339,7 +368,7 @@ impl Node {
         // Nodes whose records live differently must not share the table: the same refusal as
         // for different types.
         crate::ownership::check(&opts)?;
-        let (restore, restore_error) = restore_of::<K, V>(name, &opts).await?;
+        let restored = restore_of::<K, V>(name, &opts).await?;
         let fp = fingerprint::<K, V>()
             ^ expiry_mark(expire_ms)
             ^ crate::ownership::fingerprint_mark(opts.ownership);
@@ -374,8 +403,7 @@ impl Node {
             control: control_rx,
             control_tx: control_tx.clone(),
             events: ev_rx,
-            restore,
-            restore_error,
+            restored,
             writes_tx: writes_tx.clone(),
         });
         if let Err(e) = spawned {

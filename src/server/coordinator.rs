@@ -82,7 +82,8 @@ impl<K: Key, V: Value> Server<K, V> {
             } => self.on_claim_done(peer, gen, req, outcome),
             Control::Stop(done) => {
                 self.stop();
-                let _ = done.send(());
+                // A table with persistence answers once its final snapshot is written.
+                self.final_snapshot(done);
                 return true;
             }
         }

@@ -346,10 +346,8 @@ pub(crate) struct ServerParts<K, V> {
     pub control: mpsc::UnboundedReceiver<Control<K, V>>,
     pub control_tx: mpsc::UnboundedSender<Control<K, V>>,
     pub events: mpsc::UnboundedReceiver<TableEvent>,
-    /// The blocks of the last snapshot, decoded (`TableOptions::persist`), and the error that
-    /// made the node start empty instead, if any.
-    pub restore: Vec<crate::persistence::SnapBlock<K, V>>,
-    pub restore_error: Option<String>,
+    /// What `TableOptions::persist` restores: the last snapshot and the log (`persist.rs`).
+    pub restored: Restored<K, V>,
     pub writes_tx: mpsc::Sender<Write<K, V>>,
 }
 
@@ -378,13 +376,16 @@ mod observe;
 mod participant;
 mod persist;
 mod rules;
+mod wal;
 mod writes;
+
+pub(crate) use persist::Restored;
 
 pub(crate) use claims::Claim;
 
 impl<K: Key, V: Value> Server<K, V> {
     pub(crate) fn spawn(parts: ServerParts<K, V>) -> Result<tokio::task::JoinHandle<()>> {
-        let (restore, restore_error) = (parts.restore, parts.restore_error);
+        let restored = parts.restored;
         let header = frame::encode(&StreamHeader {
             table: parts.shared.name.clone(),
             kind: parts.shared.kind,
@@ -440,7 +441,7 @@ impl<K: Key, V: Value> Server<K, V> {
             writes_tx: parts.writes_tx,
         };
         let mut server = server;
-        span.in_scope(|| server.restore(restore, restore_error));
+        span.in_scope(|| server.restore(restored));
         Ok(tokio::spawn(server.run().instrument(span)))
     }
 

@@ -12,6 +12,28 @@ use crate::persistence::{PersistStatus, SnapBlock, SnapRecord, SnapTombstone};
 const BLOCK_RECORDS: usize = 10_000;
 /// First retry delay after a failed snapshot; doubled up to the snapshot interval.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// How long `Node::shutdown` waits for a table's final snapshot.
+const FINAL_SNAPSHOT_WITHIN: Duration = Duration::from_secs(10);
+
+/// What a table restores at start (`node.rs` loads and decodes it before the table exists).
+pub(crate) struct Restored<K, V> {
+    /// The blocks of the last snapshot.
+    pub blocks: Vec<SnapBlock<K, V>>,
+    /// The write-ahead log's entries, oldest first: each a batch of this node's writes.
+    pub log: Vec<Vec<Op<K, V>>>,
+    /// The error that made the node start empty instead, if any.
+    pub error: Option<String>,
+}
+
+impl<K, V> Default for Restored<K, V> {
+    fn default() -> Self {
+        Self {
+            blocks: Vec::new(),
+            log: Vec::new(),
+            error: None,
+        }
+    }
+}
 
 #[derive(Default)]
 pub(super) struct PersistState {
@@ -20,6 +42,8 @@ pub(super) struct PersistState {
     running: Option<oneshot::Receiver<Result<u64>>>,
     status: PersistStatus,
     last_at: Option<Instant>,
+    /// The write-ahead log (`PersistOptions::sync_writes`).
+    pub(super) wal: Option<super::wal::Wal>,
 }
 
 impl<K: Key, V: Value> Server<K, V> {
@@ -27,7 +51,9 @@ impl<K: Key, V: Value> Server<K, V> {
     /// table those its own name owned, as this incarnation's; a cluster-owned table every record
     /// under its writer's name, and the tombstones younger than the retention. Expired records
     /// stay out. Returns the number of records restored.
-    pub(super) fn restore(&mut self, blocks: Vec<SnapBlock<K, V>>, error: Option<String>) {
+    /// Then replays the write-ahead log (`replay`), and starts the log task.
+    pub(super) fn restore(&mut self, restored: Restored<K, V>) {
+        let Restored { blocks, log, error } = restored;
         self.persist.status.last_error = error;
         let cluster = self.cluster_owned();
         let (floor, from) = (self.retention_floor(), self.shared.live_from());
@@ -65,14 +91,26 @@ impl<K: Key, V: Value> Server<K, V> {
                 }
             }
         }
-        self.clock.observe(newest);
-        let n = recs.len() as u64;
+        let snapshot = recs.len() as u64;
         self.shared
             .store
             .put_many_if(recs, |_, new, cur| cur.is_none_or(|c| new.ts > c.ts));
+        let entries = log.len() as u64;
+        newest = newest.max(self.replay(log));
+        self.clock.observe(newest);
+        let n = self.shared.store.len() as u64;
         self.persist.status.restored = n;
-        if n > 0 {
-            tracing::info!(records = n, "restored from the last snapshot");
+        self.persist.status.log_replayed = entries;
+        if n > 0 || entries > 0 {
+            tracing::info!(
+                records = n,
+                snapshot,
+                log_entries = entries,
+                "restored from the last snapshot and the log"
+            );
+        }
+        if let Some(p) = self.opts.persist.clone().filter(|p| p.sync_writes) {
+            self.persist.wal = Some(super::wal::Wal::start(p, self.shared.name.clone(), 0));
         }
     }
 
@@ -117,7 +155,47 @@ impl<K: Key, V: Value> Server<K, V> {
             return;
         }
         self.persist.next = Some(now + p.every);
-        // The copy is all the server does; encoding and I/O happen in the task.
+        let rx = self.start_snapshot(p, None);
+        self.persist.running = Some(rx);
+    }
+
+    /// At stop (`Node::shutdown`): a last snapshot, after the one being written if any; `done`
+    /// is answered when it is saved, failed (logged) or `FINAL_SNAPSHOT_WITHIN` has passed.
+    pub(super) fn final_snapshot(&mut self, done: oneshot::Sender<()>) {
+        let Some(p) = self.opts.persist.clone() else {
+            let _ = done.send(());
+            return;
+        };
+        let running = self.persist.running.take();
+        let rx = self.start_snapshot(p, running);
+        tokio::spawn(
+            async move {
+                match tokio::time::timeout(FINAL_SNAPSHOT_WITHIN, rx).await {
+                    Ok(Ok(Ok(bytes))) => tracing::info!(bytes, "final snapshot written"),
+                    Ok(Ok(Err(e))) => tracing::error!(error = %e, "final snapshot failed"),
+                    Ok(Err(_)) => tracing::error!("final snapshot task ended without a result"),
+                    Err(_) => {
+                        tracing::error!(within = ?FINAL_SNAPSHOT_WITHIN, "final snapshot timed out")
+                    }
+                }
+                let _ = done.send(());
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// Copies the records (and a log cut) and spawns the task that saves them, once `before`
+    /// (a snapshot still being written) is done.
+    fn start_snapshot(
+        &mut self,
+        p: crate::persistence::PersistOptions,
+        before: Option<oneshot::Receiver<Result<u64>>>,
+    ) -> oneshot::Receiver<Result<u64>> {
+        // The copy is all the server does; encoding and I/O happen in the task. The log is cut
+        // here too: every entry sent before was applied before the copy, so the snapshot covers
+        // the log up to the cut.
+        let cut = self.persist.wal.as_ref().and_then(|w| w.cut());
+        let log_bytes = self.persist.wal.as_ref().map(|w| w.bytes.clone());
         let from = self.shared.live_from();
         let owners = &self.owners;
         let mut records = Vec::with_capacity(self.shared.store.len());
@@ -149,20 +227,34 @@ impl<K: Key, V: Value> Server<K, V> {
             }
         }
         let (tx, rx) = oneshot::channel();
-        self.persist.running = Some(rx);
         let table = self.shared.name.clone();
         tokio::spawn(
             async move {
-                let _ = tx.send(write_snapshot(&p, &table, records, tombstones).await);
+                if let Some(before) = before {
+                    let _ = before.await;
+                }
+                let saved = write_snapshot(&p, &table, records, tombstones).await;
+                if saved.is_ok() {
+                    drop_covered_log(&p, &table, cut, log_bytes).await;
+                }
+                let _ = tx.send(saved);
             }
             .in_current_span(),
         );
+        rx
     }
 
     pub(super) fn persist_status(&self) -> Option<PersistStatus> {
         self.opts.persist.as_ref()?;
         let mut s = self.persist.status.clone();
         s.snapshot_age = self.persist.last_at.map(|t| t.elapsed());
+        if let Some(w) = &self.persist.wal {
+            s.log_bytes = w.bytes.load(std::sync::atomic::Ordering::Relaxed);
+            let log_error = w.error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(e) = log_error {
+                s.last_error = Some(e);
+            }
+        }
         Some(s)
     }
 }
@@ -184,4 +276,30 @@ async fn write_snapshot<K: Key, V: Value>(
         blocks.push(postcard::to_stdvec(&block)?);
     }
     p.backend.save(table, blocks).await
+}
+
+/// After a snapshot is saved: removes the log's parts up to the cut taken with its copy.
+async fn drop_covered_log(
+    p: &crate::persistence::PersistOptions,
+    table: &str,
+    cut: Option<oneshot::Receiver<Result<u64>>>,
+    log_bytes: Option<Arc<std::sync::atomic::AtomicU64>>,
+) {
+    let Some(cut) = cut else { return };
+    let mark = match cut.await {
+        Ok(Ok(mark)) => mark,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "log cut failed; the log stays until the next snapshot");
+            return;
+        }
+        Err(_) => return,
+    };
+    match p.backend.log_drop(table, mark).await {
+        Ok(bytes) => {
+            if let Some(b) = log_bytes {
+                b.store(bytes, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "removing the log a snapshot covers failed"),
+    }
 }

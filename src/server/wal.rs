@@ -1,0 +1,200 @@
+//! Durability on fsync (`PersistOptions::sync_writes`, ALGORITHM.md section 14): the table
+//! server hands each batch of its own writes, encoded, to a log task and gives the callers'
+//! replies to a waiter that answers once both the members' acks and the fsync are in. The log
+//! task appends whatever has queued meanwhile with one call (group commit: one fsync per
+//! batch of batches). The server never waits for the disk; reads never touch it.
+
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+
+use super::*;
+use crate::persistence::PersistOptions;
+
+/// Entries appended with one fsync at most (a bound on one append's memory).
+const MAX_GROUP: usize = 4096;
+
+pub(super) enum LogMsg {
+    /// A batch of writes, encoded, and where to say it is on disk.
+    Entry(Vec<u8>, oneshot::Sender<Result<()>>),
+    /// Ends the log's current part (a snapshot is being copied): the mark for `log_drop`.
+    Cut(oneshot::Sender<Result<u64>>),
+}
+
+/// The server's side of the log task.
+pub(super) struct Wal {
+    tx: mpsc::UnboundedSender<LogMsg>,
+    /// Bytes in the log, as the backend last said.
+    pub bytes: Arc<AtomicU64>,
+    /// The last failed append (cleared by the next successful one).
+    pub error: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Wal {
+    pub(super) fn start(p: PersistOptions, table: String, bytes: u64) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let wal = Self {
+            tx,
+            bytes: Arc::new(AtomicU64::new(bytes)),
+            error: Arc::default(),
+        };
+        tokio::spawn(run(p, table, rx, wal.bytes.clone(), wal.error.clone()).in_current_span());
+        wal
+    }
+
+    /// Asks for a cut; the receiver gets the mark once every entry sent before is appended.
+    pub(super) fn cut(&self) -> Option<oneshot::Receiver<Result<u64>>> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(LogMsg::Cut(tx)).ok().map(|()| rx)
+    }
+}
+
+/// A persistence error as every caller of one batch gets it (`Error` is not `Clone`).
+pub(super) fn copy_error(table: &str, e: &Error) -> Error {
+    match e {
+        Error::Persistence { file, reason } => Error::Persistence {
+            file: file.clone(),
+            reason: reason.clone(),
+        },
+        other => Error::Persistence {
+            file: table.to_string(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+async fn run(
+    p: PersistOptions,
+    table: String,
+    mut rx: mpsc::UnboundedReceiver<LogMsg>,
+    bytes: Arc<AtomicU64>,
+    error: Arc<std::sync::Mutex<Option<String>>>,
+) {
+    let mut next: Option<LogMsg> = None;
+    loop {
+        let first = match next.take() {
+            Some(m) => m,
+            None => match rx.recv().await {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        let (entry, reply) = match first {
+            LogMsg::Cut(reply) => {
+                let _ = reply.send(p.backend.log_cut(&table).await);
+                continue;
+            }
+            LogMsg::Entry(e, r) => (e, r),
+        };
+        let mut entries = vec![entry];
+        let mut replies = vec![reply];
+        while entries.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(LogMsg::Entry(e, r)) => {
+                    entries.push(e);
+                    replies.push(r);
+                }
+                Ok(cut) => {
+                    next = Some(cut);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let appended = p.backend.log_append(&table, entries).await;
+        let mut last = error.lock().unwrap_or_else(|p| p.into_inner());
+        match appended {
+            Ok(b) => {
+                bytes.store(b, AtomicOrdering::Relaxed);
+                *last = None;
+                drop(last);
+                for r in replies {
+                    let _ = r.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, writes = replies.len(), "log append failed");
+                *last = Some(e.to_string());
+                drop(last);
+                for r in replies {
+                    let _ = r.send(Err(copy_error(&table, &e)));
+                }
+            }
+        }
+    }
+}
+
+impl<K: Key, V: Value> Server<K, V> {
+    /// With `sync_writes`: sends the batch `ops` (this node's writes, about to be applied) to
+    /// the log, and returns replies that answer the callers once their batch is acknowledged
+    /// and on disk. Without: `replies` as they are.
+    pub(super) fn log_writes(
+        &mut self,
+        ops: &[Op<K, V>],
+        replies: Vec<oneshot::Sender<Result<()>>>,
+    ) -> Vec<oneshot::Sender<Result<()>>> {
+        let Some(wal) = &self.persist.wal else {
+            return replies;
+        };
+        if ops.is_empty() {
+            return replies;
+        }
+        let table = self.shared.name.clone();
+        let (on_disk, logged) = oneshot::channel();
+        match postcard::to_stdvec(ops) {
+            Ok(entry) => {
+                let _ = wal.tx.send(LogMsg::Entry(entry, on_disk));
+            }
+            Err(e) => {
+                let _ = on_disk.send(Err(Error::Codec(e)));
+            }
+        }
+        let mut gated = Vec::with_capacity(replies.len());
+        let mut pairs = Vec::with_capacity(replies.len());
+        for r in replies {
+            let (tx, rx) = oneshot::channel();
+            gated.push(tx);
+            pairs.push((r, rx));
+        }
+        tokio::spawn(
+            async move {
+                let logged = logged.await.unwrap_or_else(|_| {
+                    Err(Error::Persistence {
+                        file: table.clone(),
+                        reason: "the log task ended".into(),
+                    })
+                });
+                for (r, rx) in pairs {
+                    let Ok(acked) = rx.await else { continue };
+                    let out = match (acked, &logged) {
+                        (Err(e), _) => Err(e),
+                        (Ok(()), Err(e)) => Err(copy_error(&table, e)),
+                        (Ok(()), Ok(())) => Ok(()),
+                    };
+                    let _ = r.send(out);
+                }
+            }
+            .in_current_span(),
+        );
+        gated
+    }
+
+    /// Replays the log at start (after the snapshot's records are in): each batch as this
+    /// node's write, in the order it was applied, so a key deleted after the snapshot is
+    /// deleted again; the merge by stamp keeps whatever is newer. Records the log names under
+    /// an earlier incarnation of this node's name become this incarnation's; records of other
+    /// owners (an owner function) are not restored. Returns the newest stamp replayed.
+    pub(super) fn replay(&mut self, log: Vec<Vec<Op<K, V>>>) -> u64 {
+        let mut newest = 0;
+        for ops in log {
+            for mut op in ops {
+                if let OpKind::InsertOwned { owners, .. } = &mut op.kind {
+                    for o in owners.iter_mut().filter(|o| o.name == self.me.name) {
+                        *o = self.me.clone();
+                    }
+                }
+                newest = newest.max(op.ts);
+                self.apply(op, self.me_idx);
+            }
+        }
+        newest
+    }
+}

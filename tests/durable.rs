@@ -1,0 +1,266 @@
+//! Durability on fsync (`PersistOptions::sync_writes`): the write-ahead log of the directory
+//! backend, replayed over the last snapshot at start; nodes as separate processes, SIGKILLed.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use cets::persistence::{DirectoryBackend, OnRestoreError, PersistOptions};
+use cets::{Error, Node, Table, TableOptions};
+use common::*;
+
+type Kv = Table<String, String>;
+
+/// Long: the only snapshots in these tests are the ones `Node::shutdown` writes.
+const EVERY: Duration = Duration::from_secs(3600);
+
+fn opts(dir: &Path) -> TableOptions<String, String> {
+    TableOptions::set()
+        .persist(PersistOptions::new(DirectoryBackend::new(dir), EVERY).sync_writes(true))
+}
+
+const PER_NODE: usize = 400;
+const NAMES: [&str; 3] = ["a", "b", "c"];
+
+fn wal_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |rd| {
+        rd.filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".wal"))
+        })
+        .count()
+    })
+}
+
+/// Runs only as a child process of `sigkill_of_every_node_loses_no_acknowledged_write`.
+/// `CETS_DURABLE_CHILD` = `name;dir;nodes-file;mode`. `first`: writes keys 0..PER_NODE of its
+/// own, shuts down (the final snapshot) and says `first-done`. `second`: checks they are back,
+/// deletes keys 0..50 and writes PER_NODE..2*PER_NODE from 64 concurrent callers, says `acked`
+/// and waits to be killed. `verify`: says `verified <n>` once it holds the records of all three
+/// nodes as they were acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "child process of sigkill_of_every_node_loses_no_acknowledged_write"]
+async fn durable_child() {
+    let Ok(spec) = std::env::var("CETS_DURABLE_CHILD") else {
+        return;
+    };
+    let parts: Vec<&str> = spec.split(';').collect();
+    let (name, dir, nodes, mode) = (parts[0], parts[1], parts[2], parts[3]);
+    let n = Node::builder(name)
+        .listen(loopback())
+        .cookie("durable")
+        .config(cets::NodeConfig::fast_failover())
+        .discovery(cets::discovery::FileDiscovery::new(nodes))
+        .start()
+        .await
+        .unwrap();
+    println!("addr {}", n.local_addr());
+    let t: Kv = n.start("t", opts(Path::new(dir))).await.unwrap();
+    let key = |i: usize| format!("{name}-{i}");
+    let all_three = || {
+        let t = t.clone();
+        eventually(WAIT, "three members", move || {
+            let t = t.clone();
+            async move { t.nodes().len() == 2 }
+        })
+    };
+    match mode {
+        "first" => {
+            all_three().await;
+            let recs = (0..PER_NODE).map(|i| (key(i), "v1".to_string())).collect();
+            t.insert_many(recs).await.unwrap();
+            n.shutdown().await.unwrap();
+            println!("first-done");
+        }
+        "second" => {
+            // Restored from the final snapshot before any join.
+            for i in 0..PER_NODE {
+                assert_eq!(t.get(&key(i)).as_deref(), Some("v1"), "{}", key(i));
+            }
+            all_three().await;
+            t.delete_many((0..50).map(key).collect()).await.unwrap();
+            let mut tasks = Vec::new();
+            for c in 0..64 {
+                let t = t.clone();
+                let keys: Vec<String> = (PER_NODE + c..2 * PER_NODE).step_by(64).map(key).collect();
+                tasks.push(tokio::spawn(async move {
+                    for k in keys {
+                        t.insert(k, "v2".to_string()).await.unwrap();
+                    }
+                }));
+            }
+            for task in tasks {
+                task.await.unwrap();
+            }
+            // Overwritten after the snapshot: the log's newer value wins.
+            t.insert(key(60), "v2".to_string()).await.unwrap();
+            println!("acked");
+        }
+        _ => {
+            for i in 0..2 * PER_NODE {
+                let want = match i {
+                    0..50 => None,
+                    60 => Some("v2"),
+                    i if i < PER_NODE => Some("v1"),
+                    _ => Some("v2"),
+                };
+                assert_eq!(t.get(&key(i)).as_deref(), want, "{} restored", key(i));
+            }
+            let want = 3 * (2 * PER_NODE - 50);
+            eventually(WAIT, "every node's records", || {
+                let t = t.clone();
+                async move { t.len() == want }
+            })
+            .await;
+            let s = t.status().await.unwrap().persistence.unwrap();
+            assert!(s.log_replayed > 0, "{s:?}");
+            println!("verified {}", t.len());
+        }
+    }
+    std::future::pending::<()>().await;
+}
+
+async fn spawn_children(root: &Path, mode: &str, until: &str) -> Vec<tokio::process::Child> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let nodes = root.join(format!("nodes-{mode}.txt"));
+    std::fs::write(&nodes, "").unwrap();
+    let mut children = Vec::new();
+    let mut lines = Vec::new();
+    for name in NAMES {
+        let dir = root.join(name);
+        let spec = format!("{name};{};{};{mode}", dir.display(), nodes.display());
+        let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "durable_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("CETS_DURABLE_CHILD", spec)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        lines.push(BufReader::new(child.stdout.take().unwrap()).lines());
+        children.push(child);
+    }
+    let mut addrs = Vec::new();
+    for l in &mut lines {
+        let addr = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Ok(Some(line)) = l.next_line().await {
+                if let Some((_, a)) = line.split_once("addr ") {
+                    return a.trim().to_string();
+                }
+            }
+            panic!("child ended before its address");
+        })
+        .await
+        .expect("child address");
+        addrs.push(addr);
+    }
+    std::fs::write(&nodes, addrs.join("\n")).unwrap();
+    for l in &mut lines {
+        tokio::time::timeout(Duration::from_secs(120), async {
+            while let Ok(Some(line)) = l.next_line().await {
+                if line.contains(until) {
+                    return;
+                }
+            }
+            panic!("child ended before saying {until}");
+        })
+        .await
+        .expect("child progress");
+    }
+    children
+}
+
+async fn kill_all(children: Vec<tokio::process::Child>) {
+    for mut c in children {
+        c.start_kill().unwrap(); // SIGKILL
+        c.wait().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_every_node_loses_no_acknowledged_write() {
+    let root = tempfile::tempdir().unwrap();
+    let first = spawn_children(root.path(), "first", "first-done").await;
+    kill_all(first).await;
+    for name in NAMES {
+        // The final snapshot covers the whole log: it was removed.
+        assert_eq!(wal_files(&root.path().join(name)), 0, "{name}");
+    }
+    let second = spawn_children(root.path(), "second", "acked").await;
+    kill_all(second).await;
+    for name in NAMES {
+        assert!(wal_files(&root.path().join(name)) > 0, "{name}");
+    }
+    // `verified` is said only after each child checked its own keys and the union.
+    let third = spawn_children(root.path(), "verify", "verified").await;
+    kill_all(third).await;
+}
+
+/// The last segment of a node's log, cut short by one byte.
+fn truncate_last_segment(dir: &Path) -> std::path::PathBuf {
+    let mut segs: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .collect();
+    segs.sort();
+    let last = segs.pop().expect("a log segment");
+    let data = std::fs::read(&last).unwrap();
+    std::fs::write(&last, &data[..data.len() - 1]).unwrap();
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_replays_the_log_and_a_truncated_log_is_an_error_naming_the_segment() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("n");
+    {
+        let (n, _d) = node("n").await;
+        let t: Kv = n.start("t", opts(&dir)).await.unwrap();
+        t.insert("k".into(), "v".into()).await.unwrap();
+        t.delete(&"k".to_string()).await.unwrap();
+        t.insert("k2".into(), "v".into()).await.unwrap();
+        let s = t.status().await.unwrap().persistence.unwrap();
+        assert!(s.log_bytes > 8, "{s:?}");
+        // Neither shut down nor dropped (a drop stops the tables, with a final snapshot): the
+        // log is all there is, as after a crash.
+        std::mem::forget(n);
+    }
+    {
+        let (n, _d) = node("n").await;
+        let t: Kv = n.start("t", opts(&dir)).await.unwrap();
+        assert_eq!(t.get(&"k2".to_string()).as_deref(), Some("v"));
+        assert_eq!(t.get(&"k".to_string()), None, "a deleted key stays deleted");
+        let s = t.status().await.unwrap().persistence.unwrap();
+        assert_eq!((s.restored, s.log_replayed), (1, 3), "{s:?}");
+        std::mem::forget(n);
+    }
+    let seg = truncate_last_segment(&dir);
+    let (n, _d) = node("n").await;
+    match n.start::<String, String>("t", opts(&dir)).await {
+        Err(Error::Persistence { file, reason }) => {
+            assert_eq!(file, seg.display().to_string());
+            assert!(reason.contains("truncated"), "{reason}");
+        }
+        other => panic!("expected a persistence error, got {:?}", other.map(|_| ())),
+    }
+    let o = TableOptions::set().persist(
+        PersistOptions::new(DirectoryBackend::new(&dir), EVERY)
+            .sync_writes(true)
+            .on_restore_error(OnRestoreError::StartEmpty),
+    );
+    let t: Kv = n.start("t", o).await.unwrap();
+    assert_eq!(t.len(), 0);
+    let s = t.status().await.unwrap().persistence.unwrap();
+    assert!(
+        s.last_error.as_deref().is_some_and(|e| e.contains(".wal")),
+        "{s:?}"
+    );
+}

@@ -1,0 +1,138 @@
+//! A full disk under persistence: a small tmpfs (needs root, as CI runs; skipped with a message
+//! where mounting is not permitted). Writes, reads and replication go on, the status reports
+//! the error, a durable write fails naming the log, and all recovers once space frees.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cets::persistence::{DirectoryBackend, PersistOptions};
+use cets::{Error, Table, TableOptions};
+use common::*;
+
+type Kv = Table<String, String>;
+
+/// A tmpfs of `size` mounted on a fresh directory (inside the temporary directory it keeps
+/// alive), unmounted on drop.
+struct Tmpfs(PathBuf, #[allow(dead_code)] tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Self> {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("fs");
+        std::fs::create_dir(&dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir, base))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .args(["-l"])
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fills the file system of `dir` with a ballast file until it is full.
+fn fill(dir: &Path) -> PathBuf {
+    let path = dir.join("ballast");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![1u8; 4096];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+    path
+}
+
+async fn persist_status(t: &Kv) -> cets::persistence::PersistStatus {
+    t.status().await.unwrap().persistence.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_reported_writes_and_replication_go_on_and_it_recovers() {
+    let Some(fs) = Tmpfs::mount("1m") else {
+        println!("SKIPPED: cannot mount a tmpfs here (needs root); the full-disk test did not run");
+        return;
+    };
+    let dir = fs.0.join("data");
+    let nodes = cluster(&["a", "b"]).await;
+    let backend = DirectoryBackend::new(&dir);
+    let snap = TableOptions::set().persist(PersistOptions::new(
+        backend.clone(),
+        Duration::from_millis(50),
+    ));
+    let sync = TableOptions::set()
+        .persist(PersistOptions::new(backend, Duration::from_millis(50)).sync_writes(true));
+    let a: Kv = nodes[0].0.start("snap", snap).await.unwrap();
+    let b: Kv = nodes[1].0.start("snap", TableOptions::set()).await.unwrap();
+    let a_sync: Kv = nodes[0].0.start("sync", sync).await.unwrap();
+    let b_sync: Kv = nodes[1].0.start("sync", TableOptions::set()).await.unwrap();
+    joined(&[&a, &b]).await;
+    joined(&[&a_sync, &b_sync]).await;
+    a_sync.insert("before".into(), "v".into()).await.unwrap();
+
+    let ballast = fill(&fs.0);
+    // Snapshots of this table need more than is left (the records are 64 KiB).
+    let big = "x".repeat(64 * 1024);
+    for i in 0..4 {
+        a.insert(format!("k{i}"), big.clone()).await.unwrap();
+    }
+    assert_eq!(b.get(&"k3".to_string()).as_deref(), Some(big.as_str()));
+    let ta = a.clone();
+    eventually(WAIT, "the snapshot's error in the status", || {
+        let t = ta.clone();
+        async move {
+            persist_status(&t)
+                .await
+                .last_error
+                .is_some_and(|e| e.contains("No space") || e.contains("space"))
+        }
+    })
+    .await;
+    // A durable write fails naming the log, and is replicated all the same.
+    match a_sync.insert("during".into(), big.clone()).await {
+        Err(Error::Persistence { file, reason }) => {
+            assert!(file.ends_with(".wal"), "{file}: {reason}");
+        }
+        other => panic!("expected a persistence error, got {other:?}"),
+    }
+    assert_eq!(
+        b_sync.get(&"during".to_string()).as_deref(),
+        Some(big.as_str())
+    );
+    assert!(persist_status(&a_sync).await.last_error.is_some());
+    // Reads and replication went on meanwhile.
+    b.insert("from-b".into(), "v".into()).await.unwrap();
+    assert_eq!(a.get(&"from-b".to_string()).as_deref(), Some("v"));
+
+    std::fs::remove_file(&ballast).unwrap();
+    let ta = a.clone();
+    eventually(WAIT, "a snapshot after space freed", || {
+        let t = ta.clone();
+        async move {
+            let s = persist_status(&t).await;
+            s.last_error.is_none() && s.snapshot_bytes > 4 * 64 * 1024
+        }
+    })
+    .await;
+    a_sync.insert("after".into(), "v".into()).await.unwrap();
+    let ts = a_sync.clone();
+    eventually(
+        WAIT,
+        "the durable table's error cleared (a log append and a snapshot went through)",
+        || {
+            let t = ts.clone();
+            async move { persist_status(&t).await.last_error.is_none() }
+        },
+    )
+    .await;
+    drop(fs);
+}
