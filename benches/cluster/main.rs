@@ -9,7 +9,7 @@
 //! - `CETS_BENCH_FULL=1` (or `cargo bench --bench cluster -- --full`) runs the full sizes
 //!   (longer phases, a join of 1 M + 1 M records).
 //! - Positional arguments pick sections: `memory get latency throughput batch join down ae react
-//!   bigjoin metrics` (default: all but `bigjoin`, which runs only when named or with `--full`),
+//!   persist bigjoin metrics` (default: all but `bigjoin`, which runs only when named or with `--full`),
 //!   e.g. `cargo bench --bench cluster -- latency join`.
 //!
 //! Two measurements run in a child process (this same binary, re-executed with
@@ -19,7 +19,7 @@
 //! Layout: this file holds the settings, the nodes and the run; `counting.rs` the allocator,
 //! `probes.rs` the procfs probes, `report.rs` the rows and the table, `raw.rs` the raw QUIC
 //! baseline, and one file per section (`memory.rs`, `get.rs`, `latency.rs`, `throughput.rs`,
-//! `batch.rs`, `join.rs`, `down.rs`, `anti_entropy.rs` for `ae`, `react.rs`, `metrics.rs`).
+//! `batch.rs`, `join.rs`, `down.rs`, `anti_entropy.rs` for `ae`, `react.rs`, `persist.rs`, `metrics.rs`).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -57,6 +57,7 @@ mod latency;
 mod memory;
 /// The cost of a metrics recorder (the `metrics` section).
 mod metrics;
+mod persist;
 mod react;
 mod throughput;
 
@@ -356,6 +357,7 @@ fn main() {
             Box::new(|| rt.block_on(anti_entropy::anti_entropy(&s))),
         ),
         ("react", Box::new(|| rt.block_on(react::react(&s)))),
+        ("persist", Box::new(|| rt.block_on(persist::persist(&s)))),
         ("bigjoin", Box::new(|| rt.block_on(big_join::big_join(&s)))),
         // Last: it installs a global recorder that every node started after it records into.
         ("metrics", Box::new(|| rt.block_on(metrics::metrics(&s)))),
