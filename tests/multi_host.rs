@@ -70,7 +70,10 @@ async fn netns_child() {
         .await
         .unwrap();
     let t: Kv = node
-        .start("kv", TableOptions::set().ack_timeout(Duration::from_secs(3)))
+        .start(
+            "kv",
+            TableOptions::set().ack_timeout(Duration::from_secs(3)),
+        )
         .await
         .unwrap();
     println!("ready");
@@ -201,7 +204,10 @@ impl Net {
 impl Drop for Net {
     fn drop(&mut self) {
         // Deleting a namespace deletes its interfaces, and a veth goes with either end.
-        for ns in (0..NAMES.len()).map(|i| self.ns(i)).chain([self.bridge_ns()]) {
+        for ns in (0..NAMES.len())
+            .map(|i| self.ns(i))
+            .chain([self.bridge_ns()])
+        {
             let _ = Command::new("ip")
                 .args(["netns", "del", &ns])
                 .stderr(Stdio::null())
@@ -434,7 +440,10 @@ async fn nodes_in_namespaces_converge() {
         if gone {
             break;
         }
-        assert!(start.elapsed() < DEADLINE, "the killed node was not dropped");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the killed node was not dropped"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     procs[d] = Proc::spawn(&net, d).await;
@@ -449,7 +458,10 @@ async fn nodes_in_namespaces_converge() {
     write_round(&mut procs, "after", 5).await;
     let (dump, took) = converge(&mut procs, "after the restart").await;
     assert_eq!(count(&dump), 200 - 50 + 20);
-    assert!(!dump.contains("d-r0-"), "records of the killed incarnation remain");
+    assert!(
+        !dump.contains("d-r0-"),
+        "records of the killed incarnation remain"
+    );
     eprintln!("after the restart: identical {took:?} after the last write");
     drop(procs);
     drop(net);
