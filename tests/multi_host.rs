@@ -300,12 +300,19 @@ impl Proc {
             .await
             .unwrap();
         self.stdin.flush().await.unwrap();
-        loop {
-            let line = self.lines.next_line().await.unwrap().unwrap();
-            if line == "ok" || line.starts_with("err") {
-                return;
+        let reply = async {
+            loop {
+                let line = self.lines.next_line().await.unwrap();
+                match line {
+                    Some(line) if line == "ok" || line.starts_with("err") => return,
+                    Some(_) => {}
+                    None => panic!("node exited before answering put {k}"),
+                }
             }
-        }
+        };
+        tokio::time::timeout(DEADLINE + Duration::from_secs(5), reply)
+            .await
+            .unwrap_or_else(|_| panic!("no answer to put {k} from the node"));
     }
 
     async fn nodes(&mut self) -> Vec<String> {
