@@ -9,6 +9,7 @@ use std::time::Duration;
 use cets::persistence::{DirectoryBackend, OnRestoreError, PersistOptions};
 use cets::{Error, Node, Table, TableOptions};
 use common::*;
+use tokio::io::AsyncBufReadExt;
 
 type Kv = Table<String, String>;
 
@@ -35,7 +36,8 @@ fn wal_files(dir: &Path) -> usize {
 
 /// Runs only as a child process of `sigkill_of_every_node_loses_no_acknowledged_write`.
 /// `CETS_DURABLE_CHILD` = `name;dir;nodes-file;mode`. `first`: writes keys 0..PER_NODE of its
-/// own, shuts down (the final snapshot) and says `first-done`. `second`: checks they are back,
+/// own once it sees the other two, says `written`, waits for `go` on its input, shuts down
+/// (the final snapshot) and says `first-done`. `second`: checks they are back,
 /// deletes keys 0..50 and writes PER_NODE..2*PER_NODE from 64 concurrent callers, says `acked`
 /// and waits to be killed. `verify`: says `verified <n>` once it holds the records of all three
 /// nodes as they were acknowledged.
@@ -70,6 +72,10 @@ async fn durable_child() {
             all_three().await;
             let recs = (0..PER_NODE).map(|i| (key(i), "v1".to_string())).collect();
             t.insert_many(recs).await.unwrap();
+            println!("written");
+            // No node shuts down before every node's write is acknowledged (`spawn_children`).
+            let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+            assert_eq!(stdin.next_line().await.unwrap().as_deref(), Some("go"));
             n.shutdown().await.unwrap();
             println!("first-done");
         }
@@ -121,60 +127,19 @@ async fn durable_child() {
     std::future::pending::<()>().await;
 }
 
+/// Starts the three children in `mode` and waits until each says `until`. In mode `first`,
+/// they shut down only once all three have said `written`: a node that shut down as soon as
+/// its own write was acknowledged could leave one that had not yet seen three members waiting
+/// for a member that is gone.
 async fn spawn_children(root: &Path, mode: &str, until: &str) -> Vec<tokio::process::Child> {
-    use tokio::io::{AsyncBufReadExt, BufReader};
-    let nodes = root.join(format!("nodes-{mode}.txt"));
-    std::fs::write(&nodes, "").unwrap();
-    let mut children = Vec::new();
-    let mut lines = Vec::new();
-    for name in NAMES {
-        let dir = root.join(name);
-        let spec = format!("{name};{};{};{mode}", dir.display(), nodes.display());
-        let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--ignored",
-                "--exact",
-                "durable_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("CETS_DURABLE_CHILD", spec)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        lines.push(BufReader::new(child.stdout.take().unwrap()).lines());
-        children.push(child);
+    let test = "durable_child";
+    let mut children = child::spawn_cluster(root, &NAMES, test, "CETS_DURABLE_CHILD", mode).await;
+    if mode == "first" {
+        child::each_says(&mut children, "written").await;
+        child::tell_each(&mut children, "go").await;
     }
-    let mut addrs = Vec::new();
-    for l in &mut lines {
-        let addr = tokio::time::timeout(Duration::from_secs(60), async {
-            while let Ok(Some(line)) = l.next_line().await {
-                if let Some((_, a)) = line.split_once("addr ") {
-                    return a.trim().to_string();
-                }
-            }
-            panic!("child ended before its address");
-        })
-        .await
-        .expect("child address");
-        addrs.push(addr);
-    }
-    std::fs::write(&nodes, addrs.join("\n")).unwrap();
-    for l in &mut lines {
-        tokio::time::timeout(Duration::from_secs(120), async {
-            while let Ok(Some(line)) = l.next_line().await {
-                if line.contains(until) {
-                    return;
-                }
-            }
-            panic!("child ended before saying {until}");
-        })
-        .await
-        .expect("child progress");
-    }
-    children
+    child::each_says(&mut children, until).await;
+    children.into_iter().map(|(c, _)| c).collect()
 }
 
 async fn kill_all(children: Vec<tokio::process::Child>) {

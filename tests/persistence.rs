@@ -268,62 +268,10 @@ async fn spawn_children(
     mode: &str,
     until: &str,
 ) -> (Vec<tokio::process::Child>, Vec<String>) {
-    use tokio::io::{AsyncBufReadExt, BufReader};
-    let nodes = root.join(format!("nodes-{mode}.txt"));
-    std::fs::write(&nodes, "").unwrap();
-    let mut children = Vec::new();
-    let mut lines = Vec::new();
-    for name in ["a", "b", "c"] {
-        let dir = root.join(name);
-        let spec = format!("{name};{};{};{mode}", dir.display(), nodes.display());
-        let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--ignored",
-                "--exact",
-                "persistence_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("CETS_PERSIST_CHILD", spec)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        lines.push(BufReader::new(child.stdout.take().unwrap()).lines());
-        children.push(child);
-    }
-    let mut addrs = Vec::new();
-    for l in &mut lines {
-        let addr = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Ok(Some(line)) = l.next_line().await {
-                // The test harness's own "test ... " may precede it on the line.
-                if let Some((_, a)) = line.split_once("addr ") {
-                    return a.trim().to_string();
-                }
-            }
-            panic!("child ended before its address");
-        })
-        .await
-        .expect("child address");
-        addrs.push(addr);
-    }
-    std::fs::write(&nodes, addrs.join("\n")).unwrap();
-    let mut said = Vec::new();
-    for l in &mut lines {
-        let line = tokio::time::timeout(Duration::from_secs(60), async {
-            while let Ok(Some(line)) = l.next_line().await {
-                if let Some(i) = line.find(until) {
-                    return line[i..].trim().to_string();
-                }
-            }
-            panic!("child ended before saying {until}");
-        })
-        .await
-        .expect("child progress");
-        said.push(line);
-    }
-    (children, said)
+    let (test, env) = ("persistence_child", "CETS_PERSIST_CHILD");
+    let mut children = child::spawn_cluster(root, &["a", "b", "c"], test, env, mode).await;
+    let said = child::each_says(&mut children, until).await;
+    (children.into_iter().map(|(c, _)| c).collect(), said)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
