@@ -394,24 +394,7 @@ where
     /// Removes one object: the key's record if its value equals `v`.
     pub(crate) fn remove_object(&self, k: &K, v: &V, h: &Hook<'_>) -> bool {
         match self {
-            Store::Bag { map, objects } => {
-                let hash = object_hash(v);
-                let removed = map
-                    .edit(
-                        k.clone(),
-                        None::<fn() -> Objects<V>>,
-                        |list| {
-                            let r = list.find(v, hash).and_then(|i| list.remove(i));
-                            r.inspect(|r| h.sub(k, r)).is_some()
-                        },
-                        |list| !list.is_empty(),
-                    )
-                    .unwrap_or(false);
-                if removed {
-                    objects.fetch_sub(1, Ordering::Relaxed);
-                }
-                removed
-            }
+            Store::Bag { map, objects } => remove_bag_object(map, objects, k, v, |_| true, h),
             _ => {
                 if self.get(k).is_some_and(|cur| same_value(&cur, v)) {
                     self.remove(k, h)
@@ -445,27 +428,7 @@ where
                 }
                 _ => false,
             },
-            Store::Bag { map, objects } => {
-                let hash = object_hash(v);
-                let removed = map
-                    .edit(
-                        k.clone(),
-                        None::<fn() -> Objects<V>>,
-                        |list| {
-                            let i = list
-                                .find(v, hash)
-                                .filter(|&i| list.get(i).is_some_and(this));
-                            let r = i.and_then(|i| list.remove(i));
-                            r.inspect(|r| h.sub(k, r)).is_some()
-                        },
-                        |list| !list.is_empty(),
-                    )
-                    .unwrap_or(false);
-                if removed {
-                    objects.fetch_sub(1, Ordering::Relaxed);
-                }
-                removed
-            }
+            Store::Bag { map, objects } => remove_bag_object(map, objects, k, v, this, h),
         }
     }
 
@@ -527,6 +490,41 @@ where
         }
         removed
     }
+}
+
+/// Removes the object `v` of the bag key `k` if `this` accepts its stored version; the key
+/// goes with its last object. Returns whether it was removed.
+fn remove_bag_object<K, V>(
+    map: &Map<K, Objects<V>>,
+    objects: &AtomicUsize,
+    k: &K,
+    v: &V,
+    this: impl Fn(&Rec<V>) -> bool,
+    h: &Hook<'_>,
+) -> bool
+where
+    K: Hash + Eq + Ord + Clone + Serialize + Send + Sync + 'static,
+    V: Clone + Serialize + Send + Sync + 'static,
+{
+    let hash = object_hash(v);
+    let removed = map
+        .edit(
+            k.clone(),
+            None::<fn() -> Objects<V>>,
+            |list| {
+                let i = list
+                    .find(v, hash)
+                    .filter(|&i| list.get(i).is_some_and(&this));
+                let r = i.and_then(|i| list.remove(i));
+                r.inspect(|r| h.sub(k, r)).is_some()
+            },
+            |list| !list.is_empty(),
+        )
+        .unwrap_or(false);
+    if removed {
+        objects.fetch_sub(1, Ordering::Relaxed);
+    }
+    removed
 }
 
 #[cfg(test)]

@@ -61,6 +61,14 @@ impl<K: Key, V: Value> Server<K, V> {
         self.tombstones.add(k, t);
     }
 
+    /// The tombstone of one removed version of `k` (stamp `ts`, `owner`, value `v`): it stops
+    /// that version from coming back, while any other write of the key wins as it would have
+    /// won against the version (`Tombstone::value`).
+    fn add_version_tombstone(&mut self, k: K, v: &V, ts: u64, owner: OwnerIdx) {
+        let value = postcard::to_stdvec(v).ok().map(Vec::into_boxed_slice);
+        self.add_tombstone(k, Tombstone { ts, owner, value });
+    }
+
     /// Records whose owner is down here (the writer did not know it yet): this node ends as
     /// the writer will once it hears of that node's end, without the record. A stored version
     /// of the key that the write would have replaced goes too, as it went on the writer; one
@@ -281,13 +289,7 @@ impl<K: Key, V: Value> Server<K, V> {
                     if self.shared.store.remove_version(&k, &v, vts, vowner) {
                         lasting = true;
                         if keep_tombstones {
-                            let value = postcard::to_stdvec(&v).ok().map(Vec::into_boxed_slice);
-                            let t = Tombstone {
-                                ts: vts,
-                                owner: vowner,
-                                value,
-                            };
-                            self.add_tombstone(k, t);
+                            self.add_version_tombstone(k, &v, vts, vowner);
                         }
                     }
                 }
@@ -328,13 +330,7 @@ impl<K: Key, V: Value> Server<K, V> {
                             self.shared.store.remove(&k);
                             lasting = true;
                             if keep_tombstones {
-                                let value = postcard::to_stdvec(&v).ok().map(Vec::into_boxed_slice);
-                                let t = Tombstone {
-                                    ts: vts,
-                                    owner: vowner,
-                                    value,
-                                };
-                                self.add_tombstone(k.clone(), t);
+                                self.add_version_tombstone(k.clone(), &v, vts, vowner);
                             }
                         }
                     }
