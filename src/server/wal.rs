@@ -122,13 +122,25 @@ async fn run(
     }
 }
 
+/// A log entry (a postcard-encoded sequence of ops) from `count` encoded ops back to back: the
+/// sequence's length, then the ops, as `postcard::to_stdvec` of the ops would encode them.
+fn log_entry(count: usize, body: &[u8]) -> postcard::Result<Vec<u8>> {
+    let mut entry = postcard::to_stdvec(&count)?;
+    entry.extend_from_slice(body);
+    Ok(entry)
+}
+
 impl<K: Key, V: Value> Server<K, V> {
     /// With `sync_writes`: sends the batch `ops` (this node's writes, about to be applied) to
     /// the log, and returns replies that answer the callers once their batch is acknowledged
     /// and on disk. Without: `replies` as they are.
+    /// `encoded` is the batch's frame body when it was encoded for the peers (the ops'
+    /// encodings back to back, `count` of them): the log entry is built from it instead of
+    /// encoding the ops again.
     pub(super) fn log_writes(
         &mut self,
         ops: &[Op<K, V>],
+        encoded: Option<(usize, &[u8])>,
         replies: Vec<oneshot::Sender<Result<()>>>,
     ) -> Vec<oneshot::Sender<Result<()>>> {
         let Some(wal) = &self.persist.wal else {
@@ -139,7 +151,11 @@ impl<K: Key, V: Value> Server<K, V> {
         }
         let table = self.shared.name.clone();
         let (on_disk, logged) = oneshot::channel();
-        match postcard::to_stdvec(ops) {
+        let entry = match encoded {
+            Some((count, body)) => log_entry(count, body),
+            None => postcard::to_stdvec(ops),
+        };
+        match entry {
             Ok(entry) => {
                 let _ = wal.tx.send(LogMsg::Entry(entry, on_disk));
             }
@@ -196,5 +212,31 @@ impl<K: Key, V: Value> Server<K, V> {
             }
         }
         newest
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_entry_from_a_frame_body_is_the_encoding_of_its_ops() {
+        for n in [1usize, 3, 200] {
+            let ops: Vec<Op<String, u32>> = (0..n)
+                .map(|i| Op {
+                    ts: i as u64,
+                    kind: OpKind::Insert(vec![(format!("k{i}"), i as u32)]),
+                })
+                .collect();
+            let mut body = Vec::new();
+            for op in &ops {
+                body.extend(postcard::to_stdvec(op).unwrap());
+            }
+            assert_eq!(
+                log_entry(ops.len(), &body).unwrap(),
+                postcard::to_stdvec(&ops).unwrap(),
+                "{n} ops"
+            );
+        }
     }
 }

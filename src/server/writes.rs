@@ -98,7 +98,9 @@ impl<K: Key, V: Value> Server<K, V> {
         self.metrics.writes.increment(accepted_ops.len() as u64);
         let wrote = !accepted_ops.is_empty();
         // With `sync_writes`, the callers also wait for the write-ahead log (`wal.rs`).
-        let replies = self.log_writes(&accepted_ops, replies);
+        debug_assert!(!replicate || count == accepted_ops.len());
+        let encoded = replicate.then_some((count, body.as_slice()));
+        let replies = self.log_writes(&accepted_ops, encoded, replies);
         if !replicate {
             self.apply_local(accepted_ops);
             if wrote {
