@@ -280,8 +280,11 @@ async fn restore_of<K: Key, V: Value>(
             }
         };
         let mut log = Vec::new();
+        let mut torn_tails = 0;
         if p.sync_writes {
-            for (i, e) in p.backend.log_load(name).await?.into_iter().enumerate() {
+            let found = p.backend.log_recover(name).await?;
+            torn_tails = found.torn_tails;
+            for (i, e) in found.entries.into_iter().enumerate() {
                 let ops = postcard::from_bytes(&e).map_err(|e| Error::Persistence {
                     file: format!("log of table {name:?}"),
                     reason: format!("entry {i} does not decode as this table's writes: {e}"),
@@ -289,12 +292,13 @@ async fn restore_of<K: Key, V: Value>(
                 log.push(ops);
             }
         }
-        Ok::<_, Error>((blocks, log))
+        Ok::<_, Error>((blocks, log, torn_tails))
     };
     match loaded.await {
-        Ok((blocks, log)) => Ok(Restored {
+        Ok((blocks, log, torn_tails)) => Ok(Restored {
             blocks,
             log,
+            torn_tails,
             error: None,
         }),
         Err(e) if p.on_restore_error == crate::persistence::OnRestoreError::StartEmpty => {

@@ -1,6 +1,8 @@
 //! Durability on fsync (`PersistOptions::sync_writes`): the write-ahead log of the directory
 //! backend, replayed over the last snapshot at start; nodes as separate processes, SIGKILLed.
 
+#[path = "common/capture.rs"]
+mod capture;
 mod common;
 
 use std::path::Path;
@@ -168,51 +170,94 @@ async fn sigkill_of_every_node_loses_no_acknowledged_write() {
     kill_all(third).await;
 }
 
-/// The last segment of a node's log, cut short by one byte.
-fn truncate_last_segment(dir: &Path) -> std::path::PathBuf {
+/// The newest segment of a node's log.
+fn last_segment(dir: &Path) -> std::path::PathBuf {
     let mut segs: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "wal"))
         .collect();
     segs.sort();
-    let last = segs.pop().expect("a log segment");
-    let data = std::fs::read(&last).unwrap();
-    std::fs::write(&last, &data[..data.len() - 1]).unwrap();
-    last
+    segs.pop().expect("a log segment")
+}
+
+/// Writes `k` (then deletes it), `k2` and `k3` on a node that then vanishes without a final
+/// snapshot (neither shut down nor dropped: a drop stops the tables with one), as after a
+/// crash: the log is all there is, one entry per write, in one segment.
+async fn write_and_crash(dir: &Path) {
+    let (n, _d) = node("n").await;
+    let t: Kv = n.start("t", opts(dir)).await.unwrap();
+    t.insert("k".into(), "v".into()).await.unwrap();
+    t.delete(&"k".to_string()).await.unwrap();
+    t.insert("k2".into(), "v".into()).await.unwrap();
+    t.insert("k3".into(), "v".into()).await.unwrap();
+    let s = t.status().await.unwrap().persistence.unwrap();
+    assert!(s.log_bytes > 8, "{s:?}");
+    std::mem::forget(n);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crash_replays_the_log_and_a_truncated_log_is_an_error_naming_the_segment() {
+async fn a_crash_replays_the_log_and_a_torn_last_entry_is_cut_with_a_warning() {
+    let logs = capture::capture();
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("n");
-    {
-        let (n, _d) = node("n").await;
-        let t: Kv = n.start("t", opts(&dir)).await.unwrap();
-        t.insert("k".into(), "v".into()).await.unwrap();
-        t.delete(&"k".to_string()).await.unwrap();
-        t.insert("k2".into(), "v".into()).await.unwrap();
-        let s = t.status().await.unwrap().persistence.unwrap();
-        assert!(s.log_bytes > 8, "{s:?}");
-        // Neither shut down nor dropped (a drop stops the tables, with a final snapshot): the
-        // log is all there is, as after a crash.
-        std::mem::forget(n);
-    }
-    {
+    write_and_crash(&dir).await;
+    // A crash in the middle of the append of `k3`: its entry lost its last 3 bytes.
+    let seg = last_segment(&dir);
+    let data = std::fs::read(&seg).unwrap();
+    std::fs::write(&seg, &data[..data.len() - 3]).unwrap();
+    for start in 0..2 {
         let (n, _d) = node("n").await;
         let t: Kv = n.start("t", opts(&dir)).await.unwrap();
         assert_eq!(t.get(&"k2".to_string()).as_deref(), Some("v"));
         assert_eq!(t.get(&"k".to_string()), None, "a deleted key stays deleted");
+        assert_eq!(
+            t.get(&"k3".to_string()),
+            None,
+            "the torn entry is not replayed"
+        );
         let s = t.status().await.unwrap().persistence.unwrap();
-        assert_eq!((s.restored, s.log_replayed), (1, 3), "{s:?}");
+        // The first start cuts the tail off the file; the second finds the log whole.
+        let torn = if start == 0 { 1 } else { 0 };
+        assert_eq!(
+            (s.restored, s.log_replayed, s.log_torn_tails),
+            (1, 3, torn),
+            "{s:?}"
+        );
+        assert_eq!(s.last_error, None, "{s:?}");
         std::mem::forget(n);
     }
-    let seg = truncate_last_segment(&dir);
+    let file = seg.display().to_string();
+    assert!(
+        logs.has(
+            "the log ends in an incomplete entry (an append a crash interrupted, never \
+             acknowledged): cut it off",
+            &[("file", &file)]
+        ),
+        "no warning naming {file}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_inside_the_log_is_an_error_naming_the_segment_or_starts_empty() {
+    let _logs = capture::capture();
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("n");
+    write_and_crash(&dir).await;
+    // One byte of the first entry's body (after the magic and its 8-byte header): a complete
+    // entry whose checksum fails, before valid ones, is damage, not a crash.
+    let seg = last_segment(&dir);
+    let mut data = std::fs::read(&seg).unwrap();
+    data[8 + 8 + 1] ^= 0x20;
+    std::fs::write(&seg, &data).unwrap();
     let (n, _d) = node("n").await;
     match n.start::<String, String>("t", opts(&dir)).await {
         Err(Error::Persistence { file, reason }) => {
             assert_eq!(file, seg.display().to_string());
-            assert!(reason.contains("truncated"), "{reason}");
+            assert!(
+                reason.contains("entry 0") && reason.contains("checksum"),
+                "{reason}"
+            );
         }
         other => panic!("expected a persistence error, got {:?}", other.map(|_| ())),
     }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 
 use super::wal::{self, Logs};
-use super::Persistence;
+use super::{LogContents, Persistence};
 use crate::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"CETSSNAP";
@@ -258,7 +258,12 @@ impl Persistence for DirectoryBackend {
     }
 
     async fn log_load(&self, table: &str) -> Result<Vec<Vec<u8>>> {
-        self.log_step(table, wal::load).await
+        Ok(self.log_step(table, wal::load).await?.0)
+    }
+
+    async fn log_recover(&self, table: &str) -> Result<LogContents> {
+        let (entries, torn) = self.log_step(table, wal::load).await?;
+        Ok(LogContents::new(entries).torn_tails(torn))
     }
 }
 

@@ -76,6 +76,40 @@ pub trait Persistence: Send + Sync + 'static {
         let _ = table;
         Ok(Vec::new())
     }
+
+    /// What a start replays: [`Persistence::log_load`], and how many torn tails (an append a
+    /// crash interrupted, never acknowledged) the backend cut off the log to get there. The
+    /// directory backend cuts an incomplete last entry of its newest segment; damage anywhere
+    /// else is an error. Default: `log_load` with no torn tail.
+    async fn log_recover(&self, table: &str) -> Result<LogContents> {
+        Ok(LogContents::new(self.log_load(table).await?))
+    }
+}
+
+/// The log of a table as [`Persistence::log_recover`] found it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LogContents {
+    /// Every entry, oldest first.
+    pub entries: Vec<Vec<u8>>,
+    /// Torn tails cut off (incomplete last entries a crash left; they were never acknowledged).
+    pub torn_tails: u64,
+}
+
+impl LogContents {
+    /// The entries of a log with no torn tail.
+    pub fn new(entries: Vec<Vec<u8>>) -> Self {
+        Self {
+            entries,
+            torn_tails: 0,
+        }
+    }
+
+    /// Says that `n` torn tails were cut off to read the entries.
+    pub fn torn_tails(mut self, n: u64) -> Self {
+        self.torn_tails = n;
+        self
+    }
 }
 
 /// What a node does when a table's snapshot cannot be read at start (corrupt, truncated,
@@ -156,6 +190,10 @@ pub struct PersistStatus {
     pub log_bytes: u64,
     /// Log entries (batches of writes) replayed at start.
     pub log_replayed: u64,
+    /// Torn tails cut off the log at start: incomplete last entries of appends a crash
+    /// interrupted before their fsync (never acknowledged).
+    #[serde(default)]
+    pub log_torn_tails: u64,
     /// The last error (a failed snapshot or log append, or a snapshot or log that could not be
     /// restored); cleared by the next successful snapshot.
     pub last_error: Option<String>,

@@ -7,8 +7,10 @@
 //! cut back to its length before the batch, so a full disk leaves no half entry behind. A cut
 //! closes the open segment (the next append opens a new one, and fsyncs the directory); a drop
 //! removes the segments a snapshot covers. A start never appends to a segment of an earlier
-//! run. A segment with a bad magic, a truncated entry or a checksum mismatch is an error
-//! naming the file.
+//! run. At load, an incomplete entry at the end of the newest segment with nothing valid after
+//! it (an append a crash interrupted, never acknowledged) is cut off with a warning; any other
+//! damage (a bad magic, a complete entry whose checksum fails, an incomplete entry in an older
+//! segment or before a valid one) is an error naming the file.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -111,8 +113,13 @@ pub(super) fn append(dir: &Path, stem: &str, logs: &Logs, entries: &[Vec<u8>]) -
     for e in entries {
         let l = u32::try_from(e.len())
             .ok()
-            .filter(|l| *l <= MAX_ENTRY)
-            .ok_or_else(|| err(&segment(dir, stem, *n), "a log entry over 1 GiB"))?;
+            .filter(|l| *l > 0 && *l <= MAX_ENTRY)
+            .ok_or_else(|| {
+                err(
+                    &segment(dir, stem, *n),
+                    "an empty log entry or one over 1 GiB",
+                )
+            })?;
         buf.extend_from_slice(&l.to_le_bytes());
         buf.extend_from_slice(&crc32(e).to_le_bytes());
         buf.extend_from_slice(e);
@@ -159,89 +166,293 @@ pub(super) fn drop_upto(dir: &Path, stem: &str, logs: &Logs, mark: u64) -> Resul
     Ok(st.bytes)
 }
 
-/// Every entry of the log of `stem`, oldest first.
-pub(super) fn load(dir: &Path, stem: &str, logs: &Logs) -> Result<Vec<Vec<u8>>> {
+/// Every entry of the log of `stem`, oldest first, and the number of torn tails cut off.
+///
+/// A torn tail is an incomplete entry at the end of the newest segment with nothing valid after
+/// it: an append that a crash interrupted before its fsync returned, so never acknowledged. It
+/// is cut off the file (logged as a warning naming the file) and the entries before it are
+/// returned. Any other damage (a complete entry whose checksum fails, an incomplete entry in an
+/// older segment or followed by a valid one, a bad magic) is an error naming the segment.
+pub(super) fn load(dir: &Path, stem: &str, logs: &Logs) -> Result<(Vec<Vec<u8>>, u64)> {
     let segs = segments(dir, stem)?;
     let mut out = Vec::new();
-    for (_, path, _) in &segs {
+    let mut torn_tails = 0;
+    for (i, (_, path, _)) in segs.iter().enumerate() {
         let data = std::fs::read(path).map_err(|e| err(path, e))?;
-        parse(&data, &mut out).map_err(|reason| err(path, reason))?;
+        let Torn { at, why } = match parse(&data, &mut out).map_err(|reason| err(path, reason))? {
+            None => continue,
+            Some(torn) => torn,
+        };
+        if i + 1 < segs.len() {
+            return Err(err(
+                path,
+                format!("{why}, in a segment that is not the newest (damage, not a crash)"),
+            ));
+        }
+        cut_tail(path, at, data.len())?;
+        tracing::warn!(
+            file = %path.display(),
+            bytes = data.len() - at,
+            at,
+            "the log ends in an incomplete entry (an append a crash interrupted, never \
+             acknowledged): cut it off"
+        );
+        torn_tails += 1;
     }
     let mut all = logs.lock().unwrap_or_else(|p| p.into_inner());
     let st = all.entry(stem.to_string()).or_default();
     st.listed = false;
     list(dir, stem, st)?;
-    Ok(out)
+    Ok((out, torn_tails))
 }
 
-fn parse(data: &[u8], out: &mut Vec<Vec<u8>>) -> std::result::Result<(), String> {
+/// Cuts a segment back to its first `at` bytes (a segment without its whole magic is removed)
+/// and makes that durable, so a later start, for which this segment is no longer the newest,
+/// does not find the incomplete entry.
+fn cut_tail(path: &Path, at: usize, len: usize) -> Result<()> {
+    let why = |e: std::io::Error| {
+        err(
+            path,
+            format!("cannot cut the torn tail ({len} bytes to {at}): {e}"),
+        )
+    };
+    if at < MAGIC.len() {
+        std::fs::remove_file(path).map_err(why)?;
+        return path.parent().map_or(Ok(()), sync_dir);
+    }
+    let f = File::options().write(true).open(path).map_err(why)?;
+    f.set_len(at as u64)
+        .and_then(|()| f.sync_all())
+        .map_err(why)
+}
+
+/// Where a segment's last entry is incomplete (`parse`).
+#[derive(Debug, PartialEq)]
+struct Torn {
+    /// The byte the incomplete entry starts at (the valid prefix's length).
+    at: usize,
+    /// What is incomplete, for the log line and for errors.
+    why: String,
+}
+
+/// Parses one segment into `out`. `Ok(None)`: it ends after a complete entry. `Ok(Some(torn))`:
+/// it ends in an incomplete entry (a header cut short, a body shorter than its length, or only
+/// zero bytes where an entry should start) and no valid entry starts after it: an append a crash
+/// interrupted. `Err`: corruption (a bad magic, a complete entry whose checksum fails, a length
+/// no entry has, an incomplete entry followed by a valid one).
+fn parse(data: &[u8], out: &mut Vec<Vec<u8>>) -> std::result::Result<Option<Torn>, String> {
+    if data.len() < MAGIC.len() && MAGIC.starts_with(data) {
+        let why = format!("a segment of {} bytes, its magic incomplete", data.len());
+        return Ok(Some(Torn { at: 0, why }));
+    }
     if data.get(..8) != Some(&MAGIC[..]) {
         return Err("not a cets log segment (bad magic)".into());
     }
-    let u32_at = |at: usize| -> std::result::Result<u32, String> {
-        data.get(at..at + 4)
-            .and_then(|s| s.try_into().ok())
-            .map(u32::from_le_bytes)
-            .ok_or_else(|| format!("truncated at byte {at} of {}", data.len()))
-    };
     let mut at = 8usize;
     let mut i = 0usize;
     while at < data.len() {
-        let len = u32_at(at)?;
-        let crc = u32_at(at + 4)?;
-        if len > MAX_ENTRY {
-            return Err(format!("entry {i} claims {len} bytes"));
-        }
-        let start = at + 8;
-        let body = data
-            .get(start..start + len as usize)
-            .ok_or_else(|| format!("truncated in entry {i} (at byte {at} of {})", data.len()))?;
-        if crc32(body) != crc {
-            return Err(format!("checksum mismatch in entry {i} (at byte {at})"));
-        }
-        out.push(body.to_vec());
-        at = start + len as usize;
-        i += 1;
+        let torn = match entry_at(data, at) {
+            Entry::Valid(body) => {
+                out.push(body.to_vec());
+                at += 8 + body.len();
+                i += 1;
+                continue;
+            }
+            Entry::Corrupt(why) => return Err(format!("entry {i} at byte {at}: {why}")),
+            Entry::Incomplete(why) => format!("entry {i} at byte {at} of {}: {why}", data.len()),
+        };
+        return match (at + 1..data.len()).find(|p| valid_at(data, *p)) {
+            Some(p) => Err(format!("{torn}, but a valid entry follows at byte {p}")),
+            None => Ok(Some(Torn { at, why: torn })),
+        };
     }
-    Ok(())
+    Ok(None)
+}
+
+enum Entry<'a> {
+    Valid(&'a [u8]),
+    /// Ends before the file does (or only zero bytes follow): what is missing.
+    Incomplete(String),
+    Corrupt(String),
+}
+
+/// The entry that starts at byte `at` of `data`.
+fn entry_at(data: &[u8], at: usize) -> Entry<'_> {
+    let rest = &data[at.min(data.len())..];
+    let (Some(len), Some(crc)) = (u32_at(rest, 0), u32_at(rest, 4)) else {
+        return Entry::Incomplete(format!("a header of {} of 8 bytes", rest.len()));
+    };
+    if len == 0 {
+        // An append never writes an empty entry; zeros to the end are an extension of the file
+        // whose bytes never reached the disk.
+        return if rest.iter().all(|b| *b == 0) {
+            Entry::Incomplete(format!("{} zero bytes to the end", rest.len()))
+        } else {
+            Entry::Corrupt("a length of 0 bytes".into())
+        };
+    }
+    if len > MAX_ENTRY {
+        return Entry::Corrupt(format!("a length of {len} bytes"));
+    }
+    let Some(body) = rest.get(8..8 + len as usize) else {
+        return Entry::Incomplete(format!("{} of its {len} bytes", rest.len() - 8));
+    };
+    if crc32(body) != crc {
+        return Entry::Corrupt("checksum mismatch".into());
+    }
+    Entry::Valid(body)
+}
+
+/// Whether a valid entry starts at byte `at` (cheap for most bytes: a length of 0 or past the
+/// end is rejected before any checksum).
+fn valid_at(data: &[u8], at: usize) -> bool {
+    let fits = u32_at(data, at)
+        .is_some_and(|len| len > 0 && len <= MAX_ENTRY && at + 8 + len as usize <= data.len());
+    fits && matches!(entry_at(data, at), Entry::Valid(_))
+}
+
+fn u32_at(data: &[u8], at: usize) -> Option<u32> {
+    data.get(at..at + 4)
+        .and_then(|s| s.try_into().ok())
+        .map(u32::from_le_bytes)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn tmp() -> PathBuf {
+        std::env::temp_dir().join(format!("cets-wal-{}", rand::random::<u64>()))
+    }
+
+    /// A segment holding `entries`, as `append` writes it.
+    fn seg(entries: &[&[u8]]) -> Vec<u8> {
+        let mut d = MAGIC.to_vec();
+        for e in entries {
+            d.extend_from_slice(&(e.len() as u32).to_le_bytes());
+            d.extend_from_slice(&crc32(e).to_le_bytes());
+            d.extend_from_slice(e);
+        }
+        d
+    }
+
+    fn parsed(data: &[u8]) -> (Vec<Vec<u8>>, std::result::Result<Option<Torn>, String>) {
+        let mut out = Vec::new();
+        let r = parse(data, &mut out);
+        (out, r)
+    }
+
     #[test]
-    fn appends_cuts_drops_and_damage() {
-        let dir = std::env::temp_dir().join(format!("cets-wal-{}", rand::random::<u64>()));
+    fn appends_cuts_and_drops() {
+        let dir = tmp();
         let logs = Logs::default();
         append(&dir, "t", &logs, &[b"a".to_vec(), b"bb".to_vec()]).unwrap();
         let mark = cut(&dir, "t", &logs).unwrap();
         let bytes = append(&dir, "t", &logs, &[b"ccc".to_vec()]).unwrap();
         assert_eq!(bytes, 8 + 9 + 10 + 8 + 11);
-        assert_eq!(
-            load(&dir, "t", &Logs::default()).unwrap(),
-            vec![b"a".to_vec(), b"bb".to_vec(), b"ccc".to_vec()]
-        );
+        let (all, torn) = load(&dir, "t", &Logs::default()).unwrap();
+        assert_eq!(all, vec![b"a".to_vec(), b"bb".to_vec(), b"ccc".to_vec()]);
+        assert_eq!(torn, 0);
         assert_eq!(drop_upto(&dir, "t", &logs, mark).unwrap(), 8 + 11);
-        assert_eq!(load(&dir, "t", &logs).unwrap(), vec![b"ccc".to_vec()]);
+        assert_eq!(load(&dir, "t", &logs).unwrap().0, vec![b"ccc".to_vec()]);
         // A later start opens a new segment, never appends to an old one.
         append(&dir, "t", &Logs::default(), &[b"d".to_vec()]).unwrap();
         assert_eq!(segments(&dir, "t").unwrap().len(), 2);
-        let (_, last, _) = segments(&dir, "t").unwrap().pop().unwrap();
-        let mut data = std::fs::read(&last).unwrap();
-        data.pop();
-        std::fs::write(&last, &data).unwrap();
-        let e = load(&dir, "t", &logs).unwrap_err().to_string();
+        // No empty entry is written: the reader takes a length of 0 for damage.
+        assert!(append(&dir, "t", &logs, &[Vec::new()]).is_err());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn an_incomplete_last_entry_with_nothing_valid_after_it_is_a_torn_tail() {
+        let whole = seg(&[b"first", b"second entry"]);
+        let second_at = 8 + 8 + 5;
+        // Cut anywhere inside the last entry: its header or its body.
+        for cut in second_at + 1..whole.len() {
+            let (out, r) = parsed(&whole[..cut]);
+            assert_eq!(out, vec![b"first".to_vec()], "cut at {cut}");
+            assert_eq!(r.unwrap().map(|t| t.at), Some(second_at), "cut at {cut}");
+        }
+        // Cut exactly between entries: nothing is torn.
+        assert_eq!(parsed(&whole[..second_at]).1, Ok(None));
+        // Zero bytes where the next entry should start: an extension never written.
+        let mut zeros = whole.clone();
+        zeros.extend([0u8; 100]);
+        let (out, r) = parsed(&zeros);
+        assert_eq!(out.len(), 2);
+        assert_eq!(r.unwrap().map(|t| t.at), Some(whole.len()));
+        // A segment whose magic a crash cut short.
+        for n in 0..8 {
+            assert_eq!(parsed(&MAGIC[..n]).1.unwrap().map(|t| t.at), Some(0));
+        }
+    }
+
+    #[test]
+    fn a_complete_entry_that_fails_its_checksum_or_damage_before_valid_entries_is_corruption() {
+        let whole = seg(&[b"first", b"second entry", b"third"]);
+        // A byte of the middle entry's body flipped.
+        let mut flipped = whole.clone();
+        flipped[8 + 13 + 8 + 3] ^= 0x40;
+        let e = parsed(&flipped).1.unwrap_err();
         assert!(
-            e.contains("truncated in entry 0") && e.contains(".wal"),
+            e.contains("entry 1") && e.contains("checksum mismatch"),
             "{e}"
         );
-        data.push(0);
-        let n = data.len();
-        data[n - 1] ^= 0xff;
-        std::fs::write(&last, &data).unwrap();
+        // The last entry, complete, but damaged: corruption too.
+        let mut last = whole.clone();
+        let n = last.len();
+        last[n - 1] ^= 1;
+        assert!(parsed(&last).1.unwrap_err().contains("entry 2"));
+        // A length that runs past the end while valid entries follow: not a torn tail.
+        let mut long = whole.clone();
+        long[8 + 13] = 0xff;
+        long[8 + 13 + 1] = 0x10;
+        let e = parsed(&long).1.unwrap_err();
+        assert!(
+            e.contains("entry 1") && e.contains("a valid entry follows"),
+            "{e}"
+        );
+        // A length of zero before non-zero bytes.
+        let mut zero_len = whole.clone();
+        zero_len[8 + 13..8 + 13 + 4].copy_from_slice(&[0; 4]);
+        assert!(parsed(&zero_len).1.unwrap_err().contains("length of 0"));
+        assert!(parsed(b"garbage!....").1.unwrap_err().contains("magic"));
+    }
+
+    #[test]
+    fn load_cuts_the_torn_tail_of_the_newest_segment_only() {
+        let dir = tmp();
+        let logs = Logs::default();
+        append(&dir, "t", &logs, &[b"a".to_vec()]).unwrap();
+        cut(&dir, "t", &logs).unwrap();
+        append(&dir, "t", &logs, &[b"bb".to_vec(), b"ccc".to_vec()]).unwrap();
+        let segs = segments(&dir, "t").unwrap();
+        let (old, new) = (&segs[0].1, &segs[1].1);
+        let data = std::fs::read(new).unwrap();
+        std::fs::write(new, &data[..data.len() - 2]).unwrap();
+        let (all, torn) = load(&dir, "t", &Logs::default()).unwrap();
+        assert_eq!((all, torn), (vec![b"a".to_vec(), b"bb".to_vec()], 1));
+        // The tail is cut on disk: the next start (for which that segment is no longer the
+        // newest) finds no damage.
+        assert_eq!(std::fs::read(new).unwrap(), seg(&[b"bb"]));
+        let logs = Logs::default();
+        append(&dir, "t", &logs, &[b"dddd".to_vec()]).unwrap();
+        assert_eq!(load(&dir, "t", &logs).unwrap().1, 0);
+        // An incomplete entry in an older segment is damage, named by its file.
+        let data = std::fs::read(old).unwrap();
+        std::fs::write(old, &data[..data.len() - 1]).unwrap();
         let e = load(&dir, "t", &logs).unwrap_err().to_string();
-        assert!(e.contains("checksum mismatch"), "{e}");
+        assert!(
+            e.contains(&old.display().to_string()) && e.contains("not the newest"),
+            "{e}"
+        );
+        // A newest segment a crash left empty (created, magic not yet written) is removed.
+        std::fs::write(old, &data).unwrap();
+        let empty = segment(&dir, "t", 99);
+        std::fs::write(&empty, b"").unwrap();
+        let (all, torn) = load(&dir, "t", &logs).unwrap();
+        assert_eq!((all.len(), torn), (3, 1));
+        assert!(!empty.exists());
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -21,6 +21,8 @@ pub(crate) struct Restored<K, V> {
     pub blocks: Vec<SnapBlock<K, V>>,
     /// The write-ahead log's entries, oldest first: each a batch of this node's writes.
     pub log: Vec<Vec<Op<K, V>>>,
+    /// Torn tails the backend cut off the log (`PersistStatus::log_torn_tails`).
+    pub torn_tails: u64,
     /// The error that made the node start empty instead, if any.
     pub error: Option<String>,
 }
@@ -30,6 +32,7 @@ impl<K, V> Default for Restored<K, V> {
         Self {
             blocks: Vec::new(),
             log: Vec::new(),
+            torn_tails: 0,
             error: None,
         }
     }
@@ -53,8 +56,14 @@ impl<K: Key, V: Value> Server<K, V> {
     /// stay out. Returns the number of records restored.
     /// Then replays the write-ahead log (`replay`), and starts the log task.
     pub(super) fn restore(&mut self, restored: Restored<K, V>) {
-        let Restored { blocks, log, error } = restored;
+        let Restored {
+            blocks,
+            log,
+            torn_tails,
+            error,
+        } = restored;
         self.persist.status.last_error = error;
+        self.persist.status.log_torn_tails = torn_tails;
         let cluster = self.cluster_owned();
         let (floor, from) = (self.retention_floor(), self.shared.live_from());
         let mut recs = Vec::new();
