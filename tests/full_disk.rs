@@ -1,14 +1,20 @@
 //! A full disk under persistence: a small tmpfs (needs root, as CI runs; skipped with a message
 //! where mounting is not permitted). Writes, reads and replication go on, the status reports
-//! the error, a durable write fails naming the log, and all recovers once space frees.
+//! the error, a durable write fails naming the log, and all recovers once space frees. And a
+//! log backend that keeps failing: retried with back-off, not once per write.
 
+#[path = "common/capture.rs"]
+mod capture;
 mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cets::persistence::{DirectoryBackend, PersistOptions};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use cets::persistence::{DirectoryBackend, PersistOptions, Persistence};
 use cets::{Error, Table, TableOptions};
 use common::*;
 
@@ -58,6 +64,7 @@ async fn persist_status(t: &Kv) -> cets::persistence::PersistStatus {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_is_reported_writes_and_replication_go_on_and_it_recovers() {
+    let _logs = capture::capture();
     let Some(fs) = Tmpfs::mount("1m") else {
         println!("SKIPPED: cannot mount a tmpfs here (needs root); the full-disk test did not run");
         return;
@@ -123,7 +130,13 @@ async fn a_full_disk_is_reported_writes_and_replication_go_on_and_it_recovers() 
         }
     })
     .await;
-    a_sync.insert("after".into(), "v".into()).await.unwrap();
+    // The log's appends resume once their back-off (at most 5 s) has run out.
+    let ts = a_sync.clone();
+    eventually(WAIT, "a durable write accepted after space freed", || {
+        let t = ts.clone();
+        async move { t.insert("after".into(), "v".into()).await.is_ok() }
+    })
+    .await;
     let ts = a_sync.clone();
     eventually(
         WAIT,
@@ -135,4 +148,138 @@ async fn a_full_disk_is_reported_writes_and_replication_go_on_and_it_recovers() 
     )
     .await;
     drop(fs);
+}
+
+/// The directory backend, with log appends that fail while `fail` is set; counts the appends
+/// that reach it.
+#[derive(Clone)]
+struct FailingLog {
+    inner: DirectoryBackend,
+    fail: Arc<AtomicBool>,
+    appends: Arc<AtomicU64>,
+}
+
+#[async_trait::async_trait]
+impl Persistence for FailingLog {
+    async fn save(&self, table: &str, blocks: Vec<Vec<u8>>) -> cets::Result<u64> {
+        self.inner.save(table, blocks).await
+    }
+    async fn load(&self, table: &str) -> cets::Result<Option<Vec<Vec<u8>>>> {
+        self.inner.load(table).await
+    }
+    fn has_log(&self) -> bool {
+        true
+    }
+    async fn log_append(&self, table: &str, entries: Vec<Vec<u8>>) -> cets::Result<u64> {
+        self.appends.fetch_add(1, Ordering::SeqCst);
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(Error::Persistence {
+                file: format!("{table}.wal"),
+                reason: "No space left on device (injected)".into(),
+            });
+        }
+        self.inner.log_append(table, entries).await
+    }
+    async fn log_cut(&self, table: &str) -> cets::Result<u64> {
+        self.inner.log_cut(table).await
+    }
+    async fn log_drop(&self, table: &str, mark: u64) -> cets::Result<u64> {
+        self.inner.log_drop(table, mark).await
+    }
+    async fn log_load(&self, table: &str) -> cets::Result<Vec<Vec<u8>>> {
+        self.inner.log_load(table).await
+    }
+}
+
+/// The most appends a log whose back-off starts at 100 ms and doubles up to 5 s can try in
+/// `elapsed`: the first, and one more each time a back-off has run out.
+fn most_tries(elapsed: Duration) -> u64 {
+    let (mut tries, mut at, mut backoff) = (1, Duration::ZERO, Duration::from_millis(100));
+    loop {
+        at += backoff;
+        if at > elapsed {
+            return tries;
+        }
+        tries += 1;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_log_is_retried_with_back_off_while_writes_and_replication_go_on() {
+    let logs = capture::capture();
+    let dir = tempfile::tempdir().unwrap();
+    let backend = FailingLog {
+        inner: DirectoryBackend::new(dir.path()),
+        fail: Arc::default(),
+        appends: Arc::default(),
+    };
+    let nodes = cluster(&["a", "b"]).await;
+    let sync = TableOptions::set()
+        .persist(PersistOptions::new(backend.clone(), Duration::from_secs(3600)).sync_writes(true));
+    let a: Kv = nodes[0].0.start("flaky", sync).await.unwrap();
+    let b: Kv = nodes[1]
+        .0
+        .start("flaky", TableOptions::set())
+        .await
+        .unwrap();
+    joined(&[&a, &b]).await;
+    a.insert("before".into(), "v".into()).await.unwrap();
+
+    backend.fail.store(true, Ordering::SeqCst);
+    let tries_before = backend.appends.load(Ordering::SeqCst);
+    let t0 = std::time::Instant::now();
+    const WRITES: usize = 200;
+    for i in 0..WRITES {
+        match a.insert(format!("k{i}"), "v".into()).await {
+            Err(Error::Persistence { file, reason }) => {
+                assert!(
+                    file.ends_with(".wal") && reason.contains("No space"),
+                    "{file}: {reason}"
+                )
+            }
+            other => panic!("write {i}: expected a persistence error, got {other:?}"),
+        }
+    }
+    let elapsed = t0.elapsed();
+    let tries = backend.appends.load(Ordering::SeqCst) - tries_before;
+    // Each write failed, but the disk was tried only when a back-off had run out.
+    assert!(
+        tries <= most_tries(elapsed),
+        "{tries} appends tried for {WRITES} writes in {elapsed:?}"
+    );
+    // One warning for the failure, not one per write (the error stayed the same).
+    let warned = logs.count("log append failed", &[("error", "persistence: flaky.wal*")]);
+    assert_eq!(warned, 1, "warnings of the failing log");
+    // Replication and reads went on: every failed write is applied and on the peer.
+    assert_eq!(a.get(&"k199".to_string()).as_deref(), Some("v"));
+    let tb = b.clone();
+    eventually(WAIT, "the failed writes replicated", || {
+        let t = tb.clone();
+        async move { t.get(&"k199".to_string()).is_some() }
+    })
+    .await;
+    let s = a.status().await.unwrap().persistence.unwrap();
+    assert!(
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("No space")),
+        "{s:?}"
+    );
+
+    // The disk frees: a write goes through once the back-off runs out, and the error clears.
+    backend.fail.store(false, Ordering::SeqCst);
+    let ta = a.clone();
+    eventually(
+        WAIT,
+        "a durable write accepted after the disk freed",
+        || {
+            let t = ta.clone();
+            async move { t.insert("after".into(), "v".into()).await.is_ok() }
+        },
+    )
+    .await;
+    let s = a.status().await.unwrap().persistence.unwrap();
+    assert_eq!(s.last_error, None, "{s:?}");
+    assert!(logs.has("log appends work again", &[]));
 }

@@ -2,7 +2,9 @@
 //! server hands each batch of its own writes, encoded, to a log task and gives the callers'
 //! replies to a waiter that answers once both the members' acks and the fsync are in. The log
 //! task appends whatever has queued meanwhile with one call (group commit: one fsync per
-//! batch of batches). The server never waits for the disk; reads never touch it.
+//! batch of batches). The server never waits for the disk; reads never touch it. A failed
+//! append pauses the appends for a back-off (100 ms, doubling up to 5 s): groups queued
+//! meanwhile fail at once with the same error, and one warning is logged per new error.
 
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 
@@ -61,6 +63,21 @@ pub(super) fn copy_error(table: &str, e: &Error) -> Error {
     }
 }
 
+/// First pause of the appends after a failed one; doubled per failure up to `MAX_BACKOFF`.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A log whose appends fail (a full disk, a directory gone read-only): until `retry_at`, groups
+/// fail at once with the last error instead of touching the disk again.
+struct Failing {
+    error: Error,
+    since: Instant,
+    retry_at: Instant,
+    backoff: Duration,
+    /// Appends tried and failed since `since`.
+    failures: u64,
+}
+
 async fn run(
     p: PersistOptions,
     table: String,
@@ -69,6 +86,7 @@ async fn run(
     error: Arc<std::sync::Mutex<Option<String>>>,
 ) {
     let mut next: Option<LogMsg> = None;
+    let mut failing: Option<Failing> = None;
     loop {
         let first = match next.take() {
             Some(m) => m,
@@ -99,6 +117,15 @@ async fn run(
                 Err(_) => break,
             }
         }
+        // While the back-off runs, the group fails without touching the disk: a failing disk
+        // costs neither a spin of retries nor a log line per write.
+        if let Some(f) = failing.as_ref().filter(|f| Instant::now() < f.retry_at) {
+            tracing::debug!(writes = replies.len(), "log appends paused after a failure");
+            for r in replies {
+                let _ = r.send(Err(copy_error(&table, &f.error)));
+            }
+            continue;
+        }
         let appended = p.backend.log_append(&table, entries).await;
         let mut last = error.lock().unwrap_or_else(|p| p.into_inner());
         match appended {
@@ -106,14 +133,53 @@ async fn run(
                 bytes.store(b, AtomicOrdering::Relaxed);
                 *last = None;
                 drop(last);
+                if let Some(f) = failing.take() {
+                    tracing::info!(
+                        failures = f.failures,
+                        after = ?f.since.elapsed(),
+                        "log appends work again"
+                    );
+                }
                 for r in replies {
                     let _ = r.send(Ok(()));
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, writes = replies.len(), "log append failed");
                 *last = Some(e.to_string());
                 drop(last);
+                let now = Instant::now();
+                let f = match failing.take() {
+                    Some(mut f) => {
+                        f.backoff = (f.backoff * 2).min(MAX_BACKOFF);
+                        f.failures += 1;
+                        if f.error.to_string() != e.to_string() {
+                            tracing::warn!(error = %e, retry_in = ?f.backoff, "log append failed");
+                        } else {
+                            tracing::debug!(error = %e, retry_in = ?f.backoff, "log append failed again");
+                        }
+                        f.error = copy_error(&table, &e);
+                        f
+                    }
+                    None => {
+                        tracing::warn!(
+                            error = %e,
+                            writes = replies.len(),
+                            retry_in = ?FIRST_BACKOFF,
+                            "log append failed"
+                        );
+                        Failing {
+                            error: copy_error(&table, &e),
+                            since: now,
+                            retry_at: now,
+                            backoff: FIRST_BACKOFF,
+                            failures: 1,
+                        }
+                    }
+                };
+                failing = Some(Failing {
+                    retry_at: now + f.backoff,
+                    ..f
+                });
                 for r in replies {
                     let _ = r.send(Err(copy_error(&table, &e)));
                 }

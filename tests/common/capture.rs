@@ -20,18 +20,28 @@ impl Logs {
     /// Whether an event with this message was logged with every one of `fields`, given as
     /// `("name", "value")`; a value ending in `*` matches any value with that prefix.
     pub fn has(&self, message: &str, fields: &[(&str, &str)]) -> bool {
-        self.0.lock().unwrap().iter().any(|line| {
-            line.message == message
-                && fields.iter().all(|(name, want)| {
-                    line.fields.iter().any(|(n, v)| {
-                        n == name
-                            && match want.strip_suffix('*') {
-                                Some(prefix) => v.starts_with(prefix),
-                                None => v == want,
-                            }
+        self.count(message, fields) > 0
+    }
+
+    /// How many events with this message were logged with every one of `fields` (as `has`).
+    pub fn count(&self, message: &str, fields: &[(&str, &str)]) -> usize {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| {
+                line.message == message
+                    && fields.iter().all(|(name, want)| {
+                        line.fields.iter().any(|(n, v)| {
+                            n == name
+                                && match want.strip_suffix('*') {
+                                    Some(prefix) => v.starts_with(prefix),
+                                    None => v == want,
+                                }
+                        })
                     })
-                })
-        })
+            })
+            .count()
     }
 }
 
