@@ -1,5 +1,5 @@
 //! The digest of a table's contents, kept up to date by every change of the local store, for
-//! anti-entropy (ALGORITHM.md, section 15; the exchange is in `server/anti_entropy.rs`).
+//! anti-entropy (ALGORITHM.md, section 15; the exchange is in `server/anti_entropy/`).
 //!
 //! Records fall into [`BUCKETS`] buckets by the hash of their key. Each bucket keeps the
 //! wrapping sum of the hashes of its records and their count. A sum does not depend on the

@@ -26,7 +26,7 @@
 //! (`server/`; writes in `server/writes.rs`), which applies them, batches them into one frame,
 //! and queues it to every member's QUIC stream (`transport/`); the peer's server applies the
 //! batch and acknowledges.
-//! Joins are in `join.rs` and described in `ALGORITHM.md`.
+//! Joins are in `join/` and described in `ALGORITHM.md`.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]

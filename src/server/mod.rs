@@ -22,7 +22,10 @@
 //! - `links`: the table streams to and from each peer, their reader and writer tasks;
 //! - `apply`: applying a write, local or replicated (newer wins, tombstones, owners);
 //! - `node_down`: dropping a departed member's records and releasing what named it;
-//! - `participant` and `coordinator`: the two sides of a join (with `crate::join`);
+//! - `participant` (one file per join request) and `coordinator`: the two sides of a join
+//!   (with `crate::join`);
+//! - `anti_entropy`: digest rounds, the comparison, the decision and the repair, and the
+//!   comparison at a cut;
 //! - `housekeeping`: the tick (leases, ack timeouts, tombstones, expiry, view checks) and status.
 
 use std::cmp::Ordering;
@@ -326,7 +329,7 @@ pub(crate) struct Server<K, V> {
     metrics: TableMetrics,
     /// Snapshots (`TableOptions::persist`).
     persist: persist::PersistState,
-    /// Anti-entropy: rounds, what each member applied, what was repaired (`anti_entropy.rs`).
+    /// Anti-entropy: rounds, what each member applied, what was repaired (`anti_entropy/`).
     ae: anti_entropy::AntiEntropy,
     /// `insert_new` calls forwarded to the leader, or served as the leader (`claims.rs`).
     claims: claims::Claims<K, V>,
@@ -361,7 +364,6 @@ impl Extend<u8> for Append<'_> {
     }
 }
 
-mod ae_cut;
 mod anti_entropy;
 mod apply;
 mod claims;

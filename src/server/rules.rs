@@ -1,6 +1,6 @@
 //! The newer-wins rule (ALGORITHM.md, "Convergence") as pure functions of stamps and values,
 //! so that each case is unit-tested without a server or a socket. `apply.rs`, `cluster.rs`
-//! (joins) and `anti_entropy.rs` (repairs) decide with these and nothing else.
+//! (joins) and `anti_entropy/` (repairs) decide with these and nothing else.
 //!
 //! A stamp is `(timestamp, owner identity)`; it orders versions of a key the same on every
 //! node. `None` as the identity (an owner index no longer interned) sorts first.

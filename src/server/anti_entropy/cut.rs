@@ -1,7 +1,7 @@
 //! Anti-entropy for a table that is never at rest: the comparison at a cut (ALGORITHM.md,
 //! section 15.4).
 //!
-//! A digest is compared as it is (`anti_entropy.rs`) only when both sides have applied the
+//! A digest is compared as it is (`compare.rs`) only when both sides have applied the
 //! same writes, and under writes that never pause that is never. Then the member with the
 //! smaller name compares at a cut instead: it sends its buckets (`AeMsg::CutBuckets`), the
 //! other lists the entries of the buckets that differ (`AeMsg::CutEntries`) with two stamps,
@@ -16,13 +16,13 @@
 //! A write applied on one side before the first look is then applied on both by the second,
 //! so a difference that survived it is no write in flight: it is a divergence.
 
-use super::*;
 use crate::digest::{self, bucket_of, key_hash, BUCKETS};
 use crate::proto::{AeEntry, AeMsg};
+use crate::server::*;
 
 /// What the comparison at a cut knows of one member.
 #[derive(Default)]
-pub(super) struct Cut {
+pub(in crate::server) struct Cut {
     id: Option<NodeId>,
     /// When this server last asked the member for a comparison at a cut.
     asked: Option<Instant>,
@@ -44,7 +44,7 @@ struct Pending {
 }
 
 /// The two stamps of a comparison at a cut, both sides taken together.
-pub(super) struct CutStamps {
+pub(in crate::server) struct CutStamps {
     /// Every write stamped below it has been applied on both sides.
     pub(super) stable: u64,
     /// No write applied on either side is stamped above it.
@@ -71,7 +71,7 @@ impl<K: Key, V: Value> Server<K, V> {
     }
 
     /// Comparisons at a cut made with a member (status).
-    pub(super) fn ae_cut_rounds(&self, key: OwnerIdx, id: &NodeId) -> u64 {
+    pub(in crate::server) fn ae_cut_rounds(&self, key: OwnerIdx, id: &NodeId) -> u64 {
         self.ae
             .cuts
             .get(&key)
@@ -93,7 +93,7 @@ impl<K: Key, V: Value> Server<K, V> {
 
     /// A member's digest could not be compared (writes in flight): the smaller-named side
     /// starts a comparison at a cut, at most once per interval.
-    pub(super) fn ae_cut_digest(
+    pub(in crate::server) fn ae_cut_digest(
         &mut self,
         key: OwnerIdx,
         peer: &NodeId,
@@ -133,7 +133,7 @@ impl<K: Key, V: Value> Server<K, V> {
     /// The other side: lists the entries of the buckets that differ, those the asker named
     /// first, then the others from a random start (so that under writes, which make many
     /// buckets differ for a moment, every bucket gets its turn within the budget).
-    pub(super) fn ae_on_cut_buckets(
+    pub(in crate::server) fn ae_on_cut_buckets(
         &mut self,
         key: OwnerIdx,
         view: u64,
@@ -172,7 +172,7 @@ impl<K: Key, V: Value> Server<K, V> {
 
     /// The asker: the member's entries, to compare at the cut.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn ae_on_cut_entries(
+    pub(in crate::server) fn ae_on_cut_entries(
         &mut self,
         key: OwnerIdx,
         peer: &NodeId,
@@ -197,7 +197,7 @@ impl<K: Key, V: Value> Server<K, V> {
     /// Called by `ae_decide` in a comparison at a cut, with the entries of both sides by unit
     /// (key, or key and object): leaves in the maps only the differences this comparison
     /// confirms (found by the last one too, past the cut), and keeps the others for the next.
-    pub(super) fn ae_cut_filter(
+    pub(in crate::server) fn ae_cut_filter(
         &mut self,
         key: OwnerIdx,
         (view, stamps): (u64, CutStamps),

@@ -1,0 +1,182 @@
+//! Step 6 of a join (ALGORITHM.md, section 9.2): the sources' dumps, checked chunk by chunk
+//! (`check_chunk`, `check_tombstones`) and, for a central merge, gathered per key (`collect`).
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::decide::{Version, Versions};
+use super::lock::Lease;
+use super::{Group, JoinCtx};
+use crate::membership::NodeId;
+use crate::ownership::is_writer_id;
+use crate::proto::{JoinRep, JoinReq, WireRecord, WireTombstone};
+use crate::table::{Key, Value};
+use crate::Result;
+
+/// What the dumps of a central merge brought.
+pub(super) struct Dumps<K, V> {
+    /// The owners the versions index.
+    pub(super) owners: Vec<NodeId>,
+    /// Every version of every key, with the source that holds it.
+    pub(super) versions: HashMap<K, Versions<V>, foldhash::fast::RandomState>,
+    /// Every source's tombstones (cluster-owned tables).
+    pub(super) tombs: Vec<TombstoneChunk<K>>,
+}
+
+/// Asks every source of `groups` for its dump of the records of `dumped`, one after the other,
+/// and gathers the versions per key, renewing the lease with each chunk.
+pub(super) async fn collect<K: Key, V: Value>(
+    ctx: &JoinCtx<K, V>,
+    join: u64,
+    groups: &[Group],
+    dumped: &[NodeId],
+    sizes: &BTreeMap<NodeId, u64>,
+    lease: &mut Lease,
+) -> Result<Dumps<K, V>> {
+    let mut owners: Vec<NodeId> = Vec::new();
+    let mut owner_idx: HashMap<NodeId, u32> = HashMap::new();
+    // Sized once from what the sources said they hold (capped: the figure comes from the network).
+    let expected: u64 = groups.iter().filter_map(|(src, _)| sizes.get(src)).sum();
+    let mut versions: HashMap<K, Versions<V>, foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(expected.min(1 << 21) as usize, Default::default());
+    let mut tombs: Vec<TombstoneChunk<K>> = Vec::new();
+    for (src_i, (src, _)) in groups.iter().enumerate() {
+        let mut rx = ctx.request(
+            src,
+            JoinReq::Dump {
+                join,
+                alive: dumped.to_vec(),
+            },
+        );
+        loop {
+            match ctx.next(src, &mut rx).await? {
+                JoinRep::Chunk {
+                    owners: chunk_owners,
+                    records,
+                    last,
+                } => {
+                    if let Err(why) =
+                        check_chunk(&chunk_owners, &records, last, dumped, ctx.cluster)
+                    {
+                        return Err(ctx.fail(src, why));
+                    }
+                    let map: Vec<u32> = chunk_owners
+                        .into_iter()
+                        .map(|id| {
+                            *owner_idx.entry(id.clone()).or_insert_with(|| {
+                                owners.push(id);
+                                (owners.len() - 1) as u32
+                            })
+                        })
+                        .collect();
+                    for rec in records {
+                        ctx.clock.observe_from(&src.name, rec.ts);
+                        let Some(&owner) = map.get(rec.owner as usize) else {
+                            continue;
+                        };
+                        let v = (
+                            src_i,
+                            Version {
+                                value: rec.value,
+                                ts: rec.ts,
+                                owner,
+                                ttl: rec.ttl,
+                            },
+                        );
+                        match versions.entry(rec.key) {
+                            std::collections::hash_map::Entry::Occupied(mut e) => {
+                                e.get_mut().rest.push(v)
+                            }
+                            std::collections::hash_map::Entry::Vacant(e) => {
+                                e.insert(Versions {
+                                    first: v,
+                                    rest: Vec::new(),
+                                });
+                            }
+                        }
+                    }
+                    lease.renew(ctx);
+                    if last {
+                        break;
+                    }
+                }
+                JoinRep::Tombstones { owners, tombstones } => {
+                    check_tombstones(ctx, &owners, &tombstones).map_err(|w| ctx.fail(src, w))?;
+                    tombs.push((owners, tombstones));
+                    lease.renew(ctx);
+                }
+                JoinRep::Refused { reason } => return Err(ctx.fail(src, reason)),
+                _ => return Err(ctx.fail(src, "unexpected reply to Dump")),
+            }
+        }
+    }
+    Ok(Dumps {
+        owners,
+        versions,
+        tombs,
+    })
+}
+
+/// What a dump chunk must be. Records, unless it is the last: each chunk renews the join's
+/// lease, so empty ones could keep the tables paused for as long as a source sends them. Owners
+/// among those the dump was asked for only (the join's nodes; `send_dump` names no other), as
+/// the coordinator keeps every name it is given. (The bytes of one dump are bounded where replies
+/// arrive, by `max_link_queue_bytes`: `Server::on_peer_msg`.)
+pub(super) fn check_chunk<K, V>(
+    owners: &[NodeId],
+    records: &[WireRecord<K, V>],
+    last: bool,
+    everyone: &[NodeId],
+    cluster: bool,
+) -> std::result::Result<(), &'static str> {
+    if records.is_empty() && !last {
+        return Err("an empty dump chunk that is not the last");
+    }
+    let named = |o: &NodeId| everyone.contains(o) || (cluster && is_writer_id(o));
+    if owners.iter().any(|o| !named(o)) {
+        return Err("a dump chunk names an owner outside the join");
+    }
+    Ok(())
+}
+
+/// A chunk of a source's tombstones: its owner list and the tombstones that index it.
+pub(super) type TombstoneChunk<K> = (Vec<NodeId>, Vec<WireTombstone<K>>);
+
+/// What a tombstone chunk must be: of a cluster-owned table, not empty, naming writer names only.
+pub(super) fn check_tombstones<K, V>(
+    ctx: &JoinCtx<K, V>,
+    owners: &[NodeId],
+    tombstones: &[WireTombstone<K>],
+) -> std::result::Result<(), &'static str> {
+    if !ctx.cluster {
+        return Err("tombstones in the dump of a node-owned table");
+    }
+    if tombstones.is_empty() {
+        return Err("an empty tombstone chunk");
+    }
+    if owners.iter().any(|o| !is_writer_id(o)) {
+        return Err("a tombstone chunk names an owner that is not a writer name");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::join::lock::tests::ids;
+
+    #[test]
+    fn a_dump_chunk_brings_records_unless_last_and_names_owners_of_the_join() {
+        let everyone = ids(&["a", "b"]);
+        let rec = || WireRecord {
+            key: 1u64,
+            value: 2u64,
+            ts: 3,
+            owner: 0,
+            ttl: 0,
+        };
+        assert!(check_chunk(&ids(&["a"]), &[rec()], false, &everyone, false).is_ok());
+        assert!(check_chunk::<u64, u64>(&[], &[], true, &everyone, false).is_ok());
+        assert!(check_chunk::<u64, u64>(&ids(&["a"]), &[], false, &everyone, false).is_err());
+        assert!(check_chunk(&ids(&["a", "z"]), &[rec()], true, &everyone, false).is_err());
+    }
+}
