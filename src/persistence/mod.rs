@@ -1,4 +1,5 @@
-//! Persistence of tables: a backend trait and the built-in directory backend.
+//! Persistence of tables: a backend trait, the built-in directory backend, and (cargo feature
+//! `postgres`) a PostgreSQL backend for nodes whose disk does not outlive them.
 //!
 //! A table started with [`crate::TableOptions::persist`] is snapshotted by its table server every
 //! interval: the server copies its records (and, in a cluster-owned table, its tombstones) and
@@ -11,6 +12,8 @@
 //! replication and reads go on.
 
 mod dir;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod snapshot;
 mod wal;
 
@@ -20,7 +23,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use dir::DirectoryBackend;
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresBackend;
 pub(crate) use snapshot::{decode_blocks, SnapBlock, SnapRecord, SnapTombstone};
+/// The PostgreSQL client [`PostgresBackend`] uses (cargo feature `postgres`), for
+/// [`PostgresBackend::from_config`].
+#[cfg(feature = "postgres")]
+pub use tokio_postgres;
 
 use crate::Result;
 
