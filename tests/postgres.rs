@@ -2,20 +2,18 @@
 //! against a real server: the URL comes from `CETS_TEST_POSTGRES_URL` (`.ci/postgres` starts
 //! one). Without it every test prints `SKIPPED` and passes, unless `CETS_POSTGRES_REQUIRED=1`
 //! (as `.ci/run` sets), when it fails. Each test uses tables of its own name, so tests (and
-//! earlier runs) sharing the database do not see each other's rows.
+//! earlier runs) sharing the database do not see each other's rows. The test that stops the
+//! database while nodes run starts a server of its own with `.ci/postgres` (PostgreSQL's
+//! binaries must be installed where the test runs).
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cets::persistence::{tokio_postgres, PersistOptions, Persistence, PostgresBackend};
 use cets::{Error, Node, Table, TableOptions};
 use common::*;
-use tokio::net::{TcpListener, TcpStream};
 
 type Kv = Table<String, String>;
 
@@ -328,80 +326,76 @@ async fn every_node_sigkilled_restores_its_records_from_postgres() {
     }
 }
 
-/// A TCP proxy in front of the server that a test can take down (every connection cut, new
-/// ones closed at once) and bring back: the database as a node sees it when it stops.
-struct Proxy {
-    addr: SocketAddr,
-    up: Arc<AtomicBool>,
-    open: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+/// A PostgreSQL server of this test's own (`.ci/postgres`, in a temporary directory), which
+/// it stops and starts again while nodes use it; stopped and removed when dropped.
+struct OwnServer {
+    dir: tempfile::TempDir,
+    url: String,
 }
 
-impl Proxy {
-    async fn start(target: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let up = Arc::new(AtomicBool::new(true));
-        let open: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (up2, open2) = (up.clone(), open.clone());
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if !up2.load(Ordering::SeqCst) {
-                    continue; // dropped: closed at once
-                }
-                let task = tokio::spawn(async move {
-                    if let Ok(mut out) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                    }
-                });
-                open2.lock().unwrap().push(task.abort_handle());
-            }
-        });
-        Proxy { addr, up, open }
+impl OwnServer {
+    fn script() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/postgres")
     }
 
-    fn down(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        for t in self.open.lock().unwrap().drain(..) {
-            t.abort();
+    async fn ctl(&self, what: &str) {
+        let st = tokio::process::Command::new(Self::script())
+            .args([what, &self.dir.path().display().to_string()])
+            .status()
+            .await
+            .unwrap();
+        assert!(st.success(), ".ci/postgres {what} failed");
+    }
+
+    /// Starts one, or says why not (needs PostgreSQL's binaries, and root or a user that may
+    /// run them).
+    async fn start() -> std::result::Result<OwnServer, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("cets-pg-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let out = tokio::process::Command::new(Self::script())
+            .args(["start", &dir.path().display().to_string()])
+            .output()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
+        let url = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Ok(OwnServer { dir, url })
     }
+}
 
-    fn up(&self) {
-        self.up.store(true, Ordering::SeqCst);
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(Self::script())
+            .args(["stop", &self.dir.path().display().to_string()])
+            .status();
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_database_down_is_in_the_status_writes_go_on_and_it_recovers() {
-    let Some(url) = url() else { return };
-    let (t, durable_t) = (fresh_table(), fresh_table());
-    let config: tokio_postgres::Config = url.parse().unwrap();
-    let host = match &config.get_hosts()[0] {
-        tokio_postgres::config::Host::Tcp(h) => h.clone(),
-        #[allow(unreachable_patterns)]
-        _ => panic!("CETS_TEST_POSTGRES_URL must name a TCP host for this test"),
+async fn the_database_stopped_is_in_the_status_writes_go_on_and_it_recovers() {
+    if url().is_none() {
+        return;
+    }
+    // Its own server: stopping the shared one would fail the other tests meanwhile.
+    let server = match OwnServer::start().await {
+        Ok(s) => s,
+        Err(why) => {
+            assert!(
+                std::env::var("CETS_POSTGRES_REQUIRED").as_deref() != Ok("1"),
+                "CETS_POSTGRES_REQUIRED=1 but .ci/postgres could not start a server: {why}"
+            );
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED: no server of its own: {why}");
+            return;
+        }
     };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let target = tokio::net::lookup_host((host.as_str(), port))
-        .await
-        .unwrap()
-        .next()
-        .unwrap();
-    let proxy = Proxy::start(target).await;
-    // The same server, user and database, through the proxy (`Config::host` adds a host).
-    let mut via = tokio_postgres::Config::new();
-    via.host(proxy.addr.ip().to_string())
-        .port(proxy.addr.port());
-    if let Some(u) = config.get_user() {
-        via.user(u);
-    }
-    if let Some(d) = config.get_dbname() {
-        via.dbname(d);
-    }
-    if let Some(p) = config.get_password() {
-        via.password(p);
-    }
-    let a_backend = PostgresBackend::from_config(via, "a").unwrap();
+    let url = server.url.clone();
+    let (t, durable_t) = (fresh_table(), fresh_table());
+    let a_backend = backend(&url, "a");
 
     let nodes = common::cluster(&["a", "b"]).await;
     let every = Duration::from_millis(50);
@@ -428,7 +422,7 @@ async fn the_database_down_is_in_the_status_writes_go_on_and_it_recovers() {
     ad.insert("before".into(), "1".into()).await.unwrap();
     snapshot_taken(&a).await;
 
-    proxy.down();
+    server.ctl("pause").await; // pg_ctl stop -m fast
     let a2 = a.clone();
     eventually(WAIT, "the failed snapshot is in the status", || {
         let t = a2.clone();
@@ -455,7 +449,7 @@ async fn the_database_down_is_in_the_status_writes_go_on_and_it_recovers() {
     assert_eq!(ad.get(&"during".to_string()).as_deref(), Some("2"));
     assert_eq!(bd.get(&"during".to_string()).as_deref(), Some("2"));
 
-    proxy.up();
+    server.ctl("resume").await;
     let a2 = a.clone();
     eventually(Duration::from_secs(30), "a snapshot succeeds again", || {
         let t = a2.clone();
