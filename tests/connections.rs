@@ -515,3 +515,92 @@ async fn an_address_whose_dials_fail_is_dialed_less_and_less_often() {
     refuser.close(0u32.into(), b"");
     node.shutdown().await.unwrap();
 }
+
+/// A configuration under which QUIC itself never sends a dial's first packet again within a
+/// test, nor gives up on it: only the node's own redial can reach a peer whose port was closed
+/// when the first packet was sent.
+fn no_quic_resend() -> NodeConfig {
+    let mut config = NodeConfig::fast_failover();
+    config.initial_rtt = Duration::from_secs(30);
+    config.idle_timeout = Duration::from_secs(300);
+    config.keep_alive_interval = Duration::from_secs(1);
+    config.handshake_timeout = Duration::from_secs(300);
+    config
+}
+
+/// a dials c's address while nothing answers there (the port swallows the packet, as a port
+/// not yet open, or a lost packet, would); then c starts there, and does not dial a itself. a's
+/// dial stays unanswered, and QUIC would send its first packet again only after three initial
+/// RTTs (90 s here; a second with QUIC's default of 333 ms): a dial nobody answered within a
+/// discovery interval is replaced at the next discovery round, so a reaches c at once. (Before,
+/// discovery skipped the address as "already dialing", and this test timed out.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_nobody_answered_is_replaced_at_the_next_discovery_round() {
+    let hole = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let c_addr = hole.local_addr().unwrap();
+    let (a, a_disco) = node_with("a", COOKIE, no_quic_resend()).await;
+    let ta: Table<u32, u32> = a.start("t", TableOptions::set()).await.unwrap();
+    a_disco.set(vec![c_addr]);
+    let mut buf = [0u8; 2048];
+    tokio::time::timeout(WAIT, hole.recv_from(&mut buf))
+        .await
+        .expect("a's first dial reaches the silent port")
+        .unwrap();
+    drop(hole);
+    let c = Node::builder("c")
+        .listen(c_addr)
+        .cookie(COOKIE)
+        .config(no_quic_resend())
+        .discovery(StaticDiscovery::new(Vec::<SocketAddr>::new()))
+        .start()
+        .await
+        .unwrap();
+    let tc: Table<u32, u32> = c.start("t", TableOptions::set()).await.unwrap();
+    joined(&[&ta, &tc]).await;
+    shutdown_all([&a, &c]).await;
+}
+
+/// An address where nothing ever answers is dialed less and less often: a dial replaced for
+/// want of an answer counts as a failed dial, so each waits twice as long as the one before.
+/// Over 60 discovery rounds of 20 ms, with no QUIC resend, the silent port sees dials at rounds
+/// 0, 1, 3, 7, 15, 31 (and 63): at most 8, not one per round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_that_never_answers_is_dialed_less_and_less_often() {
+    let mut config = no_quic_resend();
+    config.discovery_interval = Duration::from_millis(20);
+    config.discovery_max_backoff = Duration::from_secs(60);
+    let (node, disco) = node_with("n1", COOKIE, config).await;
+    let hole = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = hole.local_addr().unwrap();
+    // Each dial is one QUIC connection attempt: its packets carry the destination connection ID
+    // it chose (a long header: flags, version, ID length, ID). An abandoned dial's close is one
+    // more packet of the same attempt.
+    let attempts = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let seen = attempts.clone();
+    let silent = tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, _)) = hole.recv_from(&mut buf).await {
+            let len = usize::from(buf[5]);
+            if n >= 6 + len {
+                seen.lock().unwrap().insert(buf[6..6 + len].to_vec());
+            }
+        }
+    });
+    let dials = || attempts.lock().unwrap().len();
+    disco.set(vec![addr]);
+    eventually(WAIT, "the first dial", || async move { dials() >= 1 }).await;
+    let from = node.status().await.discovery_rounds;
+    eventually(WAIT, "60 more discovery rounds", || {
+        let node = &node;
+        async move { node.status().await.discovery_rounds >= from + 60 }
+    })
+    .await;
+    let after_60 = dials();
+    eprintln!("{after_60} dials over 60 discovery rounds");
+    assert!(
+        (2..=8).contains(&after_60),
+        "{after_60} dials over 60 discovery rounds of an address that never answers"
+    );
+    silent.abort();
+    node.shutdown().await.unwrap();
+}

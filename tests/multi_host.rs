@@ -10,12 +10,17 @@
 //!   the new process's start until every node lists it as a member (and it lists them) is
 //!   printed; the target is 100 ms, reported, not asserted.
 //!
+//! Before all that, the four processes start at once, and the time from the last one's start
+//! until every node lists the other three as members is printed (QUIC loses some of the very
+//! first packets between namespaces whose nodes are starting; see `NodeConfig::initial_rtt`).
+//!
 //! The child process is this test binary itself, run inside a namespace with `ip netns exec`
 //! and driven by a line protocol on its stdin/stdout (see `netns_child`). Names carry the test
 //! process's id, so parallel runs do not clash; a guard deletes the namespaces on exit, also on
 //! panic. Where `ip netns` is not permitted (not root, no CAP_NET_ADMIN, no `ip` or `iptables`)
 //! the test prints why and passes, unless `CETS_NETNS_REQUIRED` is set (`.ci/run` sets it where
-//! its own probe succeeds).
+//! its own probe succeeds). With `CETS_NETNS_LOGDIR=<dir>` each node process writes its log
+//! there (filter `CETS_NETNS_LOG`, default `cets=debug`).
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -60,6 +65,16 @@ async fn netns_child() {
     };
     println!("started {started}");
     let parts: Vec<&str> = spec.split('|').collect();
+    // For diagnosis: each process logs to `<dir>/<name>-<start µs>.log`.
+    if let Ok(dir) = std::env::var("CETS_NETNS_LOGDIR") {
+        let f = std::fs::File::create(format!("{dir}/{}-{started}.log", parts[0])).unwrap();
+        let filter = std::env::var("CETS_NETNS_LOG").unwrap_or_else(|_| "cets=debug".into());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::sync::Mutex::new(f))
+            .with_ansi(false)
+            .try_init();
+    }
     let peers: Vec<SocketAddr> = parts[2].split(',').map(|s| s.parse().unwrap()).collect();
     let node = Node::builder(parts[0])
         .listen(parts[1].parse().unwrap())
@@ -226,6 +241,13 @@ struct Proc {
 
 impl Proc {
     async fn spawn(net: &Net, i: usize) -> Proc {
+        let mut p = Proc::launch(net, i);
+        p.wait_ready().await;
+        p
+    }
+
+    /// Starts the process; `wait_ready` then reads its first two lines.
+    fn launch(net: &Net, i: usize) -> Proc {
         let peers: Vec<String> = (0..NAMES.len())
             .filter(|&j| j != i)
             .map(|j| addr(j).to_string())
@@ -251,16 +273,24 @@ impl Proc {
             .unwrap();
         let stdin = child.stdin.take().unwrap();
         let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut p = Proc {
+        Proc {
             child,
             stdin,
             lines,
             started_us: 0,
-        };
-        let started = p.expect("started").await;
-        p.started_us = started.trim().parse().unwrap();
-        p.expect("ready").await;
-        p
+        }
+    }
+
+    async fn wait_ready(&mut self) {
+        let started = self.expect("started").await;
+        self.started_us = started.trim().parse().unwrap();
+        self.expect("ready").await;
+    }
+
+    /// When (unix µs) this node listed all of `names` as members of its table.
+    async fn member_at(&mut self, names: &[&str]) -> u128 {
+        let cmd = format!("await {}", names.join(","));
+        self.ask(&cmd, "member").await.parse().unwrap()
     }
 
     /// The rest of the next line that starts with `word` (other lines, such as the test
@@ -372,10 +402,24 @@ async fn nodes_in_namespaces_converge() {
             return;
         }
     };
-    let mut procs = Vec::new();
-    for i in 0..NAMES.len() {
-        procs.push(Proc::spawn(&net, i).await);
+    // All four processes start at once; measured: from the last one's start until every node
+    // lists the other three as members.
+    let mut procs: Vec<Proc> = (0..NAMES.len()).map(|i| Proc::launch(&net, i)).collect();
+    for p in procs.iter_mut() {
+        p.wait_ready().await;
     }
+    let mut formed = 0;
+    for (i, p) in procs.iter_mut().enumerate() {
+        let others: Vec<&str> = NAMES.iter().copied().filter(|n| *n != NAMES[i]).collect();
+        formed = formed.max(p.member_at(&others).await);
+    }
+    let first = procs.iter().map(|p| p.started_us).min().unwrap();
+    let last = procs.iter().map(|p| p.started_us).max().unwrap();
+    eprintln!(
+        "formed: every node a member everywhere {:.1} ms after the last process started ({:.1} ms after the first)",
+        formed.saturating_sub(last) as f64 / 1000.0,
+        formed.saturating_sub(first) as f64 / 1000.0
+    );
 
     // Every node writes; all four hold the same 4 x 20 records.
     write_round(&mut procs, "r0", 20).await;
@@ -454,10 +498,9 @@ async fn nodes_in_namespaces_converge() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     procs[d] = Proc::spawn(&net, d).await;
-    let mut last: u128 = procs[d].ask("await a,b,c", "member").await.parse().unwrap();
+    let mut last = procs[d].member_at(&["a", "b", "c"]).await;
     for p in procs[..d].iter_mut() {
-        let at: u128 = p.ask("await d", "member").await.parse().unwrap();
-        last = last.max(at);
+        last = last.max(p.member_at(&["d"]).await);
     }
     let member_ms = (last - procs[d].started_us) as f64 / 1000.0;
     eprintln!("restarted d: a member everywhere {member_ms:.1} ms after its process started (target 100 ms)");

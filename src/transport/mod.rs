@@ -35,6 +35,7 @@ const HANDSHAKE_RECEIVE_WINDOW: u32 = 64 * 1024;
 fn transport_config(cfg: &NodeConfig) -> Result<TransportConfig> {
     let mut t = TransportConfig::default();
     t.keep_alive_interval(Some(cfg.keep_alive_interval));
+    t.initial_rtt(cfg.initial_rtt);
     t.max_idle_timeout(Some(
         IdleTimeout::try_from(cfg.idle_timeout)
             .map_err(|_| Error::Config("idle_timeout is too large".into()))?,

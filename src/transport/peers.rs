@@ -18,6 +18,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -106,17 +107,37 @@ enum Backoff {
     Honour,
     Ignore,
     /// The peer is up at this address right now (it dialed us and we sent it `REDIRECT`): dial
-    /// at once, replacing a dial to it still in flight. That one may have been sent while the
-    /// peer's port was closed (it was restarting), and would reach it only when QUIC resends
-    /// its first packet, a second or more later.
+    /// at once, replacing a dial to it still in flight unless the peer answered that one, or it
+    /// too was sent while the peer was up (an earlier dial-back). Any other may have been sent
+    /// while the peer's port was closed (it was restarting), and would reach it only when QUIC
+    /// resends its first packet. (Replacing a dial the peer answered would close a connection
+    /// the peer may already count as its canonical one.)
     Replace,
 }
 
 /// A dial in flight: which one (an older dial's late result must not end a newer one's
-/// entry) and its task, aborted if a new dial replaces it.
+/// entry), its task (aborted if a new dial replaces it), and what decides whether a new dial
+/// replaces it.
 struct InFlight {
     id: u64,
     task: tokio::task::AbortHandle,
+    started: Instant,
+    /// Without an answer for this long, the dial counts as failed and the next `Dial` of the
+    /// address replaces it (`PeerManager::dial`).
+    stale_after: Duration,
+    /// Set once the QUIC handshake completed: the peer answered, and the dial runs its cookie
+    /// handshake to its end (bounded by `handshake_timeout`).
+    answered: Arc<AtomicBool>,
+    /// A dial-back after `REDIRECT`: sent while the peer was up.
+    peer_up: bool,
+}
+
+impl InFlight {
+    /// Whether the dial is still worth waiting for: the peer answered it, or it is younger
+    /// than its `stale_after`.
+    fn waiting(&self) -> bool {
+        self.answered.load(Ordering::Relaxed) || self.started.elapsed() < self.stale_after
+    }
 }
 
 /// The wait after `failures` failed dials in a row: the discovery interval, doubled for each
@@ -302,17 +323,6 @@ impl PeerManager {
         if self.self_addrs.contains(&addr) {
             return;
         }
-        if self.dialing.contains_key(&addr) && backoff != Backoff::Replace {
-            return;
-        }
-        if backoff == Backoff::Honour
-            && self
-                .unavailable
-                .get(&addr)
-                .is_some_and(|u| u.retry_at > Instant::now())
-        {
-            return;
-        }
         if self
             .active
             .values()
@@ -320,6 +330,38 @@ impl PeerManager {
         {
             return;
         }
+        match self.dialing.get(&addr) {
+            // Kept: a dial the peer answered (its handshake runs), or one sent while the
+            // peer was up (an earlier dial-back) that is not stale.
+            Some(d)
+                if backoff == Backoff::Replace
+                    && (d.answered.load(Ordering::Relaxed) || (d.peer_up && d.waiting())) =>
+            {
+                return
+            }
+            Some(_) if backoff == Backoff::Replace => {}
+            Some(d) if d.waiting() => return,
+            // A dial nobody answered: its first packet was lost, or the port was closed when
+            // it was sent. Waiting for QUIC to resend it would cost three initial RTTs, doubled
+            // at each resend, from when it was sent, however long ago; a new dial costs one
+            // first packet. It counts as a failed dial, so the next waits longer.
+            Some(d) => {
+                let waited = d.stale_after;
+                self.failed(addr, format!("no answer to a dial within {waited:?}"));
+            }
+            None if backoff == Backoff::Honour
+                && self
+                    .unavailable
+                    .get(&addr)
+                    .is_some_and(|u| u.retry_at > Instant::now()) =>
+            {
+                return
+            }
+            None => {}
+        }
+        let failures = self.unavailable.get(&addr).map_or(0, |u| u.failures);
+        let stale_after = redial_delay(&self.config, failures.saturating_add(1));
+        let answered = Arc::new(AtomicBool::new(false));
         let id = self.next_dial;
         self.next_dial += 1;
         let (endpoint, me, auth, tx) = (
@@ -331,6 +373,7 @@ impl PeerManager {
         let timeout = self.config.handshake_timeout;
         let span = tracing::info_span!("cets_dial", node = %self.me.name, peer = %addr);
         tracing::debug!(%addr, "dialing");
+        let answered_by_peer = answered.clone();
         let task = tokio::spawn(
             async move {
                 let mut dialed: Option<Connection> = None;
@@ -343,6 +386,7 @@ impl PeerManager {
                         .map_err(|_| crate::Error::Timeout(timeout))?
                         .map_err(|e| crate::Error::Transport(e.to_string()))?;
                     dialed = Some(conn.clone());
+                    answered_by_peer.store(true, Ordering::Relaxed);
                     handshake::dialer(conn, addr, &me, &auth, timeout).await
                 }
                 .await;
@@ -374,12 +418,20 @@ impl PeerManager {
             InFlight {
                 id,
                 task: task.abort_handle(),
+                started: Instant::now(),
+                stale_after,
+                answered,
+                peer_up: backoff == Backoff::Replace,
             },
         );
         if let Some(old) = replaced {
             // Dropping its connection closes it; the peer may have it half open.
             old.task.abort();
-            tracing::debug!(%addr, "a dial in flight replaced: the peer is up there now");
+            if backoff == Backoff::Replace {
+                tracing::debug!(%addr, "a dial in flight replaced: the peer is up there now");
+            } else {
+                tracing::debug!(%addr, "a dial in flight replaced: no answer");
+            }
         }
     }
 
