@@ -1,6 +1,6 @@
 //! A nemesis for one table on five in-process nodes: every link goes through its own cuttable
 //! relay (`relay.rs`), rounds of random faults (two halves, one node cut off, one pair cut, one
-//! way of a link cut, packet loss) and restarts of a node under its name, while every node
+//! way of a link cut, packet loss, delay with jitter) and restarts of a node under its name, while every node
 //! writes throughout, one awaited call at a time: its own keys (`own-<node>-<n>`, written by
 //! that node only: insert, insert_many, delete) and shared keys that every node writes.
 //!
@@ -50,6 +50,10 @@ pub struct Plan {
     pub shared_keys: usize,
     /// Chance that a round starts with the restart of a random node.
     pub restart_chance: f64,
+    /// A delay every link adds to each packet, each way, throughout the run (under every fault
+    /// and until the members converge): base and jitter (a random share of it, so packets
+    /// also overtake each other).
+    pub delay: Option<(Duration, Duration)>,
 }
 
 impl Plan {
@@ -61,6 +65,7 @@ impl Plan {
             own_keys: 30,
             shared_keys: 8,
             restart_chance: 0.25,
+            delay: None,
         }
     }
 }
@@ -87,6 +92,9 @@ pub enum Fault {
     OneWay(usize, usize),
     /// Every link drops this share of its packets.
     Loss(f64),
+    /// Every link delays each packet, each way, by the first number of milliseconds plus a
+    /// random share of the second.
+    Delay(u64, u64),
 }
 
 #[derive(Debug, Clone)]
@@ -233,9 +241,13 @@ impl Run {
         self.report.restarts += 1;
     }
 
+    /// Heals every link, back to the plan's delay.
     fn heal_all(&self) {
         for r in self.mesh.relays.values() {
             r.heal();
+            if let Some((base, jitter)) = self.plan.delay {
+                r.set_delay(base, jitter);
+            }
         }
     }
 
@@ -265,6 +277,11 @@ impl Run {
                     r.set_loss(*p);
                 }
             }
+            Fault::Delay(base, jitter) => {
+                for r in self.mesh.relays.values() {
+                    r.set_delay(Duration::from_millis(*base), Duration::from_millis(*jitter));
+                }
+            }
         }
     }
 
@@ -275,7 +292,7 @@ impl Run {
             let restart = rng
                 .random_bool(self.plan.restart_chance)
                 .then(|| rng.random_range(0..n));
-            let fault = match rng.random_range(0..12) {
+            let fault = match rng.random_range(0..13) {
                 0 | 1 => Fault::None,
                 2..=4 => {
                     let mut nodes: Vec<usize> = (0..n).collect();
@@ -297,7 +314,8 @@ impl Run {
                     let b = (a + rng.random_range(1..n)) % n;
                     Fault::OneWay(a, b)
                 }
-                _ => Fault::Loss(rng.random_range(0.05..0.3)),
+                11 => Fault::Loss(rng.random_range(0.05..0.3)),
+                _ => Fault::Delay(rng.random_range(20..=50), rng.random_range(0..=20)),
             };
             let ms = rng.random_range(self.plan.round_ms.0..=self.plan.round_ms.1);
             let _ = writeln!(
@@ -309,6 +327,8 @@ impl Run {
             self.heal_all();
             if let Some(i) = restart {
                 self.restart(i).await;
+                // The new node's relays start without the plan's delay.
+                self.heal_all();
             }
             self.apply(&fault);
             tokio::time::sleep(Duration::from_millis(ms)).await;

@@ -4,7 +4,9 @@
 //! The client sends to `addr()`; the relay forwards from its own upstream socket to the target
 //! and sends the target's answers back to the client. While cut, packets in both directions
 //! are dropped, so QUIC sees silence and the idle timeout fires on both sides. Each direction
-//! can also be cut alone (`cut_way`), and packets can be dropped at random (`set_loss`).
+//! can also be cut alone (`cut_way`), packets can be dropped at random (`set_loss`), and
+//! delayed (`set_delay`: a base delay each way plus a random jitter, so packets also arrive
+//! out of order).
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -28,7 +30,10 @@ struct Faults {
     down: AtomicBool,
     /// Packets dropped at random, per million.
     loss: AtomicU32,
-    /// A xorshift state for the loss draw.
+    /// Each packet waits this many microseconds, plus up to `jitter_us` more, each way.
+    delay_us: AtomicU64,
+    jitter_us: AtomicU64,
+    /// A xorshift state for the loss and jitter draws.
     rng: AtomicU64,
 }
 
@@ -45,12 +50,47 @@ impl Faults {
         if loss == 0 {
             return false;
         }
+        (self.draw() % 1_000_000) < u64::from(loss)
+    }
+
+    fn draw(&self) -> u64 {
         let mut x = self.rng.load(Ordering::Relaxed) | 1;
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         self.rng.store(x, Ordering::Relaxed);
-        (x % 1_000_000) < u64::from(loss)
+        x
+    }
+
+    /// How long the next packet waits, if at all.
+    fn delay(&self) -> Option<std::time::Duration> {
+        let base = self.delay_us.load(Ordering::Relaxed);
+        let jitter = self.jitter_us.load(Ordering::Relaxed);
+        if base == 0 && jitter == 0 {
+            return None;
+        }
+        let extra = if jitter == 0 {
+            0
+        } else {
+            self.draw() % (jitter + 1)
+        };
+        Some(std::time::Duration::from_micros(base + extra))
+    }
+}
+
+/// Sends `packet` to `to` from `socket`, at once or after the relay's delay.
+async fn forward(socket: &Arc<UdpSocket>, faults: &Faults, packet: &[u8], to: SocketAddr) {
+    match faults.delay() {
+        None => {
+            let _ = socket.send_to(packet, to).await;
+        }
+        Some(wait) => {
+            let (socket, packet) = (socket.clone(), packet.to_vec());
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                let _ = socket.send_to(&packet, to).await;
+            });
+        }
     }
 }
 
@@ -78,7 +118,7 @@ impl Relay {
                 while let Ok((n, from)) = front.recv_from(&mut buf).await {
                     *client.lock().unwrap() = Some(from);
                     if !faults.drops(Way::Up) {
-                        let _ = back.send_to(&buf[..n], target).await;
+                        forward(&back, &faults, &buf[..n], target).await;
                     }
                 }
             })
@@ -92,7 +132,7 @@ impl Relay {
                     let to = *client.lock().unwrap();
                     if let Some(to) = to {
                         if !faults.drops(Way::Down) {
-                            let _ = front.send_to(&buf[..n], to).await;
+                            forward(&front, &faults, &buf[..n], to).await;
                         }
                     }
                 }
@@ -130,11 +170,20 @@ impl Relay {
         self.faults.loss.store(per_million, Ordering::Relaxed);
     }
 
-    /// Forwards packets again, both ways, and ends any loss.
+    /// Delays every packet, either way, by `base` plus a random share of `jitter` (so packets
+    /// overtake each other); zero for both forwards at once again.
+    pub fn set_delay(&self, base: std::time::Duration, jitter: std::time::Duration) {
+        let us = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.faults.delay_us.store(us(base), Ordering::Relaxed);
+        self.faults.jitter_us.store(us(jitter), Ordering::Relaxed);
+    }
+
+    /// Forwards packets again, both ways, at once, and ends any loss.
     pub fn heal(&self) {
         self.faults.up.store(false, Ordering::Relaxed);
         self.faults.down.store(false, Ordering::Relaxed);
         self.faults.loss.store(0, Ordering::Relaxed);
+        self.set_delay(std::time::Duration::ZERO, std::time::Duration::ZERO);
     }
 }
 
