@@ -12,9 +12,11 @@
 //! the platform's word size or byte order) and reads the postcard encoding of key and value,
 //! which is what travels on the wire anyway.
 //!
-//! The store calls [`Digest::hook`] once per change and [`Hook::add`] / [`Hook::sub`] for each
-//! record it stores or drops ([`Records`] wraps the store so that every writer goes through
-//! it); the table server reads [`Digest::root`] and [`Digest::buckets`] for the exchange.
+//! Each call that changes the store takes a [`Hook`] and calls [`Hook::add`] / [`Hook::sub`] /
+//! [`Hook::replace`] for each record it stores or drops ([`Records`] wraps the store so that
+//! every writer goes through it; the same hook captures changes for subscribers,
+//! `crate::capture`); the table server reads [`Digest::root`] and [`Digest::buckets`] for the
+//! exchange.
 
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +24,7 @@ use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 
+use crate::capture::{Capture, Sink};
 use crate::membership::{NodeId, OwnerIdx};
 use crate::store::{Rec, Store};
 use crate::table::TableKind;
@@ -274,14 +277,6 @@ impl Digest {
         self.owners.clone()
     }
 
-    /// What one change of the store uses to update the digest (a no-op when off).
-    #[inline]
-    pub(crate) fn hook(&self) -> Hook<'_> {
-        Hook {
-            digest: self.on.then_some(self),
-        }
-    }
-
     /// Every bucket's (sum, count).
     pub(crate) fn buckets(&self) -> Vec<(u64, u64)> {
         self.buckets
@@ -320,56 +315,69 @@ impl Digest {
     }
 }
 
-/// One change of the store, as the digest sees it.
-pub(crate) struct Hook<'a> {
+/// One call that changes the store, as the digest and the subscribers' capture see it.
+pub(crate) struct Hook<'a, K, V> {
     /// `None` when anti-entropy is off.
     digest: Option<&'a Digest>,
+    /// `None` unless the table server captures changes for subscribers (`crate::capture`).
+    sink: Option<Sink<'a, K, V>>,
 }
 
-impl Hook<'_> {
+impl<K: Serialize + Clone, V: Serialize + Clone> Hook<'_, K, V> {
     #[inline]
-    fn change(&self, d: &Digest, kh: u64, h: u64, add: bool) {
+    fn change(d: &Digest, kh: u64, h: u64, add: bool) {
         d.change_bucket(bucket_of(kh), h, add);
     }
 
     /// The hash of a record under a key whose hash is `kh`.
     #[inline]
-    fn hash<V: Serialize>(d: &Digest, kh: u64, r: &Rec<V>) -> u64 {
+    fn hash(d: &Digest, kh: u64, r: &Rec<V>) -> u64 {
         record_hash(kh, value_hash(&r.value), r.ts, d.owners.get(r.owner))
     }
 
-    /// A record was stored.
+    /// A record was stored (a bag object added).
     #[inline]
-    pub(crate) fn add<K: Serialize, V: Serialize>(&self, k: &K, r: &Rec<V>) {
+    pub(crate) fn add(&self, k: &K, r: &Rec<V>) {
         if let Some(d) = self.digest {
             let kh = key_hash(k);
-            self.change(d, kh, Self::hash(d, kh, r), true);
+            Self::change(d, kh, Self::hash(d, kh, r), true);
+        }
+        if let Some(s) = &self.sink {
+            s.stored(k, None, r);
         }
     }
 
     /// A record was removed.
     #[inline]
-    pub(crate) fn sub<K: Serialize, V: Serialize>(&self, k: &K, r: &Rec<V>) {
+    pub(crate) fn sub(&self, k: &K, r: &Rec<V>) {
         if let Some(d) = self.digest {
             let kh = key_hash(k);
-            self.change(d, kh, Self::hash(d, kh, r), false);
+            Self::change(d, kh, Self::hash(d, kh, r), false);
+        }
+        if let Some(s) = &self.sink {
+            s.removed(k, r);
         }
     }
 
     /// `old` (if any) was replaced by `new` under one key.
     #[inline]
-    pub(crate) fn replace<K: Serialize, V: Serialize>(
-        &self,
-        k: &K,
-        old: Option<&Rec<V>>,
-        new: &Rec<V>,
-    ) {
+    pub(crate) fn replace(&self, k: &K, old: Option<&Rec<V>>, new: &Rec<V>) {
+        self.restamp(k, old, new);
+        if let Some(s) = &self.sink {
+            s.stored(k, old, new);
+        }
+    }
+
+    /// A bag object took `new`'s stamp and owner in place of `old`'s: the digest changes, the
+    /// table's contents (what subscribers see) do not.
+    #[inline]
+    pub(crate) fn restamp(&self, k: &K, old: Option<&Rec<V>>, new: &Rec<V>) {
         if let Some(d) = self.digest {
             let kh = key_hash(k);
             if let Some(old) = old {
-                self.change(d, kh, Self::hash(d, kh, old), false);
+                Self::change(d, kh, Self::hash(d, kh, old), false);
             }
-            self.change(d, kh, Self::hash(d, kh, new), true);
+            Self::change(d, kh, Self::hash(d, kh, new), true);
         }
     }
 }
@@ -380,6 +388,8 @@ impl Hook<'_> {
 pub(crate) struct Records<K, V> {
     store: Store<K, V>,
     pub(crate) digest: Digest,
+    /// The changes kept for subscribers while the table server captures them.
+    pub(crate) capture: Capture<K, V>,
 }
 
 impl<K, V> Deref for Records<K, V> {
@@ -399,6 +409,16 @@ where
         Self {
             store: Store::new(kind),
             digest: Digest::new(digest),
+            capture: Capture::default(),
+        }
+    }
+
+    /// What one call that changes the store reports to.
+    #[inline]
+    fn hook(&self) -> Hook<'_, K, V> {
+        Hook {
+            digest: self.digest.on.then_some(&self.digest),
+            sink: self.capture.sink(),
         }
     }
 
@@ -408,7 +428,7 @@ where
         recs: Vec<(K, Rec<V>)>,
         wins: impl FnMut(&K, &Rec<V>, Option<&Rec<V>>) -> bool,
     ) {
-        self.store.put_many_if(recs, wins, &self.digest.hook());
+        self.store.put_many_if(recs, wins, &self.hook());
     }
 
     /// See [`Store::remove_if`].
@@ -417,7 +437,7 @@ where
         k: &K,
         wins: impl FnOnce((u64, OwnerIdx)) -> bool,
     ) -> Option<bool> {
-        self.store.remove_if(k, wins, &self.digest.hook())
+        self.store.remove_if(k, wins, &self.hook())
     }
 
     /// See [`Store::remove_many_if`].
@@ -426,23 +446,22 @@ where
         keys: &[K],
         wins: impl FnMut((u64, OwnerIdx)) -> bool,
     ) -> Vec<Option<bool>> {
-        self.store.remove_many_if(keys, wins, &self.digest.hook())
+        self.store.remove_many_if(keys, wins, &self.hook())
     }
 
     /// See [`Store::remove`].
     pub(crate) fn remove(&self, k: &K) -> bool {
-        self.store.remove(k, &self.digest.hook())
+        self.store.remove(k, &self.hook())
     }
 
     /// See [`Store::remove_object`].
     pub(crate) fn remove_object(&self, k: &K, v: &V) -> bool {
-        self.store.remove_object(k, v, &self.digest.hook())
+        self.store.remove_object(k, v, &self.hook())
     }
 
     /// See [`Store::remove_version`].
     pub(crate) fn remove_version(&self, k: &K, v: &V, ts: u64, owner: OwnerIdx) -> bool {
-        self.store
-            .remove_version(k, v, ts, owner, &self.digest.hook())
+        self.store.remove_version(k, v, ts, owner, &self.hook())
     }
 
     /// See [`Store::remove_owned`].
@@ -451,7 +470,7 @@ where
         owner: OwnerIdx,
         stamped: impl FnMut(&K, u64),
     ) -> Vec<(K, V)> {
-        self.store.remove_owned(owner, stamped, &self.digest.hook())
+        self.store.remove_owned(owner, stamped, &self.hook())
     }
 
     /// See [`Store::remove_owned_by`].
@@ -460,13 +479,13 @@ where
         of: impl Fn(OwnerIdx) -> bool,
         stamped: impl FnMut(&K, u64),
     ) -> Vec<(K, V)> {
-        self.store.remove_owned_by(of, stamped, &self.digest.hook())
+        self.store.remove_owned_by(of, stamped, &self.hook())
     }
 
     /// Stores a record as it is (tests that build a store by hand).
     #[cfg(test)]
     pub(crate) fn put(&self, k: K, rec: Rec<V>) {
-        self.store.put(k, rec, &self.digest.hook());
+        self.store.put(k, rec, &self.hook());
     }
 }
 

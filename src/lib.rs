@@ -35,6 +35,7 @@
 mod authority;
 mod bag;
 mod callbacks;
+mod capture;
 pub mod config;
 pub mod conflict;
 mod convergence;

@@ -222,6 +222,17 @@ where
         }
     }
 
+    /// Every record of a key (at most one, except in a bag), with its metadata.
+    pub(crate) fn records(&self, k: &K) -> Vec<Rec<V>> {
+        match self {
+            Store::Bag { map, .. } => map
+                .read(k, |list| list.iter().cloned().collect())
+                .unwrap_or_default(),
+            Store::Set(m) => m.read(k, Rec::clone).into_iter().collect(),
+            Store::Ordered(m) => m.get(k).map(|e| e.value().clone()).into_iter().collect(),
+        }
+    }
+
     // ---- writes (the table server only) ----
     //
     // Every method that changes the store takes the digest's `Hook` and reports to it each
@@ -240,7 +251,7 @@ where
     /// Stores a record: replaces the key's record (set, ordered_set) or adds the object unless
     /// an equal one is stored (bag).
     #[cfg(test)]
-    pub(crate) fn put(&self, k: K, rec: Rec<V>, h: &Hook<'_>) {
+    pub(crate) fn put(&self, k: K, rec: Rec<V>, h: &Hook<'_, K, V>) {
         // A bag keeps the stored one of two equal objects.
         let bag = matches!(self, Store::Bag { .. });
         self.put_many_if(vec![(k, rec)], |_, _, _| !bag, h);
@@ -253,7 +264,7 @@ where
         k: K,
         rec: Rec<V>,
         replace: impl FnOnce(&Rec<V>, &Rec<V>) -> bool,
-        h: &Hook<'_>,
+        h: &Hook<'_, K, V>,
     ) {
         let Store::Bag { map, objects } = self else {
             return;
@@ -266,7 +277,7 @@ where
             |list| match list.find(&rec.value, hash) {
                 Some(i) => {
                     if let Some(cur) = list.get(i).filter(|cur| replace(&rec, cur)) {
-                        h.replace(&key, Some(cur), &rec);
+                        h.restamp(&key, Some(cur), &rec);
                         list.replace(i, rec);
                     }
                     false
@@ -293,7 +304,7 @@ where
         &self,
         recs: Vec<(K, Rec<V>)>,
         mut wins: impl FnMut(&K, &Rec<V>, Option<&Rec<V>>) -> bool,
-        h: &Hook<'_>,
+        h: &Hook<'_, K, V>,
     ) {
         match self {
             Store::Set(m) => m.insert_many_if(recs, |k, new, cur| {
@@ -329,7 +340,7 @@ where
         &self,
         k: &K,
         wins: impl FnOnce((u64, OwnerIdx)) -> bool,
-        h: &Hook<'_>,
+        h: &Hook<'_, K, V>,
     ) -> Option<bool> {
         match self {
             Store::Set(m) => m.remove_if(k, |r| wins((r.ts, r.owner))).map(|removed| {
@@ -358,7 +369,7 @@ where
         &self,
         keys: &[K],
         mut wins: impl FnMut((u64, OwnerIdx)) -> bool,
-        h: &Hook<'_>,
+        h: &Hook<'_, K, V>,
     ) -> Vec<Option<bool>> {
         match self {
             Store::Set(m) => m.remove_many_if(keys, |k, r| {
@@ -376,7 +387,7 @@ where
     }
 
     /// Removes a key (every object of it, for a bag). Returns whether anything was removed.
-    pub(crate) fn remove(&self, k: &K, h: &Hook<'_>) -> bool {
+    pub(crate) fn remove(&self, k: &K, h: &Hook<'_, K, V>) -> bool {
         match self {
             Store::Set(m) => m.remove(k).inspect(|r| h.sub(k, r)).is_some(),
             Store::Ordered(m) => m.remove(k).inspect(|e| h.sub(k, e.value())).is_some(),
@@ -392,7 +403,7 @@ where
     }
 
     /// Removes one object: the key's record if its value equals `v`.
-    pub(crate) fn remove_object(&self, k: &K, v: &V, h: &Hook<'_>) -> bool {
+    pub(crate) fn remove_object(&self, k: &K, v: &V, h: &Hook<'_, K, V>) -> bool {
         match self {
             Store::Bag { map, objects } => remove_bag_object(map, objects, k, v, |_| true, h),
             _ => {
@@ -413,7 +424,7 @@ where
         v: &V,
         ts: u64,
         owner: OwnerIdx,
-        h: &Hook<'_>,
+        h: &Hook<'_, K, V>,
     ) -> bool {
         let this = |r: &Rec<V>| r.ts == ts && r.owner == owner && same_value(&r.value, v);
         match self {
@@ -438,7 +449,7 @@ where
         &self,
         owner: OwnerIdx,
         stamped: impl FnMut(&K, u64),
-        h: &Hook<'_>,
+        h: &Hook<'_, K, V>,
     ) -> Vec<(K, V)> {
         self.remove_owned_by(|o| o == owner, stamped, h)
     }
@@ -448,7 +459,7 @@ where
         &self,
         of: impl Fn(OwnerIdx) -> bool,
         mut stamped: impl FnMut(&K, u64),
-        h: &Hook<'_>,
+        h: &Hook<'_, K, V>,
     ) -> Vec<(K, V)> {
         let mut removed = Vec::new();
         match self {
@@ -500,7 +511,7 @@ fn remove_bag_object<K, V>(
     k: &K,
     v: &V,
     this: impl Fn(&Rec<V>) -> bool,
-    h: &Hook<'_>,
+    h: &Hook<'_, K, V>,
 ) -> bool
 where
     K: Hash + Eq + Ord + Clone + Serialize + Send + Sync + 'static,

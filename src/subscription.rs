@@ -2,9 +2,10 @@
 //!
 //! The table server is the only writer of a table, so it is the one place that sees every
 //! change in order. Where it changes the store (a write, local or replicated; an expiry sweep;
-//! the records of a node that went down; a join or a repair) it looks up the records of the
-//! touched keys before and after and turns the difference into [`Change`]s, but only while
-//! someone is subscribed: with no subscriber each of those places costs one atomic load.
+//! the records of a node that went down; a join or a repair) it takes each record the store
+//! stores (with the one it replaces) or removes from the store's own write path
+//! (`crate::capture`) and turns it into a [`Change`], but only while someone is subscribed:
+//! with no subscriber each of those places costs one atomic load.
 //!
 //! The changes go into one ring buffer per table (the change log), shared by every subscriber
 //! of the table on this node and bounded by [`TableOptions::subscription_buffer`]. The server

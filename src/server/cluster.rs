@@ -99,7 +99,7 @@ impl<K: Key, V: Value> Server<K, V> {
         tombstones: Vec<WireTombstone<K>>,
         by: NodeId,
     ) {
-        let watch = self.watch_keys(tombstones.iter().map(|t| &t.key));
+        let watch = self.watch();
         let map: Vec<Option<OwnerIdx>> = owners
             .iter()
             .map(|id| ownership::is_writer_id(id).then(|| self.owners.intern(id)))

@@ -123,7 +123,7 @@ impl<K: Key, V: Value> Server<K, V> {
                     objects.push((k.clone(), r.value.clone()));
                 }
             });
-            let watch = self.watch_keys(objects.iter().map(|(k, _)| k));
+            let watch = self.watch();
             let n = objects
                 .iter()
                 .filter(|(k, v)| store.remove_object(k, v))
@@ -137,7 +137,7 @@ impl<K: Key, V: Value> Server<K, V> {
                     keys.push(k.clone());
                 }
             });
-            let watch = self.watch_keys(keys.iter());
+            let watch = self.watch();
             let n = store
                 // Nothing wrote in between: this server is the only writer.
                 .remove_many_if(&keys, |_| true)

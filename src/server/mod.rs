@@ -52,7 +52,7 @@ use crate::proto::{
 use crate::registry::{PeerConn, TableEvent};
 use crate::repeats::Repeats;
 use crate::status::TableStatus;
-use crate::store::{same_value, value_order, Rec, Store};
+use crate::store::{same_value, value_order, Rec};
 use crate::table::{Key, Shared, TableKind, TableOptions, Value};
 use crate::tombstones::{Tombstone, Tombstones};
 use crate::transport::frame::{self, FrameReader};

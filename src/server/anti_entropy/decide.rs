@@ -129,7 +129,7 @@ impl<K: Key, V: Value> Server<K, V> {
             "anti-entropy: replicas differ (a write was lost or applied differently); repairing"
         );
         let mut changed = 0u64;
-        let watch = self.watch_keys(remove_here.iter().map(|(k, ..)| k));
+        let watch = self.watch();
         for (k, ts, owner, vh) in remove_here {
             changed += u64::from(self.ae_remove_version(&k, ts, owner, vh));
         }

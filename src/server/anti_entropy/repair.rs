@@ -21,8 +21,7 @@ impl<K: Key, V: Value> Server<K, V> {
     ) {
         let span = crate::metrics::repair_span(&self.me.name, &self.shared.name, &peer.name);
         let _in_span = span.enter();
-        let keys = records.iter().map(|r| &r.key);
-        let watch = self.watch_keys(keys.chain(remove.iter().map(|e| &e.key)));
+        let watch = self.watch();
         let (mut changed, (refused_owners, refused)) = self.ae_store(&owners, records);
         for e in remove {
             let owner = owners

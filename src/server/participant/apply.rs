@@ -74,7 +74,7 @@ impl<K: Key, V: Value> Server<K, V> {
             p.carried = all.clone();
         }
         let merge = merge.is_some();
-        let watch = self.watch_keys(recs.iter().map(|(k, _)| k));
+        let watch = self.watch();
         let mut conflicts = 0;
         let owners = &self.owners;
         self.shared
@@ -170,17 +170,7 @@ impl<K: Key, V: Value> Server<K, V> {
             .collect();
         let (me, members) = (self.me_idx, &self.members);
         let outside = |o: OwnerIdx| o != me && !members.contains(&o) && !kept.contains(&o);
-        let watch = if self.shared.hub.watching() {
-            let mut keys = Vec::new();
-            self.shared.store.for_each(|k, r| {
-                if outside(r.owner) {
-                    keys.push(k.clone());
-                }
-            });
-            self.watch_keys(keys.iter())
-        } else {
-            None
-        };
+        let watch = self.watch();
         let removed = self.shared.store.remove_owned_by(outside, |_, _| {});
         self.emit(watch, notify::Cause::Join(by));
         if !removed.is_empty() {

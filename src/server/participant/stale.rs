@@ -37,7 +37,7 @@ impl<K: Key, V: Value> Server<K, V> {
         by: NodeId,
     ) -> usize {
         let map: Vec<Option<OwnerIdx>> = owners.iter().map(|id| self.owners.lookup(id)).collect();
-        let watch = self.watch_keys(records.iter().map(|r| &r.key));
+        let watch = self.watch();
         let removed = records
             .iter()
             .filter(|r| match map.get(r.owner as usize) {
