@@ -12,7 +12,7 @@ use crate::bag::encoding;
 use crate::membership::NodeId;
 use crate::proto::WireRecord;
 use crate::store::same_value;
-use crate::table::{Key, Value};
+use crate::types::{Key, Value};
 
 /// A source's dump: its chunks, each with the owner list its records index.
 pub(crate) type Dump<K, V> = Vec<(Vec<NodeId>, Vec<WireRecord<K, V>>)>;

@@ -27,7 +27,7 @@ use serde::Serialize;
 use crate::capture::{Capture, Sink};
 use crate::membership::{NodeId, OwnerIdx};
 use crate::store::{Rec, Store};
-use crate::table::TableKind;
+use crate::types::TableKind;
 
 /// Buckets of a digest: the unit a difference is narrowed to before keys are listed. 1024
 /// buckets take 16 KiB per table, and their list (sent only when two replicas differ) 16 KiB

@@ -5,7 +5,8 @@ use tokio::sync::oneshot;
 
 use crate::proto::{ClaimOutcome, OpKind};
 use crate::server::{Claim, Write};
-use crate::table::{Key, Table, Value};
+use crate::table::Table;
+use crate::types::{Key, Value};
 use crate::{Error, Result};
 
 /// What [`Table::insert_new_or_get`] did.

@@ -48,6 +48,7 @@ pub mod membership;
 pub mod metrics;
 mod node;
 mod object_deletes;
+mod options;
 mod outbox;
 pub mod ownership;
 pub mod persistence;
@@ -57,14 +58,17 @@ mod registry;
 mod repeats;
 mod server;
 mod sharded_map;
+mod shared;
 pub mod status;
 mod store;
+mod subscribe;
 pub mod subscription;
 mod table;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod tombstones;
 mod transport;
+mod types;
 
 /// Discovery backends (re-export of the `cets-discovery` crate). `DnsDiscovery` is there with the
 /// cargo feature `dns` (on by default); `--no-default-features` builds without a DNS resolver.
@@ -76,8 +80,10 @@ pub use error::{Error, Result};
 pub use insert_new::InsertNew;
 pub use membership::NodeId;
 pub use node::{Node, NodeBuilder, DEFAULT_COOKIE};
+pub use options::{NodeDownFn, OwnerFn, TableOptions};
 pub use ownership::Ownership;
 pub use status::{NodeStatus, TableStatus};
 pub use subscription::{Change, Cursor, Event, Subscription, Update};
-pub use table::{Key, NodeDownFn, OwnerFn, Table, TableKind, TableOptions, Value};
+pub use table::Table;
 pub use transport::tls::TlsConfig;
+pub use types::{Key, TableKind, Value};

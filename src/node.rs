@@ -14,12 +14,15 @@ use crate::digest::Records;
 use crate::discovery::{Discovery, StaticDiscovery};
 use crate::hlc::HybridClock;
 use crate::membership::NodeId;
+use crate::options::TableOptions;
 use crate::registry::{Registry, TableEntry};
 use crate::server::{Control, Server, ServerParts};
+use crate::shared::Shared;
 use crate::status::{NodeStatus, TableStatus};
-use crate::table::{Key, Shared, Table, TableOptions, Value};
+use crate::table::Table;
 use crate::transport::handshake::Credentials;
 use crate::transport::peers::{canonical, Command, PeerManager, PeersView};
+use crate::types::{Key, Value};
 use crate::{Error, Result};
 
 /// The cookie used when none is configured. Fine on a laptop; set your own in production.

@@ -17,7 +17,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::membership::NodeId;
-use crate::table::TableKind;
+use crate::types::TableKind;
 
 /// Version of the wire protocol. Nodes with different versions refuse each other.
 pub const PROTOCOL_VERSION: u32 = 4;

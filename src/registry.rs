@@ -10,8 +10,8 @@ use tokio::sync::mpsc;
 
 use crate::membership::NodeId;
 use crate::proto::{stop, StreamHeader};
-use crate::table::TableKind;
 use crate::transport::frame::FrameReader;
+use crate::types::TableKind;
 use crate::{Error, Result};
 
 /// An authenticated connection to a peer node.

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::digest::{AntiEntropyStatus, PeerDigest};
 use crate::membership::NodeId;
-use crate::table::TableKind;
+use crate::types::TableKind;
 
 /// The state of one table on this node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

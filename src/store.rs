@@ -26,42 +26,8 @@ use crate::bag::{object_hash, Objects};
 use crate::digest::Hook;
 use crate::membership::OwnerIdx;
 use crate::sharded_map::ShardedMap;
-use crate::table::TableKind;
-
-/// A stored record's value and metadata.
-#[derive(Debug, Clone)]
-pub(crate) struct Rec<V> {
-    pub value: V,
-    pub ts: u64,
-    pub owner: OwnerIdx,
-    /// The record's own lifetime in milliseconds from `ts` (`Table::insert_with_ttl`); 0: none.
-    /// It fits in the padding after `owner`, so it costs no memory.
-    pub ttl: u32,
-}
-
-impl<V> Rec<V> {
-    /// A record without a lifetime of its own.
-    pub(crate) fn new(value: V, ts: u64, owner: OwnerIdx) -> Self {
-        Self {
-            value,
-            ts,
-            owner,
-            ttl: 0,
-        }
-    }
-
-    /// Whether a read returns it: stamped at or after `from` (the table's expiry), and within
-    /// its own lifetime, if it has one.
-    #[inline]
-    pub(crate) fn live(&self, from: u64) -> bool {
-        self.ts >= from && (self.ttl == 0 || self.outlives_own_ttl())
-    }
-
-    #[inline(never)]
-    fn outlives_own_ttl(&self) -> bool {
-        self.ts >= crate::hlc::HybridClock::written_since(u64::from(self.ttl))
-    }
-}
+pub(crate) use crate::types::Rec;
+use crate::types::TableKind;
 
 type Map<K, T> = ShardedMap<K, T>;
 

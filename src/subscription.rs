@@ -8,12 +8,12 @@
 //! with no subscriber each of those places costs one atomic load.
 //!
 //! The changes go into one ring buffer per table (the change log), shared by every subscriber
-//! of the table on this node and bounded by [`TableOptions::subscription_buffer`]. The server
+//! of the table on this node and bounded by [`TableOptions::subscription_buffer`](crate::TableOptions::subscription_buffer). The server
 //! never waits for a subscriber: a subscriber that falls more than the buffer behind gets an
 //! [`Update::Lagged`] with the number of changes it missed, then the oldest change still kept.
-//! Each change carries a [`Cursor`]; [`Table::subscribe_from`] resumes after a cursor as long
-//! as the log still holds the next change, and otherwise fails with [`Error::CursorExpired`]
-//! (then [`Table::subscribe_with_snapshot`] starts over from the current contents). The log
+//! Each change carries a [`Cursor`]; [`Table::subscribe_from`](crate::Table::subscribe_from) resumes after a cursor as long
+//! as the log still holds the next change, and otherwise fails with [`Error::CursorExpired`](crate::Error::CursorExpired)
+//! (then [`Table::subscribe_with_snapshot`](crate::Table::subscribe_with_snapshot) starts over from the current contents). The log
 //! goes on for [`LOG_RETENTION`] after the last subscriber left (a subscriber that dropped its
 //! stream resumes within that time), then is emptied; changes applied after that are not
 //! logged, and a cursor taken before them is refused.
@@ -34,15 +34,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, Notify};
 
 use crate::membership::NodeId;
-use crate::server::Control;
-use crate::table::{Key, Table, TableOptions, Value};
-use crate::{Error, Result};
+use crate::Result;
 
-/// Changes kept per table for subscribers by default ([`TableOptions::subscription_buffer`]).
+/// Changes kept per table for subscribers by default ([`TableOptions::subscription_buffer`](crate::TableOptions::subscription_buffer)).
 pub const DEFAULT_SUBSCRIPTION_BUFFER: usize = 16_384;
 
 /// How long a table goes on logging its changes after its last subscriber left, so that a
-/// subscriber that dropped its stream can resume from its cursor ([`Table::subscribe_from`]).
+/// subscriber that dropped its stream can resume from its cursor ([`Table::subscribe_from`](crate::Table::subscribe_from)).
 pub const LOG_RETENTION: Duration = Duration::from_secs(30);
 
 /// What changed in the table on this node.
@@ -67,7 +65,7 @@ pub enum Change<K, V> {
         /// The value removed.
         previous: V,
     },
-    /// The record expired ([`TableOptions::expire_after`]) and the table server removed it.
+    /// The record expired ([`TableOptions::expire_after`](crate::TableOptions::expire_after)) and the table server removed it.
     Expired {
         /// The key.
         key: K,
@@ -125,7 +123,7 @@ impl<K, V> Change<K, V> {
 }
 
 /// A position in a table's change log on one node: the change it follows. Resume after it
-/// with [`Table::subscribe_from`]. Valid only on the node and table start that made it.
+/// with [`Table::subscribe_from`](crate::Table::subscribe_from). Valid only on the node and table start that made it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Cursor {
     /// Random per table start: a cursor of another start is refused, never misread.
@@ -160,7 +158,7 @@ pub enum Update<K, V> {
     Change(Event<K, V>),
     /// The subscriber fell behind: this many changes left the log before it read them. The
     /// stream goes on with the oldest change still kept; a cache resynchronises with
-    /// [`Table::subscribe_with_snapshot`].
+    /// [`Table::subscribe_with_snapshot`](crate::Table::subscribe_with_snapshot).
     Lagged(u64),
 }
 
@@ -382,7 +380,7 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// A stream of the changes a table applies on this node ([`Table::subscribe`]); implements
+/// A stream of the changes a table applies on this node ([`Table::subscribe`](crate::Table::subscribe)); implements
 /// `futures_core::Stream`, and [`Subscription::recv`] reads it without any stream trait. It
 /// ends when the table stops. Dropping it unsubscribes.
 pub struct Subscription<K, V> {
@@ -412,7 +410,7 @@ impl<K, V> Subscription<K, V> {
     }
 
     /// The position of the last change this subscription returned (or, before the first, of
-    /// the change before it): [`Table::subscribe_from`] resumes from it.
+    /// the change before it): [`Table::subscribe_from`](crate::Table::subscribe_from) resumes from it.
     pub fn cursor(&self) -> Cursor {
         Cursor {
             stream: self.hub.stream,
@@ -511,48 +509,3 @@ pub(crate) struct SubscribeReq<K, V> {
 
 /// A snapshot (empty unless asked for) and the subscription that follows it.
 pub(crate) type Subscribed<K, V> = (Vec<(K, V)>, Subscription<K, V>);
-
-impl<K, V> TableOptions<K, V> {
-    /// How many changes the table keeps on each node for its subscribers (default
-    /// [`DEFAULT_SUBSCRIPTION_BUFFER`]). A subscriber that falls further behind gets
-    /// [`Update::Lagged`]; a cursor resumes only while the log holds the change after it.
-    /// The log takes memory only while someone is subscribed.
-    pub fn subscription_buffer(mut self, changes: usize) -> Self {
-        self.subscription_buffer = changes.max(1);
-        self
-    }
-}
-
-impl<K: Key, V: Value> Table<K, V> {
-    async fn subscribe_at(&self, from: Start) -> Result<(Vec<(K, V)>, Subscription<K, V>)> {
-        let (reply, rx) = oneshot::channel();
-        self.control
-            .send(Control::Subscribe(SubscribeReq { from, reply }))
-            .map_err(|_| Error::Shutdown)?;
-        rx.await.map_err(|_| Error::Shutdown)?
-    }
-
-    /// Subscribes to the changes this node applies to the table from now on, in apply order:
-    /// local and replicated writes, expiries, records dropped with their owner, joins and
-    /// repairs. A subscriber that reads too slowly never slows the table: it gets
-    /// [`Update::Lagged`] instead ([`TableOptions::subscription_buffer`]).
-    pub async fn subscribe(&self) -> Result<Subscription<K, V>> {
-        Ok(self.subscribe_at(Start::Now).await?.1)
-    }
-
-    /// The table's current contents (as [`Table::to_vec`]) and a subscription to every change
-    /// after them: taken at one point of the table server's order, so no change is missing
-    /// between the two and none is in both. What a cache needs to start. The table server
-    /// copies the table to take it.
-    pub async fn subscribe_with_snapshot(&self) -> Result<(Vec<(K, V)>, Subscription<K, V>)> {
-        self.subscribe_at(Start::Snapshot).await
-    }
-
-    /// Resumes after `cursor` (from [`Event::cursor`] or [`Subscription::cursor`]) with the
-    /// changes since, without a reload. Fails with [`Error::CursorExpired`] if the change
-    /// log no longer holds all of them (it fell out of the buffer, nobody was subscribed
-    /// while it happened, or the cursor is of another node or table start): take a snapshot.
-    pub async fn subscribe_from(&self, cursor: Cursor) -> Result<Subscription<K, V>> {
-        Ok(self.subscribe_at(Start::After(cursor)).await?.1)
-    }
-}

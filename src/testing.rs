@@ -8,28 +8,10 @@
 
 use tokio::sync::oneshot;
 
-use crate::server::Control;
-use crate::table::{Key, Table, Value};
+use crate::server::{Control, TestWrite};
+use crate::table::Table;
+use crate::types::{Key, Value};
 use crate::{Error, Result};
-
-/// A change of one replica's store that is not replicated.
-pub(crate) enum TestWrite<K, V> {
-    /// Store `(key, value)` with a new stamp, owned by the node named `owner` (this node if
-    /// `None`), replacing the key's record (a bag: adding the object).
-    Put {
-        key: K,
-        value: V,
-        owner: Option<String>,
-    },
-    /// Remove the key (`value: None`) or one object of it, leaving no tombstone.
-    Remove { key: K, value: Option<V> },
-    /// Apply a delete of the key with a new stamp, as a replicated delete is applied (with
-    /// its tombstone), without sending it: a delete the other replicas missed.
-    Delete { key: K },
-    /// Compare digests as they are (section 15.3) or not: with `false`, only the comparison
-    /// at a cut (15.4) runs, whether writes are in flight or not.
-    CompareAtRest(bool),
-}
 
 impl<K: Key, V: Value> Table<K, V> {
     async fn testing(&self, w: TestWrite<K, V>) -> Result<()> {

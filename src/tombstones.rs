@@ -13,12 +13,10 @@ use std::collections::VecDeque;
 use std::hash::Hash;
 
 use crate::membership::OwnerIdx;
+use crate::types::Stamp;
 
 /// A map of tombstones with more slots than this is shrunk once it is at most 1/8 full.
 const SHRINK_ABOVE: usize = 16 * 1024;
-
-/// A delete's stamp: timestamp and the writer's owner index.
-pub(crate) type Stamp = (u64, OwnerIdx);
 
 /// What a tombstone stops: writes stamped before it, and writes with its very stamp unless they
 /// would have beaten the version it stands for.

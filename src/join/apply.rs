@@ -11,7 +11,7 @@ use super::{Group, JoinCtx};
 use crate::authority::Dump;
 use crate::membership::NodeId;
 use crate::proto::{Chunker, JoinRep, JoinReq};
-use crate::table::{Key, Value};
+use crate::types::{Key, Value};
 use crate::Result;
 
 /// Sends what `decided` gives each group, then waits for every answer.

@@ -13,7 +13,7 @@ use crate::hlc::HybridClock;
 use crate::membership::NodeId;
 use crate::proto::WireRecord;
 use crate::store::{same_value, value_order};
-use crate::table::{Key, TableKind, Value};
+use crate::types::{Key, TableKind, Value};
 use crate::Result;
 
 /// Every version of one key seen in the dumps, with the index of the source that had it; the

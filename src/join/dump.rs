@@ -9,7 +9,7 @@ use super::{Group, JoinCtx};
 use crate::membership::NodeId;
 use crate::ownership::is_writer_id;
 use crate::proto::{JoinRep, JoinReq, WireRecord, WireTombstone};
-use crate::table::{Key, Value};
+use crate::types::{Key, Value};
 use crate::Result;
 
 /// What the dumps of a central merge brought.

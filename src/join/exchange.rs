@@ -9,7 +9,7 @@ use super::JoinCtx;
 use crate::authority::{self, Dump};
 use crate::membership::NodeId;
 use crate::proto::{JoinRep, JoinReq};
-use crate::table::{Key, Value};
+use crate::types::{Key, Value};
 use crate::Result;
 
 /// Steps 6 to 8 for two consistent partitions under last writer wins: each source's dump goes

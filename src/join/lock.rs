@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::JoinCtx;
 use crate::membership::NodeId;
 use crate::proto::{JoinReq, PeerMsg};
-use crate::table::{Key, Value};
+use crate::types::{Key, Value};
 
 /// The pauses this join holds. They are renewed from the join's own progress (each dump chunk,
 /// each applied chunk), never from a timer: a coordinator that stalls loses its lease.

@@ -9,7 +9,7 @@ use super::lock::{same_nodes, Lease};
 use super::{apply, decide, dump, exchange, Facts, Group, JoinCtx};
 use crate::conflict::Conflict;
 use crate::membership::NodeId;
-use crate::table::{Key, TableKind, Value};
+use crate::types::{Key, TableKind, Value};
 use crate::Result;
 
 /// Steps 4 to 8 under the lock. Returns the number of conflicting keys.

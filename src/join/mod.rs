@@ -42,15 +42,34 @@ use crate::conflict::Conflict;
 use crate::hlc::HybridClock;
 use crate::membership::NodeId;
 use crate::proto::{JoinRep, JoinReq};
-use crate::server::Control;
-use crate::table::{Key, TableKind, Value};
+use crate::types::{Key, TableKind, Value};
 use crate::{Error, Result};
 
 use lock::{release, unreachable_pair, Lease};
 
+/// A test hook awaited by a join coordinator at named checkpoints (see
+/// `TableOptions::join_checkpoint`).
+pub(crate) type JoinCheckpointFn = Arc<
+    dyn Fn(&'static str) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// A request of the coordinator for its table server to send to `to` (this node or a peer);
+/// the server streams the replies back on `replies`.
+pub(crate) struct JoinRequest<K, V> {
+    pub to: NodeId,
+    pub body: JoinReq<K, V>,
+    pub replies: mpsc::UnboundedSender<JoinRep<K, V>>,
+}
+
+/// How the coordinator hands its requests to its table server (which wraps them in its control
+/// messages): the join knows nothing of the server.
+pub(crate) type JoinPort<K, V> = Arc<dyn Fn(JoinRequest<K, V>) + Send + Sync>;
+
 /// What the coordinator needs from its table server.
 pub(crate) struct JoinCtx<K, V> {
-    pub control: mpsc::UnboundedSender<Control<K, V>>,
+    pub port: JoinPort<K, V>,
     pub me: NodeId,
     pub kind: TableKind,
     pub conflict: Conflict<K, V>,
@@ -59,7 +78,7 @@ pub(crate) struct JoinCtx<K, V> {
     pub chunk: usize,
     pub chunk_bytes: usize,
     pub table: String,
-    pub checkpoint: Option<crate::table::JoinCheckpointFn>,
+    pub checkpoint: Option<JoinCheckpointFn>,
     /// The table's record lifetime in milliseconds (`TableOptions::expire_after`), if any.
     pub expire_ms: Option<u64>,
     /// The table is cluster-owned: dumps carry tombstones and writer names as owners.
@@ -87,7 +106,7 @@ impl<K: Key, V: Value> JoinCtx<K, V> {
             self.moved
                 .fetch_add(records.len() as u64, Ordering::Relaxed);
         }
-        let _ = self.control.send(Control::JoinRequest {
+        (self.port)(JoinRequest {
             to: to.clone(),
             body,
             replies: tx,

@@ -10,7 +10,7 @@ impl<K: Key, V: Value> Server<K, V> {
             Control::Status(reply) => {
                 let _ = reply.send(self.status());
             }
-            Control::JoinRequest { to, body, replies } => {
+            Control::JoinRequest(join::JoinRequest { to, body, replies }) => {
                 if to == self.me {
                     self.on_join_req(Origin::Local(replies), body);
                     return false;
@@ -106,8 +106,11 @@ impl<K: Key, V: Value> Server<K, V> {
         track.running = true;
         let peer = link.id.clone();
         let done_with = peer.clone();
+        let control = self.control_tx.clone();
         let ctx = JoinCtx {
-            control: self.control_tx.clone(),
+            port: Arc::new(move |r| {
+                let _ = control.send(Control::JoinRequest(r));
+            }),
             me: self.me.clone(),
             kind: self.shared.kind,
             conflict: self.opts.conflict.clone(),

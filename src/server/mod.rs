@@ -45,17 +45,20 @@ use crate::join::{self, JoinCtx};
 use crate::membership::{NodeId, OwnerIdx, Owners};
 use crate::metrics::{PeerMetrics, TableMetrics};
 use crate::object_deletes::ObjectDeletes;
+use crate::options::TableOptions;
 use crate::outbox::{outbox, Outbox, Refused};
 use crate::proto::{
     close, stop, Chunker, JoinRep, JoinReq, Op, OpKind, PeerMsg, StreamHeader, WireRecord,
 };
 use crate::registry::{PeerConn, TableEvent};
 use crate::repeats::Repeats;
+use crate::shared::Shared;
 use crate::status::TableStatus;
-use crate::store::{same_value, value_order, Rec};
-use crate::table::{Key, Shared, TableKind, TableOptions, Value};
+use crate::store::{same_value, value_order};
 use crate::tombstones::{Tombstone, Tombstones};
 use crate::transport::frame::{self, FrameReader};
+use crate::types::Rec;
+use crate::types::{Key, TableKind, Value};
 use crate::{Error, Result};
 
 /// How often the server checks leases, ack timeouts, tombstones and due joins.
@@ -98,11 +101,7 @@ pub(crate) struct Write<K, V> {
 pub(crate) enum Control<K, V> {
     Status(oneshot::Sender<TableStatus>),
     /// Send a join request to `to` (may be this node) and stream its replies back.
-    JoinRequest {
-        to: NodeId,
-        body: JoinReq<K, V>,
-        replies: mpsc::UnboundedSender<JoinRep<K, V>>,
-    },
+    JoinRequest(join::JoinRequest<K, V>),
     JoinDone {
         peer: NodeId,
         result: Result<u64>,
@@ -112,7 +111,7 @@ pub(crate) enum Control<K, V> {
     Subscribe(crate::subscription::SubscribeReq<K, V>),
     /// A change of this replica only (tests of anti-entropy).
     #[cfg(feature = "testing")]
-    Testing(crate::testing::TestWrite<K, V>, oneshot::Sender<()>),
+    Testing(TestWrite<K, V>, oneshot::Sender<()>),
     /// A member's `insert_new` was decided here: answer it on its link (`claims.rs`).
     ClaimDone {
         peer: OwnerIdx,
@@ -365,6 +364,8 @@ impl Extend<u8> for Append<'_> {
 }
 
 mod anti_entropy;
+#[cfg(feature = "testing")]
+pub(crate) use anti_entropy::TestWrite;
 mod apply;
 mod claims;
 mod clock;

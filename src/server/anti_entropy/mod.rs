@@ -34,6 +34,8 @@ mod decide;
 mod repair;
 #[cfg(feature = "testing")]
 mod testing;
+#[cfg(feature = "testing")]
+pub(crate) use testing::TestWrite;
 
 /// Quick rounds after a change of the view, this far apart (or `anti_entropy_interval`, if
 /// shorter): the members change their views at slightly different moments.
