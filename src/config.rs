@@ -93,15 +93,11 @@ pub struct NodeConfig {
     /// (flow control then holds the queue) makes writes, ticks and join replies pile up, and
     /// the frame that would pass this bound closes the connection to that peer instead (code
     /// `OVERLOAD`, logged as "outbound queue full"): its records are dropped everywhere, and
-    /// it joins again once it reconnects. A join sends a node's whole table to a peer at
-    /// once, so keep this above the encoded size of your largest table (about the key and value
-    /// plus 12 bytes per record) plus a few seconds of writes; at least `max_frame_size`.
-    /// The same bound applies to what a join coordinator receives in reply to one request (a
-    /// dump that passes it fails the join), so give every node the same value. It counts
-    /// encoded bytes: the coordinator holds a dump decoded until it is complete, which takes
-    /// more memory than its bytes on the wire (about 2x for a `u64` key and 16-byte value;
-    /// up to 16x for records of empty strings), so a peer can make one join hold that multiple
-    /// of this bound.
+    /// it joins again once it reconnects. A join's dumps and chunks stream through half of this
+    /// queue as the peer reads them, whatever the size of the table; a peer asked for a dump
+    /// while its last one still waits for room is closed the same way. At least
+    /// `max_frame_size`. Replies to one join request other than a dump are bounded by this too;
+    /// a dump may bring about as many records as its source said it held.
     pub max_link_queue_bytes: usize,
     /// Anti-entropy: how often each table compares a digest of its contents with every member
     /// (ALGORITHM.md, section 15). Default 2 s. Replicas that differ for any reason (a write

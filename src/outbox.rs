@@ -21,6 +21,8 @@ struct Shared {
     queued: AtomicUsize,
     limit: usize,
     overflowed: AtomicBool,
+    /// Woken each time the writer task hands frames to QUIC (`Outbox::room`).
+    drained: tokio::sync::Notify,
 }
 
 /// The table server's end of a link's queue. A join coordinator holds a copy to renew its
@@ -58,6 +60,7 @@ pub(crate) fn outbox(limit: usize) -> (Outbox, OutboxReceiver) {
         queued: AtomicUsize::new(0),
         limit,
         overflowed: AtomicBool::new(false),
+        drained: tokio::sync::Notify::new(),
     });
     (
         Outbox {
@@ -98,6 +101,27 @@ impl Outbox {
     pub(crate) fn queued(&self) -> usize {
         self.shared.queued.load(Ordering::Relaxed)
     }
+
+    /// Waits until `len` more bytes keep the queue at or under half its limit (or it is empty),
+    /// so that bulk data (a join's dump, its chunks to apply) flows as fast as the peer reads
+    /// while the other half stays free for writes, acks and ticks. False once the queue is
+    /// closed.
+    pub(crate) async fn room(&self, len: usize) -> bool {
+        let high = self.shared.limit / 2;
+        loop {
+            let drained = self.shared.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if self.is_closed() {
+                return false;
+            }
+            let queued = self.queued();
+            if queued == 0 || queued.saturating_add(len) <= high {
+                return true;
+            }
+            drained.await;
+        }
+    }
 }
 
 impl OutboxReceiver {
@@ -114,11 +138,20 @@ impl OutboxReceiver {
     /// Frames of `bytes` bytes in all were handed to QUIC: they no longer count.
     pub(crate) fn written(&self, bytes: usize) {
         self.shared.queued.fetch_sub(bytes, Ordering::Relaxed);
+        self.shared.drained.notify_waiters();
     }
 
     /// The queue overflowed: what it still holds will not be written.
     pub(crate) fn overflowed(&self) -> bool {
         self.shared.overflowed.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for OutboxReceiver {
+    /// The writer task ended: whoever waits for room learns that the queue is closed.
+    fn drop(&mut self) {
+        self.rx.close();
+        self.shared.drained.notify_waiters();
     }
 }
 
@@ -153,7 +186,24 @@ mod tests {
             rx.written(f.len());
         }
         assert_eq!(out.queued(), 0);
+        assert!(out.room(8).await);
         drop(rx);
+        assert!(!out.room(8).await);
         assert_eq!(out.send(Bytes::from_static(b"1")), Err(Refused::Closed));
+    }
+
+    #[tokio::test]
+    async fn bulk_waits_for_the_writer_to_drain_half_the_queue() {
+        let (out, mut rx) = outbox(16);
+        out.send(Bytes::from_static(b"12345678")).unwrap();
+        let waiter = {
+            let out = out.clone();
+            tokio::spawn(async move { out.room(4).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "8 + 4 bytes are over half of 16");
+        let f = rx.recv().await.unwrap();
+        rx.written(f.len());
+        assert!(waiter.await.unwrap());
     }
 }

@@ -240,9 +240,10 @@ async fn a_join_gets_one_dump_per_node() {
 }
 
 /// A peer that never reads its table stream while it makes the node queue frames for it (join
-/// after join, each asking for the table's dump) is closed with the `OVERLOAD` code once the
-/// queue would pass `max_link_queue_bytes`; the node's other connection goes on as before.
-/// Without the bound, each round queued another copy of the table, without end.
+/// after join, each asking for the table's dump) is closed with the `OVERLOAD` code once a dump
+/// is asked for while the last one still waits for room in the queue (a dump streams as the
+/// peer reads); the node's other connection goes on as before. Without the bound, each round
+/// queued another copy of the table, without end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_does_not_read_is_closed_when_its_queue_is_full() {
     let mut config = NodeConfig::fast_failover();
@@ -378,9 +379,9 @@ async fn a_join_dumps_the_records_of_its_own_nodes_only() {
 /// A peer the node joins with answers its `Dump` with chunks that never end, after reporting
 /// in its `Paused` reply that it holds nothing. The coordinator keeps a dump until it is
 /// complete, and each chunk renewed its lease, so the node's table stayed paused, and its
-/// memory grew, for as long as the peer sent. Replies to one request are now bounded by
-/// `max_link_queue_bytes` (an honest source queues its whole dump at once, so its dump fits):
-/// past it, the node drops the request, the join fails, and the table is unpaused.
+/// memory grew, for as long as the peer sent. A dump may now bring about as many records as its
+/// source said it held when it paused (a dump streams, whatever its size in bytes): past that,
+/// the node drops the request, the join fails, and the table is unpaused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dump_that_never_ends_is_not_kept_without_end() {
     let mut config = NodeConfig::fast_failover();

@@ -40,6 +40,7 @@ pub(super) async fn collect<K: Key, V: Value>(
         HashMap::with_capacity_and_hasher(expected.min(1 << 21) as usize, Default::default());
     let mut tombs: Vec<TombstoneChunk<K>> = Vec::new();
     for (src_i, (src, _)) in groups.iter().enumerate() {
+        let mut bound = DumpBound::new(ctx, sizes.get(src));
         let mut rx = ctx.request(
             src,
             JoinReq::Dump {
@@ -56,6 +57,7 @@ pub(super) async fn collect<K: Key, V: Value>(
                 } => {
                     if let Err(why) =
                         check_chunk(&chunk_owners, &records, last, dumped, ctx.cluster)
+                            .and_then(|()| bound.take(records.len()))
                     {
                         return Err(ctx.fail(src, why));
                     }
@@ -116,11 +118,41 @@ pub(super) async fn collect<K: Key, V: Value>(
     })
 }
 
+/// The records a source's dump may bring: as many as it said it held when it paused
+/// (`JoinRep::Paused::len`), with room for writes of its side's members that were still
+/// arriving (the nodes of its side locked after it wait for theirs to be acknowledged). The
+/// coordinator holds a dump until it is complete, so this bounds what a peer can make it
+/// hold; the bytes on the wire are not bounded, as a dump streams at the pace its source's
+/// queue drains (the link's bulk lane, ALGORITHM.md section 19).
+pub(super) struct DumpBound {
+    left: u64,
+}
+
+impl DumpBound {
+    pub(super) fn new<K, V>(ctx: &JoinCtx<K, V>, held: Option<&u64>) -> Self {
+        let held = held.copied().unwrap_or(0);
+        let room = held / 2 + 4 * ctx.chunk as u64 + 65_536;
+        DumpBound {
+            left: held.saturating_add(room),
+        }
+    }
+
+    pub(super) fn take(&mut self, records: usize) -> std::result::Result<(), &'static str> {
+        match self.left.checked_sub(records as u64) {
+            Some(left) => {
+                self.left = left;
+                Ok(())
+            }
+            None => Err("a dump larger than its source said it held"),
+        }
+    }
+}
+
 /// What a dump chunk must be. Records, unless it is the last: each chunk renews the join's
 /// lease, so empty ones could keep the tables paused for as long as a source sends them. Owners
 /// among those the dump was asked for only (the join's nodes; `send_dump` names no other), as
-/// the coordinator keeps every name it is given. (The bytes of one dump are bounded where replies
-/// arrive, by `max_link_queue_bytes`: `Server::on_peer_msg`.)
+/// the coordinator keeps every name it is given. (The records of one dump are bounded by
+/// `DumpBound`.)
 pub(super) fn check_chunk<K, V>(
     owners: &[NodeId],
     records: &[WireRecord<K, V>],

@@ -3,9 +3,11 @@
 //! the later version per key; no union is built in one place.
 
 use super::apply::send_stale;
-use super::dump::{check_chunk, check_tombstones, TombstoneChunk};
+use super::dump::{check_chunk, check_tombstones, DumpBound, TombstoneChunk};
 use super::lock::Lease;
 use super::JoinCtx;
+use std::collections::BTreeMap;
+
 use crate::authority::{self, Dump};
 use crate::membership::NodeId;
 use crate::proto::{JoinRep, JoinReq};
@@ -26,7 +28,7 @@ pub(super) async fn exchange<K: Key, V: Value>(
     join: u64,
     groups: [&(NodeId, Vec<NodeId>); 2],
     (everyone, dumped): (&[NodeId], &[NodeId]),
-    missed: &authority::Missed,
+    (missed, sizes): (&authority::Missed, &BTreeMap<NodeId, u64>),
     lease: &mut Lease,
 ) -> Result<u64> {
     // Both sources dump at once; the chunks wait in their channels until read.
@@ -47,6 +49,7 @@ pub(super) async fn exchange<K: Key, V: Value>(
     let mut tombs: [Vec<TombstoneChunk<K>>; 2] = [Vec::new(), Vec::new()];
     for (from, dump) in dumps.iter_mut().enumerate() {
         let src = &groups[from].0;
+        let mut bound = DumpBound::new(ctx, sizes.get(src));
         loop {
             match ctx.next(src, &mut rx[from]).await? {
                 JoinRep::Chunk {
@@ -54,7 +57,9 @@ pub(super) async fn exchange<K: Key, V: Value>(
                     records,
                     last,
                 } => {
-                    if let Err(why) = check_chunk(&owners, &records, last, dumped, ctx.cluster) {
+                    if let Err(why) = check_chunk(&owners, &records, last, dumped, ctx.cluster)
+                        .and_then(|()| bound.take(records.len()))
+                    {
                         return Err(ctx.fail(src, why));
                     }
                     dump.push((owners, records));

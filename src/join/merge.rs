@@ -57,7 +57,8 @@ pub(super) async fn merge<K: Key, V: Value>(
         (groups.as_slice(), &ctx.conflict, ctx.kind == TableKind::Bag)
     {
         let nodes = (everyone.as_slice(), dumped.as_slice());
-        return exchange::exchange(ctx, peer, join, [a, b], nodes, missed, lease).await;
+        let facts = (missed, sizes);
+        return exchange::exchange(ctx, peer, join, [a, b], nodes, facts, lease).await;
     }
 
     // 6. Dumps.

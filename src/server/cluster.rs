@@ -84,8 +84,9 @@ impl<K: Key, V: Value> Server<K, V> {
                 Origin::Local(tx) => {
                     let _ = tx.send(body);
                 }
+                // Ahead of the dump's records, on the same lane (`send_dump`).
                 Origin::Peer(key, req) => {
-                    self.send_to(*key, &PeerMsg::JoinReply { req: *req, body })
+                    self.send_bulk(*key, PeerMsg::JoinReply { req: *req, body })
                 }
             }
         }

@@ -28,9 +28,12 @@ impl<K: Key, V: Value> Server<K, V> {
                     from: key,
                     tx: replies,
                     bytes: 0,
+                    dump: matches!(body, JoinReq::Dump { .. }),
                 };
                 self.join_replies.insert(req, awaited);
-                self.send_to(key, &PeerMsg::Join { req, body });
+                // Every join request to the peer goes through its link's bulk lane, in order:
+                // the chunks to apply flow as the peer reads, however large the join.
+                self.send_bulk(key, PeerMsg::Join { req, body });
             }
             Control::JoinDone { peer: id, result } => {
                 let base = self.config.join_backoff;

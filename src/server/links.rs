@@ -38,6 +38,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 id: pc.id,
                 conn: pc.conn,
                 out: None,
+                bulk: None,
                 writer: 0,
                 writer_after_inbound: false,
                 inbound: false,
@@ -83,9 +84,26 @@ impl<K: Key, V: Value> Server<K, V> {
         // The writer task runs in the link's span (`spawn_writer` spawns it in the current one).
         let span = link_span(&self.me, &self.shared.name, &link.id, "out");
         let _in_span = span.enter();
-        link.out = Some(spawn_writer(
-            pc, header, key, link.gen, writer, inputs, limit,
-        ));
+        let conn = pc.conn.clone();
+        let out = spawn_writer(pc, header, key, link.gen, writer, inputs, limit);
+        link.bulk = Some(BulkLane::spawn(out.clone(), conn));
+        link.out = Some(out);
+    }
+
+    /// Queues `msg` on the link's bulk lane: encoded by the lane's task (not this table
+    /// server) and queued behind the lane's earlier messages once the link's queue has room.
+    pub(super) fn send_bulk(&self, key: OwnerIdx, msg: PeerMsg<K, V>) {
+        let Some(lane) = self.links.get(&key).and_then(|l| l.bulk.as_ref()) else {
+            return;
+        };
+        let job: BulkJob = Box::new(move || match frame::encode(&msg) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode a message");
+                None
+            }
+        });
+        lane.send(job);
     }
 
     /// Opens a table stream to every peer that runs the table (its stream to us arrived) and
@@ -328,6 +346,70 @@ pub(super) fn spawn_writer<K: Key, V: Value>(
         .in_current_span(),
     );
     tx
+}
+
+/// A message for a link's bulk lane, encoded when the lane's task gets to it.
+pub(super) type BulkJob = Box<dyn FnOnce() -> Option<Bytes> + Send>;
+
+/// The bulk lane of a link's queue: a task that encodes what a join sends (its requests, a
+/// dump's chunks) and queues each frame once the queue is at most half full
+/// (`Outbox::room`), so a join of any size flows at the pace the peer reads and never fills
+/// the queue that writes, acks and ticks share. Frames keep their order; what is sent
+/// directly on the queue (replies, renewals) may overtake them. The task ends with the lane,
+/// or when the queue closes.
+pub(super) struct BulkLane {
+    tx: mpsc::UnboundedSender<BulkJob>,
+    /// Messages sent to the lane and not yet queued (or dropped).
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl BulkLane {
+    pub(super) fn spawn(out: Outbox, conn: quinn::Connection) -> BulkLane {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (tx, mut rx) = mpsc::unbounded_channel::<BulkJob>();
+        let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let left = pending.clone();
+        tokio::spawn(
+            async move {
+                while let Some(job) = rx.recv().await {
+                    let queued = match job() {
+                        Some(frame) if out.room(frame.len()).await => out.send(frame),
+                        Some(_) => Err(Refused::Closed),
+                        None => Ok(()),
+                    };
+                    left.fetch_sub(1, Relaxed);
+                    match queued {
+                        Ok(()) => {}
+                        Err(Refused::Overflow { queued }) => {
+                            tracing::warn!(
+                                queued,
+                                "outbound queue full (NodeConfig::max_link_queue_bytes): the peer does not read its table stream; closing the connection"
+                            );
+                            conn.close(VarInt::from_u32(close::OVERLOAD), b"outbound queue full");
+                            return;
+                        }
+                        Err(Refused::Closed) => return,
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        BulkLane { tx, pending }
+    }
+
+    fn send(&self, job: BulkJob) {
+        self.pending
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.tx.send(job).is_err() {
+            self.pending
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Whether messages sent earlier still wait for room in the queue.
+    pub(super) fn busy(&self) -> bool {
+        self.pending.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
 }
 
 /// The span of a link's reader (`dir = "in"`) or writer (`"out"`) task.

@@ -153,6 +153,9 @@ struct Awaited<K, V> {
     tx: mpsc::UnboundedSender<JoinRep<K, V>>,
     /// Frame bytes of the replies so far (a dump comes in many chunks).
     bytes: usize,
+    /// A `Dump` request: its replies are bounded by the coordinator (`crate::join`), in
+    /// records, not here in bytes.
+    dump: bool,
 }
 
 /// Where to send a join reply.
@@ -168,6 +171,9 @@ struct Link {
     id: NodeId,
     conn: quinn::Connection,
     out: Option<Outbox>,
+    /// The bulk lane of `out` (`links::spawn_bulk`): join requests and dump chunks, encoded
+    /// and queued by a task of their own as the queue drains.
+    bulk: Option<links::BulkLane>,
     /// The id of the writer task behind `out` (from the same counter as `gen`).
     writer: u64,
     /// Whether the peer's stream had arrived when that writer opened our stream: if not, a
@@ -594,6 +600,7 @@ impl<K: Key, V: Value> Server<K, V> {
                     return;
                 }
                 link.out = None;
+                link.bulk = None;
                 if stop_code == Some(stop::UNKNOWN_TABLE)
                     && link.inbound
                     && !link.writer_after_inbound
@@ -695,12 +702,17 @@ impl<K: Key, V: Value> Server<K, V> {
                 else {
                     return;
                 };
-                // A dump is queued at once by its source, so an honest one fits in the
-                // source's outbound queue: replies to one request past that size are a peer's
-                // fault, and holding them (the coordinator keeps a dump until it is complete)
-                // would let it grow this node's memory without end.
+                // Replies to one request other than a dump come to at most the peer's
+                // outbound queue; more is a peer's fault, and holding them would let it grow
+                // this node's memory without end. A dump streams as the source's queue drains,
+                // and is bounded by the coordinator in records (`crate::join`): once the
+                // coordinator gave up on it, the rest is dropped here.
                 awaited.bytes = awaited.bytes.saturating_add(size);
-                if awaited.bytes > self.config.max_link_queue_bytes {
+                if awaited.tx.is_closed() {
+                    self.join_replies.remove(&req);
+                    return;
+                }
+                if !awaited.dump && awaited.bytes > self.config.max_link_queue_bytes {
                     tracing::warn!(
                         peer = %self.links.get(&key).map_or_else(String::new, |l| l.id.to_string()),
                         bytes = awaited.bytes,

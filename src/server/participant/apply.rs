@@ -170,6 +170,12 @@ impl<K: Key, V: Value> Server<K, V> {
             .collect();
         let (me, members) = (self.me_idx, &self.members);
         let outside = |o: OwnerIdx| o != me && !members.contains(&o) && !kept.contains(&o);
+        // No owner known here is outside: no record is (a scan of a large table costs more
+        // than the rest of the join's end).
+        if !(0..self.owners.slots() as OwnerIdx).any(|o| self.owners.get(o).is_some() && outside(o))
+        {
+            return;
+        }
         let watch = self.watch();
         let removed = self.shared.store.remove_owned_by(outside, |_, _| {});
         self.emit(watch, notify::Cause::Join(by));

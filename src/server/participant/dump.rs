@@ -36,8 +36,21 @@ impl<K: Key, V: Value> Server<K, V> {
 
     pub(in crate::server) fn send_dump(&self, origin: Origin<K, V>, alive: &[NodeId]) {
         if let Origin::Peer(key, _) = origin {
-            if !self.links.get(&key).is_some_and(Link::open) {
+            let Some(link) = self.links.get(&key).filter(|l| l.open()) else {
                 // Its queue overflowed (the connection is closing), or its stream is gone.
+                return;
+            };
+            // A dump streams as the peer reads it; one asked for while the last one is still
+            // waiting for room means the peer does not read (a join asks each node once, and
+            // the next join comes after this one ended): each would queue another copy of the
+            // table.
+            if link.bulk.as_ref().is_some_and(links::BulkLane::busy) {
+                tracing::warn!(
+                    peer = %link.id,
+                    "a dump asked for while the last one still waits for the peer to read it; closing the connection"
+                );
+                link.conn
+                    .close(VarInt::from_u32(close::OVERLOAD), b"outbound queue full");
                 return;
             }
         }
@@ -77,8 +90,10 @@ impl<K: Key, V: Value> Server<K, V> {
                 Origin::Local(tx) => {
                     let _ = tx.send(body);
                 }
+                // Through the link's bulk lane: encoded by the lane's task, and queued as the
+                // link drains, so a dump larger than the link's queue streams.
                 Origin::Peer(key, req) => {
-                    self.send_to(*key, &PeerMsg::JoinReply { req: *req, body })
+                    self.send_bulk(*key, PeerMsg::JoinReply { req: *req, body })
                 }
             }
         };
