@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use crate::authority::{self, Dump};
 use crate::membership::NodeId;
-use crate::proto::{JoinRep, JoinReq};
+use crate::proto::{JoinRep, JoinReq, WireRecord};
 use crate::types::{Key, Value};
 use crate::Result;
 
@@ -20,8 +20,8 @@ use crate::Result;
 /// counts as absent: it was not dumped, as in a central merge). Both sides compare the same
 /// `(timestamp, owner)` stamps, so they end identical, as with a central merge, without building
 /// the union in one place. Both dumps are complete before anything is applied, so a source that
-/// fails halfway leaves nothing behind; group 0's targets get group 1's dump first, then group 1's
-/// targets get group 0's, as the central merge sends its groups.
+/// fails halfway leaves nothing behind. The two sides get their chunks in turn, and apply them at
+/// once; group 0's last chunk (with the member list) goes before group 1's.
 pub(super) async fn exchange<K: Key, V: Value>(
     ctx: &JoinCtx<K, V>,
     peer: &NodeId,
@@ -91,16 +91,12 @@ pub(super) async fn exchange<K: Key, V: Value>(
     let [dump0, dump1] = dumps;
     let [tombs0, tombs1] = tombs;
     let mut waits: Vec<_> = removals.into_iter().map(|(t, rx)| (t, 1, rx)).collect();
-    for (to, dump, tombs) in [(0usize, dump1, tombs1), (1, dump0, tombs0)] {
-        if to == 1 {
-            if let Some(f) = &ctx.checkpoint {
-                f("between_groups").await;
-            }
-        }
-        let targets = &groups[to].1;
-        // The other side's tombstones before its records (cluster-owned tables).
+    // Group `to` gets the other side's dump: its tombstones first (cluster-owned tables), then
+    // its records.
+    let mut out: [std::vec::IntoIter<_>; 2] = [dump1.into_iter(), dump0.into_iter()];
+    for (to, tombs) in [(0usize, tombs1), (1, tombs0)] {
         for (owners, tombstones) in tombs {
-            for t in targets {
+            for t in &groups[to].1 {
                 let body = JoinReq::Tombstones {
                     join,
                     owners: owners.clone(),
@@ -109,16 +105,17 @@ pub(super) async fn exchange<K: Key, V: Value>(
                 waits.push((t.clone(), to, ctx.request(t, body)));
             }
         }
-        let n = dump.len();
-        for (i, (owners, records)) in dump.into_iter().enumerate() {
+    }
+    let mut send =
+        |to: usize, (owners, records): (Vec<NodeId>, Vec<WireRecord<K, V>>), last: bool| {
             let apply = |owners, records| JoinReq::Apply {
                 join,
                 owners,
                 records,
-                members: (i + 1 == n).then(|| everyone.to_vec()),
+                members: last.then(|| everyone.to_vec()),
                 merge: Some(dumped.to_vec()),
             };
-            if let Some((final_target, others)) = targets.split_last() {
+            if let Some((final_target, others)) = groups[to].1.split_last() {
                 for t in others {
                     let rx = ctx.request(t, apply(owners.clone(), records.clone()));
                     waits.push((t.clone(), to, rx));
@@ -126,7 +123,34 @@ pub(super) async fn exchange<K: Key, V: Value>(
                 let rx = ctx.request(final_target, apply(owners, records));
                 waits.push((final_target.clone(), to, rx));
             }
+        };
+    // Every chunk but the last of each side, one group's and the other's in turn, so that both
+    // sides apply at once (this node's table server applies its own chunks in the order they
+    // come, and the other side's go out between them); then group 0's last chunk, which
+    // carries the member list, and only then group 1's.
+    loop {
+        let mut sent = false;
+        for (to, chunks) in out.iter_mut().enumerate() {
+            if chunks.len() > 1 {
+                if let Some(chunk) = chunks.next() {
+                    send(to, chunk, false);
+                    sent = true;
+                }
+            }
         }
+        if !sent {
+            break;
+        }
+    }
+    let [mut last0, mut last1] = out;
+    if let Some(chunk) = last0.next() {
+        send(0, chunk, true);
+    }
+    if let Some(f) = &ctx.checkpoint {
+        f("between_groups").await;
+    }
+    if let Some(chunk) = last1.next() {
+        send(1, chunk, true);
     }
     // Every target of a group sees the same conflicts: count them at one.
     let counter = groups[0].1.first();
