@@ -9,7 +9,9 @@
 //! - `CETS_BENCH_FULL=1` (or `cargo bench --bench cluster -- --full`) runs the full sizes
 //!   (longer phases, a join of 1 M + 1 M records).
 //! - Positional arguments pick sections: `memory get latency throughput batch join down ae react
-//!   persist bigjoin metrics` (default: all but `bigjoin`, which runs only when named or with `--full`),
+//!   persist persist_pg bigjoin metrics` (default: all but `bigjoin`, which runs only when named or
+//!   with `--full`; `persist_pg`, only when named, exists with `--features postgres` and needs
+//!   `CETS_TEST_POSTGRES_URL`),
 //!   e.g. `cargo bench --bench cluster -- latency join`.
 //!
 //! Two measurements run in a child process (this same binary, re-executed with
@@ -19,7 +21,7 @@
 //! Layout: this file holds the settings, the nodes and the run; `counting.rs` the allocator,
 //! `probes.rs` the procfs probes, `report.rs` the rows and the table, `raw.rs` the raw QUIC
 //! baseline, and one file per section (`memory.rs`, `get.rs`, `latency.rs`, `throughput.rs`,
-//! `batch.rs`, `join.rs`, `down.rs`, `anti_entropy.rs` for `ae`, `react.rs`, `persist.rs`, `metrics.rs`).
+//! `batch.rs`, `join.rs`, `down.rs`, `anti_entropy.rs` for `ae`, `react.rs`, `persist.rs`, `persist_pg.rs`, `metrics.rs`).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -58,6 +60,9 @@ mod memory;
 /// The cost of a metrics recorder (the `metrics` section).
 mod metrics;
 mod persist;
+/// The PostgreSQL backend (the `persist_pg` section, cargo feature `postgres`).
+#[cfg(feature = "postgres")]
+mod persist_pg;
 mod react;
 mod throughput;
 
@@ -317,8 +322,10 @@ fn main() {
         .map(String::as_str)
         .collect();
     // `bigjoin` takes several GB: only when named, or in a full run of every section.
-    let wants =
-        |name: &str| picked.contains(&name) || (picked.is_empty() && (name != "bigjoin" || full));
+    let wants = |name: &str| {
+        picked.contains(&name)
+            || (picked.is_empty() && name != "persist_pg" && (name != "bigjoin" || full))
+    };
     let s = Settings::new(full);
 
     let mut command = String::new();
@@ -326,6 +333,9 @@ fn main() {
         command.push_str("CETS_BENCH_FULL=1 ");
     }
     command.push_str("cargo bench --bench cluster");
+    if cfg!(feature = "postgres") {
+        command.push_str(" --features postgres");
+    }
     let extra: Vec<&str> = args
         .iter()
         .map(String::as_str)
@@ -358,6 +368,11 @@ fn main() {
         ),
         ("react", Box::new(|| rt.block_on(react::react(&s)))),
         ("persist", Box::new(|| rt.block_on(persist::persist(&s)))),
+        #[cfg(feature = "postgres")]
+        (
+            "persist_pg",
+            Box::new(|| rt.block_on(persist_pg::persist_pg(&s))),
+        ),
         ("bigjoin", Box::new(|| rt.block_on(big_join::big_join(&s)))),
         // Last: it installs a global recorder that every node started after it records into.
         ("metrics", Box::new(|| rt.block_on(metrics::metrics(&s)))),

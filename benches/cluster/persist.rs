@@ -8,10 +8,10 @@ use cets::persistence::{DirectoryBackend, PersistOptions};
 use super::*;
 
 /// A temporary directory of this run, removed on drop.
-struct TmpDir(std::path::PathBuf);
+pub(super) struct TmpDir(pub(super) std::path::PathBuf);
 
 impl TmpDir {
-    fn new(tag: &str) -> Res<Self> {
+    pub(super) fn new(tag: &str) -> Res<Self> {
         let p = std::env::temp_dir().join(format!(
             "cets-bench-{tag}-{}-{}",
             std::process::id(),
@@ -52,7 +52,7 @@ fn raw_fsync_rate(dir: &std::path::Path, dur: Duration) -> Res<f64> {
 }
 
 /// `callers` tasks insert fresh keys one call at a time for `dur`; calls/s and latencies.
-async fn insert_rate(
+pub(super) async fn insert_rate(
     t: &Tab,
     callers: usize,
     dur: Duration,

@@ -84,6 +84,19 @@ COMMIT;
 /// 10 s. It keeps a write-ahead log, so `PersistOptions::sync_writes` works with it: a write
 /// returns once PostgreSQL committed its batch.
 ///
+/// Tables, created at the first connection if missing (in the connection's `search_path`):
+/// `cets_snapshots` (per node and table: block count, bytes, `saved_at`),
+/// `cets_snapshot_blocks` (the blocks) and `cets_log` (the log's entries, in `seq` order). A
+/// save replaces the node's snapshot of the table in one transaction, so the database holds one
+/// snapshot per node and table; a log append is one `INSERT` per group-commit batch, and a
+/// snapshot deletes the log rows it covers.
+///
+/// While the database is down or unreachable every call fails with [`Error::Persistence`]
+/// naming the database, node and table (the table's status shows it; replication and reads go
+/// on), the connection is tried again with back-off (100 ms doubling up to 5 s), and every call
+/// has a deadline ([`PostgresBackend::op_timeout`]), so a connection that stops answering is
+/// dropped rather than stalling the snapshots.
+///
 /// A clone shares the connections; one backend may serve every table of a node.
 #[derive(Clone)]
 pub struct PostgresBackend {
