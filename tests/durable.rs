@@ -191,6 +191,8 @@ async fn write_and_crash(dir: &Path) {
     t.delete(&"k".to_string()).await.unwrap();
     t.insert("k2".into(), "v".into()).await.unwrap();
     t.insert("k3".into(), "v".into()).await.unwrap();
+    // Alone, the log task answers the callers; a write is visible once it returns.
+    assert_eq!(t.get(&"k3".to_string()).as_deref(), Some("v"));
     let s = t.status().await.unwrap().persistence.unwrap();
     assert!(s.log_bytes > 8, "{s:?}");
     std::mem::forget(n);

@@ -1,9 +1,10 @@
 //! Durability on fsync (`PersistOptions::sync_writes`, ALGORITHM.md section 14): the table
 //! server hands each batch of its own writes, encoded, to a log task and gives the callers'
-//! replies to a waiter that answers once both the members' acks and the fsync are in. The log
-//! task appends whatever has queued meanwhile with one call (group commit: one fsync per
-//! batch of batches). The server never waits for the disk; reads never touch it. A failed
-//! append pauses the appends for a back-off (100 ms, doubling up to 5 s): groups queued
+//! replies to a waiter that answers once both the members' acks and the fsync are in (a node
+//! alone in the table hands the callers to the log task, which answers them after the
+//! fsync). The log task appends whatever has queued meanwhile with one call (group commit: one
+//! fsync per batch of batches). The server never waits for the disk; reads never touch it. A
+//! failed append pauses the appends for a back-off (100 ms, doubling up to 5 s): groups queued
 //! meanwhile fail at once with the same error, and one warning is logged per new error.
 
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
@@ -15,10 +16,37 @@ use crate::persistence::PersistOptions;
 const MAX_GROUP: usize = 4096;
 
 pub(super) enum LogMsg {
-    /// A batch of writes, encoded, and where to say it is on disk.
-    Entry(Vec<u8>, oneshot::Sender<Result<()>>),
+    /// A batch of writes, encoded, and whom to tell once it is on disk.
+    Entry(Vec<u8>, OnDisk),
     /// Ends the log's current part (a snapshot is being copied): the mark for `log_drop`.
     Cut(oneshot::Sender<Result<u64>>),
+}
+
+/// Whom the log task tells that an entry is on disk.
+pub(super) enum OnDisk {
+    /// A waiter that also waits for the members' acks (`log_writes`).
+    Waiter(oneshot::Sender<Result<()>>),
+    /// The callers themselves: a batch that waits for no ack (no other member), applied
+    /// before it was sent here, is answered as soon as it is on disk.
+    Callers(Callers),
+}
+
+/// The callers of one batch.
+type Callers = Vec<oneshot::Sender<Result<()>>>;
+
+impl OnDisk {
+    fn answer(self, table: &str, r: &Result<()>) {
+        let one = |tx: oneshot::Sender<Result<()>>| {
+            let _ = tx.send(match r {
+                Ok(()) => Ok(()),
+                Err(e) => Err(copy_error(table, e)),
+            });
+        };
+        match self {
+            OnDisk::Waiter(tx) => one(tx),
+            OnDisk::Callers(txs) => txs.into_iter().for_each(one),
+        }
+    }
 }
 
 /// The server's side of the log task.
@@ -28,6 +56,9 @@ pub(super) struct Wal {
     pub bytes: Arc<AtomicU64>,
     /// The last failed append (cleared by the next successful one).
     pub error: Arc<std::sync::Mutex<Option<String>>>,
+    /// The entry of a batch that waits for no ack, with its callers: sent by `release_log` once
+    /// the batch is applied, so no caller is answered before its write is visible here.
+    held: Option<(Vec<u8>, Callers)>,
 }
 
 impl Wal {
@@ -37,6 +68,7 @@ impl Wal {
             tx,
             bytes: Arc::new(AtomicU64::new(bytes)),
             error: Arc::default(),
+            held: None,
         };
         tokio::spawn(run(p, table, rx, wal.bytes.clone(), wal.error.clone()).in_current_span());
         wal
@@ -78,6 +110,29 @@ struct Failing {
     failures: u64,
 }
 
+/// The entries one append writes, and whom to tell.
+struct Group {
+    entries: Vec<Vec<u8>>,
+    replies: Vec<OnDisk>,
+}
+
+impl Group {
+    /// Adds an entry; a cut is kept in `next` for after this group (returns false).
+    fn add(&mut self, m: LogMsg, next: &mut Option<LogMsg>) -> bool {
+        match m {
+            LogMsg::Entry(e, r) => {
+                self.entries.push(e);
+                self.replies.push(r);
+                true
+            }
+            cut => {
+                *next = Some(cut);
+                false
+            }
+        }
+    }
+}
+
 async fn run(
     p: PersistOptions,
     table: String,
@@ -102,27 +157,27 @@ async fn run(
             }
             LogMsg::Entry(e, r) => (e, r),
         };
-        let mut entries = vec![entry];
-        let mut replies = vec![reply];
-        while entries.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(LogMsg::Entry(e, r)) => {
-                    entries.push(e);
-                    replies.push(r);
-                }
-                Ok(cut) => {
-                    next = Some(cut);
-                    break;
-                }
-                Err(_) => break,
+        let mut g = Group {
+            entries: vec![entry],
+            replies: vec![reply],
+        };
+        while g.entries.len() < MAX_GROUP {
+            let Ok(m) = rx.try_recv() else { break };
+            if !g.add(m, &mut next) {
+                break;
             }
         }
+        let Group { entries, replies } = g;
         // While the back-off runs, the group fails without touching the disk: a failing disk
         // costs neither a spin of retries nor a log line per write.
         if let Some(f) = failing.as_ref().filter(|f| Instant::now() < f.retry_at) {
-            tracing::debug!(writes = replies.len(), "log appends paused after a failure");
+            tracing::debug!(
+                batches = replies.len(),
+                "log appends paused after a failure"
+            );
+            let err = Err(copy_error(&table, &f.error));
             for r in replies {
-                let _ = r.send(Err(copy_error(&table, &f.error)));
+                r.answer(&table, &err);
             }
             continue;
         }
@@ -141,7 +196,7 @@ async fn run(
                     );
                 }
                 for r in replies {
-                    let _ = r.send(Ok(()));
+                    r.answer(&table, &Ok(()));
                 }
             }
             Err(e) => {
@@ -163,7 +218,7 @@ async fn run(
                     None => {
                         tracing::warn!(
                             error = %e,
-                            writes = replies.len(),
+                            batches = replies.len(),
                             retry_in = ?FIRST_BACKOFF,
                             "log append failed"
                         );
@@ -180,8 +235,9 @@ async fn run(
                     retry_at: now + f.backoff,
                     ..f
                 });
+                let err = Err(e);
                 for r in replies {
-                    let _ = r.send(Err(copy_error(&table, &e)));
+                    r.answer(&table, &err);
                 }
             }
         }
@@ -199,7 +255,8 @@ fn log_entry(count: usize, body: &[u8]) -> postcard::Result<Vec<u8>> {
 impl<K: Key, V: Value> Server<K, V> {
     /// With `sync_writes`: sends the batch `ops` (this node's writes, about to be applied) to
     /// the log, and returns replies that answer the callers once their batch is acknowledged
-    /// and on disk. Without: `replies` as they are.
+    /// and on disk; with no other member, none: the log task answers the callers once the
+    /// entry, sent by `release_log` after the apply, is on disk. Without: `replies` as they are.
     /// `encoded` is the batch's frame body when it was encoded for the peers (the ops'
     /// encodings back to back, `count` of them): the log entry is built from it instead of
     /// encoding the ops again.
@@ -216,14 +273,31 @@ impl<K: Key, V: Value> Server<K, V> {
             return replies;
         }
         let table = self.shared.name.clone();
-        let (on_disk, logged) = oneshot::channel();
         let entry = match encoded {
             Some((count, body)) => log_entry(count, body),
             None => postcard::to_stdvec(ops),
         };
+        if self.members.is_empty() {
+            // No acks to wait for: the log task answers the callers itself (`release_log`).
+            match entry {
+                Ok(entry) => {
+                    if let Some(wal) = &mut self.persist.wal {
+                        wal.held = Some((entry, replies));
+                    }
+                }
+                Err(e) => {
+                    let e = Error::Codec(e);
+                    for r in replies {
+                        let _ = r.send(Err(copy_error(&table, &e)));
+                    }
+                }
+            }
+            return Vec::new();
+        }
+        let (on_disk, logged) = oneshot::channel();
         match entry {
             Ok(entry) => {
-                let _ = wal.tx.send(LogMsg::Entry(entry, on_disk));
+                let _ = wal.tx.send(LogMsg::Entry(entry, OnDisk::Waiter(on_disk)));
             }
             Err(e) => {
                 let _ = on_disk.send(Err(Error::Codec(e)));
@@ -257,6 +331,16 @@ impl<K: Key, V: Value> Server<K, V> {
             .in_current_span(),
         );
         gated
+    }
+
+    /// Sends the entry `log_writes` held back (a batch that waits for no ack) now that the
+    /// batch is applied: its callers are answered once it is on disk.
+    pub(super) fn release_log(&mut self) {
+        if let Some(wal) = &mut self.persist.wal {
+            if let Some((entry, callers)) = wal.held.take() {
+                let _ = wal.tx.send(LogMsg::Entry(entry, OnDisk::Callers(callers)));
+            }
+        }
     }
 
     /// Replays the log at start (after the snapshot's records are in): each batch as this

@@ -103,6 +103,7 @@ impl<K: Key, V: Value> Server<K, V> {
         let replies = self.log_writes(&accepted_ops, encoded, replies);
         if !replicate {
             self.apply_local(accepted_ops);
+            self.release_log();
             if wrote {
                 self.note_missed(&[]);
             }
