@@ -8,9 +8,11 @@
 //! closes the open segment (the next append opens a new one, and fsyncs the directory); a drop
 //! removes the segments a snapshot covers. A start never appends to a segment of an earlier
 //! run. At load, an incomplete entry at the end of the newest segment with nothing valid after
-//! it (an append a crash interrupted, never acknowledged) is cut off with a warning; any other
-//! damage (a bad magic, a complete entry whose checksum fails, an incomplete entry in an older
-//! segment or before a valid one) is an error naming the file.
+//! it (an append a crash interrupted, never acknowledged) is cut off with a warning, and so is
+//! a last entry whose checksum fails because only zero bytes follow a sector boundary inside it
+//! (sectors a power loss left unwritten); any other damage (a bad magic, a complete entry whose
+//! checksum fails, an incomplete entry in an older segment or before a valid one) is an error
+//! naming the file.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -169,7 +171,8 @@ pub(super) fn drop_upto(dir: &Path, stem: &str, logs: &Logs, mark: u64) -> Resul
 /// Every entry of the log of `stem`, oldest first, and the number of torn tails cut off.
 ///
 /// A torn tail is an incomplete entry at the end of the newest segment with nothing valid after
-/// it: an append that a crash interrupted before its fsync returned, so never acknowledged. It
+/// it (or one whose sectors from some point on were never written and read as zeros): an
+/// append that a crash interrupted before its fsync returned, so never acknowledged. It
 /// is cut off the file (logged as a warning naming the file) and the entries before it are
 /// returned. Any other damage (a complete entry whose checksum fails, an incomplete entry in an
 /// older segment or followed by a valid one, a bad magic) is an error naming the segment.
@@ -236,10 +239,12 @@ struct Torn {
 }
 
 /// Parses one segment into `out`. `Ok(None)`: it ends after a complete entry. `Ok(Some(torn))`:
-/// it ends in an incomplete entry (a header cut short, a body shorter than its length, or only
-/// zero bytes where an entry should start) and no valid entry starts after it: an append a crash
-/// interrupted. `Err`: corruption (a bad magic, a complete entry whose checksum fails, a length
-/// no entry has, an incomplete entry followed by a valid one).
+/// it ends in an incomplete entry (a header cut short, a body shorter than its length, only
+/// zero bytes where an entry should start, or an entry whose checksum fails because the file
+/// holds only zero bytes from a sector boundary inside it to its end: `unwritten_from`) and no
+/// valid entry starts after it: an append a crash interrupted. `Err`: corruption (a bad magic,
+/// any other complete entry whose checksum fails, a length no entry has, an incomplete entry
+/// followed by a valid one).
 fn parse(data: &[u8], out: &mut Vec<Vec<u8>>) -> std::result::Result<Option<Torn>, String> {
     if data.len() < MAGIC.len() && MAGIC.starts_with(data) {
         let why = format!("a segment of {} bytes, its magic incomplete", data.len());
@@ -258,7 +263,13 @@ fn parse(data: &[u8], out: &mut Vec<Vec<u8>>) -> std::result::Result<Option<Torn
                 i += 1;
                 continue;
             }
-            Entry::Corrupt(why) => return Err(format!("entry {i} at byte {at}: {why}")),
+            Entry::Corrupt(why) => match unwritten_from(data, at) {
+                Some(z) => format!(
+                    "entry {i} at byte {at} of {}: {why}, only zero bytes from byte {z} on",
+                    data.len()
+                ),
+                None => return Err(format!("entry {i} at byte {at}: {why}")),
+            },
             Entry::Incomplete(why) => format!("entry {i} at byte {at} of {}: {why}", data.len()),
         };
         return match (at + 1..data.len()).find(|p| valid_at(data, *p)) {
@@ -267,6 +278,25 @@ fn parse(data: &[u8], out: &mut Vec<Vec<u8>>) -> std::result::Result<Option<Torn
         };
     }
     Ok(None)
+}
+
+/// The smallest unit a disk writes: a crash leaves each one whole or not written.
+const SECTOR: usize = 512;
+
+/// Where the unwritten end of a segment starts, if the entry at byte `at` reaches into it:
+/// the file holds only zero bytes from a sector boundary inside that entry (after its first
+/// byte, before its end) to its end. A crash (a power loss) can leave a file extended over
+/// sectors whose bytes never reached the disk, and they read as zeros: the entry then has its
+/// whole length and fails its checksum, but it is an append never acknowledged, not damage.
+fn unwritten_from(data: &[u8], at: usize) -> Option<usize> {
+    let len = u32_at(data, at)? as usize;
+    let zeros = data.iter().rev().take_while(|b| **b == 0).count();
+    let z = data.len() - zeros;
+    (zeros > 0
+        && z > at
+        && z < at.saturating_add(8).saturating_add(len)
+        && z.is_multiple_of(SECTOR))
+    .then_some(z)
 }
 
 enum Entry<'a> {
@@ -385,6 +415,40 @@ mod tests {
         for n in 0..8 {
             assert_eq!(parsed(&MAGIC[..n]).1.unwrap().map(|t| t.at), Some(0));
         }
+    }
+
+    #[test]
+    fn a_last_entry_whose_end_a_power_loss_left_as_zeros_is_a_torn_tail() {
+        // The second entry spans bytes 21..1529; the file was extended over it, but only its
+        // first sector reached the disk: zeros from byte 512 on, past its end too.
+        let big = vec![0xabu8; 1500];
+        let whole = seg(&[b"first", &big]);
+        let second_at = 8 + 8 + 5;
+        for (zeros_from, extra) in [(512, 0), (512, 3000), (1024, 100)] {
+            let mut d = whole.clone();
+            d[zeros_from..].fill(0);
+            d.extend(std::iter::repeat_n(0u8, extra));
+            let (out, r) = parsed(&d);
+            assert_eq!(out, vec![b"first".to_vec()], "zeros from {zeros_from}");
+            let torn = r.unwrap().expect("a torn tail");
+            assert_eq!(torn.at, second_at);
+            assert!(
+                torn.why.contains("only zero bytes from byte"),
+                "{}",
+                torn.why
+            );
+        }
+        // Zeros from a byte that is no sector boundary: damage (a write never leaves that).
+        let mut d = whole.clone();
+        d[700..].fill(0);
+        assert!(parsed(&d).1.unwrap_err().contains("checksum mismatch"));
+        // A damaged last entry that ends at a sector boundary, zeros only after it: every
+        // sector of it was written, so it is damage.
+        let mut d = seg(&[b"first", &vec![0xabu8; 1024 - 29]]);
+        assert_eq!(d.len(), 1024);
+        d[600] ^= 1;
+        d.extend([0u8; 512]);
+        assert!(parsed(&d).1.unwrap_err().contains("entry 1"));
     }
 
     #[test]
