@@ -143,6 +143,36 @@ async fn snapshots_and_logs_round_trip_per_node_and_table_and_a_save_replaces_th
     );
 }
 
+/// A failed append makes the backend read the log's last `seq` again. If a snapshot had
+/// emptied the log, that reads 0: the entries appended next must still number after the mark
+/// of a snapshot cut before, or that snapshot's drop deletes them (acknowledged writes that it
+/// does not hold). The append is made to fail by a row planted at its `seq` (as a lost
+/// connection leaves an append that did not commit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_after_a_failed_one_on_an_emptied_log_survives_the_drop_of_an_earlier_cut() {
+    let Some(url) = url() else { return };
+    let t = fresh_table();
+    let a = backend(&url, "a");
+    let e = |s: &str| s.as_bytes().to_vec();
+    a.log_append(&t, vec![e("1")]).await.unwrap();
+    let first = a.log_cut(&t).await.unwrap();
+    a.log_drop(&t, first).await.unwrap();
+    // A snapshot starts: its copy of the table holds "1" and nothing after.
+    let mark = a.log_cut(&t).await.unwrap();
+    let c = sql(&url).await;
+    let planted = "INSERT INTO cets_log (node, tab, seq, data) VALUES ('a', $1, $2, '')";
+    let next = i64::try_from(mark).unwrap() + 1;
+    c.execute(planted, &[&t, &next]).await.unwrap();
+    assert!(a.log_append(&t, vec![e("lost")]).await.is_err());
+    c.execute("DELETE FROM cets_log WHERE node = 'a' AND tab = $1", &[&t])
+        .await
+        .unwrap();
+    a.log_append(&t, vec![e("2")]).await.unwrap();
+    // The snapshot is saved: the log it covers goes, "2" stays.
+    a.log_drop(&t, mark).await.unwrap();
+    assert_eq!(a.log_load(&t).await.unwrap(), vec![e("2")]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restarted_alone_does_not_bring_back_keys_deleted_meanwhile() {
     let Some(url) = url() else { return };

@@ -329,7 +329,9 @@ impl PostgresBackend {
         all.entry(table.to_string()).or_default().clone()
     }
 
-    /// Reads the table's last `seq` and log size from the database unless known.
+    /// Reads the table's last `seq` and log size from the database unless known. The `seq`
+    /// never goes back within a process: a log that a snapshot emptied reads as `seq` 0, and
+    /// a snapshot's mark taken before (`log_cut`) must not cover entries appended after it.
     async fn know_log(&self, table: &str, st: &mut LogState) -> Result<()> {
         if st.known {
             return Ok(());
@@ -351,7 +353,7 @@ impl PostgresBackend {
                 })
             })
             .await?;
-        st.last_seq = last;
+        st.last_seq = st.last_seq.max(last);
         st.bytes = u64::try_from(bytes).unwrap_or(0);
         st.known = true;
         Ok(())
@@ -530,10 +532,8 @@ impl Persistence for PostgresBackend {
         })
         .await?;
         // The size is read again; `last_seq` stays (entries after the mark keep counting up).
-        let last = st.last_seq;
         st.known = false;
         self.know_log(table, &mut st).await?;
-        st.last_seq = st.last_seq.max(last);
         Ok(st.bytes)
     }
 
