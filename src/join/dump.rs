@@ -35,7 +35,7 @@ pub(super) async fn collect<K: Key, V: Value>(
     let mut owners: Vec<NodeId> = Vec::new();
     let mut owner_idx: HashMap<NodeId, u32> = HashMap::new();
     // Sized once from what the sources said they hold (capped: the figure comes from the network).
-    let expected: u64 = groups.iter().filter_map(|(src, _)| sizes.get(src)).sum();
+    let expected = expected_records(groups, sizes);
     let mut versions: HashMap<K, Versions<V>, foldhash::fast::RandomState> =
         HashMap::with_capacity_and_hasher(expected.min(1 << 21) as usize, Default::default());
     let mut tombs: Vec<TombstoneChunk<K>> = Vec::new();
@@ -118,6 +118,15 @@ pub(super) async fn collect<K: Key, V: Value>(
     })
 }
 
+/// The records the sources of `groups` said they hold, in all. The figures come from the
+/// network: the sum saturates rather than overflows.
+fn expected_records(groups: &[Group], sizes: &BTreeMap<NodeId, u64>) -> u64 {
+    groups
+        .iter()
+        .filter_map(|(src, _)| sizes.get(src))
+        .fold(0u64, |all, n| all.saturating_add(*n))
+}
+
 /// The records a source's dump may bring: as many as it said it held when it paused
 /// (`JoinRep::Paused::len`), with room for writes of its side's members that were still
 /// arriving (the nodes of its side locked after it wait for theirs to be acknowledged). The
@@ -195,6 +204,16 @@ pub(super) fn check_tombstones<K, V>(
 mod tests {
     use super::*;
     use crate::join::lock::tests::ids;
+
+    #[test]
+    fn the_sizes_sources_report_add_up_without_overflow() {
+        let [a, b] = [ids(&["a"]), ids(&["b"])].map(|v| v[0].clone());
+        let groups = vec![(a.clone(), vec![a.clone()]), (b.clone(), vec![b.clone()])];
+        let sizes = BTreeMap::from([(a, 3), (b.clone(), 4)]);
+        assert_eq!(expected_records(&groups, &sizes), 7);
+        let hostile = BTreeMap::from([(b, u64::MAX), (groups[0].0.clone(), 1)]);
+        assert_eq!(expected_records(&groups, &hostile), u64::MAX);
+    }
 
     #[test]
     fn a_dump_chunk_brings_records_unless_last_and_names_owners_of_the_join() {
