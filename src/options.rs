@@ -151,8 +151,10 @@ impl<K, V> TableOptions<K, V> {
 
     /// Testing hook: a join coordinated by this node awaits `f(checkpoint)` at
     /// `"locked"` (every server paused, nothing dumped yet) and `"before_apply"` (merge done,
-    /// nothing sent) and `"between_groups"` (the first partition has its records and the new
-    /// member list, the other has not). Tests use it to stall or kill a coordinator at a precise step.
+    /// nothing sent) and `"between_groups"` (the first partition was sent its records and the
+    /// new member list; the other not the member list, nor any record in a central merge, but
+    /// every chunk except its last in an exchange). Tests use it to stall or kill a coordinator
+    /// at a precise step.
     #[doc(hidden)]
     pub fn join_checkpoint<F, Fut>(mut self, f: F) -> Self
     where

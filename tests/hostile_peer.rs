@@ -378,10 +378,10 @@ async fn a_join_dumps_the_records_of_its_own_nodes_only() {
 
 /// A peer the node joins with answers its `Dump` with chunks that never end, after reporting
 /// in its `Paused` reply that it holds nothing. The coordinator keeps a dump until it is
-/// complete, and each chunk renewed its lease, so the node's table stayed paused, and its
-/// memory grew, for as long as the peer sent. A dump may now bring about as many records as its
-/// source said it held when it paused (a dump streams, whatever its size in bytes): past that,
-/// the node drops the request, the join fails, and the table is unpaused.
+/// complete, and each chunk renews its lease, so without a bound the node's table would stay
+/// paused, and its memory grow, for as long as the peer sends. A dump brings at most about as
+/// many records as its source said it held when it paused (a dump streams, whatever its size in
+/// bytes): past that, the node drops the request, the join fails, and the table is unpaused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dump_that_never_ends_is_not_kept_without_end() {
     let mut config = NodeConfig::fast_failover();
