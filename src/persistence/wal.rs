@@ -289,14 +289,13 @@ const SECTOR: usize = 512;
 /// sectors whose bytes never reached the disk, and they read as zeros: the entry then has its
 /// whole length and fails its checksum, but it is an append never acknowledged, not damage.
 fn unwritten_from(data: &[u8], at: usize) -> Option<usize> {
-    let len = u32_at(data, at)? as usize;
+    // Only an entry of a length an append writes, complete in the file (its checksum failed):
+    // zeros never make a length of 0 or over `MAX_ENTRY` out of one.
+    let len = u32_at(data, at).filter(|l| *l > 0 && *l <= MAX_ENTRY)? as usize;
+    let end = at.checked_add(8 + len).filter(|e| *e <= data.len())?;
     let zeros = data.iter().rev().take_while(|b| **b == 0).count();
     let z = data.len() - zeros;
-    (zeros > 0
-        && z > at
-        && z < at.saturating_add(8).saturating_add(len)
-        && z.is_multiple_of(SECTOR))
-    .then_some(z)
+    (zeros > 0 && z > at && z < end && z.is_multiple_of(SECTOR)).then_some(z)
 }
 
 enum Entry<'a> {
@@ -442,6 +441,13 @@ mod tests {
         let mut d = whole.clone();
         d[700..].fill(0);
         assert!(parsed(&d).1.unwrap_err().contains("checksum mismatch"));
+        // A length of 0, then a checksum's bytes up to a sector boundary, then zeros: no
+        // append writes a length of 0, and zeros do not make one out of another: damage.
+        let mut d = seg(&[&[1u8; 512 - 7 - 16]]);
+        d.extend([0, 0, 0, 0, 7, 7, 7]);
+        assert_eq!(d.len(), 512);
+        d.resize(1024, 0);
+        assert!(parsed(&d).1.unwrap_err().contains("length of 0"));
         // A damaged last entry that ends at a sector boundary, zeros only after it: every
         // sector of it was written, so it is damage.
         let mut d = seg(&[b"first", &vec![0xabu8; 1024 - 29]]);
