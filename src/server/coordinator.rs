@@ -22,15 +22,8 @@ impl<K: Key, V: Value> Server<K, V> {
                 else {
                     return false; // dropping `replies` tells the coordinator the node is unreachable
                 };
-                self.next_req += 1;
-                let req = self.next_req;
-                let awaited = Awaited {
-                    from: key,
-                    tx: replies,
-                    bytes: 0,
-                    dump: matches!(body, JoinReq::Dump { .. }),
-                };
-                self.join_replies.insert(req, awaited);
+                let dump = matches!(body, JoinReq::Dump { .. });
+                let req = self.joins.send(key, replies, dump);
                 // Every join request to the peer goes through its link's bulk lane, in order:
                 // the chunks to apply flow as the peer reads, however large the join.
                 self.send_bulk(key, PeerMsg::Join { req, body });
@@ -46,30 +39,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 else {
                     return false;
                 };
-                let name = id.to_string();
-                let track = self.joins.entry(peer).or_default();
-                track.running = false;
-                match result {
-                    Ok(conflicts) => {
-                        track.failures = 0;
-                        track.next = None;
-                        self.conflicts += conflicts;
-                    }
-                    Err(e) => {
-                        track.failures = track.failures.saturating_add(1);
-                        let exp = base.saturating_mul(1u32 << track.failures.min(16)).min(max);
-                        let jitter = rand::random_range(0.5..1.5);
-                        // Saturating: a back-off of `Duration::MAX` means "do not retry".
-                        let wait =
-                            Duration::try_from_secs_f64(exp.as_secs_f64() * jitter).unwrap_or(exp);
-                        track.next = Some(crate::config::deadline_after(wait));
-                        if track.failures >= 3 {
-                            tracing::warn!(peer = %name, error = %e, failures = track.failures, "join failed; retrying");
-                        } else {
-                            tracing::debug!(peer = %name, error = %e, "join failed; retrying");
-                        }
-                    }
-                }
+                self.joins.done(peer, &id.to_string(), result, (base, max));
             }
             Control::Subscribe(req) => self.on_subscribe(req),
             #[cfg(feature = "testing")]
@@ -102,11 +72,9 @@ impl<K: Key, V: Value> Server<K, V> {
         if !link.ready() || self.members.contains(&key) || self.me.name >= link.id.name {
             return;
         }
-        let track = self.joins.entry(key).or_default();
-        if track.running || track.next.is_some_and(|t| Instant::now() < t) {
+        if !self.joins.start(key) {
             return;
         }
-        track.running = true;
         let peer = link.id.clone();
         let done_with = peer.clone();
         let control = self.control_tx.clone();

@@ -6,16 +6,11 @@ impl<K: Key, V: Value> Server<K, V> {
     pub(super) fn on_tick(&mut self) {
         let now = Instant::now();
         self.ticks = self.ticks.wrapping_add(1);
-        if self.paused.as_ref().is_some_and(|p| now > p.deadline) {
+        if self.pause.expired(now) {
             tracing::warn!("join lease expired; unpausing");
             self.unpause();
         }
-        let mut expired = Vec::new();
-        while self.pending.front().is_some_and(|p| now > p.deadline) {
-            if let Some(p) = self.pending.pop_front() {
-                expired.push(p);
-            }
-        }
+        let expired = self.commit.expired(now);
         // A member that acknowledged nothing for `ack_timeout` while its connection lives (its
         // table server is stuck, or it stopped reading) is dropped from the member list before
         // the callers hear of it: later writes stop waiting for it, and stop piling up in its
@@ -60,7 +55,7 @@ impl<K: Key, V: Value> Server<K, V> {
         self.sample_metrics(now);
         self.claims_tick(now);
         // Requests whose coordinator gave up (its join ended) wait for no reply any more.
-        self.join_replies.retain(|_, a| !a.tx.is_closed());
+        self.joins.drop_abandoned();
         self.forget_tombstones();
         self.persist_tick(now);
         // Records with a lifetime of their own (`insert_with_ttl`) are swept every second.
@@ -153,7 +148,7 @@ impl<K: Key, V: Value> Server<K, V> {
     }
 
     pub(super) fn check_views(&mut self, now: Instant) {
-        if self.paused.is_some() {
+        if self.pause.is_paused() {
             return;
         }
         let mut split = Vec::new();
@@ -219,12 +214,7 @@ impl<K: Key, V: Value> Server<K, V> {
             .map(|l| l.id.name.clone())
             .collect();
         without_table.sort();
-        let mut joining: Vec<String> = self
-            .joins
-            .iter()
-            .filter(|(_, t)| t.running)
-            .filter_map(|(k, _)| name_of(k))
-            .collect();
+        let mut joining: Vec<String> = self.joins.running().filter_map(|k| name_of(&k)).collect();
         joining.sort();
         let mut refused: Vec<(String, String)> = self
             .links
@@ -254,8 +244,8 @@ impl<K: Key, V: Value> Server<K, V> {
             without_table,
             joining,
             refused,
-            paused: self.paused.is_some(),
-            conflicts: self.conflicts,
+            paused: self.pause.is_paused(),
+            conflicts: self.joins.conflicts(),
             epoch: self.epoch,
             disagreeing,
             known_nodes: self.owners.len(),

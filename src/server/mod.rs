@@ -15,9 +15,14 @@
 //! tombstone), so concurrent writes to one key end the same on every node. Tombstones are
 //! forgotten once every member's clock, as seen on its ordered stream, has passed them.
 //!
-//! Where each part lives (all are `impl Server` blocks over the state defined here):
+//! Where each part lives (`impl Server` blocks over the state defined here, and sub-states that
+//! own their invariants, each a struct with its own methods and unit tests):
 //! - this file: the state, the select loop (`run`) and the dispatch of node events and peer
 //!   messages;
+//! - sub-states: `commit` (group commit: batch numbers, batches awaiting acks, completed in
+//!   order), `pause` (the participant's pause for a join: one join at a time, ended joins never
+//!   pause again), `joins` (the coordinator's requests awaiting replies, the back-off per peer),
+//!   `anti_entropy::AntiEntropy`, `claims::Claims`, `persist::PersistState`;
 //! - `writes`: client writes, group commit and the `Ops` frame (where an insert is replicated);
 //! - `links`: the table streams to and from each peer, their reader and writer tasks;
 //! - `apply`: applying a write, local or replicated (newer wins, tombstones, owners);
@@ -29,7 +34,7 @@
 //! - `housekeeping`: the tick (leases, ack timeouts, tombstones, expiry, view checks) and status.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::Hash;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,6 +65,10 @@ use crate::transport::frame::{self, FrameReader};
 use crate::types::Rec;
 use crate::types::{Key, TableKind, Value};
 use crate::{Error, Result};
+
+use commit::{GroupCommit, Pending};
+use joins::Joins;
+use pause::PauseState;
 
 /// How often the server checks leases, ack timeouts, tombstones and due joins.
 const TICK: Duration = Duration::from_millis(100);
@@ -144,18 +153,6 @@ enum Input<K, V> {
         reason: String,
         stop_code: Option<u32>,
     },
-}
-
-/// A join request sent to a peer, waiting for its replies.
-struct Awaited<K, V> {
-    /// The peer it went to: only its replies count.
-    from: OwnerIdx,
-    tx: mpsc::UnboundedSender<JoinRep<K, V>>,
-    /// Frame bytes of the replies so far (a dump comes in many chunks).
-    bytes: usize,
-    /// A `Dump` request: its replies are bounded by the coordinator (`crate::join`), in
-    /// records, not here in bytes.
-    dump: bool,
 }
 
 /// Where to send a join reply.
@@ -251,41 +248,6 @@ enum Inserted<K, V> {
     Other(OpKind<K, V>),
 }
 
-struct Pending {
-    seq: u64,
-    /// When the batch was queued to the members (`cets_ack_latency_seconds`).
-    sent: Instant,
-    replies: Vec<oneshot::Sender<Result<()>>>,
-    waiting: Vec<OwnerIdx>,
-    deadline: Instant,
-}
-
-struct Pause {
-    join: u64,
-    coordinator: NodeId,
-    deadline: Instant,
-    /// The lease the coordinator asked for (bounded): every step of its join that arrives
-    /// here (a dump request, an applied chunk) renews it (`Server::join_progress`).
-    lease: Duration,
-    /// The table's dump was sent for this join: a join asks each node once, and a second
-    /// request would queue another copy of the table.
-    dumped: bool,
-    /// Records of this join were stored here, and its member list has not arrived yet: if the
-    /// join ends now, those of nodes that did not become members are dropped (`drop_outsiders`).
-    applied: bool,
-    /// The owners whose records this join carries (its dump request's `alive`, an exchange's
-    /// merge list): the join's nodes and the linked nodes outside it that it keeps
-    /// (`crate::authority::kept_outsiders`). Their records stay when the join ends.
-    carried: Vec<NodeId>,
-}
-
-#[derive(Default)]
-struct JoinTrack {
-    running: bool,
-    failures: u32,
-    next: Option<Instant>,
-}
-
 pub(crate) struct Server<K, V> {
     shared: Arc<Shared<K, V>>,
     opts: TableOptions<K, V>,
@@ -297,20 +259,15 @@ pub(crate) struct Server<K, V> {
     links: HashMap<OwnerIdx, Link>,
     members: BTreeSet<OwnerIdx>,
     epoch: u64,
-    seq: u64,
-    pending: VecDeque<Pending>,
+    /// Group commit: the batches' sequence and those awaiting acks (`commit.rs`).
+    commit: GroupCommit,
     tombstones: Tombstones<K>,
     /// Applied `delete_object`s an older insert may still follow (`crate::object_deletes`).
     object_deletes: ObjectDeletes<K>,
-    paused: Option<Pause>,
-    /// Joins whose pause ended (unpaused, lease expired, coordinator gone): a late renewal of
-    /// one of them must not pause the table again.
-    released: VecDeque<u64>,
-    pause_waiters: Vec<Origin<K, V>>,
-    join_replies: HashMap<u64, Awaited<K, V>>,
-    next_req: u64,
-    joins: HashMap<OwnerIdx, JoinTrack>,
-    conflicts: u64,
+    /// The participant's pause for a join (`pause.rs`).
+    pause: PauseState<K, V>,
+    /// The joins coordinated here: requests awaiting replies, back-off per peer (`joins.rs`).
+    joins: Joins<K, V>,
     ticks: u32,
     /// When `flush_acks` may next tell the members our clock.
     next_clock_note: Instant,
@@ -376,13 +333,16 @@ mod apply;
 mod claims;
 mod clock;
 mod cluster;
+mod commit;
 mod coordinator;
 mod housekeeping;
+mod joins;
 mod links;
 mod node_down;
 mod notify;
 mod observe;
 mod participant;
+mod pause;
 mod persist;
 mod rules;
 mod wal;
@@ -418,17 +378,11 @@ impl<K: Key, V: Value> Server<K, V> {
             links: HashMap::new(),
             members: BTreeSet::new(),
             epoch: 0,
-            seq: 0,
-            pending: VecDeque::new(),
+            commit: GroupCommit::new(),
             tombstones: Tombstones::new(),
             object_deletes: ObjectDeletes::new(),
-            paused: None,
-            released: VecDeque::new(),
-            pause_waiters: Vec::new(),
-            join_replies: HashMap::new(),
-            next_req: 0,
-            joins: HashMap::new(),
-            conflicts: 0,
+            pause: PauseState::new(),
+            joins: Joins::new(),
             ticks: 0,
             next_clock_note: Instant::now(),
             header,
@@ -459,7 +413,7 @@ impl<K: Key, V: Value> Server<K, V> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_tick = Instant::now();
         loop {
-            let can_write = self.paused.is_none() && self.pending.len() < MAX_IN_FLIGHT;
+            let can_write = !self.pause.is_paused() && self.commit.in_flight() < MAX_IN_FLIGHT;
             tokio::select! {
                 biased;
                 Some(ev) = self.events.recv() => self.on_event(ev),
@@ -491,7 +445,7 @@ impl<K: Key, V: Value> Server<K, V> {
                     self.flush_acks();
                     // Peer input goes first, but a stream of it that never lets up must not shut
                     // out this node's own writers and the tick: each gets a turn after a burst.
-                    if self.paused.is_none() && self.pending.len() < MAX_IN_FLIGHT {
+                    if !self.pause.is_paused() && self.commit.in_flight() < MAX_IN_FLIGHT {
                         if let Ok(w) = self.writes.try_recv() {
                             self.on_writes(w);
                         }
@@ -518,7 +472,7 @@ impl<K: Key, V: Value> Server<K, V> {
 
     fn stop(&mut self) {
         self.shared.hub.close();
-        for p in self.pending.drain(..) {
+        for p in self.commit.take_all() {
             for r in p.replies {
                 let _ = r.send(Err(Error::Shutdown));
             }
@@ -696,40 +650,13 @@ impl<K: Key, V: Value> Server<K, V> {
             }
             PeerMsg::Join { req, body } => self.on_join_req(Origin::Peer(key, req), body),
             PeerMsg::JoinReply { req, body } => {
-                // Only the node the request went to answers it: a reply from another peer
-                // (request numbers are easy to guess) must not end that request.
-                let Some(awaited) = self.join_replies.get_mut(&req).filter(|a| a.from == key)
-                else {
-                    return;
-                };
-                // Replies to one request other than a dump come to at most the peer's
-                // outbound queue; more is a peer's fault, and holding them would let it grow
-                // this node's memory without end. A dump streams as the source's queue drains,
-                // and is bounded by the coordinator in records (`crate::join`): once the
-                // coordinator gave up on it, the rest is dropped here.
-                awaited.bytes = awaited.bytes.saturating_add(size);
-                if awaited.tx.is_closed() {
-                    self.join_replies.remove(&req);
-                    return;
-                }
-                if !awaited.dump && awaited.bytes > self.config.max_link_queue_bytes {
+                let max = self.config.max_link_queue_bytes;
+                if let joins::Reply::Overflow(bytes) = self.joins.reply(key, req, body, size, max) {
                     tracing::warn!(
                         peer = %self.links.get(&key).map_or_else(String::new, |l| l.id.to_string()),
-                        bytes = awaited.bytes,
+                        bytes,
                         "replies to one join request passed max_link_queue_bytes; dropping the request"
                     );
-                    let reason = "its reply passed max_link_queue_bytes".to_string();
-                    let _ = awaited.tx.send(JoinRep::Refused { reason });
-                    self.join_replies.remove(&req);
-                    return;
-                }
-                let last = !matches!(
-                    body,
-                    JoinRep::Chunk { last: false, .. } | JoinRep::Tombstones { .. }
-                );
-                let _ = awaited.tx.send(body);
-                if last {
-                    self.join_replies.remove(&req);
                 }
             }
             PeerMsg::AntiEntropy(m) => self.on_ae(key, m),

@@ -17,11 +17,9 @@ impl<K: Key, V: Value> Server<K, V> {
         // A member whose table stream closed just before (the writer task reported the lost
         // connection before the node's `PeerDown` got here) was a member all the same.
         let was_member = self.members.remove(&key) | link.is_some_and(|l| l.member_until_closed);
-        self.join_replies.retain(|_, a| a.from != key);
-        self.joins.remove(&key);
-        self.pause_waiters
-            .retain(|o| !matches!(o, Origin::Peer(k, _) if *k == key));
-        if self.paused.as_ref().is_some_and(|p| &p.coordinator == id) {
+        self.joins.forget(key);
+        self.pause.forget_waiters_of(key);
+        if self.pause.coordinated_by(id) {
             tracing::warn!(coordinator = %id, "join coordinator is gone; unpausing");
             self.unpause();
         }
@@ -91,16 +89,16 @@ impl<K: Key, V: Value> Server<K, V> {
             return;
         }
         let mut referred: BTreeSet<OwnerIdx> = self.tombstones.owners().collect();
-        referred.extend(self.pending.iter().flat_map(|p| p.waiting.iter().copied()));
+        referred.extend(self.commit.waiting());
         referred.extend(self.to_ack.keys().copied());
-        referred.extend(self.join_replies.values().map(|a| a.from));
+        referred.extend(self.joins.awaited_from());
         let owners = &mut self.owners;
         let joins = &mut self.joins;
         self.gone.retain(|&k| {
             if referred.contains(&k) {
                 return true;
             }
-            joins.remove(&k);
+            joins.forget_track(k);
             owners.release(k);
             false
         });

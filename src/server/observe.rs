@@ -13,9 +13,8 @@ impl<K: Key, V: Value> Server<K, V> {
             // The oldest batch this peer was sent and has not acknowledged (batches complete
             // in order, so the first one found is the oldest).
             let lag = self
-                .pending
-                .iter()
-                .find(|p| link.acked < p.seq && p.waiting.contains(key))
+                .commit
+                .oldest_for(|p| link.acked < p.seq && p.waiting.contains(key))
                 .map_or(Duration::ZERO, |p| now.saturating_duration_since(p.sent));
             link.metrics.lag.set(lag.as_secs_f64());
         }

@@ -115,8 +115,8 @@ impl<K: Key, V: Value> Server<K, V> {
         if replies.is_empty() {
             return;
         }
-        self.seq += 1;
-        let frame = match ops_frame(self.seq, count, &body) {
+        let seq = self.commit.next_seq();
+        let frame = match ops_frame(seq, count, &body) {
             Ok(f) => f,
             Err(e) => {
                 // Nothing was applied or sent: the writes fail as a whole.
@@ -142,8 +142,8 @@ impl<K: Key, V: Value> Server<K, V> {
         if wrote {
             self.note_missed(&waiting);
         }
-        self.pending.push_back(Pending {
-            seq: self.seq,
+        self.commit.push(Pending {
+            seq,
             sent: Instant::now(),
             replies,
             waiting,
@@ -161,25 +161,23 @@ impl<K: Key, V: Value> Server<K, V> {
     /// Completes, in order, every batch acknowledged by all its members (or whose missing
     /// members are gone).
     pub(super) fn complete_pending(&mut self) {
-        while let Some(p) = self.pending.front() {
-            let done = p.waiting.iter().all(|k| match self.links.get(k) {
-                Some(l) => l.acked >= p.seq || !self.members.contains(k),
+        let (links, members) = (&self.links, &self.members);
+        let done = |p: &Pending| {
+            p.waiting.iter().all(|k| match links.get(k) {
+                Some(l) => l.acked >= p.seq || !members.contains(k),
                 None => true,
-            });
-            if !done {
-                break;
+            })
+        };
+        while let Some(p) = self.commit.pop_done(done) {
+            if !p.waiting.is_empty() {
+                self.metrics.ack_latency.record(p.sent.elapsed());
             }
-            if let Some(p) = self.pending.pop_front() {
-                if !p.waiting.is_empty() {
-                    self.metrics.ack_latency.record(p.sent.elapsed());
-                }
-                for r in p.replies {
-                    let _ = r.send(Ok(()));
-                }
+            for r in p.replies {
+                let _ = r.send(Ok(()));
             }
         }
-        if self.pending.is_empty() && !self.pause_waiters.is_empty() {
-            for origin in std::mem::take(&mut self.pause_waiters) {
+        if self.commit.is_idle() && self.pause.has_waiters() {
+            for origin in self.pause.take_waiters() {
                 let rep = self.paused_reply();
                 self.reply(origin, rep);
             }

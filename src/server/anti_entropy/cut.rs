@@ -103,7 +103,7 @@ impl<K: Key, V: Value> Server<K, V> {
         let Some(interval) = self.ae.interval else {
             return;
         };
-        if self.paused.is_some()
+        if self.pause.is_paused()
             || view != self.view()
             || self.me.name >= peer.name
             || self.shared.store.digest.root() == theirs
@@ -140,7 +140,7 @@ impl<K: Key, V: Value> Server<K, V> {
         buckets: Vec<(u64, u64)>,
         prefer: Vec<u32>,
     ) {
-        if self.paused.is_some() || view != self.view() {
+        if self.pause.is_paused() || view != self.view() {
             return;
         }
         let differ = digest::differing(&self.shared.store.digest.buckets(), &buckets);
@@ -182,7 +182,7 @@ impl<K: Key, V: Value> Server<K, V> {
         owners: Vec<NodeId>,
         entries: Vec<AeEntry<K>>,
     ) {
-        if self.paused.is_some() || view != self.view() {
+        if self.pause.is_paused() || view != self.view() {
             self.ae_cut(key, peer).pending = None;
             return;
         }

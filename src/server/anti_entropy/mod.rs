@@ -135,7 +135,7 @@ impl<K: Key, V: Value> Server<K, V> {
 
     /// This server's frontier: its own last batch and the last batch of each member it applied.
     fn frontier(&self) -> Frontier {
-        let mut f: Frontier = vec![(self.me.clone(), self.seq)];
+        let mut f: Frontier = vec![(self.me.clone(), self.commit.seq())];
         for k in &self.members {
             if let Some(l) = self.links.get(k) {
                 let heard = self
@@ -154,7 +154,7 @@ impl<K: Key, V: Value> Server<K, V> {
     /// Whether a message sent with this view and frontier describes the same writes as this
     /// server holds now: only then is a difference a divergence.
     fn comparable(&self, view: u64, frontier: &Frontier) -> bool {
-        self.paused.is_none() && view == self.view() && *frontier == self.frontier()
+        !self.pause.is_paused() && view == self.view() && *frontier == self.frontier()
     }
 
     /// Called at every tick: starts a round when one is due.
@@ -168,7 +168,7 @@ impl<K: Key, V: Value> Server<K, V> {
             self.ae.quick = QUICK_ROUNDS;
             self.ae.next_round = now;
         }
-        if now < self.ae.next_round || self.paused.is_some() {
+        if now < self.ae.next_round || self.pause.is_paused() {
             return;
         }
         let gap = if self.ae.quick > 0 {

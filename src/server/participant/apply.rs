@@ -52,7 +52,7 @@ impl<K: Key, V: Value> Server<K, V> {
             recs.push((r.key, rec));
         }
         // The coordinator sent them (from its dumps).
-        match self.paused.as_ref().map(|p| p.coordinator.name.clone()) {
+        match self.pause.current().map(|p| p.coordinator.name.clone()) {
             Some(coordinator) => self.clock.observe_from(&coordinator, newest),
             None => {
                 let _ = self.clock.observe(newest);
@@ -70,7 +70,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 .collect(),
             None => Vec::new(),
         };
-        if let (Some(all), Some(p)) = (&merge, self.paused.as_mut()) {
+        if let (Some(all), Some(p)) = (&merge, self.pause.current_mut()) {
             p.carried = all.clone();
         }
         let merge = merge.is_some();
@@ -99,19 +99,19 @@ impl<K: Key, V: Value> Server<K, V> {
             });
         let by = self.origin_id(&origin).unwrap_or_else(|| self.me.clone());
         self.emit(watch, notify::Cause::Join(by));
-        if let Some(p) = self.paused.as_mut() {
+        if let Some(p) = self.pause.current_mut() {
             p.applied = true;
         }
         if let Some(members) = members {
             self.set_members(&members, join);
             let by = self.origin_id(&origin).unwrap_or_else(|| self.me.clone());
             let carried = self
-                .paused
-                .as_mut()
+                .pause
+                .current_mut()
                 .map(|p| std::mem::take(&mut p.carried))
                 .unwrap_or_default();
             self.drop_outsiders(by, &carried);
-            if let Some(p) = self.paused.as_mut() {
+            if let Some(p) = self.pause.current_mut() {
                 p.applied = false;
             }
         }

@@ -11,7 +11,7 @@ impl<K: Key, V: Value> Server<K, V> {
             return;
         }
         self.join_progress();
-        if let Some(p) = self.paused.as_mut() {
+        if let Some(p) = self.pause.current_mut() {
             if p.dumped {
                 self.refuse(origin, "this join had the dump already");
                 return;

@@ -13,38 +13,19 @@ impl<K: Key, V: Value> Server<K, V> {
         // The coordinator's lease, up to a bound: a peer cannot pause this table for
         // longer than `MAX_PAUSE_LEASE` without renewing.
         let lease = Duration::from_millis(lease_ms).min(MAX_PAUSE_LEASE);
-        let deadline = Instant::now() + lease;
-        if self.released.contains(&join) {
-            self.refuse(origin, "this join's pause already ended");
-            return;
-        }
-        match &mut self.paused {
-            Some(p) if p.join != join => {
-                let by = p.coordinator.name.clone();
-                self.reply(origin, JoinRep::Busy { by });
-            }
-            Some(p) => {
-                p.deadline = deadline;
-                p.lease = lease;
+        match self.pause.begin(join, coordinator, lease) {
+            pause::Begin::Released => self.refuse(origin, "this join's pause already ended"),
+            pause::Begin::Busy(by) => self.reply(origin, JoinRep::Busy { by }),
+            pause::Begin::Renewed => {
                 let rep = self.paused_reply();
                 self.reply(origin, rep);
             }
-            None => {
-                tracing::debug!(%coordinator, join, "paused for a join");
-                self.paused = Some(Pause {
-                    join,
-                    coordinator,
-                    deadline,
-                    lease,
-                    dumped: false,
-                    applied: false,
-                    carried: Vec::new(),
-                });
-                if self.pending.is_empty() {
+            pause::Begin::Paused => {
+                if self.commit.is_idle() {
                     let rep = self.paused_reply();
                     self.reply(origin, rep);
                 } else {
-                    self.pause_waiters.push(origin);
+                    self.pause.wait(origin);
                 }
             }
         }
@@ -77,12 +58,10 @@ impl<K: Key, V: Value> Server<K, V> {
     /// never joined under `fast_failover`'s 2 s lease: the participant unpaused part way and
     /// refused the rest).
     pub(in crate::server) fn join_progress(&mut self) {
-        if let Some(p) = self.paused.as_mut() {
-            p.deadline = Instant::now() + p.lease;
-        }
+        self.pause.renew();
     }
 
     pub(in crate::server) fn paused_by(&self, join: u64) -> bool {
-        self.paused.as_ref().is_some_and(|p| p.join == join)
+        self.pause.by(join)
     }
 }

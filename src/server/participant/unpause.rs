@@ -12,31 +12,19 @@ impl<K: Key, V: Value> Server<K, V> {
         } else {
             // The coordinator gave up before our pause (its request still queued here,
             // or our answer late): a pause of this join arriving now is refused.
-            self.remember_released(join);
+            self.pause.remember_released(join);
         }
         self.reply(origin, JoinRep::Unpaused);
     }
 
     /// Ends the current pause; buffered writes go on.
     pub(in crate::server) fn unpause(&mut self) {
-        if let Some(p) = self.paused.take() {
-            self.remember_released(p.join);
+        if let Some(p) = self.pause.end() {
             if p.applied {
                 // The join stored records here and ended before its member list came: the
                 // other nodes of its side may not have stored them, so none of another
                 // node's records stay.
                 self.drop_outsiders(p.coordinator.clone(), &[]);
-            }
-        }
-        self.pause_waiters.clear();
-    }
-
-    /// Joins whose pause ended (the last 64): a late pause or renewal of one is refused.
-    pub(in crate::server) fn remember_released(&mut self, join: u64) {
-        if !self.released.contains(&join) {
-            self.released.push_back(join);
-            if self.released.len() > 64 {
-                self.released.pop_front();
             }
         }
     }
