@@ -323,3 +323,148 @@ fn resolve<K: Key, V: Value>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::join::lock::tests::ids;
+    use crate::proto::WireTombstone;
+
+    fn ctx(conflict: Conflict<u64, u64>, expire_ms: Option<u64>) -> JoinCtx<u64, u64> {
+        JoinCtx {
+            port: Arc::new(|_| {}),
+            me: ids(&["a"])[0].clone(),
+            kind: TableKind::Set,
+            conflict,
+            clock: Arc::new(HybridClock::new()),
+            lease: Duration::from_secs(1),
+            chunk: 100,
+            chunk_bytes: 1 << 20,
+            table: "t".into(),
+            checkpoint: None,
+            expire_ms,
+            cluster: false,
+            moved: Arc::default(),
+            streams: HashMap::new(),
+        }
+    }
+
+    fn v(value: u64, ts: u64, owner: u32) -> Version<u64> {
+        Version {
+            value,
+            ts,
+            owner,
+            ttl: 0,
+        }
+    }
+
+    #[test]
+    fn last_writer_wins_keeps_the_greater_stamp_then_owner_then_value() {
+        let owners = ids(&["a", "b"]);
+        let c = ctx(Conflict::LastWriterWins, None);
+        // (a, b, the winner)
+        let cases = [
+            (v(1, 5, 0), v(2, 6, 0), v(2, 6, 0)), // later timestamp
+            (v(1, 6, 0), v(2, 5, 0), v(1, 6, 0)), // earlier timestamp
+            (v(1, 5, 0), v(2, 5, 1), v(2, 5, 1)), // tie: greater owner name
+            (v(1, 5, 1), v(2, 5, 0), v(1, 5, 1)), // tie: smaller owner name
+            (v(1, 5, 0), v(2, 5, 0), v(2, 5, 0)), // same stamp: greater value
+            (v(2, 5, 0), v(1, 5, 0), v(2, 5, 0)), // same stamp: smaller value
+        ];
+        for (i, (a, b, want)) in cases.into_iter().enumerate() {
+            let got = resolve(&c, &1, a, &b, &owners).expect("no handler to fail");
+            assert!(same_version(&got, &want), "case {i}");
+        }
+    }
+
+    #[test]
+    fn a_handler_keeps_a_version_it_returns_and_stamps_a_new_value_afresh() {
+        let owners = ids(&["a", "b"]);
+        // The handler returns: the first value, the second, or their sum.
+        let pick = |which: u8| {
+            ctx(
+                Conflict::Handler(Arc::new(move |_, a: &u64, b: &u64| match which {
+                    0 => *a,
+                    1 => *b,
+                    _ => a + b,
+                })),
+                None,
+            )
+        };
+        let (a, b) = (v(10, 5, 0), v(20, 6, 1));
+        let got = resolve(&pick(0), &1, a.clone(), &b, &owners).expect("handler");
+        assert!(same_version(&got, &a), "returned a: a with its stamp");
+        let got = resolve(&pick(1), &1, a.clone(), &b, &owners).expect("handler");
+        assert!(same_version(&got, &b), "returned b: b with its stamp");
+        let c = pick(2);
+        let before = c.clock.now();
+        let got = resolve(&c, &1, a.clone(), &b, &owners).expect("handler");
+        assert_eq!(
+            (got.value, got.owner),
+            (30, a.owner),
+            "a new value keeps a's owner"
+        );
+        assert!(got.ts > before, "and gets a fresh timestamp");
+    }
+
+    #[test]
+    fn a_version_expired_since_its_dump_loses_without_asking_the_handler() {
+        let owners = ids(&["a", "b"]);
+        let c = ctx(
+            Conflict::Handler(Arc::new(|_, _: &u64, _: &u64| panic!("not asked"))),
+            Some(60_000),
+        );
+        let fresh = c.clock.now();
+        let (old, new) = (v(1, 1, 0), v(2, fresh, 1));
+        let got = resolve(&c, &1, old.clone(), &new, &owners).expect("no call");
+        assert!(same_version(&got, &new));
+        let got = resolve(&c, &1, new.clone(), &old, &owners).expect("no call");
+        assert!(same_version(&got, &new));
+    }
+
+    #[test]
+    fn a_tombstone_drops_the_versions_it_beats_and_wins_a_tie() {
+        let owners = ids(&["a", "b"]);
+        let mut versions: HashMap<u64, Versions<u64>, foldhash::fast::RandomState> =
+            HashMap::default();
+        let put = |vs: &mut HashMap<u64, Versions<u64>, _>, k: u64, list: Vec<Version<u64>>| {
+            let mut it = list.into_iter().enumerate();
+            let first = it.next().expect("a version");
+            vs.insert(
+                k,
+                Versions {
+                    first,
+                    rest: it.collect(),
+                },
+            );
+        };
+        put(&mut versions, 1, vec![v(1, 3, 0), v(2, 7, 1)]); // one older, one newer
+        put(&mut versions, 2, vec![v(1, 5, 0)]); // the tombstone's very stamp
+        put(&mut versions, 3, vec![v(1, 5, 0)]); // no tombstone
+        let tomb = |key, ts| WireTombstone { key, ts, owner: 0 };
+        let tombs = vec![(ids(&["a"]), vec![tomb(1, 5), tomb(2, 5)])];
+        drop_deleted(&mut versions, &owners, &tombs);
+        let left = |k: u64| {
+            versions.get(&k).map(|vs| {
+                std::iter::once(&vs.first)
+                    .chain(&vs.rest)
+                    .map(|(_, v)| v.ts)
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(left(1), Some(vec![7]));
+        assert_eq!(left(2), None);
+        assert_eq!(left(3), Some(vec![5]));
+    }
+
+    #[test]
+    fn one_version_is_the_same_stamp_and_the_same_value() {
+        assert!(same_version(&v(1, 5, 0), &v(1, 5, 0)));
+        assert!(!same_version(&v(1, 5, 0), &v(2, 5, 0)));
+        assert!(!same_version(&v(1, 5, 0), &v(1, 6, 0)));
+        assert!(!same_version(&v(1, 5, 0), &v(1, 5, 1)));
+    }
+}
