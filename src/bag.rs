@@ -161,7 +161,7 @@ impl<V> Objects<V> {
     }
 }
 
-impl<V: Serialize> Objects<V> {
+impl<V: Serialize + 'static> Objects<V> {
     /// The position of the object equal to `value` (whose hash is `hash`), if stored.
     pub(crate) fn find(&self, value: &V, hash: u64) -> Option<usize> {
         self.positions(hash).into_iter().find(|&i| {
@@ -189,7 +189,7 @@ impl<V: Serialize> Objects<V> {
 }
 
 /// The hash by which a key's objects are found: the anti-entropy value hash.
-pub(crate) fn object_hash<V: Serialize>(value: &V) -> u64 {
+pub(crate) fn object_hash<V: Serialize + 'static>(value: &V) -> u64 {
     value_hash(value)
 }
 

@@ -8,9 +8,10 @@
 //! with two additions per record it stores or removes: never a scan.
 //!
 //! A record's hash covers its key, value, timestamp and owner identity. Every node must compute
-//! the same hash for the same record, so the hasher is fixed (no random seed, no dependence on
-//! the platform's word size or byte order) and reads the postcard encoding of key and value,
-//! which is what travels on the wire anyway.
+//! the same hash for the same record, so the hash of key and value is fixed
+//! (`crate::stable_hash`: no random seed, no dependence on the platform's word size or byte
+//! order) and reads each value's primitives in place, eight bytes per multiply, without
+//! encoding it.
 //!
 //! Each call that changes the store takes a [`Hook`] and calls [`Hook::add`] / [`Hook::sub`] /
 //! [`Hook::replace`] for each record it stores or drops ([`Records`] wraps the store so that
@@ -26,6 +27,7 @@ use serde::Serialize;
 
 use crate::capture::{Capture, Sink};
 use crate::membership::{NodeId, OwnerIdx};
+use crate::stable_hash::{fold_mul, stable_hash, WordHasher, P0, P1, P2};
 use crate::store::{Rec, Store};
 use crate::types::TableKind;
 
@@ -35,123 +37,21 @@ use crate::types::TableKind;
 pub(crate) const BUCKETS: usize = 1024;
 const BUCKET_BITS: u32 = BUCKETS.trailing_zeros();
 
-const P0: u64 = 0xa076_1d64_78bd_642f;
-const P1: u64 = 0xe703_7ed1_a0b4_28db;
-const P2: u64 = 0x8ebc_6af0_9c88_c6e3;
-
-/// The high and low halves of the full product, folded: a fast mix with good avalanche.
-#[inline]
-fn fold_mul(a: u64, b: u64) -> u64 {
-    let r = u128::from(a) * u128::from(b);
-    (r as u64) ^ ((r >> 64) as u64)
-}
-
-/// A hasher over bytes that gives the same result on every node: eight bytes at a time, read
-/// little-endian, folded in with a multiply. It is a postcard flavor, so a key or value is
-/// hashed as it is encoded, without a buffer.
-#[derive(Debug, Clone)]
-pub(crate) struct StableHasher {
-    h: u64,
-    word: u64,
-    filled: u32,
-    len: u64,
-}
-
-impl StableHasher {
-    pub(crate) fn new(seed: u64) -> Self {
-        Self {
-            h: seed ^ P2,
-            word: 0,
-            filled: 0,
-            len: 0,
-        }
-    }
-
-    #[inline]
-    pub(crate) fn write(&mut self, mut data: &[u8]) {
-        self.len += data.len() as u64;
-        while !data.is_empty() {
-            if self.filled == 0 && data.len() >= 8 {
-                let (w, rest) = data.split_at(8);
-                let mut b = [0u8; 8];
-                b.copy_from_slice(w);
-                self.h = fold_mul(self.h ^ u64::from_le_bytes(b), P1);
-                data = rest;
-                continue;
-            }
-            self.word |= u64::from(data[0]) << (8 * self.filled);
-            self.filled += 1;
-            data = &data[1..];
-            if self.filled == 8 {
-                self.h = fold_mul(self.h ^ self.word, P1);
-                self.word = 0;
-                self.filled = 0;
-            }
-        }
-    }
-
-    /// `write(&[b])`, without the loop: postcard hands over a `u8` (each byte of an array,
-    /// a bool, an enum tag under 128) one at a time.
-    #[inline]
-    pub(crate) fn push(&mut self, b: u8) {
-        self.len += 1;
-        self.word |= u64::from(b) << (8 * self.filled);
-        self.filled += 1;
-        if self.filled == 8 {
-            self.h = fold_mul(self.h ^ self.word, P1);
-            self.word = 0;
-            self.filled = 0;
-        }
-    }
-
-    pub(crate) fn finish(&self) -> u64 {
-        let h = fold_mul(self.h ^ self.word ^ P0, P1 ^ self.len);
-        fold_mul(h, P2)
-    }
-}
-
-impl postcard::ser_flavors::Flavor for StableHasher {
-    type Output = u64;
-
-    #[inline]
-    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
-        self.write(data);
-        Ok(())
-    }
-
-    #[inline]
-    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
-        self.push(data);
-        Ok(())
-    }
-
-    fn finalize(self) -> postcard::Result<u64> {
-        Ok(self.finish())
-    }
-}
-
-/// The stable hash of a value's postcard encoding (0 if it does not encode: such a value
-/// cannot be written either).
-#[inline]
-pub(crate) fn stable_hash<T: Serialize + ?Sized>(t: &T, seed: u64) -> u64 {
-    postcard::serialize_with_flavor(t, StableHasher::new(seed)).unwrap_or(0)
-}
-
 /// The hash of a key: picks its bucket and enters its records' hashes.
 #[inline]
-pub(crate) fn key_hash<K: Serialize>(k: &K) -> u64 {
+pub(crate) fn key_hash<K: Serialize + 'static>(k: &K) -> u64 {
     stable_hash(k, 1)
 }
 
 /// The hash of a value.
 #[inline]
-pub(crate) fn value_hash<V: Serialize>(v: &V) -> u64 {
+pub(crate) fn value_hash<V: Serialize + 'static>(v: &V) -> u64 {
     stable_hash(v, 2)
 }
 
 /// The hash of a node identity (a record's owner).
 pub(crate) fn owner_hash(id: &NodeId) -> u64 {
-    let mut h = StableHasher::new(3);
+    let mut h = WordHasher::new(3);
     h.write(id.name.as_bytes());
     h.write(&id.incarnation.to_le_bytes());
     h.finish()
@@ -172,7 +72,7 @@ pub(crate) fn record_hash(key: u64, value: u64, ts: u64, owner: u64) -> u64 {
 
 /// A summary of a whole bucket list, equal for equal lists: what members compare at rest.
 pub(crate) fn root_of(buckets: &[(u64, u64)]) -> u64 {
-    let mut h = StableHasher::new(4);
+    let mut h = WordHasher::new(4);
     for (sum, count) in buckets {
         h.write(&sum.to_le_bytes());
         h.write(&count.to_le_bytes());
@@ -323,7 +223,7 @@ pub(crate) struct Hook<'a, K, V> {
     sink: Option<Sink<'a, K, V>>,
 }
 
-impl<K: Serialize + Clone, V: Serialize + Clone> Hook<'_, K, V> {
+impl<K: Serialize + Clone + 'static, V: Serialize + Clone + 'static> Hook<'_, K, V> {
     #[inline]
     fn change(d: &Digest, kh: u64, h: u64, add: bool) {
         d.change_bucket(bucket_of(kh), h, add);
@@ -561,32 +461,6 @@ mod tests {
             },
         );
         r
-    }
-
-    #[test]
-    fn the_hasher_is_fixed_and_reads_bytes_in_any_split() {
-        // The same bytes fed in pieces or at once, and a known value: nodes agree.
-        let mut a = StableHasher::new(7);
-        a.write(b"hello, ");
-        a.write(b"w");
-        a.write(b"orld and more bytes");
-        let mut b = StableHasher::new(7);
-        b.write(b"hello, world and more bytes");
-        assert_eq!(a.finish(), b.finish());
-        assert_ne!(StableHasher::new(8).finish(), StableHasher::new(7).finish());
-        assert_ne!(key_hash(&1u64), key_hash(&2u64));
-        assert_ne!(key_hash(&"ab"), key_hash(&"ba"));
-        // Pinned: a change of the hash is a change of the wire protocol.
-        assert_eq!(key_hash(&42u64), key_hash(&42u64));
-        assert_eq!(
-            stable_hash(&[1u8, 2, 3][..], 0),
-            stable_hash(&vec![1u8, 2, 3], 0)
-        );
-        // Bytes pushed one at a time (an array of u8) hash as the same bytes written at once.
-        let bytes: [u8; 19] = std::array::from_fn(|i| (i as u8).wrapping_mul(37));
-        let mut w = StableHasher::new(5);
-        w.write(&bytes);
-        assert_eq!(stable_hash(&bytes, 5), w.finish());
     }
 
     #[test]

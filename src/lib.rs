@@ -59,6 +59,7 @@ mod repeats;
 mod server;
 mod sharded_map;
 mod shared;
+mod stable_hash;
 pub mod status;
 mod store;
 mod subscribe;

@@ -19,8 +19,11 @@ use serde::{Deserialize, Serialize};
 use crate::membership::NodeId;
 use crate::types::TableKind;
 
-/// Version of the wire protocol. Nodes with different versions refuse each other.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// Version of the wire protocol. Nodes with different versions refuse each other. Besides the
+/// messages, it covers how a record's digest is computed (`crate::stable_hash`): nodes that
+/// would compute different digests of the same records must not compare them. 5: keys and
+/// values are hashed in a fixed-width layout instead of through their postcard encodings.
+pub const PROTOCOL_VERSION: u32 = 5;
 /// First bytes of every [`Hello`].
 pub const MAGIC: [u8; 4] = *b"CETS";
 
