@@ -30,7 +30,21 @@ pub(in crate::server) struct Cut {
     pub(super) rounds: u64,
     /// The differences the last comparison found, for the next to confirm.
     pending: Option<Pending>,
+    /// When this member's digests started to arrive uncomparable without a break, and when
+    /// the last of them came.
+    uncomparable: Option<(Instant, Instant)>,
+    /// The time this server spent deciding the last comparison at a cut with this member.
+    cost: Duration,
 }
+
+/// Intervals of digests that could not be compared (writes in flight, without a pause) before
+/// the first comparison at a cut: writes that pause now and then let the digests meet at rest,
+/// which costs nothing, while a comparison at a cut costs both sides a pass over the table.
+const CUT_AFTER: u32 = 5;
+
+/// A comparison at a cut comes at most once per this many times what the last one cost this
+/// server (and about as much the member): at most 2% of the table server's time.
+const CUT_SHARE: u32 = 50;
 
 /// Differences found once, waiting for a second look past the cut.
 struct Pending {
@@ -103,17 +117,26 @@ impl<K: Key, V: Value> Server<K, V> {
         let Some(interval) = self.ae.interval else {
             return;
         };
-        if self.pause.is_paused()
-            || view != self.view()
-            || self.me.name >= peer.name
-            || self.shared.store.digest.root() == theirs
-        {
+        if self.pause.is_paused() || view != self.view() || self.me.name >= peer.name {
             return;
         }
         let now = Instant::now();
+        let equal = self.shared.store.digest.root() == theirs;
         let cut = self.ae_cut(key, peer);
-        // (Half an interval: the member's digests come once per interval, give or take.)
-        if cut.asked.is_some_and(|t| now < t + interval / 2) {
+        // A run of uncomparable digests ends with one that matches, or with a gap (digests
+        // compared at rest in between).
+        let first = match cut.uncomparable {
+            Some((first, last)) if !equal && now <= last + interval * 2 => first,
+            _ => now,
+        };
+        cut.uncomparable = (!equal).then_some((first, now));
+        if equal || now < first + interval * CUT_AFTER {
+            return;
+        }
+        // (At least half an interval: the member's digests come once per interval, give or
+        // take.)
+        let gap = (interval / 2).max(cut.cost * CUT_SHARE);
+        if cut.asked.is_some_and(|t| now < t + gap) {
             return;
         }
         cut.asked = Some(now);
@@ -191,7 +214,9 @@ impl<K: Key, V: Value> Server<K, V> {
             seen: stamps.seen.max(self.ae_seen()),
         };
         self.ae_cut(key, peer).rounds += 1;
+        let started = Instant::now();
         self.ae_decide(key, peer, &buckets, &owners, entries, Some((view, stamps)));
+        self.ae_cut(key, peer).cost = started.elapsed();
     }
 
     /// Called by `ae_decide` in a comparison at a cut, with the entries of both sides by unit
