@@ -99,6 +99,14 @@ pub struct NodeConfig {
     /// `max_frame_size`. Replies to one join request other than a dump are bounded by this too;
     /// a dump may bring about as many records as its source said it held.
     pub max_link_queue_bytes: usize,
+    /// Records one source's dump may bring into a join that this node coordinates. Default
+    /// 100 000 000. The coordinator holds every dump in memory until it is complete (about
+    /// the size of the records, plus some 50 bytes each); a source may bring about as many
+    /// records as it said it held when it paused, and never more than this, so a peer that
+    /// claims to hold everything cannot make the coordinator's memory grow without bound. A
+    /// dump past the bound fails the join (logged with the peer), and the tables are unpaused.
+    /// Raise it above the largest table you run; lower it to cap a join's memory.
+    pub max_join_records: u64,
     /// Anti-entropy: how often each table compares a digest of its contents with every member
     /// (ALGORITHM.md, section 15). Default 2 s. Replicas that differ for any reason (a write
     /// lost to a bug, a join that went wrong) are found at the next round at which both have
@@ -146,6 +154,7 @@ impl Default for NodeConfig {
             join_max_backoff: Duration::from_secs(5),
             join_chunk_records: 10_000,
             max_link_queue_bytes: 256 * 1024 * 1024,
+            max_join_records: 100_000_000,
             anti_entropy_interval: Some(Duration::from_secs(2)),
             max_clock_drift: Duration::from_secs(1),
         }
@@ -190,8 +199,14 @@ impl NodeConfig {
                 "max_batch_bytes must be at least {FRAME_HEAD_ROOM} bytes below half of max_frame_size"
             ));
         }
-        if self.max_batch_ops == 0 || self.write_queue == 0 || self.join_chunk_records == 0 {
-            return bad("max_batch_ops, write_queue and join_chunk_records must be positive");
+        if self.max_batch_ops == 0
+            || self.write_queue == 0
+            || self.join_chunk_records == 0
+            || self.max_join_records == 0
+        {
+            return bad(
+                "max_batch_ops, write_queue, join_chunk_records and max_join_records must be positive",
+            );
         }
         if self.max_link_queue_bytes < self.max_frame_size {
             return bad("max_link_queue_bytes must be at least max_frame_size");

@@ -384,7 +384,22 @@ async fn a_join_dumps_the_records_of_its_own_nodes_only() {
 /// bytes): past that, the node drops the request, the join fails, and the table is unpaused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dump_that_never_ends_is_not_kept_without_end() {
+    endless_dump(0, NodeConfig::fast_failover()).await;
+}
+
+/// The same endless dump from a peer that said, when it paused, that it holds `u64::MAX`
+/// records: what it claims is no bound, so the node's own is (`max_join_records`, here 50 000
+/// of the 400 000 records the peer sends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dump_from_a_source_that_claims_to_hold_everything_stops_at_max_join_records() {
     let mut config = NodeConfig::fast_failover();
+    config.max_join_records = 50_000;
+    endless_dump(u64::MAX, config).await;
+}
+
+/// Joins a raw peer that reports `len` records when paused, then answers the dump request
+/// with 400 000 records that never end, and checks that the node gave up on them.
+async fn endless_dump(len: u64, mut config: NodeConfig) {
     config.max_frame_size = 1 << 20;
     config.max_batch_bytes = 256 << 10;
     config.max_link_queue_bytes = 8 << 20;
@@ -405,7 +420,7 @@ async fn a_dump_that_never_ends_is_not_kept_without_end() {
                     members: vec![z.clone()],
                     epoch: 0,
                     reachable: vec![node.id().clone()],
-                    len: 0,
+                    len,
                     missed: Vec::new(),
                 };
                 reply(&mut zpeer, req, rep).await;
@@ -471,13 +486,13 @@ async fn a_dump_that_never_ends_is_not_kept_without_end() {
     let write = tokio::time::timeout(Duration::from_millis(500), t.insert(2, "two".into())).await;
     let grown = rss().saturating_sub(before);
     eprintln!(
-        "sent {sent} bytes of dump after Paused {{ len: 0 }}; paused: {paused}; a write waits: {}; rss grew by {grown} bytes; gave up: {}",
+        "sent {sent} bytes of dump after Paused {{ len: {len} }}; paused: {paused}; a write waits: {}; rss grew by {grown} bytes; gave up: {}",
         write.is_err(),
         gave_up.load(std::sync::atomic::Ordering::SeqCst)
     );
     assert!(
         gave_up.load(std::sync::atomic::Ordering::SeqCst) || zconn.close_reason().is_some(),
-        "the coordinator took {sent} bytes of dump from a source that reported 0 records, and \
+        "the coordinator took {sent} bytes of dump from a source that reported {len} records, and \
          still waits for more with its table paused ({paused}; a write waits: {})",
         write.is_err()
     );

@@ -343,6 +343,7 @@ mod tests {
             lease: Duration::from_secs(1),
             chunk: 100,
             chunk_bytes: 1 << 20,
+            max_records: 1_000_000,
             table: "t".into(),
             checkpoint: None,
             expire_ms,

@@ -129,9 +129,9 @@ fn expected_records(groups: &[Group], sizes: &BTreeMap<NodeId, u64>) -> u64 {
 
 /// The records a source's dump may bring: as many as it said it held when it paused
 /// (`JoinRep::Paused::len`), with room for writes of its side's members that were still
-/// arriving (the nodes of its side locked after it wait for theirs to be acknowledged). The
-/// coordinator holds a dump until it is complete, so this bounds what a peer can make it
-/// hold; the bytes on the wire are not bounded, as a dump streams at the pace its source's
+/// arriving (the nodes of its side locked after it wait for theirs to be acknowledged), and
+/// never more than `NodeConfig::max_join_records`. The coordinator holds a dump until it is
+/// complete, so this bounds what a peer can make it hold, whatever it claims to hold; the bytes on the wire are not bounded, as a dump streams at the pace its source's
 /// queue drains (the link's bulk lane, ALGORITHM.md section 19).
 pub(super) struct DumpBound {
     left: u64,
@@ -139,10 +139,15 @@ pub(super) struct DumpBound {
 
 impl DumpBound {
     pub(super) fn new<K, V>(ctx: &JoinCtx<K, V>, held: Option<&u64>) -> Self {
-        let held = held.copied().unwrap_or(0);
-        let room = held / 2 + 4 * ctx.chunk as u64 + 65_536;
+        Self::with(held.copied().unwrap_or(0), ctx.chunk, ctx.max_records)
+    }
+
+    /// The bound for a source that said it held `held` records, with chunks of `chunk`
+    /// records, under the node's `max_records`.
+    fn with(held: u64, chunk: usize, max_records: u64) -> Self {
+        let room = (held / 2).saturating_add(4 * chunk as u64 + 65_536);
         DumpBound {
-            left: held.saturating_add(room),
+            left: held.saturating_add(room).min(max_records),
         }
     }
 
@@ -152,7 +157,7 @@ impl DumpBound {
                 self.left = left;
                 Ok(())
             }
-            None => Err("a dump larger than its source said it held"),
+            None => Err("a dump larger than its source said it held, or than max_join_records"),
         }
     }
 }
@@ -213,6 +218,26 @@ mod tests {
         assert_eq!(expected_records(&groups, &sizes), 7);
         let hostile = BTreeMap::from([(b, u64::MAX), (groups[0].0.clone(), 1)]);
         assert_eq!(expected_records(&groups, &hostile), u64::MAX);
+    }
+
+    #[test]
+    fn a_dump_brings_what_its_source_said_it_held_and_never_more_than_the_node_bound() {
+        let taken = |mut bound: DumpBound, chunk: usize| {
+            let mut n = 0u64;
+            while bound.take(chunk).is_ok() {
+                n += chunk as u64;
+            }
+            n
+        };
+        // Room for writes still arriving: half of what it held, and some chunks.
+        assert_eq!(taken(DumpBound::with(0, 100, u64::MAX), 1), 65_936);
+        assert_eq!(
+            taken(DumpBound::with(1_000_000, 100, u64::MAX), 1000),
+            1_565_000
+        );
+        // A source that claims to hold everything gets the node's bound, not its claim.
+        assert_eq!(taken(DumpBound::with(u64::MAX, 100, 5_000), 1000), 5_000);
+        assert_eq!(taken(DumpBound::with(u64::MAX / 2 + 7, 1 << 20, 10), 1), 10);
     }
 
     #[test]

@@ -77,6 +77,8 @@ pub(crate) struct JoinCtx<K, V> {
     pub lease: Duration,
     pub chunk: usize,
     pub chunk_bytes: usize,
+    /// Records one source's dump may bring at most (`NodeConfig::max_join_records`).
+    pub max_records: u64,
     pub table: String,
     pub checkpoint: Option<JoinCheckpointFn>,
     /// The table's record lifetime in milliseconds (`TableOptions::expire_after`), if any.

@@ -89,6 +89,7 @@ impl<K: Key, V: Value> Server<K, V> {
             lease: self.config.join_lease,
             chunk: self.config.join_chunk_records,
             chunk_bytes: self.config.max_frame_size / 4,
+            max_records: self.config.max_join_records,
             table: self.shared.name.clone(),
             checkpoint: self.opts.join_checkpoint.clone(),
             expire_ms: self.shared.expire_ms,
