@@ -24,6 +24,8 @@ fn opts(dir: &Path) -> TableOptions<String, String> {
 }
 
 const PER_NODE: usize = 400;
+/// Records each node writes in batches in the second phase: 100 002 acknowledged by the three.
+const BULK: usize = 33_334;
 const NAMES: [&str; 3] = ["a", "b", "c"];
 
 fn wal_files(dir: &Path) -> usize {
@@ -40,7 +42,8 @@ fn wal_files(dir: &Path) -> usize {
 /// `CETS_DURABLE_CHILD` = `name;dir;nodes-file;mode`. `first`: writes keys 0..PER_NODE of its
 /// own once it sees the other two, says `written`, waits for `go` on its input, shuts down
 /// (the final snapshot) and says `first-done`. `second`: checks they are back,
-/// deletes keys 0..50 and writes PER_NODE..2*PER_NODE from 64 concurrent callers, says `acked`
+/// deletes keys 0..50, writes PER_NODE..2*PER_NODE from 64 concurrent callers and BULK more
+/// records in batches of 1000, says `acked`
 /// and waits to be killed. `verify`: says `verified <n>` once it holds the records of all three
 /// nodes as they were acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,6 +65,7 @@ async fn durable_child() {
     println!("addr {}", n.local_addr());
     let t: Kv = n.start("t", opts(Path::new(dir))).await.unwrap();
     let key = |i: usize| format!("{name}-{i}");
+    let bulk = |i: usize| format!("{name}-bulk-{i}");
     let all_three = || {
         let t = t.clone();
         eventually(WAIT, "three members", move || {
@@ -101,6 +105,10 @@ async fn durable_child() {
             for task in tasks {
                 task.await.unwrap();
             }
+            for batch in (0..BULK).collect::<Vec<_>>().chunks(1000) {
+                let recs = batch.iter().map(|i| (bulk(*i), "v3".to_string())).collect();
+                t.insert_many(recs).await.unwrap();
+            }
             // Overwritten after the snapshot: the log's newer value wins.
             t.insert(key(60), "v2".to_string()).await.unwrap();
             println!("acked");
@@ -115,7 +123,15 @@ async fn durable_child() {
                 };
                 assert_eq!(t.get(&key(i)).as_deref(), want, "{} restored", key(i));
             }
-            let want = 3 * (2 * PER_NODE - 50);
+            for i in 0..BULK {
+                assert_eq!(
+                    t.get(&bulk(i)).as_deref(),
+                    Some("v3"),
+                    "{} restored",
+                    bulk(i)
+                );
+            }
+            let want = 3 * (2 * PER_NODE - 50 + BULK);
             eventually(WAIT, "every node's records", || {
                 let t = t.clone();
                 async move { t.len() == want }
