@@ -306,6 +306,11 @@ async fn restore_of<K: Key, V: Value>(
         }),
         Err(e) if p.on_restore_error == crate::persistence::OnRestoreError::StartEmpty => {
             tracing::error!(table = name, error = %e, "snapshot or log unreadable; starting empty");
+            // Else the next start finds the same damage and starts empty again, losing the
+            // writes acknowledged in between.
+            if let Err(a) = p.backend.set_aside(name).await {
+                tracing::error!(table = name, error = %a, "cannot set the unreadable state aside");
+            }
             Ok(Restored {
                 error: Some(e.to_string()),
                 ..Restored::default()

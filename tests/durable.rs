@@ -257,7 +257,8 @@ async fn a_crash_replays_the_log_and_a_torn_last_entry_is_cut_with_a_warning() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flipped_byte_inside_the_log_is_an_error_naming_the_segment_or_starts_empty() {
+async fn a_flipped_byte_inside_the_log_is_an_error_naming_the_segment_or_starts_empty_with_it_set_aside(
+) {
     let _logs = capture::capture();
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("n");
@@ -284,11 +285,32 @@ async fn a_flipped_byte_inside_the_log_is_an_error_naming_the_segment_or_starts_
             .sync_writes(true)
             .on_restore_error(OnRestoreError::StartEmpty),
     );
-    let t: Kv = n.start("t", o).await.unwrap();
+    let t: Kv = n.start("t", o.clone()).await.unwrap();
     assert_eq!(t.len(), 0);
     let s = t.status().await.unwrap().persistence.unwrap();
     assert!(
         s.last_error.as_deref().is_some_and(|e| e.contains(".wal")),
         "{s:?}"
     );
+    // The damaged segment is set aside, so a write acknowledged after starting empty survives
+    // the next crash: that start does not find the same damage and start empty again.
+    let aside = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(".wal.damaged-")
+        })
+        .count();
+    assert_eq!(aside, 1, "the damaged segment kept for inspection");
+    t.insert("after".into(), "v".into()).await.unwrap();
+    std::mem::forget(n);
+    let (n, _d) = node("n").await;
+    let t: Kv = n.start("t", o).await.unwrap();
+    assert_eq!(t.get(&"after".to_string()).as_deref(), Some("v"));
+    let s = t.status().await.unwrap().persistence.unwrap();
+    assert_eq!((s.last_error, s.log_replayed), (None, 1));
+    std::mem::forget(n);
 }

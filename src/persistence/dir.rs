@@ -265,6 +265,12 @@ impl Persistence for DirectoryBackend {
         let (entries, torn) = self.log_step(table, wal::load).await?;
         Ok(LogContents::new(entries).torn_tails(torn))
     }
+
+    async fn set_aside(&self, table: &str) -> Result<()> {
+        let snap = self.file_of(table);
+        self.log_step(table, move |d, s, l| wal::set_aside(d, s, l, &snap))
+            .await
+    }
 }
 
 #[cfg(test)]

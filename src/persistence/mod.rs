@@ -93,6 +93,16 @@ pub trait Persistence: Send + Sync + 'static {
     async fn log_recover(&self, table: &str) -> Result<LogContents> {
         Ok(LogContents::new(self.log_load(table).await?))
     }
+
+    /// Called when a start found the snapshot or log of `table` unreadable and starts empty
+    /// ([`OnRestoreError::StartEmpty`]), before the table accepts a write: keep what is stored
+    /// for inspection where no later start reads it again, so that the writes acknowledged from
+    /// now on are what the next start restores. The directory backend renames the snapshot and
+    /// every log segment with the suffix `.damaged-<unix ms>`. Default: nothing.
+    async fn set_aside(&self, table: &str) -> Result<()> {
+        let _ = table;
+        Ok(())
+    }
 }
 
 /// The log of a table as [`Persistence::log_recover`] found it.

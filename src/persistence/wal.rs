@@ -209,6 +209,30 @@ pub(super) fn load(dir: &Path, stem: &str, logs: &Logs) -> Result<(Vec<Vec<u8>>,
     Ok((out, torn_tails))
 }
 
+/// Renames the snapshot `snap` (if any) and every segment of `stem` with the suffix
+/// `.damaged-<unix ms>`, which neither a load nor a listing reads, and forgets the open
+/// segment: the next append starts a new one.
+pub(super) fn set_aside(dir: &Path, stem: &str, logs: &Logs, snap: &Path) -> Result<()> {
+    let mut all = logs.lock().unwrap_or_else(|p| p.into_inner());
+    let st = all.entry(stem.to_string()).or_default();
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let aside = |p: &Path| -> Result<()> {
+        let mut name = p.as_os_str().to_owned();
+        name.push(format!(".damaged-{ms}"));
+        std::fs::rename(p, &name).map_err(|e| err(p, format!("cannot set it aside: {e}")))
+    };
+    if snap.exists() {
+        aside(snap)?;
+    }
+    for (_, path, _) in segments(dir, stem)? {
+        aside(&path)?;
+    }
+    *st = LogState::default();
+    sync_dir(dir)
+}
+
 /// Cuts a segment back to its first `at` bytes (a segment without its whole magic is removed)
 /// and makes that durable, so a later start, for which this segment is no longer the newest,
 /// does not find the incomplete entry.
