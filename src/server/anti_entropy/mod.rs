@@ -97,7 +97,7 @@ impl AntiEntropy {
 impl<K: Key, V: Value> Server<K, V> {
     fn ae_peer(&mut self, key: OwnerIdx) -> Option<&mut PeerAe> {
         let id = &self.links.get(&key)?.id;
-        let p = self.ae.peers.entry(key).or_insert_with(|| PeerAe {
+        let fresh = || PeerAe {
             id: id.clone(),
             heard: 0,
             compared: 0,
@@ -106,19 +106,11 @@ impl<K: Key, V: Value> Server<K, V> {
             differences: 0,
             repaired: 0,
             narrowing: None,
-        });
+        };
+        let p = self.ae.peers.entry(key).or_insert_with(fresh);
         if p.id != *id {
             // The index now names another node: start over.
-            *p = PeerAe {
-                id: id.clone(),
-                heard: 0,
-                compared: 0,
-                last: None,
-                matches: false,
-                differences: 0,
-                repaired: 0,
-                narrowing: None,
-            };
+            *p = fresh();
         }
         Some(p)
     }
