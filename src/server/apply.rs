@@ -30,12 +30,7 @@ impl<K: Key, V: Value> Server<K, V> {
     /// The smallest watermark of the members (`u64::MAX` with none): every write a member
     /// still sends is stamped after it.
     pub(super) fn min_watermark(&self) -> u64 {
-        self.members
-            .iter()
-            .filter_map(|k| self.links.get(k))
-            .map(|l| l.watermark)
-            .min()
-            .unwrap_or(u64::MAX)
+        self.peers.min_member_watermark()
     }
 
     /// Forgets the tombstones older than every member's clock (no member: all of them): no
@@ -80,7 +75,7 @@ impl<K: Key, V: Value> Server<K, V> {
         if self.shared.kind == TableKind::Bag {
             return;
         }
-        let keep_tombstones = !self.members.is_empty();
+        let keep_tombstones = self.peers.has_members();
         for (k, owner) in orphans {
             let stamp = (ts, Some(&owner));
             let owners = &self.owners;
@@ -102,7 +97,7 @@ impl<K: Key, V: Value> Server<K, V> {
     /// once the tombstone is forgotten (`release_gone_owners`).
     pub(super) fn gone_owner(&mut self, id: &NodeId) -> OwnerIdx {
         let idx = self.owners.intern(id);
-        if idx != self.me_idx && !self.links.contains_key(&idx) {
+        if idx != self.me_idx && !self.peers.is_linked(idx) {
             self.gone.insert(idx);
         }
         idx
@@ -114,10 +109,7 @@ impl<K: Key, V: Value> Server<K, V> {
         if *id == self.me {
             return Some(self.me_idx);
         }
-        self.links
-            .iter()
-            .find(|(_, l)| l.id == *id)
-            .map(|(k, _)| *k)
+        self.peers.key_of(id)
     }
 
     /// Applies one write by `writer`. Returns whether it may have changed something that
@@ -222,7 +214,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 Inserted::Other(OpKind::DeleteObject(objs)) => {
                     for (k, v) in objs {
                         lasting |= self.shared.store.remove_object(&k, &v);
-                        if !self.members.is_empty() {
+                        if self.peers.has_members() {
                             self.note_object_delete(k, ts, writer, &v);
                         }
                     }
@@ -232,7 +224,7 @@ impl<K: Key, V: Value> Server<K, V> {
             return lasting;
         }
         // A cluster-owned table keeps them alone too: a later join ships them.
-        let keep_tombstones = !self.members.is_empty() || cluster;
+        let keep_tombstones = self.peers.has_members() || cluster;
         match kind {
             // One batch for the whole op (the store applies small ones record by record).
             Inserted::Records(recs) => {
@@ -334,7 +326,7 @@ impl<K: Key, V: Value> Server<K, V> {
                             }
                         }
                     }
-                    if !self.members.is_empty() {
+                    if self.peers.has_members() {
                         self.note_object_delete(k, ts, writer, &v);
                     }
                 }
@@ -364,12 +356,9 @@ impl<K: Key, V: Value> Server<K, V> {
                 continue;
             }
             let mark = rules::refusal_mark(&k, ts, self.owners.get(writer));
-            match self.links.get_mut(&owner) {
-                Some(l) => l.refusals = l.refusals.wrapping_add(mark),
-                None => {
-                    self.epoch ^= mark;
-                    after_departure = true;
-                }
+            if !self.peers.add_refusal(owner, mark) {
+                self.epoch ^= mark;
+                after_departure = true;
             }
         }
         if after_departure {

@@ -61,9 +61,9 @@ impl<K: Key, V: Value> Server<K, V> {
     /// The table's leader as this node sees it: the largest identity among this node and its
     /// members.
     fn leader(&self) -> OwnerIdx {
-        self.members
-            .iter()
-            .filter_map(|k| self.links.get(k).map(|l| (&l.id, *k)))
+        self.peers
+            .member_links()
+            .map(|(k, l)| (l.id(), k))
             .chain(std::iter::once((&self.me, self.me_idx)))
             .max_by(|a, b| a.0.cmp(b.0))
             .map_or(self.me_idx, |(_, k)| k)
@@ -232,10 +232,10 @@ impl<K: Key, V: Value> Server<K, V> {
         retry: bool,
     ) {
         let Some((id, gen)) = self
-            .links
-            .get(&from)
-            .filter(|_| self.members.contains(&from))
-            .map(|l| (l.id.clone(), l.gen))
+            .peers
+            .get(from)
+            .filter(|_| self.peers.is_member(from))
+            .map(|l| (l.id().clone(), l.gen()))
         else {
             // Not a member: it will retry once joined.
             self.send_to(
@@ -296,7 +296,7 @@ impl<K: Key, V: Value> Server<K, V> {
         outcome: ClaimOutcome<V>,
     ) {
         self.claims.serving = self.claims.serving.saturating_sub(1);
-        if self.is_current(peer, gen) {
+        if self.peers.is_current(peer, gen) {
             self.send_to(peer, &PeerMsg::InsertNewReply { req, outcome });
         }
     }

@@ -34,7 +34,7 @@ impl<K: Key, V: Value> Server<K, V> {
     /// a cluster-owned table a writer name.
     pub(super) fn join_owner_ok(&self, id: &NodeId) -> bool {
         *id == self.me
-            || self.links.values().any(|l| l.id == *id)
+            || self.peers.key_of(id).is_some()
             || (self.cluster_owned() && ownership::is_writer_id(id))
     }
 

@@ -18,7 +18,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 let Some(key) = self
                     .owners
                     .lookup(&to)
-                    .filter(|k| self.links.get(k).is_some_and(Link::ready))
+                    .filter(|k| self.peers.get(*k).is_some_and(Link::ready))
                 else {
                     return false; // dropping `replies` tells the coordinator the node is unreachable
                 };
@@ -35,7 +35,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 let Some(peer) = self
                     .owners
                     .lookup(&id)
-                    .filter(|k| self.links.get(k).is_some_and(|l| l.id == id))
+                    .filter(|k| self.peers.id_of(*k) == Some(&id))
                 else {
                     return false;
                 };
@@ -66,16 +66,16 @@ impl<K: Key, V: Value> Server<K, V> {
     /// Starts a join with `key` if it is due: both sides run the table, it is not a member, and
     /// this node has the smaller name (so two nodes never both coordinate the same pair).
     pub(super) fn maybe_join(&mut self, key: OwnerIdx) {
-        let Some(link) = self.links.get(&key) else {
+        let Some(link) = self.peers.get(key) else {
             return;
         };
-        if !link.ready() || self.members.contains(&key) || self.me.name >= link.id.name {
+        if !link.ready() || self.peers.is_member(key) || self.me.name >= link.id().name {
             return;
         }
         if !self.joins.start(key) {
             return;
         }
-        let peer = link.id.clone();
+        let peer = link.id().clone();
         let done_with = peer.clone();
         let control = self.control_tx.clone();
         let ctx = JoinCtx {
@@ -96,10 +96,10 @@ impl<K: Key, V: Value> Server<K, V> {
             cluster: self.cluster_owned(),
             moved: Arc::default(),
             streams: self
-                .links
-                .values()
-                .filter(|l| l.ready())
-                .filter_map(|l| Some((l.id.clone(), l.out.clone()?)))
+                .peers
+                .links()
+                .filter(|(_, l)| l.ready())
+                .filter_map(|(_, l)| Some((l.id().clone(), l.out()?.clone())))
                 .collect(),
         };
         let control = self.control_tx.clone();

@@ -18,21 +18,16 @@ impl<K: Key, V: Value> Server<K, V> {
         let mut dropped = false;
         let mut failures = Vec::new();
         for p in expired {
-            let missing: Vec<OwnerIdx> = p
-                .waiting
-                .iter()
-                .copied()
-                .filter(|k| self.links.get(k).is_some_and(|l| l.acked < p.seq))
-                .collect();
+            let missing = self.peers.behind(&p.waiting, p.seq);
             let names: Vec<String> = missing
                 .iter()
-                .filter_map(|k| self.links.get(k))
-                .map(|l| l.id.name.clone())
+                .filter_map(|&k| self.peers.id_of(k))
+                .map(|id| id.name.clone())
                 .collect();
             for k in missing {
-                if self.members.remove(&k) {
-                    if let Some(l) = self.links.get(&k) {
-                        tracing::warn!(peer = %l.id, timeout = ?self.opts.ack_timeout, "member acknowledged nothing in time; dropped until the next join");
+                if self.peers.drop_member(k) {
+                    if let Some(id) = self.peers.id_of(k) {
+                        tracing::warn!(peer = %id, timeout = ?self.opts.ack_timeout, "member acknowledged nothing in time; dropped until the next join");
                     }
                     dropped = true;
                 }
@@ -85,16 +80,13 @@ impl<K: Key, V: Value> Server<K, V> {
                 view: self.view(),
             };
             if let Ok(f) = frame::encode(&msg) {
-                for l in self.links.values().filter(|l| l.ready()) {
-                    l.queue(f.clone());
-                }
+                self.peers.queue_to_ready(&f);
             }
             self.check_views(now);
         }
         self.reopen_streams();
         self.ae_tick(now);
-        let keys: Vec<OwnerIdx> = self.links.keys().copied().collect();
-        for k in keys {
+        for k in self.peers.keys() {
             self.maybe_join(k);
         }
     }
@@ -151,30 +143,8 @@ impl<K: Key, V: Value> Server<K, V> {
         if self.pause.is_paused() {
             return;
         }
-        let mut split = Vec::new();
         let view = self.view();
-        for k in &self.members {
-            let Some(l) = self.links.get_mut(k) else {
-                continue;
-            };
-            match l.view {
-                Some(v) if v != view => {
-                    let since = *l.disagree_since.get_or_insert(now);
-                    if now.duration_since(since) > VIEW_GRACE {
-                        split.push(*k);
-                    }
-                }
-                _ => l.disagree_since = None,
-            }
-        }
-        for k in split {
-            if let Some(l) = self.links.get_mut(&k) {
-                tracing::warn!(peer = %l.id, "member lists disagree (half-finished join); leaving it to a new join");
-                l.disagree_since = None;
-                l.view = None;
-            }
-            self.members.remove(&k);
-        }
+        self.peers.split_disagreeing(view, now, VIEW_GRACE);
         self.publish_members();
         self.complete_pending();
     }
@@ -199,35 +169,34 @@ impl<K: Key, V: Value> Server<K, V> {
 
     pub(super) fn status(&self) -> TableStatus {
         let view = self.view();
-        let name_of = |k: &OwnerIdx| self.links.get(k).map(|l| l.id.name.clone());
+        let name_of = |k: OwnerIdx| self.peers.id_of(k).map(|id| id.name.clone());
         let mut not_joined: Vec<String> = self
-            .links
-            .iter()
-            .filter(|(k, l)| !self.members.contains(k) && !l.lacks_table && l.refused.is_none())
-            .map(|(_, l)| l.id.name.clone())
+            .peers
+            .links()
+            .filter(|(k, l)| !self.peers.is_member(*k) && !l.lacks_table() && l.refused().is_none())
+            .map(|(_, l)| l.id().name.clone())
             .collect();
         not_joined.sort();
         let mut without_table: Vec<String> = self
-            .links
-            .values()
-            .filter(|l| l.lacks_table)
-            .map(|l| l.id.name.clone())
+            .peers
+            .links()
+            .filter(|(_, l)| l.lacks_table())
+            .map(|(_, l)| l.id().name.clone())
             .collect();
         without_table.sort();
-        let mut joining: Vec<String> = self.joins.running().filter_map(|k| name_of(&k)).collect();
+        let mut joining: Vec<String> = self.joins.running().filter_map(name_of).collect();
         joining.sort();
         let mut refused: Vec<(String, String)> = self
-            .links
-            .values()
-            .filter_map(|l| l.refused.as_ref().map(|r| (l.id.name.clone(), r.clone())))
+            .peers
+            .links()
+            .filter_map(|(_, l)| l.refused().map(|r| (l.id().name.clone(), r.to_string())))
             .collect();
         refused.sort();
         let mut disagreeing: Vec<String> = self
-            .members
-            .iter()
-            .filter_map(|k| self.links.get(k))
-            .filter(|l| l.view.is_some_and(|v| v != view))
-            .map(|l| l.id.name.clone())
+            .peers
+            .member_links()
+            .filter(|(_, l)| l.view().is_some_and(|v| v != view))
+            .map(|(_, l)| l.id().name.clone())
             .collect();
         disagreeing.sort();
         TableStatus {

@@ -13,50 +13,15 @@ impl<K: Key, V: Value> Server<K, V> {
             return None;
         }
         let key = self.owners.intern(&pc.id);
-        if let Some(link) = self.links.get(&key) {
-            if link.conn.stable_id() == pc.conn.stable_id() {
-                return Some(key);
-            }
+        if self.peers.has_conn(key, &pc.conn) {
+            return Some(key);
         }
         // A previous incarnation (or connection) of the same node is gone.
-        let stale: Vec<NodeId> = self
-            .links
-            .values()
-            .filter(|l| l.id.name == pc.id.name)
-            .map(|l| l.id.clone())
-            .collect();
-        for id in stale {
+        for id in self.peers.named(&pc.id.name) {
             self.peer_down(&id);
         }
-        let gen = self.next_link;
-        self.next_link += 1;
         let metrics = self.metrics.peer(&pc.id.name);
-        self.links.insert(
-            key,
-            Link {
-                gen,
-                id: pc.id,
-                conn: pc.conn,
-                out: None,
-                bulk: None,
-                writer: 0,
-                writer_after_inbound: false,
-                inbound: false,
-                lacks_table: false,
-                refused: None,
-                acked: 0,
-                watermark: 0,
-                view: None,
-                disagree_since: None,
-                member_until_closed: false,
-                lasting: 0,
-                refusals: 0,
-                metrics,
-                // A new link is no member: nothing says which of its writes reached this
-                // node (or ours it) before, so a join checks its copies (section 16).
-                missed: true,
-            },
-        );
+        self.peers.add(key, pc.id, pc.conn, metrics);
         self.open_writer(key);
         Some(key)
     }
@@ -65,35 +30,33 @@ impl<K: Key, V: Value> Server<K, V> {
     /// old one, if any. Every stream a writer opens gets its own id, so that the close of a
     /// replaced one, handled late, is not taken for the new one's.
     pub(super) fn open_writer(&mut self, key: OwnerIdx) {
-        let writer = self.next_link;
-        self.next_link += 1;
+        let writer = self.peers.next_id();
         let (header, inputs, limit) = (
             self.header.clone(),
             self.inputs_tx.clone(),
             self.config.max_link_queue_bytes,
         );
-        let Some(link) = self.links.get_mut(&key) else {
+        let Some(link) = self.peers.get(key) else {
             return;
         };
         let pc = PeerConn {
-            id: link.id.clone(),
-            conn: link.conn.clone(),
+            id: link.id().clone(),
+            conn: link.conn().clone(),
         };
-        link.writer = writer;
-        link.writer_after_inbound = link.inbound;
+        let gen = link.gen();
         // The writer task runs in the link's span (`spawn_writer` spawns it in the current one).
-        let span = link_span(&self.me, &self.shared.name, &link.id, "out");
+        let span = link_span(&self.me, &self.shared.name, &pc.id, "out");
         let _in_span = span.enter();
         let conn = pc.conn.clone();
-        let out = spawn_writer(pc, header, key, link.gen, writer, inputs, limit);
-        link.bulk = Some(BulkLane::spawn(out.clone(), conn));
-        link.out = Some(out);
+        let out = spawn_writer(pc, header, key, gen, writer, inputs, limit);
+        let bulk = BulkLane::spawn(out.clone(), conn);
+        self.peers.set_writer(key, writer, out, Some(bulk));
     }
 
     /// Queues `msg` on the link's bulk lane: encoded by the lane's task (not this table
     /// server) and queued behind the lane's earlier messages once the link's queue has room.
     pub(super) fn send_bulk(&self, key: OwnerIdx, msg: PeerMsg<K, V>) {
-        let Some(lane) = self.links.get(&key).and_then(|l| l.bulk.as_ref()) else {
+        let Some(lane) = self.peers.get(key).and_then(Link::bulk) else {
             return;
         };
         let job: BulkJob = Box::new(move || match frame::encode(&msg) {
@@ -110,21 +73,9 @@ impl<K: Key, V: Value> Server<K, V> {
     /// to which we have none, whatever closed the last one: the link is otherwise useless until
     /// the connection ends, and nothing else would repair it.
     pub(super) fn reopen_streams(&mut self) {
-        let keys: Vec<OwnerIdx> = self
-            .links
-            .iter()
-            .filter(|(_, l)| {
-                l.out.is_none()
-                    && l.inbound
-                    && !l.lacks_table
-                    && l.refused.is_none()
-                    && l.conn.close_reason().is_none()
-            })
-            .map(|(k, _)| *k)
-            .collect();
-        for key in keys {
-            if let Some(l) = self.links.get(&key) {
-                tracing::info!(peer = %l.id, "reopening the table stream to a peer that runs the table");
+        for key in self.peers.without_stream() {
+            if let Some(id) = self.peers.id_of(key) {
+                tracing::info!(peer = %id, "reopening the table stream to a peer that runs the table");
             }
             self.open_writer(key);
         }
@@ -193,12 +144,7 @@ impl<K: Key, V: Value> Server<K, V> {
     }
 
     pub(super) fn publish_members(&self) {
-        let mut ids: Vec<NodeId> = self
-            .members
-            .iter()
-            .filter_map(|k| self.links.get(k).map(|l| l.id.clone()))
-            .collect();
-        ids.sort();
+        let ids = self.peers.member_ids();
         *self
             .shared
             .members
@@ -207,7 +153,7 @@ impl<K: Key, V: Value> Server<K, V> {
     }
 
     pub(super) fn send_to(&self, key: OwnerIdx, msg: &PeerMsg<K, V>) {
-        let Some(link) = self.links.get(&key) else {
+        let Some(link) = self.peers.get(key) else {
             return;
         };
         match frame::encode(msg) {
@@ -241,8 +187,8 @@ impl<K: Key, V: Value> Server<K, V> {
             view: self.view(),
         };
         if let Ok(f) = frame::encode(&msg) {
-            for (key, l) in &self.links {
-                if l.ready() && !acked.contains_key(key) && self.members.contains(key) {
+            for (key, l) in self.peers.member_links() {
+                if l.ready() && !acked.contains_key(&key) {
                     l.queue(f.clone());
                 }
             }

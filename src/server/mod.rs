@@ -19,12 +19,14 @@
 //! own their invariants, each a struct with its own methods and unit tests):
 //! - this file: the state, the select loop (`run`) and the dispatch of node events and peer
 //!   messages;
-//! - sub-states: `commit` (group commit: batch numbers, batches awaiting acks, completed in
-//!   order), `pause` (the participant's pause for a join: one join at a time, ended joins never
+//! - sub-states: `peers` (the links to connected peers and the members among them: every
+//!   member has a link with an outbound stream, old links' reports are told apart),
+//!   `commit` (group commit: batch numbers, batches awaiting acks, completed in order), `pause` (the participant's pause for a join: one join at a time, ended joins never
 //!   pause again), `joins` (the coordinator's requests awaiting replies, the back-off per peer),
 //!   `anti_entropy::AntiEntropy`, `claims::Claims`, `persist::PersistState`;
 //! - `writes`: client writes, group commit and the `Ops` frame (where an insert is replicated);
-//! - `links`: the table streams to and from each peer, their reader and writer tasks;
+//! - `links`: the table streams to and from each peer, their reader and writer tasks (the
+//!   links themselves are `peers`);
 //! - `apply`: applying a write, local or replicated (newer wins, tombstones, owners);
 //! - `node_down`: dropping a departed member's records and releasing what named it;
 //! - `participant` (one file per join request) and `coordinator`: the two sides of a join
@@ -48,12 +50,12 @@ use crate::config::{deadline_after, NodeConfig};
 use crate::hlc::HybridClock;
 use crate::join::{self, JoinCtx};
 use crate::membership::{NodeId, OwnerIdx, Owners};
-use crate::metrics::{PeerMetrics, TableMetrics};
+use crate::metrics::TableMetrics;
 use crate::object_deletes::ObjectDeletes;
 use crate::options::TableOptions;
 use crate::outbox::{outbox, Outbox, Refused};
 use crate::proto::{
-    close, stop, Chunker, JoinRep, JoinReq, Op, OpKind, PeerMsg, StreamHeader, WireRecord,
+    close, Chunker, JoinRep, JoinReq, Op, OpKind, PeerMsg, StreamHeader, WireRecord,
 };
 use crate::registry::{PeerConn, TableEvent};
 use crate::repeats::Repeats;
@@ -69,6 +71,7 @@ use crate::{Error, Result};
 use commit::{GroupCommit, Pending};
 use joins::Joins;
 use pause::PauseState;
+use peers::{Conn, Link, Peers};
 
 /// How often the server checks leases, ack timeouts, tombstones and due joins.
 const TICK: Duration = Duration::from_millis(100);
@@ -161,86 +164,6 @@ enum Origin<K, V> {
     Peer(OwnerIdx, u64),
 }
 
-/// One peer node that is connected (and may run this table).
-struct Link {
-    /// Unique among this table server's links, ever: tags what the link's tasks report.
-    gen: u64,
-    id: NodeId,
-    conn: quinn::Connection,
-    out: Option<Outbox>,
-    /// The bulk lane of `out` (`links::spawn_bulk`): join requests and dump chunks, encoded
-    /// and queued by a task of their own as the queue drains.
-    bulk: Option<links::BulkLane>,
-    /// The id of the writer task behind `out` (from the same counter as `gen`).
-    writer: u64,
-    /// Whether the peer's stream had arrived when that writer opened our stream: if not, a
-    /// stop of it ("no such table") may predate the peer's table and says nothing about now.
-    writer_after_inbound: bool,
-    /// The peer opened its stream of this table to us (so it runs a compatible table).
-    inbound: bool,
-    /// The peer told us it runs no table of this name.
-    lacks_table: bool,
-    refused: Option<String>,
-    acked: u64,
-    watermark: u64,
-    /// The peer's last announced view (hash of its epoch and member list).
-    view: Option<u64>,
-    disagree_since: Option<Instant>,
-    /// The member was removed because this link's table stream closed: its node still counts
-    /// as a member for `on_node_down` when the `PeerDown` that follows arrives.
-    member_until_closed: bool,
-    /// The `seq` of the last batch from this member whose writes may outlive it
-    /// (`Server::apply`). When it goes down, members that applied different batches of it
-    /// differ in more than its records: each mixes this into its epoch (`peer_down`), so those
-    /// differ in view too, and the view check has them merge again (ALGORITHM.md, section 8).
-    lasting: u64,
-    /// The sum of the marks of the writes of other nodes that a record or tombstone of this
-    /// member refused here (`Server::note_refusals`); mixed into the epoch with `lasting`.
-    refusals: u64,
-    /// The link's metric handles (queue bytes, replication lag).
-    metrics: PeerMetrics,
-    /// Writes of one of us did not reach the other since the last join that made us members:
-    /// ours went out while it was no member (or its queue refused them), or its came while it
-    /// was none here (acknowledged, not applied). Its copies of our records, or ours of its,
-    /// may miss a delete or an overwrite, and the next join checks them against the owner's
-    /// side (`crate::authority`; reported in `JoinRep::Paused`).
-    missed: bool,
-}
-
-impl Link {
-    fn ready(&self) -> bool {
-        self.out.is_some() && self.inbound && self.refused.is_none()
-    }
-
-    /// Whether frames queued now can still reach the peer.
-    fn open(&self) -> bool {
-        self.out.as_ref().is_some_and(|o| !o.is_closed())
-    }
-
-    /// Queues a frame on the link's table stream; false if it was not queued. The first frame
-    /// that would overflow the queue closes the connection to the peer: it has not read its
-    /// stream for too long, and the node-down that follows is how the table forgets it.
-    fn queue(&self, frame: Bytes) -> bool {
-        let Some(out) = &self.out else {
-            return false;
-        };
-        match out.send(frame) {
-            Ok(()) => true,
-            Err(Refused::Overflow { queued }) => {
-                tracing::warn!(
-                    peer = %self.id,
-                    queued,
-                    "outbound queue full (NodeConfig::max_link_queue_bytes): the peer does not read its table stream; closing the connection"
-                );
-                self.conn
-                    .close(VarInt::from_u32(close::OVERLOAD), b"outbound queue full");
-                false
-            }
-            Err(Refused::Closed) => false,
-        }
-    }
-}
-
 /// A write being applied: an insert's records with their owners, or another write.
 enum Inserted<K, V> {
     /// The records of an insert, each with its owner.
@@ -256,8 +179,8 @@ pub(crate) struct Server<K, V> {
     me: NodeId,
     me_idx: OwnerIdx,
     owners: Owners,
-    links: HashMap<OwnerIdx, Link>,
-    members: BTreeSet<OwnerIdx>,
+    /// The links to connected peers and the members among them (`peers.rs`).
+    peers: Peers,
     epoch: u64,
     /// Group commit: the batches' sequence and those awaiting acks (`commit.rs`).
     commit: GroupCommit,
@@ -279,8 +202,6 @@ pub(crate) struct Server<K, V> {
     inputs: mpsc::Receiver<Input<K, V>>,
     inputs_tx: mpsc::Sender<Input<K, V>>,
     to_ack: HashMap<OwnerIdx, u64>,
-    /// Generation of the next link (`Link::gen`).
-    next_link: u64,
     /// Owner indexes of nodes that went down, released once nothing refers to them.
     gone: HashSet<OwnerIdx>,
     /// Finds keys named twice in one insert (`with_owners`).
@@ -343,6 +264,7 @@ mod notify;
 mod observe;
 mod participant;
 mod pause;
+mod peers;
 mod persist;
 mod rules;
 mod wal;
@@ -375,8 +297,7 @@ impl<K: Key, V: Value> Server<K, V> {
             me: parts.me,
             me_idx,
             owners,
-            links: HashMap::new(),
-            members: BTreeSet::new(),
+            peers: Peers::new(),
             epoch: 0,
             commit: GroupCommit::new(),
             tombstones: Tombstones::new(),
@@ -393,7 +314,6 @@ impl<K: Key, V: Value> Server<K, V> {
             inputs,
             inputs_tx,
             to_ack: HashMap::new(),
-            next_link: 0,
             gone: HashSet::new(),
             repeats: Repeats::new(),
             next_sweep: Instant::now(),
@@ -493,34 +413,24 @@ impl<K: Key, V: Value> Server<K, V> {
                 let Some(key) = self.ensure_link(pc.clone()) else {
                     return;
                 };
-                let Some(gen) = self.links.get(&key).map(|l| l.gen) else {
+                let Some(gen) = self.peers.get(key).map(Link::gen) else {
                     return;
                 };
                 self.spawn_reader(pc, key, gen, reader);
-                if let Some(link) = self.links.get_mut(&key) {
-                    link.inbound = true;
-                    link.lacks_table = false;
-                }
+                self.peers.inbound(key);
                 // The peer runs the table: if our stream to it is gone (or its writer ended and
                 // its close is still queued), open another one now.
-                if !self.links.get(&key).is_some_and(Link::open) {
+                if !self.peers.get(key).is_some_and(Link::open) {
                     self.open_writer(key);
                 }
                 self.maybe_join(key);
             }
             TableEvent::Refused { peer, reason } => {
                 if let Some(key) = self.owners.lookup(&peer) {
-                    if let Some(link) = self.links.get_mut(&key) {
-                        link.refused = Some(reason);
-                    }
+                    self.peers.refuse(key, reason);
                 }
             }
         }
-    }
-
-    /// Whether `gen` is the peer's current link.
-    fn is_current(&self, key: OwnerIdx, gen: u64) -> bool {
-        self.links.get(&key).is_some_and(|l| l.gen == gen)
     }
 
     fn on_input(&mut self, input: Input<K, V>) {
@@ -532,7 +442,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 size,
                 _room,
             } => {
-                if self.is_current(key, gen) {
+                if self.peers.is_current(key, gen) {
                     self.on_peer_msg(key, msg, size);
                 }
             }
@@ -542,90 +452,47 @@ impl<K: Key, V: Value> Server<K, V> {
                 writer,
                 reason,
                 stop_code,
-            } => {
-                if !self.is_current(key, gen) {
-                    return;
-                }
-                let Some(link) = self.links.get_mut(&key) else {
-                    return;
-                };
-                if link.writer != writer {
-                    // An older stream of this link, already replaced.
-                    return;
-                }
-                link.out = None;
-                link.bulk = None;
-                if stop_code == Some(stop::UNKNOWN_TABLE)
-                    && link.inbound
-                    && !link.writer_after_inbound
-                {
-                    // The peer stopped a stream we opened before its own arrived, so before it
-                    // ran the table; it runs it now. Handled late, behind the peer's new
-                    // stream, this stop would otherwise leave the link without an outbound
-                    // stream for good, so a new one is opened here.
-                    tracing::debug!(peer = %link.id, "stream stopped before the peer ran the table; opening another");
-                    self.open_writer(key);
-                    return;
-                }
-                match stop_code {
-                    Some(stop::UNKNOWN_TABLE) => {
-                        tracing::debug!(peer = %link.id, "peer runs no such table");
-                        link.lacks_table = true;
+            } => match self
+                .peers
+                .stream_closed(key, gen, writer, stop_code, &reason)
+            {
+                peers::StreamClosed::Stale => {}
+                peers::StreamClosed::Reopen => self.open_writer(key),
+                peers::StreamClosed::Closed { dropped } => {
+                    if dropped {
+                        self.publish_members();
                     }
-                    Some(stop::INCOMPATIBLE) => {
-                        tracing::error!(peer = %link.id, "peer refused our table as incompatible");
-                        link.refused =
-                            Some("refused by the peer: kind, types or expire_after differ".into());
-                    }
-                    _ => {
-                        if link.conn.close_reason().is_none() {
-                            tracing::warn!(peer = %link.id, %reason, "table stream failed");
-                        }
-                    }
+                    self.complete_pending();
                 }
-                if self.members.remove(&key) {
-                    tracing::debug!(peer = %link.id, "member removed: its table stream closed");
-                    link.member_until_closed = true;
-                    self.publish_members();
-                }
-                self.complete_pending();
-            }
+            },
         }
     }
 
     fn on_peer_msg(&mut self, key: OwnerIdx, msg: PeerMsg<K, V>, size: usize) {
         match msg {
             PeerMsg::Ops { seq, ops } => {
-                let member = self.members.contains(&key);
+                let member = self.peers.is_member(key);
                 if !member && !ops.is_empty() {
                     // The link can be gone already: frames read before the node went down may
                     // still be queued after the node-down event was handled.
-                    match self.links.get(&key) {
-                        Some(l) => {
-                            tracing::debug!(peer = %l.id, "writes from a non-member acknowledged, not applied")
+                    match self.peers.id_of(key) {
+                        Some(id) => {
+                            tracing::debug!(peer = %id, "writes from a non-member acknowledged, not applied")
                         }
                         None => tracing::debug!("writes from a node that is down dropped"),
                     }
-                }
-                if !member && !ops.is_empty() {
-                    if let Some(l) = self.links.get_mut(&key) {
-                        l.missed = true;
-                    }
+                    self.peers.heard_from_outsider(key);
                 }
                 let mut lasting = false;
                 for op in ops {
                     self.observe(key, op.ts);
-                    if let Some(l) = self.links.get_mut(&key) {
-                        l.watermark = l.watermark.max(op.ts);
-                    }
+                    self.peers.heard_clock(key, op.ts);
                     if member {
                         lasting |= self.apply(op, key);
                     }
                 }
                 if lasting {
-                    if let Some(l) = self.links.get_mut(&key) {
-                        l.lasting = seq;
-                    }
+                    self.peers.lasting(key, seq);
                 }
                 if member {
                     self.ae_heard(key, seq);
@@ -634,26 +501,20 @@ impl<K: Key, V: Value> Server<K, V> {
             }
             PeerMsg::Ack { seq, clock } => {
                 self.observe(key, clock);
-                if let Some(l) = self.links.get_mut(&key) {
-                    l.acked = l.acked.max(seq);
-                    l.watermark = l.watermark.max(clock);
-                }
+                self.peers.acked(key, seq, clock);
                 self.complete_pending();
                 self.forget_tombstones();
             }
             PeerMsg::Tick { clock, view } => {
                 self.observe(key, clock);
-                if let Some(l) = self.links.get_mut(&key) {
-                    l.watermark = l.watermark.max(clock);
-                    l.view = Some(view);
-                }
+                self.peers.ticked(key, clock, view);
             }
             PeerMsg::Join { req, body } => self.on_join_req(Origin::Peer(key, req), body),
             PeerMsg::JoinReply { req, body } => {
                 let max = self.config.max_link_queue_bytes;
                 if let joins::Reply::Overflow(bytes) = self.joins.reply(key, req, body, size, max) {
                     tracing::warn!(
-                        peer = %self.links.get(&key).map_or_else(String::new, |l| l.id.to_string()),
+                        peer = %self.peers.id_of(key).map_or_else(String::new, ToString::to_string),
                         bytes,
                         "replies to one join request passed max_link_queue_bytes; dropping the request"
                     );

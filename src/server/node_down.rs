@@ -8,15 +8,12 @@ impl<K: Key, V: Value> Server<K, V> {
         let Some(key) = self.owners.lookup(id) else {
             return;
         };
-        let link = self.links.remove(&key);
-        let was_link = link.is_some();
-        if let Some(l) = &link {
-            l.metrics.clear();
-        }
-        let (lasting, refusals) = link.as_ref().map_or((0, 0), |l| (l.lasting, l.refusals));
-        // A member whose table stream closed just before (the writer task reported the lost
-        // connection before the node's `PeerDown` got here) was a member all the same.
-        let was_member = self.members.remove(&key) | link.is_some_and(|l| l.member_until_closed);
+        let peers::Departure {
+            was_link,
+            was_member,
+            lasting,
+            refusals,
+        } = self.peers.remove(key);
         self.joins.forget(key);
         self.pause.forget_waiters_of(key);
         if self.pause.coordinated_by(id) {
@@ -28,7 +25,7 @@ impl<K: Key, V: Value> Server<K, V> {
         // replaced it, and it must not come back here only (the same holds for `drop_orphans`).
         // A cluster-owned table keeps them all: none is stored under an incarnation.
         let since = self.min_watermark();
-        let keep_tombstones = !self.members.is_empty();
+        let keep_tombstones = self.peers.has_members();
         let mut recent = Vec::new();
         let removed = if self.cluster_owned() {
             Vec::new()
@@ -83,8 +80,8 @@ impl<K: Key, V: Value> Server<K, V> {
     pub(super) fn release_gone_owners(&mut self) {
         // A node that reconnected under the same incarnation is not gone; if it goes down
         // again, `peer_down` lists it again.
-        let links = &self.links;
-        self.gone.retain(|k| !links.contains_key(k));
+        let peers = &self.peers;
+        self.gone.retain(|&k| !peers.is_linked(k));
         if self.gone.is_empty() {
             return;
         }

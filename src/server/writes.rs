@@ -8,7 +8,7 @@ impl<K: Key, V: Value> Server<K, V> {
     /// Group commit: takes `first` and whatever else is queued, applies it, and sends it to
     /// every member as one frame.
     pub(super) fn on_writes(&mut self, first: Write<K, V>) {
-        let replicate = !self.members.is_empty();
+        let replicate = self.peers.has_members();
         let mut body = Vec::new();
         let mut count = 0usize;
         let mut replies = Vec::new();
@@ -105,7 +105,7 @@ impl<K: Key, V: Value> Server<K, V> {
             self.apply_local(accepted_ops);
             self.release_log();
             if wrote {
-                self.note_missed(&[]);
+                self.peers.note_missed(&[]);
             }
             for r in replies {
                 let _ = r.send(Ok(()));
@@ -129,18 +129,13 @@ impl<K: Key, V: Value> Server<K, V> {
         };
         self.metrics.batch_writes.record(count as f64);
         self.metrics.batch_bytes.record(frame.len() as f64);
-        let mut waiting = Vec::with_capacity(self.members.len());
-        for key in &self.members {
-            if self.links.get(key).is_some_and(|l| l.queue(frame.clone())) {
-                waiting.push(*key);
-            }
-        }
+        let waiting = self.peers.queue_to_members(&frame);
         // Sent first, applied here second: the local apply overlaps the round trip and the
         // peers' own apply. Replies wait for the acks, which this task handles after the
         // apply, so a caller still finds its write on every node when its call returns.
         self.apply_local(accepted_ops);
         if wrote {
-            self.note_missed(&waiting);
+            self.peers.note_missed(&waiting);
         }
         self.commit.push(Pending {
             seq,
@@ -161,13 +156,8 @@ impl<K: Key, V: Value> Server<K, V> {
     /// Completes, in order, every batch acknowledged by all its members (or whose missing
     /// members are gone).
     pub(super) fn complete_pending(&mut self) {
-        let (links, members) = (&self.links, &self.members);
-        let done = |p: &Pending| {
-            p.waiting.iter().all(|k| match links.get(k) {
-                Some(l) => l.acked >= p.seq || !members.contains(k),
-                None => true,
-            })
-        };
+        let peers = &self.peers;
+        let done = |p: &Pending| p.waiting.iter().all(|&k| peers.acked_or_gone(k, p.seq));
         while let Some(p) = self.commit.pop_done(done) {
             if !p.waiting.is_empty() {
                 self.metrics.ack_latency.record(p.sent.elapsed());
@@ -210,11 +200,11 @@ impl<K: Key, V: Value> Server<K, V> {
             let name =
                 crate::callbacks::guarded(&self.shared.name, "owner function", &k, || f(&k, &v))?;
             let owner = self
-                .members
-                .iter()
-                .filter_map(|m| self.links.get(m))
-                .find(|l| l.id.name == name)
-                .map_or(&self.me, |l| &l.id);
+                .peers
+                .member_links()
+                .map(|(_, l)| l.id())
+                .find(|id| id.name == name)
+                .unwrap_or(&self.me);
             let i = match owners.iter().position(|o| o == owner) {
                 Some(i) => i,
                 None => {

@@ -78,10 +78,7 @@ impl<K: Key, V: Value> Server<K, V> {
 
     /// No write applied here is stamped above this.
     fn ae_seen(&self) -> u64 {
-        let members = self.members.iter().filter_map(|k| self.links.get(k));
-        members
-            .map(|l| l.watermark)
-            .fold(self.clock.now(), u64::max)
+        self.peers.max_member_watermark(self.clock.now())
     }
 
     /// Comparisons at a cut made with a member (status).

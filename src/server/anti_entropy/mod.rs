@@ -96,7 +96,7 @@ impl AntiEntropy {
 
 impl<K: Key, V: Value> Server<K, V> {
     fn ae_peer(&mut self, key: OwnerIdx) -> Option<&mut PeerAe> {
-        let id = &self.links.get(&key)?.id;
+        let id = self.peers.id_of(key)?;
         let fresh = || PeerAe {
             id: id.clone(),
             heard: 0,
@@ -128,16 +128,14 @@ impl<K: Key, V: Value> Server<K, V> {
     /// This server's frontier: its own last batch and the last batch of each member it applied.
     fn frontier(&self) -> Frontier {
         let mut f: Frontier = vec![(self.me.clone(), self.commit.seq())];
-        for k in &self.members {
-            if let Some(l) = self.links.get(k) {
-                let heard = self
-                    .ae
-                    .peers
-                    .get(k)
-                    .filter(|p| p.id == l.id)
-                    .map_or(0, |p| p.heard);
-                f.push((l.id.clone(), heard));
-            }
+        for (k, l) in self.peers.member_links() {
+            let heard = self
+                .ae
+                .peers
+                .get(&k)
+                .filter(|p| p.id == *l.id())
+                .map_or(0, |p| p.heard);
+            f.push((l.id().clone(), heard));
         }
         f.sort();
         f
@@ -170,12 +168,10 @@ impl<K: Key, V: Value> Server<K, V> {
             interval
         };
         self.ae.next_round = now + gap;
-        let links = &self.links;
-        self.ae
-            .peers
-            .retain(|k, p| links.get(k).is_some_and(|l| l.id == p.id));
-        self.ae.cuts.retain(|k, _| links.contains_key(k));
-        if self.members.is_empty() {
+        let links = &self.peers;
+        self.ae.peers.retain(|&k, p| links.id_of(k) == Some(&p.id));
+        self.ae.cuts.retain(|&k, _| links.is_linked(k));
+        if !self.peers.has_members() {
             return;
         }
         self.ae.rounds += 1;
@@ -187,11 +183,9 @@ impl<K: Key, V: Value> Server<K, V> {
             count,
         });
         if let Ok(f) = frame::encode(&msg) {
-            for k in &self.members {
-                if let Some(l) = self.links.get(k).filter(|l| l.ready()) {
-                    if l.queue(f.clone()) {
-                        self.ae.bytes += f.len() as u64;
-                    }
+            for (_, l) in self.peers.member_links().filter(|(_, l)| l.ready()) {
+                if l.queue(f.clone()) {
+                    self.ae.bytes += f.len() as u64;
                 }
             }
         }
@@ -199,7 +193,7 @@ impl<K: Key, V: Value> Server<K, V> {
 
     /// Queues an anti-entropy message to a member, and counts its bytes.
     pub(super) fn ae_send(&mut self, key: OwnerIdx, msg: AeMsg<K, V>) {
-        let Some(link) = self.links.get(&key) else {
+        let Some(link) = self.peers.get(key) else {
             return;
         };
         match frame::encode(&PeerMsg::AntiEntropy(msg)) {
@@ -222,10 +216,10 @@ impl<K: Key, V: Value> Server<K, V> {
     }
 
     pub(super) fn on_ae(&mut self, key: OwnerIdx, msg: AeMsg<K, V>) {
-        if self.ae.interval.is_none() || !self.members.contains(&key) {
+        if self.ae.interval.is_none() || !self.peers.is_member(key) {
             return;
         }
-        let Some(peer) = self.links.get(&key).map(|l| l.id.clone()) else {
+        let Some(peer) = self.peers.id_of(key).cloned() else {
             return;
         };
         // Its own last batch, as it announces it: everything before it was sent ahead.
@@ -294,20 +288,19 @@ impl<K: Key, V: Value> Server<K, V> {
         self.ae.interval?;
         let (root, records) = self.shared.store.digest.root();
         let mut peers: Vec<digest::PeerDigest> = self
-            .members
-            .iter()
-            .filter_map(|k| {
-                let l = self.links.get(k)?;
-                let p = self.ae.peers.get(k).filter(|p| p.id == l.id);
-                Some(digest::PeerDigest {
-                    node: l.id.name.clone(),
+            .peers
+            .member_links()
+            .map(|(k, l)| {
+                let p = self.ae.peers.get(&k).filter(|p| p.id == *l.id());
+                digest::PeerDigest {
+                    node: l.id().name.clone(),
                     rounds: p.map_or(0, |p| p.compared),
                     last_round: p.and_then(|p| p.last).map(|t| t.elapsed()),
                     matches: p.is_some_and(|p| p.matches),
                     differences: p.map_or(0, |p| p.differences),
                     repaired: p.map_or(0, |p| p.repaired),
-                    rounds_at_cut: self.ae_cut_rounds(*k, &l.id),
-                })
+                    rounds_at_cut: self.ae_cut_rounds(k, l.id()),
+                }
             })
             .collect();
         peers.sort_by(|a, b| a.node.cmp(&b.node));

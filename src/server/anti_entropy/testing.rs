@@ -29,10 +29,8 @@ impl<K: Key, V: Value> Server<K, V> {
                 let owner = match owner {
                     None => Some(self.me_idx),
                     Some(name) => self
-                        .links
-                        .iter()
-                        .find(|(_, l)| l.id.name == name)
-                        .map(|(k, _)| *k)
+                        .peers
+                        .key_named(&name)
                         .or((name == self.me.name).then_some(self.me_idx)),
                 };
                 if let Some(owner) = owner {

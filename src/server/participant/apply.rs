@@ -123,11 +123,7 @@ impl<K: Key, V: Value> Server<K, V> {
     pub(in crate::server) fn set_members(&mut self, members: &[NodeId], epoch: u64) {
         let mut set = BTreeSet::new();
         for id in members.iter().filter(|id| **id != self.me) {
-            match self
-                .owners
-                .lookup(id)
-                .filter(|k| self.links.get(k).is_some_and(|l| l.out.is_some()))
-            {
+            match self.owners.lookup(id).filter(|&k| self.peers.has_stream(k)) {
                 Some(k) => {
                     set.insert(k);
                 }
@@ -137,16 +133,8 @@ impl<K: Key, V: Value> Server<K, V> {
             }
         }
         // The join checked the copies of every pair that missed writes (`crate::authority`).
-        for k in &set {
-            if let Some(l) = self.links.get_mut(k) {
-                l.missed = false;
-            }
-        }
-        self.members = set;
+        self.peers.set_members(set);
         self.epoch = epoch;
-        for l in self.links.values_mut() {
-            l.disagree_since = None;
-        }
         self.publish_members();
         tracing::info!(members = ?self.shared.members.read().map(|m| m.iter().map(|n| n.name.clone()).collect::<Vec<_>>()).unwrap_or_default(), epoch, "joined");
         self.complete_pending();
@@ -168,8 +156,8 @@ impl<K: Key, V: Value> Server<K, V> {
             .iter()
             .filter_map(|id| self.owners.lookup(id))
             .collect();
-        let (me, members) = (self.me_idx, &self.members);
-        let outside = |o: OwnerIdx| o != me && !members.contains(&o) && !kept.contains(&o);
+        let (me, peers) = (self.me_idx, &self.peers);
+        let outside = |o: OwnerIdx| o != me && !peers.is_member(o) && !kept.contains(&o);
         // No owner known here is outside: no record is (a scan of a large table costs more
         // than the rest of the join's end).
         if !(0..self.owners.slots() as OwnerIdx).any(|o| self.owners.get(o).is_some() && outside(o))

@@ -36,7 +36,7 @@ impl<K: Key, V: Value> Server<K, V> {
 
     pub(in crate::server) fn send_dump(&self, origin: Origin<K, V>, alive: &[NodeId]) {
         if let Origin::Peer(key, _) = origin {
-            let Some(link) = self.links.get(&key).filter(|l| l.open()) else {
+            let Some(link) = self.peers.get(key).filter(|l| l.open()) else {
                 // Its queue overflowed (the connection is closing), or its stream is gone.
                 return;
             };
@@ -44,13 +44,12 @@ impl<K: Key, V: Value> Server<K, V> {
             // waiting for room means the peer does not read (a join asks each node once, and
             // the next join comes after this one ended): each would queue another copy of the
             // table.
-            if link.bulk.as_ref().is_some_and(links::BulkLane::busy) {
+            if link.bulk().is_some_and(links::BulkLane::busy) {
                 tracing::warn!(
-                    peer = %link.id,
+                    peer = %link.id(),
                     "a dump asked for while the last one still waits for the peer to read it; closing the connection"
                 );
-                link.conn
-                    .close(VarInt::from_u32(close::OVERLOAD), b"outbound queue full");
+                link.conn().close_overloaded();
                 return;
             }
         }

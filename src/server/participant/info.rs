@@ -14,11 +14,7 @@ impl<K: Key, V: Value> Server<K, V> {
     }
 
     pub(in crate::server) fn member_ids_with_me(&self) -> Vec<NodeId> {
-        let mut v: Vec<NodeId> = self
-            .members
-            .iter()
-            .filter_map(|k| self.links.get(k).map(|l| l.id.clone()))
-            .collect();
+        let mut v = self.peers.member_ids();
         v.push(self.me.clone());
         v.sort();
         v

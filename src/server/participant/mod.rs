@@ -57,19 +57,7 @@ impl<K: Key, V: Value> Server<K, V> {
     pub(super) fn origin_id(&self, origin: &Origin<K, V>) -> Option<NodeId> {
         match origin {
             Origin::Local(_) => Some(self.me.clone()),
-            Origin::Peer(k, _) => self.links.get(k).map(|l| l.id.clone()),
-        }
-    }
-}
-
-impl<K: Key, V: Value> Server<K, V> {
-    /// A batch of our writes went to the members in `sent` only: every other linked node that
-    /// runs the table missed it (`Link::missed`).
-    pub(super) fn note_missed(&mut self, sent: &[OwnerIdx]) {
-        for (k, l) in self.links.iter_mut() {
-            if !sent.contains(k) && !l.lacks_table && l.refused.is_none() {
-                l.missed = true;
-            }
+            Origin::Peer(k, _) => self.peers.id_of(*k).cloned(),
         }
     }
 }

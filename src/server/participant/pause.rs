@@ -36,17 +36,17 @@ impl<K: Key, V: Value> Server<K, V> {
             members: self.member_ids_with_me(),
             epoch: self.epoch,
             reachable: self
-                .links
-                .values()
-                .filter(|l| l.ready())
-                .map(|l| l.id.clone())
+                .peers
+                .links()
+                .filter(|(_, l)| l.ready())
+                .map(|(_, l)| l.id().clone())
                 .collect(),
             len: self.shared.store.len() as u64,
             missed: self
-                .links
-                .values()
-                .filter(|l| l.missed)
-                .map(|l| l.id.clone())
+                .peers
+                .links()
+                .filter(|(_, l)| l.missed())
+                .map(|(_, l)| l.id().clone())
                 .collect(),
         }
     }
