@@ -4,6 +4,13 @@
 use super::rules;
 use super::*;
 
+/// A write being applied: an insert's records with their owners, or another write.
+enum Inserted<K, V> {
+    /// The records of an insert, each with its owner.
+    Records(Vec<(K, Rec<V>)>),
+    Other(OpKind<K, V>),
+}
+
 impl<K: Key, V: Value> Server<K, V> {
     /// Whether a removal stamped `(ts, owner)` (a delete, a dropped orphan) beats what is
     /// stored for `k` (or its tombstone), in the join's last-writer-wins order: timestamp, then

@@ -1,66 +1,63 @@
-//! Control requests from the table's handles, and starting a join as its coordinator
-//! (ALGORITHM.md, section 9; the coordinator's steps are in `crate::join`).
+//! Joins, the coordinator's side in the table server: starting a join when one is due, and
+//! carrying the coordinator's requests and their replies (ALGORITHM.md, section 9; the
+//! coordinator's steps are in `crate::join`, its bookkeeping in `joins.rs`).
 
 use super::*;
 
 impl<K: Key, V: Value> Server<K, V> {
-    /// Serves one control request; returns true when the server must stop.
-    pub(super) fn on_control(&mut self, c: Control<K, V>) -> bool {
-        match c {
-            Control::Status(reply) => {
-                let _ = reply.send(self.status());
-            }
-            Control::JoinRequest(join::JoinRequest { to, body, replies }) => {
-                if to == self.me {
-                    self.on_join_req(Origin::Local(replies), body);
-                    return false;
-                }
-                let Some(key) = self
-                    .owners
-                    .lookup(&to)
-                    .filter(|k| self.peers.get(*k).is_some_and(Link::ready))
-                else {
-                    return false; // dropping `replies` tells the coordinator the node is unreachable
-                };
-                let dump = matches!(body, JoinReq::Dump { .. });
-                let req = self.joins.send(key, replies, dump);
-                // Every join request to the peer goes through its link's bulk lane, in order:
-                // the chunks to apply flow as the peer reads, however large the join.
-                self.send_bulk(key, PeerMsg::Join { req, body });
-            }
-            Control::JoinDone { peer: id, result } => {
-                let base = self.config.join_backoff;
-                let max = self.config.join_max_backoff;
-                // A join with a node that went down meanwhile has no track left to update.
-                let Some(peer) = self
-                    .owners
-                    .lookup(&id)
-                    .filter(|k| self.peers.id_of(*k) == Some(&id))
-                else {
-                    return false;
-                };
-                self.joins.done(peer, &id.to_string(), result, (base, max));
-            }
-            Control::Subscribe(req) => self.on_subscribe(req),
-            #[cfg(feature = "testing")]
-            Control::Testing(w, done) => {
-                self.test_write(w);
-                let _ = done.send(());
-            }
-            Control::ClaimDone {
-                peer,
-                gen,
-                req,
-                outcome,
-            } => self.on_claim_done(peer, gen, req, outcome),
-            Control::Stop(done) => {
-                self.stop();
-                // A table with persistence answers once its final snapshot is written.
-                self.final_snapshot(done);
-                return true;
-            }
+    /// A join coordinator's request to `to`: served here if `to` is this node, otherwise sent
+    /// on the peer's bulk lane, its replies streamed back to `replies` as they arrive.
+    pub(super) fn on_join_request(&mut self, request: join::JoinRequest<K, V>) {
+        let join::JoinRequest { to, body, replies } = request;
+        if to == self.me {
+            self.on_join_req(Origin::Local(replies), body);
+            return;
         }
-        false
+        let Some(key) = self
+            .owners
+            .lookup(&to)
+            .filter(|k| self.peers.get(*k).is_some_and(Link::ready))
+        else {
+            return; // dropping `replies` tells the coordinator the node is unreachable
+        };
+        let dump = matches!(body, JoinReq::Dump { .. });
+        let req = self.joins.send(key, replies, dump);
+        // Every join request to the peer goes through its link's bulk lane, in order:
+        // the chunks to apply flow as the peer reads, however large the join.
+        self.send_bulk(key, PeerMsg::Join { req, body });
+    }
+
+    /// A peer's reply to one of the requests sent for a join coordinated here.
+    pub(super) fn on_join_reply(
+        &mut self,
+        key: OwnerIdx,
+        req: u64,
+        body: JoinRep<K, V>,
+        size: usize,
+    ) {
+        let max = self.config.max_link_queue_bytes;
+        if let joins::Reply::Overflow(bytes) = self.joins.reply(key, req, body, size, max) {
+            tracing::warn!(
+                peer = %self.peers.id_of(key).map_or_else(String::new, ToString::to_string),
+                bytes,
+                "replies to one join request passed max_link_queue_bytes; dropping the request"
+            );
+        }
+    }
+
+    /// A join coordinated here with `id` ended: its back-off is updated.
+    pub(super) fn on_join_done(&mut self, id: NodeId, result: Result<u64>) {
+        let base = self.config.join_backoff;
+        let max = self.config.join_max_backoff;
+        // A join with a node that went down meanwhile has no track left to update.
+        let Some(peer) = self
+            .owners
+            .lookup(&id)
+            .filter(|k| self.peers.id_of(*k) == Some(&id))
+        else {
+            return;
+        };
+        self.joins.done(peer, &id.to_string(), result, (base, max));
     }
 
     /// Starts a join with `key` if it is due: both sides run the table, it is not a member, and

@@ -2,6 +2,15 @@
 
 use super::*;
 
+/// Ticks between two clock/epoch announcements to members.
+const ANNOUNCE_EVERY: u32 = 5;
+/// Expired records are removed every quarter of their lifetime, within these bounds.
+const SWEEP_MIN: Duration = Duration::from_millis(100);
+const SWEEP_MAX: Duration = Duration::from_secs(60);
+/// A member whose view differs from ours for this long is dropped from the member list (both
+/// sides do it), so that the next join repairs a half-finished one.
+const VIEW_GRACE: Duration = Duration::from_secs(2);
+
 impl<K: Key, V: Value> Server<K, V> {
     pub(super) fn on_tick(&mut self) {
         let now = Instant::now();

@@ -3,7 +3,53 @@
 
 use super::*;
 
+/// Between two notes of our clock to the members while we hold tombstones (`flush_acks`).
+const CLOCK_NOTE_EVERY: Duration = Duration::from_millis(5);
+
 impl<K: Key, V: Value> Server<K, V> {
+    /// The peer's table stream arrived: it runs the table. Its messages are read from now
+    /// on, a stream of ours is opened if there is none, and a join is started if one is due.
+    pub(super) fn on_inbound(&mut self, pc: PeerConn, reader: FrameReader) {
+        let Some(key) = self.ensure_link(pc.clone()) else {
+            return;
+        };
+        let Some(gen) = self.peers.get(key).map(Link::gen) else {
+            return;
+        };
+        self.spawn_reader(pc, key, gen, reader);
+        self.peers.inbound(key);
+        // The peer runs the table: if our stream to it is gone (or its writer ended and
+        // its close is still queued), open another one now.
+        if !self.peers.get(key).is_some_and(Link::open) {
+            self.open_writer(key);
+        }
+        self.maybe_join(key);
+    }
+
+    /// The outbound stream `writer` of link `gen` closed (`peers::Peers::stream_closed`).
+    pub(super) fn on_stream_closed(
+        &mut self,
+        key: OwnerIdx,
+        gen: u64,
+        writer: u64,
+        stop_code: Option<u32>,
+        reason: &str,
+    ) {
+        match self
+            .peers
+            .stream_closed(key, gen, writer, stop_code, reason)
+        {
+            peers::StreamClosed::Stale => {}
+            peers::StreamClosed::Reopen => self.open_writer(key),
+            peers::StreamClosed::Closed { dropped } => {
+                if dropped {
+                    self.publish_members();
+                }
+                self.complete_pending();
+            }
+        }
+    }
+
     /// The link to a connected peer, created (with its outbound stream) if new. `None` for a
     /// connection already closed: its `PeerDown` may have been handled before this event, and
     /// a link made now would never be removed.

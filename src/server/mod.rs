@@ -17,22 +17,28 @@
 //!
 //! Where each part lives (`impl Server` blocks over the state defined here, and sub-states that
 //! own their invariants, each a struct with its own methods and unit tests):
-//! - this file: the state, the select loop (`run`) and the dispatch of node events and peer
-//!   messages;
+//! - this file: the state, the select loop (`run`) and the routing of each event, control
+//!   request and peer message to its handler; nothing else;
 //! - sub-states: `peers` (the links to connected peers and the members among them: every
-//!   member has a link with an outbound stream, old links' reports are told apart),
-//!   `commit` (group commit: batch numbers, batches awaiting acks, completed in order), `pause` (the participant's pause for a join: one join at a time, ended joins never
-//!   pause again), `joins` (the coordinator's requests awaiting replies, the back-off per peer),
+//!   member has a link with an outbound stream, old links' reports are told apart), `commit`
+//!   (group commit: batch numbers, batches awaiting acks, completed in order), `pause` (the
+//!   participant's pause for a join: one join at a time, ended joins never pause again),
+//!   `joins` (the coordinator's requests awaiting replies, the back-off per peer),
 //!   `anti_entropy::AntiEntropy`, `claims::Claims`, `persist::PersistState`;
+//! - `lifecycle`: building the state from the node's parts, and stopping;
 //! - `writes`: client writes, group commit and the `Ops` frame (where an insert is replicated);
-//! - `links`: the table streams to and from each peer, their reader and writer tasks (the
-//!   links themselves are `peers`);
-//! - `apply`: applying a write, local or replicated (newer wins, tombstones, owners);
+//! - `inbound`: a peer's batches, acks and ticks (where a replicated insert arrives);
+//! - `links`: the table streams to and from each peer, their reader and writer tasks, the
+//!   acks and clock notes sent on them;
+//! - `apply`: applying a write, local or replicated (newer wins, tombstones, owners), with the
+//!   pure rules in `rules`;
 //! - `node_down`: dropping a departed member's records and releasing what named it;
 //! - `participant` (one file per join request) and `coordinator`: the two sides of a join
 //!   (with `crate::join`);
 //! - `anti_entropy`: digest rounds, the comparison, the decision and the repair, and the
 //!   comparison at a cut;
+//! - `claims` (`insert_new`), `cluster` (cluster-owned tables), `notify` (subscribers),
+//!   `persist` and `wal` (snapshots and the write-ahead log), `observe` (metrics), `clock`;
 //! - `housekeeping`: the tick (leases, ack timeouts, tombstones, expiry, view checks) and status.
 
 use std::cmp::Ordering;
@@ -75,13 +81,6 @@ use peers::{Conn, Link, Peers};
 
 /// How often the server checks leases, ack timeouts, tombstones and due joins.
 const TICK: Duration = Duration::from_millis(100);
-/// Ticks between two clock/epoch announcements to members.
-const ANNOUNCE_EVERY: u32 = 5;
-/// Between two notes of our clock to the members while we hold tombstones (`flush_acks`).
-const CLOCK_NOTE_EVERY: Duration = Duration::from_millis(5);
-/// Expired records are removed every quarter of their lifetime, within these bounds.
-const SWEEP_MIN: Duration = Duration::from_millis(100);
-const SWEEP_MAX: Duration = Duration::from_secs(60);
 /// Batches in flight (sent, not fully acknowledged) before new writes wait in the queue. Two
 /// keeps the link busy (one batch travels while the next is cut) and lets the queue grow into
 /// large batches under load: measured with `cargo bench --bench cluster -- throughput`, 256
@@ -93,13 +92,6 @@ const MAX_IN_FLIGHT: usize = 2;
 /// and the runtime's other tasks are not held up by heavy input (each join dump costs about
 /// 15 ns per byte of table).
 const MAX_BURST: Duration = Duration::from_millis(5);
-
-/// A member whose view differs from ours for this long is dropped from the member list (both
-/// sides do it), so that the next join repairs a half-finished one.
-const VIEW_GRACE: Duration = Duration::from_secs(2);
-/// The longest pause a join coordinator's lease holds this table for without a renewal; a
-/// longer lease from a peer is cut to this.
-const MAX_PAUSE_LEASE: Duration = Duration::from_secs(60);
 
 /// A client write (or, with `op: None`, a sync barrier).
 pub(crate) struct Write<K, V> {
@@ -158,19 +150,6 @@ enum Input<K, V> {
     },
 }
 
-/// Where to send a join reply.
-enum Origin<K, V> {
-    Local(mpsc::UnboundedSender<JoinRep<K, V>>),
-    Peer(OwnerIdx, u64),
-}
-
-/// A write being applied: an insert's records with their owners, or another write.
-enum Inserted<K, V> {
-    /// The records of an insert, each with its owner.
-    Records(Vec<(K, Rec<V>)>),
-    Other(OpKind<K, V>),
-}
-
 pub(crate) struct Server<K, V> {
     shared: Arc<Shared<K, V>>,
     opts: TableOptions<K, V>,
@@ -220,33 +199,6 @@ pub(crate) struct Server<K, V> {
     writes_tx: mpsc::Sender<Write<K, V>>,
 }
 
-/// Everything a server needs from its node.
-pub(crate) struct ServerParts<K, V> {
-    pub shared: Arc<Shared<K, V>>,
-    pub opts: TableOptions<K, V>,
-    pub config: NodeConfig,
-    pub clock: Arc<HybridClock>,
-    pub me: NodeId,
-    pub fingerprint: u64,
-    pub writes: mpsc::Receiver<Write<K, V>>,
-    pub control: mpsc::UnboundedReceiver<Control<K, V>>,
-    pub control_tx: mpsc::UnboundedSender<Control<K, V>>,
-    pub events: mpsc::UnboundedReceiver<TableEvent>,
-    /// What `TableOptions::persist` restores: the last snapshot and the log (`persist.rs`).
-    pub restored: Restored<K, V>,
-    pub writes_tx: mpsc::Sender<Write<K, V>>,
-}
-
-/// A `Vec` that postcard appends to by reference, so the bytes before an encode that fails are
-/// not lost with it (`to_extend` takes its writer by value and drops it on error).
-struct Append<'a>(&'a mut Vec<u8>);
-
-impl Extend<u8> for Append<'_> {
-    fn extend<I: IntoIterator<Item = u8>>(&mut self, bytes: I) {
-        self.0.extend(bytes);
-    }
-}
-
 mod anti_entropy;
 #[cfg(feature = "testing")]
 pub(crate) use anti_entropy::TestWrite;
@@ -257,7 +209,9 @@ mod cluster;
 mod commit;
 mod coordinator;
 mod housekeeping;
+mod inbound;
 mod joins;
+mod lifecycle;
 mod links;
 mod node_down;
 mod notify;
@@ -270,64 +224,13 @@ mod rules;
 mod wal;
 mod writes;
 
+pub(crate) use lifecycle::ServerParts;
+use participant::Origin;
 pub(crate) use persist::Restored;
 
 pub(crate) use claims::Claim;
 
 impl<K: Key, V: Value> Server<K, V> {
-    pub(crate) fn spawn(parts: ServerParts<K, V>) -> Result<tokio::task::JoinHandle<()>> {
-        let restored = parts.restored;
-        let header = frame::encode(&StreamHeader {
-            table: parts.shared.name.clone(),
-            kind: parts.shared.kind,
-            fingerprint: parts.fingerprint,
-        })?;
-        let (inputs_tx, inputs) = mpsc::channel(1024);
-        let ae_interval = parts.config.anti_entropy_interval;
-        let mut owners = Owners::hashed(parts.shared.store.digest.owner_hashes());
-        let me_idx = owners.intern(&parts.me);
-        let span =
-            tracing::info_span!("cets_table", node = %parts.me.name, table = %parts.shared.name);
-        let metrics = TableMetrics::new(&parts.me.name, &parts.shared.name);
-        let server = Server {
-            shared: parts.shared,
-            opts: parts.opts,
-            config: parts.config,
-            clock: parts.clock,
-            me: parts.me,
-            me_idx,
-            owners,
-            peers: Peers::new(),
-            epoch: 0,
-            commit: GroupCommit::new(),
-            tombstones: Tombstones::new(),
-            object_deletes: ObjectDeletes::new(),
-            pause: PauseState::new(),
-            joins: Joins::new(),
-            ticks: 0,
-            next_clock_note: Instant::now(),
-            header,
-            writes: parts.writes,
-            control: parts.control,
-            control_tx: parts.control_tx,
-            events: parts.events,
-            inputs,
-            inputs_tx,
-            to_ack: HashMap::new(),
-            gone: HashSet::new(),
-            repeats: Repeats::new(),
-            next_sweep: Instant::now(),
-            metrics,
-            persist: persist::PersistState::default(),
-            ae: anti_entropy::AntiEntropy::new(ae_interval),
-            claims: claims::Claims::default(),
-            writes_tx: parts.writes_tx,
-        };
-        let mut server = server;
-        span.in_scope(|| server.restore(restored));
-        Ok(tokio::spawn(server.run().instrument(span)))
-    }
-
     async fn run(mut self) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -390,41 +293,15 @@ impl<K: Key, V: Value> Server<K, V> {
         }
     }
 
-    fn stop(&mut self) {
-        self.shared.hub.close();
-        for p in self.commit.take_all() {
-            for r in p.replies {
-                let _ = r.send(Err(Error::Shutdown));
-            }
-        }
-        self.writes.close();
-        while let Ok(w) = self.writes.try_recv() {
-            let _ = w.reply.send(Err(Error::Shutdown));
-        }
-    }
-
+    /// A node event: a peer connected or went down, its table stream arrived, or it refused
+    /// the table.
     fn on_event(&mut self, ev: TableEvent) {
         match ev {
             TableEvent::PeerUp(pc) => {
                 self.ensure_link(pc);
             }
             TableEvent::PeerDown(id) => self.peer_down(&id),
-            TableEvent::Inbound(pc, reader) => {
-                let Some(key) = self.ensure_link(pc.clone()) else {
-                    return;
-                };
-                let Some(gen) = self.peers.get(key).map(Link::gen) else {
-                    return;
-                };
-                self.spawn_reader(pc, key, gen, reader);
-                self.peers.inbound(key);
-                // The peer runs the table: if our stream to it is gone (or its writer ended and
-                // its close is still queued), open another one now.
-                if !self.peers.get(key).is_some_and(Link::open) {
-                    self.open_writer(key);
-                }
-                self.maybe_join(key);
-            }
+            TableEvent::Inbound(pc, reader) => self.on_inbound(pc, reader),
             TableEvent::Refused { peer, reason } => {
                 if let Some(key) = self.owners.lookup(&peer) {
                     self.peers.refuse(key, reason);
@@ -433,6 +310,7 @@ impl<K: Key, V: Value> Server<K, V> {
         }
     }
 
+    /// What a link's reader and writer tasks report; an old link's reports are dropped.
     fn on_input(&mut self, input: Input<K, V>) {
         match input {
             Input::Msg {
@@ -448,78 +326,22 @@ impl<K: Key, V: Value> Server<K, V> {
             }
             Input::LinkClosed {
                 key,
-                link: gen,
+                link,
                 writer,
                 reason,
                 stop_code,
-            } => match self
-                .peers
-                .stream_closed(key, gen, writer, stop_code, &reason)
-            {
-                peers::StreamClosed::Stale => {}
-                peers::StreamClosed::Reopen => self.open_writer(key),
-                peers::StreamClosed::Closed { dropped } => {
-                    if dropped {
-                        self.publish_members();
-                    }
-                    self.complete_pending();
-                }
-            },
+            } => self.on_stream_closed(key, link, writer, stop_code, &reason),
         }
     }
 
+    /// A message of a peer's table stream, to its handler.
     fn on_peer_msg(&mut self, key: OwnerIdx, msg: PeerMsg<K, V>, size: usize) {
         match msg {
-            PeerMsg::Ops { seq, ops } => {
-                let member = self.peers.is_member(key);
-                if !member && !ops.is_empty() {
-                    // The link can be gone already: frames read before the node went down may
-                    // still be queued after the node-down event was handled.
-                    match self.peers.id_of(key) {
-                        Some(id) => {
-                            tracing::debug!(peer = %id, "writes from a non-member acknowledged, not applied")
-                        }
-                        None => tracing::debug!("writes from a node that is down dropped"),
-                    }
-                    self.peers.heard_from_outsider(key);
-                }
-                let mut lasting = false;
-                for op in ops {
-                    self.observe(key, op.ts);
-                    self.peers.heard_clock(key, op.ts);
-                    if member {
-                        lasting |= self.apply(op, key);
-                    }
-                }
-                if lasting {
-                    self.peers.lasting(key, seq);
-                }
-                if member {
-                    self.ae_heard(key, seq);
-                }
-                self.to_ack.insert(key, seq);
-            }
-            PeerMsg::Ack { seq, clock } => {
-                self.observe(key, clock);
-                self.peers.acked(key, seq, clock);
-                self.complete_pending();
-                self.forget_tombstones();
-            }
-            PeerMsg::Tick { clock, view } => {
-                self.observe(key, clock);
-                self.peers.ticked(key, clock, view);
-            }
+            PeerMsg::Ops { seq, ops } => self.on_ops(key, seq, ops),
+            PeerMsg::Ack { seq, clock } => self.on_ack(key, seq, clock),
+            PeerMsg::Tick { clock, view } => self.on_peer_tick(key, clock, view),
             PeerMsg::Join { req, body } => self.on_join_req(Origin::Peer(key, req), body),
-            PeerMsg::JoinReply { req, body } => {
-                let max = self.config.max_link_queue_bytes;
-                if let joins::Reply::Overflow(bytes) = self.joins.reply(key, req, body, size, max) {
-                    tracing::warn!(
-                        peer = %self.peers.id_of(key).map_or_else(String::new, ToString::to_string),
-                        bytes,
-                        "replies to one join request passed max_link_queue_bytes; dropping the request"
-                    );
-                }
-            }
+            PeerMsg::JoinReply { req, body } => self.on_join_reply(key, req, body, size),
             PeerMsg::AntiEntropy(m) => self.on_ae(key, m),
             PeerMsg::InsertNew {
                 req,
@@ -529,5 +351,35 @@ impl<K: Key, V: Value> Server<K, V> {
             } => self.on_peer_claim(key, req, k, value, retry),
             PeerMsg::InsertNewReply { req, outcome } => self.on_claim_reply(key, req, outcome),
         }
+    }
+
+    /// A request of a handle, the node or a join coordinator; true when the server must stop.
+    fn on_control(&mut self, c: Control<K, V>) -> bool {
+        match c {
+            Control::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Control::JoinRequest(request) => self.on_join_request(request),
+            Control::JoinDone { peer, result } => self.on_join_done(peer, result),
+            Control::Subscribe(req) => self.on_subscribe(req),
+            #[cfg(feature = "testing")]
+            Control::Testing(w, done) => {
+                self.test_write(w);
+                let _ = done.send(());
+            }
+            Control::ClaimDone {
+                peer,
+                gen,
+                req,
+                outcome,
+            } => self.on_claim_done(peer, gen, req, outcome),
+            Control::Stop(done) => {
+                self.stop();
+                // A table with persistence answers once its final snapshot is written.
+                self.final_snapshot(done);
+                return true;
+            }
+        }
+        false
     }
 }

@@ -242,3 +242,13 @@ fn last_of_each_key<T, K: Hash + Eq>(records: &mut Vec<T>, key: impl Fn(&T) -> &
     let mut keep = keep.into_iter();
     records.retain(|_| keep.next().unwrap_or(true));
 }
+
+/// A `Vec` that postcard appends to by reference, so the bytes before an encode that fails are
+/// not lost with it (`to_extend` takes its writer by value and drops it on error).
+struct Append<'a>(&'a mut Vec<u8>);
+
+impl Extend<u8> for Append<'_> {
+    fn extend<I: IntoIterator<Item = u8>>(&mut self, bytes: I) {
+        self.0.extend(bytes);
+    }
+}

@@ -12,6 +12,12 @@ mod stale;
 mod tombstones;
 mod unpause;
 
+/// Where to send a join reply.
+pub(in crate::server) enum Origin<K, V> {
+    Local(mpsc::UnboundedSender<JoinRep<K, V>>),
+    Peer(OwnerIdx, u64),
+}
+
 impl<K: Key, V: Value> Server<K, V> {
     /// A join request of a coordinator (ALGORITHM.md, section 9.2), to its handler.
     pub(super) fn on_join_req(&mut self, origin: Origin<K, V>, body: JoinReq<K, V>) {

@@ -3,6 +3,10 @@
 
 use crate::server::*;
 
+/// The longest pause a join coordinator's lease holds this table for without a renewal; a
+/// longer lease from a peer is cut to this.
+const MAX_PAUSE_LEASE: Duration = Duration::from_secs(60);
+
 impl<K: Key, V: Value> Server<K, V> {
     /// Step 2: pauses for `join` (or renews its lease), answering once the pending batches are
     /// acknowledged; `Busy` while another join holds the pause.
