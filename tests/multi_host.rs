@@ -1,14 +1,19 @@
 //! A multi-host check: four nodes as separate processes, each in its own network namespace,
-//! joined by veth pairs to a bridge in a fifth namespace (nothing is added to the host's own
-//! network). Every node writes; then, checking each time that all four hold the same records
-//! (`to_vec`, reported by each process):
+//! each on a subnet of its own behind a veth pair to a router in a fifth namespace (nothing is
+//! added to the host's own network). The router sends every packet between two nodes through a
+//! userspace relay on a TUN device (`common/tun_relay.rs`, a child process in the router's
+//! namespace), which can delay them: this kernel has no netem. Every node writes; then,
+//! checking each time that all four hold the same records (`to_vec`, reported by each process):
 //!
-//! - loss: every namespace drops a share of the packets it receives (`iptables -m statistic`;
-//!   this kernel has no netem);
+//! - loss: every namespace drops a share of the packets it receives (`iptables -m statistic`);
 //! - a partition of one namespace (iptables DROP both ways) and its heal;
 //! - a SIGKILL and restart of one node process under the same name and address: the time from
 //!   the new process's start until every node lists it as a member (and it lists them) is
-//!   printed; the target is 100 ms, reported, not asserted.
+//!   printed; the target is 100 ms, reported, not asserted;
+//! - delay: the relay holds every packet 20 ms plus up to 30 ms more (so packets overtake each
+//!   other), each way, with loss on every receiver, while every node writes throughout (a
+//!   background writer in each process) through a partition of one namespace and its heal:
+//!   every write of every node is then held identically by all four.
 //!
 //! Before all that, the four processes start at once, and the time from the last one's start
 //! until every node lists the other three as members is printed (QUIC loses some of the very
@@ -17,13 +22,16 @@
 //! The child process is this test binary itself, run inside a namespace with `ip netns exec`
 //! and driven by a line protocol on its stdin/stdout (see `netns_child`). Names carry the test
 //! process's id, so parallel runs do not clash; a guard deletes the namespaces on exit, also on
-//! panic. Where `ip netns` is not permitted (not root, no CAP_NET_ADMIN, no `ip` or `iptables`)
+//! panic. Where `ip netns` is not permitted (not root, no CAP_NET_ADMIN, no `ip` or `iptables`,
+//! no TUN device)
 //! the test prints why and passes, unless `CETS_NETNS_REQUIRED` is set (`.ci/run` sets it where
 //! its own probe succeeds). With `CETS_NETNS_LOGDIR=<dir>` each node process writes its log
 //! there (filter `CETS_NETNS_LOG`, default `cets=debug`).
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cets::discovery::StaticDiscovery;
@@ -31,11 +39,20 @@ use cets::{Node, NodeConfig, Table, TableOptions};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
+#[path = "common/tun_relay.rs"]
+mod tun_relay;
+
 type Kv = Table<String, String>;
 const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 const PORT: u16 = 7400;
 /// Share of packets each namespace drops in the loss phase.
-const LOSS: f64 = 0.15;
+const LOSS: &str = "0.15";
+/// Delay of every packet between two nodes in the delay phase, each way, plus a random share of
+/// `JITTER`.
+const DELAY: Duration = Duration::from_millis(20);
+const JITTER: Duration = Duration::from_millis(30);
+/// Pace of a node's background writer in the delay phase.
+const WRITE_EVERY: Duration = Duration::from_millis(10);
 /// Generous: what the test waits for takes well under a second on an idle machine.
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -46,8 +63,15 @@ fn now_us() -> u128 {
         .as_micros()
 }
 
+/// Node `i`'s address: each node has a subnet of its own, so that every packet between two
+/// nodes is routed through the router namespace and its delaying relay.
 fn addr(i: usize) -> SocketAddr {
-    format!("10.77.0.{}:{PORT}", i + 1).parse().unwrap()
+    format!("10.77.{}.2:{PORT}", i + 1).parse().unwrap()
+}
+
+/// The router's address on node `i`'s subnet.
+fn gateway(i: usize) -> String {
+    format!("10.77.{}.1", i + 1)
 }
 
 /// Runs only as a child process, inside a namespace: one node, driven by lines on stdin.
@@ -92,6 +116,10 @@ async fn netns_child() {
         .await
         .unwrap();
     println!("ready");
+    // The background writer (`writes` / `stop`): how many keys it wrote, and its task.
+    let written = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writer: Option<tokio::task::JoinHandle<usize>> = None;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -107,6 +135,34 @@ async fn netns_child() {
                 format!("dump {}", recs.join(";"))
             }
             ["nodes"] => format!("nodes {}", t.nodes().join(",")),
+            ["writes", prefix] => {
+                let (t, prefix) = (t.clone(), prefix.to_string());
+                let (written, stop) = (written.clone(), stop.clone());
+                written.store(0, Ordering::SeqCst);
+                stop.store(false, Ordering::SeqCst);
+                // One awaited write after another; an error (an ack timeout while a link is
+                // down) still leaves the write applied here, so it counts. Paced (a node cut
+                // off writes without waiting for anyone): at most one write per WRITE_EVERY.
+                writer = Some(tokio::spawn(async move {
+                    let mut n = 0;
+                    while !stop.load(Ordering::SeqCst) {
+                        let _ = t.insert(format!("{prefix}-{n}"), prefix.clone()).await;
+                        n += 1;
+                        written.store(n, Ordering::SeqCst);
+                        tokio::time::sleep(WRITE_EVERY).await;
+                    }
+                    n
+                }));
+                "writing".to_string()
+            }
+            ["written"] => format!("written {}", written.load(Ordering::SeqCst)),
+            ["stop"] => {
+                stop.store(true, Ordering::SeqCst);
+                match writer.take() {
+                    Some(w) => format!("wrote {}", w.await.unwrap_or(0)),
+                    None => "err no writer".to_string(),
+                }
+            }
             ["await", names] => {
                 let want: Vec<&str> = names.split(',').collect();
                 let start = Instant::now();
@@ -127,6 +183,18 @@ async fn netns_child() {
     }
 }
 
+/// Runs only as a child process, in the router namespace: the relay that delays every packet
+/// between two nodes (`tun_relay`).
+#[test]
+#[ignore = "child process of nodes_in_namespaces_converge (its delaying relay); not a test by itself"]
+fn netns_relay() {
+    if std::env::var_os("CETS_NETNS_RELAY").is_none() {
+        return;
+    }
+    let tun = tun_relay::open_tun("tun0").unwrap();
+    tun_relay::run(tun);
+}
+
 /// Runs `cmd args` and fails the test if it fails.
 fn run(cmd: &str, args: &[&str]) {
     let out = Command::new(cmd).args(args).output();
@@ -138,7 +206,7 @@ fn run(cmd: &str, args: &[&str]) {
     );
 }
 
-/// Four namespaces with a node address each, bridged in a fifth; all deleted on drop.
+/// Four namespaces with a node address each, routed through a fifth; all deleted on drop.
 struct Net {
     prefix: String,
 }
@@ -148,8 +216,8 @@ impl Net {
         format!("{}n{i}", self.prefix)
     }
 
-    fn bridge_ns(&self) -> String {
-        format!("{}br", self.prefix)
+    fn router_ns(&self) -> String {
+        format!("{}rt", self.prefix)
     }
 
     fn in_ns(&self, ns: &str, cmd: &[&str]) {
@@ -175,7 +243,7 @@ impl Net {
         };
         // The probe: the first namespace. Its failure means no permission here.
         let out = Command::new("ip")
-            .args(["netns", "add", &net.bridge_ns()])
+            .args(["netns", "add", &net.router_ns()])
             .output()
             .map_err(|e| e.to_string())?;
         if !out.status.success() {
@@ -184,27 +252,64 @@ impl Net {
                 String::from_utf8_lossy(&out.stderr).trim()
             ));
         }
-        let br = net.bridge_ns();
-        net.in_ns(&br, &["ip", "link", "add", "br0", "type", "bridge"]);
-        net.in_ns(&br, &["ip", "link", "set", "br0", "up"]);
+        let rt = net.router_ns();
+        // A router: forwards, and checks no reverse path (packets come back from the TUN
+        // device with the nodes' source addresses).
+        for key in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+        ] {
+            net.in_ns(&rt, &["sysctl", "-q", "-w", key]);
+        }
+        // Whatever does not come from the relay's TUN device is routed into it; what the relay
+        // writes back is routed to the destination's veth.
+        let tun = Command::new("ip")
+            .args([
+                "netns", "exec", &rt, "ip", "tuntap", "add", "dev", "tun0", "mode", "tun",
+            ])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !tun.status.success() {
+            return Err(format!(
+                "`ip tuntap add` failed (the delaying relay needs /dev/net/tun): {}",
+                String::from_utf8_lossy(&tun.stderr).trim()
+            ));
+        }
+        net.in_ns(&rt, &["ip", "link", "set", "tun0", "up"]);
+        net.in_ns(
+            &rt,
+            &[
+                "ip", "route", "add", "default", "dev", "tun0", "table", "100",
+            ],
+        );
+        net.in_ns(
+            &rt,
+            &[
+                "ip", "rule", "add", "iif", "tun0", "lookup", "main", "pref", "100",
+            ],
+        );
+        net.in_ns(&rt, &["ip", "rule", "add", "lookup", "100", "pref", "200"]);
         for i in 0..NAMES.len() {
             let ns = net.ns(i);
             run("ip", &["netns", "add", &ns]);
             let outer = format!("v{i}");
-            // Both ends are made in the bridge's namespace, then one moves to the node's.
+            // Both ends are made in the router's namespace, then one moves to the node's.
             net.in_ns(
-                &br,
+                &rt,
                 &[
                     "ip", "link", "add", &outer, "type", "veth", "peer", "name", "eth0",
                 ],
             );
-            net.in_ns(&br, &["ip", "link", "set", "eth0", "netns", &ns]);
-            net.in_ns(&br, &["ip", "link", "set", &outer, "master", "br0"]);
-            net.in_ns(&br, &["ip", "link", "set", &outer, "up"]);
+            net.in_ns(&rt, &["ip", "link", "set", "eth0", "netns", &ns]);
+            let gw = format!("{}/24", gateway(i));
+            net.in_ns(&rt, &["ip", "addr", "add", &gw, "dev", &outer]);
+            net.in_ns(&rt, &["ip", "link", "set", &outer, "up"]);
             let ip = format!("{}/24", addr(i).ip());
             net.in_ns(&ns, &["ip", "addr", "add", &ip, "dev", "eth0"]);
             net.in_ns(&ns, &["ip", "link", "set", "eth0", "up"]);
             net.in_ns(&ns, &["ip", "link", "set", "lo", "up"]);
+            net.in_ns(&ns, &["ip", "route", "add", "default", "via", &gateway(i)]);
         }
         Ok(net)
     }
@@ -221,7 +326,7 @@ impl Drop for Net {
         // Deleting a namespace deletes its interfaces, and a veth goes with either end.
         for ns in (0..NAMES.len())
             .map(|i| self.ns(i))
-            .chain([self.bridge_ns()])
+            .chain([self.router_ns()])
         {
             let _ = Command::new("ip")
                 .args(["netns", "del", &ns])
@@ -253,18 +358,23 @@ impl Proc {
             .map(|j| addr(j).to_string())
             .collect();
         let spec = format!("{}|{}|{}", NAMES[i], addr(i), peers.join(","));
+        Proc::run_in(&net.ns(i), "netns_child", ("CETS_NETNS_CHILD", &spec))
+    }
+
+    /// Runs this test binary's ignored test `test` in the namespace `ns`, with `env` set.
+    fn run_in(ns: &str, test: &str, env: (&str, &str)) -> Proc {
         let exe = std::env::current_exe().unwrap();
         let mut child = tokio::process::Command::new("ip")
-            .args(["netns", "exec", &net.ns(i)])
+            .args(["netns", "exec", ns])
             .arg(exe)
             .args([
                 "--ignored",
                 "--exact",
-                "netns_child",
+                test,
                 "--nocapture",
                 "--test-threads=1",
             ])
-            .env("CETS_NETNS_CHILD", spec)
+            .env(env.0, env.1)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -279,6 +389,19 @@ impl Proc {
             lines,
             started_us: 0,
         }
+    }
+
+    /// The delaying relay of the router namespace, once it runs.
+    async fn relay(net: &Net) -> Proc {
+        let mut relay = Proc::run_in(&net.router_ns(), "netns_relay", ("CETS_NETNS_RELAY", "1"));
+        relay.expect("relay ready").await;
+        relay
+    }
+
+    /// Sets the relay's delay of every packet: `base` plus a random share of `jitter`.
+    async fn set_delay(&mut self, base: Duration, jitter: Duration) {
+        let cmd = format!("delay {} {}", base.as_micros(), jitter.as_micros());
+        self.ask(&cmd, "delay ok").await;
     }
 
     async fn wait_ready(&mut self) {
@@ -398,12 +521,15 @@ async fn nodes_in_namespaces_converge() {
                 std::env::var_os("CETS_NETNS_REQUIRED").is_none(),
                 "CETS_NETNS_REQUIRED is set but network namespaces do not work: {why}"
             );
-            eprintln!("SKIPPED nodes_in_namespaces_converge: {why} (needs root or CAP_NET_ADMIN, ip, iptables)");
+            eprintln!("SKIPPED nodes_in_namespaces_converge: {why} (needs root or CAP_NET_ADMIN, ip, iptables, /dev/net/tun)");
             return;
         }
     };
     // All four processes start at once; measured: from the last one's start until every node
     // lists the other three as members.
+    // The relay runs first: every packet between two nodes passes through it (without delay
+    // until the last phase).
+    let mut relay = Proc::relay(&net).await;
     let mut procs: Vec<Proc> = (0..NAMES.len()).map(|i| Proc::launch(&net, i)).collect();
     for p in procs.iter_mut() {
         p.wait_ready().await;
@@ -428,22 +554,8 @@ async fn nodes_in_namespaces_converge() {
     eprintln!("first writes: identical {took:?} after the last write");
 
     // Loss: every namespace drops LOSS of the packets it receives, while all write.
-    let loss = LOSS.to_string();
-    let drop_rule = [
-        "INPUT",
-        "-m",
-        "statistic",
-        "--mode",
-        "random",
-        "--probability",
-        &loss,
-        "-j",
-        "DROP",
-    ];
     for i in 0..NAMES.len() {
-        let mut rule = vec!["-A"];
-        rule.extend_from_slice(&drop_rule);
-        net.iptables(i, &rule);
+        net.iptables(i, &loss_rule());
     }
     write_round(&mut procs, "loss", 20).await;
     let (dump, took) = converge(&mut procs, "under loss").await;
@@ -457,20 +569,7 @@ async fn nodes_in_namespaces_converge() {
     let c = 2;
     net.iptables(c, &["-A", "INPUT", "-i", "eth0", "-j", "DROP"]);
     net.iptables(c, &["-A", "OUTPUT", "-o", "eth0", "-j", "DROP"]);
-    let start = Instant::now();
-    loop {
-        let mut apart = procs[c].nodes().await.is_empty();
-        for (i, p) in procs.iter_mut().enumerate() {
-            if i != c {
-                apart &= !p.nodes().await.contains(&"c".to_string());
-            }
-        }
-        if apart {
-            break;
-        }
-        assert!(start.elapsed() < DEADLINE, "the partition was not noticed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_apart(&mut procs, c).await;
     write_round(&mut procs, "part", 10).await;
     net.iptables(c, &["-F"]);
     let (dump, took) = converge(&mut procs, "after the heal").await;
@@ -513,6 +612,133 @@ async fn nodes_in_namespaces_converge() {
         "records of the killed incarnation remain"
     );
     eprintln!("after the restart: identical {took:?} after the last write");
+
+    // Delay: the relay holds every packet between two nodes DELAY plus up to JITTER (so
+    // packets also overtake each other), every receiver drops LOSS, and every node writes
+    // throughout, through a partition of b and its heal.
+    relay.set_delay(DELAY, JITTER).await;
+    // The relay does delay: a write is acknowledged after its frame reached the peers and
+    // their acks came back, two crossings of the relay.
+    let sent = Instant::now();
+    procs[0].put("delayed", "1").await;
+    let acked = sent.elapsed();
+    assert!(
+        acked >= 2 * DELAY,
+        "a write was acknowledged after {acked:?}"
+    );
+    for i in 0..NAMES.len() {
+        net.iptables(i, &loss_rule());
+    }
+    for (i, p) in procs.iter_mut().enumerate() {
+        p.ask(&format!("writes {}-dl", NAMES[i]), "writing").await;
+    }
+    wrote_more(&mut procs, "before the partition").await;
+    let b = 1;
+    net.iptables(b, &["-A", "INPUT", "-i", "eth0", "-j", "DROP"]);
+    net.iptables(b, &["-A", "OUTPUT", "-o", "eth0", "-j", "DROP"]);
+    until_apart(&mut procs, b).await;
+    wrote_more(&mut procs, "during the partition").await;
+    net.iptables(b, &["-F"]);
+    net.iptables(b, &loss_rule());
+    let healed = Instant::now();
+    let start = Instant::now();
+    loop {
+        let mut joined = true;
+        for p in procs.iter_mut() {
+            joined &= p.nodes().await.len() == NAMES.len() - 1;
+        }
+        if joined {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "b did not join again under delay"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let joined = healed.elapsed();
+    wrote_more(&mut procs, "after the heal").await;
+    let mut wrote = Vec::new();
+    for p in procs.iter_mut() {
+        wrote.push(p.ask("stop", "wrote").await.parse::<usize>().unwrap());
+    }
+    let (dump, took) = converge(&mut procs, "under delay, loss, a partition and its heal").await;
+    // Every write of every node is there, acknowledged or not (an unacknowledged one stayed
+    // applied on its node, and the heal's join carried it).
+    assert_eq!(count(&dump), 171 + wrote.iter().sum::<usize>());
+    for (i, n) in wrote.iter().enumerate() {
+        for j in 0..*n {
+            let rec = format!("{}-dl-{j}={}-dl", NAMES[i], NAMES[i]);
+            assert!(dump.split(';').any(|r| r == rec), "{rec} is missing");
+        }
+    }
+    eprintln!(
+        "{DELAY:?} + up to {JITTER:?} each way, {LOSS} loss, b partitioned and healed, writes {wrote:?} (one acknowledged after {acked:?}): \
+         b a member everywhere {joined:?} after the heal, identical {took:?} after the last write"
+    );
+    relay.set_delay(Duration::ZERO, Duration::ZERO).await;
     drop(procs);
+    drop(relay);
     drop(net);
+}
+
+/// The rule that drops LOSS of the packets a namespace receives.
+fn loss_rule() -> Vec<&'static str> {
+    vec![
+        "-A",
+        "INPUT",
+        "-m",
+        "statistic",
+        "--mode",
+        "random",
+        "--probability",
+        LOSS,
+        "-j",
+        "DROP",
+    ]
+}
+
+/// Waits until node `x` lists no member and no other node lists `x`.
+async fn until_apart(procs: &mut [Proc], x: usize) {
+    let start = Instant::now();
+    loop {
+        let mut apart = procs[x].nodes().await.is_empty();
+        for (i, p) in procs.iter_mut().enumerate() {
+            if i != x {
+                apart &= !p.nodes().await.contains(&NAMES[x].to_string());
+            }
+        }
+        if apart {
+            return;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the partition of {} was not noticed",
+            NAMES[x]
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until every node's background writer wrote a few more keys.
+async fn wrote_more(procs: &mut [Proc], when: &str) {
+    let mut from = Vec::new();
+    for p in procs.iter_mut() {
+        from.push(p.ask("written", "written").await.parse::<usize>().unwrap());
+    }
+    let start = Instant::now();
+    for (p, from) in procs.iter_mut().zip(from) {
+        loop {
+            let n: usize = p.ask("written", "written").await.parse().unwrap();
+            if n >= from + 3 {
+                break;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "a node wrote {} keys, not 3, {when}",
+                n - from
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
