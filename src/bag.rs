@@ -15,8 +15,8 @@
 use hashbrown::HashTable;
 use serde::Serialize;
 
-use crate::digest::value_hash;
-use crate::store::{same_value, Rec};
+use crate::stable_hash::value_hash;
+use crate::types::{same_value, Rec};
 
 /// Up to this many slots, a key finds an object by scanning its hashes: no table to keep.
 const SMALL: usize = 8;

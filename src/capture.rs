@@ -15,7 +15,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use serde::Serialize;
 
-use crate::store::{same_value, Rec};
+use crate::types::{same_value, Rec};
 
 /// One record (or bag object) stored or removed.
 #[derive(Debug, Clone, PartialEq, Eq)]

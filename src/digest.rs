@@ -13,49 +13,30 @@
 //! order) and reads each value's primitives in place, eight bytes per multiply, without
 //! encoding it.
 //!
-//! Each call that changes the store takes a [`Hook`] and calls [`Hook::add`] / [`Hook::sub`] /
-//! [`Hook::replace`] for each record it stores or drops ([`Records`] wraps the store so that
+//! Each call that changes the store takes a [`Hook`] and reports to it, through the store's
+//! `Changes` trait (`add`, `sub`, `replace`, `restamp`), each record it stores or drops ([`Records`] wraps the store so that
 //! every writer goes through it; the same hook captures changes for subscribers,
 //! `crate::capture`); the table server reads [`Digest::root`] and [`Digest::buckets`] for the
 //! exchange.
 
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use serde::Serialize;
 
 use crate::capture::{Capture, Sink};
-use crate::membership::{NodeId, OwnerIdx};
-use crate::stable_hash::{fold_mul, stable_hash, WordHasher, P0, P1, P2};
-use crate::store::{Rec, Store};
-use crate::types::TableKind;
+pub(crate) use crate::membership::OwnerHashes;
+use crate::stable_hash::{fold_mul, WordHasher, P0, P1, P2};
+pub(crate) use crate::stable_hash::{key_hash, value_hash};
+use crate::store::{Changes, Store};
+use crate::types::{OwnerIdx, Rec, TableKind};
 
 /// Buckets of a digest: the unit a difference is narrowed to before keys are listed. 1024
 /// buckets take 16 KiB per table, and their list (sent only when two replicas differ) 16 KiB
 /// on the wire; a table of a million records then has about a thousand records per bucket.
 pub(crate) const BUCKETS: usize = 1024;
 const BUCKET_BITS: u32 = BUCKETS.trailing_zeros();
-
-/// The hash of a key: picks its bucket and enters its records' hashes.
-#[inline]
-pub(crate) fn key_hash<K: Serialize + 'static>(k: &K) -> u64 {
-    stable_hash(k, 1)
-}
-
-/// The hash of a value.
-#[inline]
-pub(crate) fn value_hash<V: Serialize + 'static>(v: &V) -> u64 {
-    stable_hash(v, 2)
-}
-
-/// The hash of a node identity (a record's owner).
-pub(crate) fn owner_hash(id: &NodeId) -> u64 {
-    let mut h = WordHasher::new(3);
-    h.write(id.name.as_bytes());
-    h.write(&id.incarnation.to_le_bytes());
-    h.finish()
-}
 
 /// The bucket of a key's hash.
 #[inline]
@@ -87,63 +68,6 @@ pub(crate) fn differing(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<u32> {
         .filter(|&i| a.get(i) != b.get(i))
         .map(|i| i as u32)
         .collect()
-}
-
-/// Owner indexes whose hash a digest keeps in a plain array, read without a lock (a table
-/// rarely sees more identities than this; the rest are behind a lock).
-const FAST_OWNERS: usize = 256;
-
-/// The hash of each owner index, filled by the table server's `Owners` as it interns
-/// identities (an index names one identity for as long as any record names it).
-#[derive(Debug)]
-pub(crate) struct OwnerTable {
-    fast: Box<[AtomicU64]>,
-    rest: RwLock<Vec<u64>>,
-}
-
-impl Default for OwnerTable {
-    fn default() -> Self {
-        Self {
-            fast: (0..FAST_OWNERS).map(|_| AtomicU64::new(0)).collect(),
-            rest: RwLock::default(),
-        }
-    }
-}
-
-impl OwnerTable {
-    /// The hash of the identity at `idx` (0 for an index never named).
-    #[inline]
-    fn get(&self, idx: OwnerIdx) -> u64 {
-        let i = idx as usize;
-        match self.fast.get(i) {
-            Some(h) => h.load(Ordering::Relaxed),
-            None => self.rest_of(i),
-        }
-    }
-
-    #[cold]
-    fn rest_of(&self, i: usize) -> u64 {
-        let rest = self.rest.read().unwrap_or_else(|p| p.into_inner());
-        rest.get(i - FAST_OWNERS).copied().unwrap_or(0)
-    }
-}
-
-/// The owner hashes of one table's digest, shared with its `Owners`.
-pub(crate) type OwnerHashes = Arc<OwnerTable>;
-
-/// Records an identity's hash at its index.
-pub(crate) fn name_owner(table: &OwnerHashes, idx: OwnerIdx, id: &NodeId) {
-    let (i, h) = (idx as usize, owner_hash(id));
-    if let Some(slot) = table.fast.get(i) {
-        slot.store(h, Ordering::Relaxed);
-        return;
-    }
-    let mut rest = table.rest.write().unwrap_or_else(|p| p.into_inner());
-    let j = i - FAST_OWNERS;
-    if rest.len() <= j {
-        rest.resize(j + 1, 0);
-    }
-    rest[j] = h;
 }
 
 /// One bucket: the sum of its records' hashes and their count, side by side so that a change
@@ -234,10 +158,13 @@ impl<K: Serialize + Clone + 'static, V: Serialize + Clone + 'static> Hook<'_, K,
     fn hash(d: &Digest, kh: u64, r: &Rec<V>) -> u64 {
         record_hash(kh, value_hash(&r.value), r.ts, d.owners.get(r.owner))
     }
+}
 
-    /// A record was stored (a bag object added).
+impl<K: Serialize + Clone + 'static, V: Serialize + Clone + 'static> Changes<K, V>
+    for Hook<'_, K, V>
+{
     #[inline]
-    pub(crate) fn add(&self, k: &K, r: &Rec<V>) {
+    fn add(&self, k: &K, r: &Rec<V>) {
         if let Some(d) = self.digest {
             let kh = key_hash(k);
             Self::change(d, kh, Self::hash(d, kh, r), true);
@@ -247,9 +174,8 @@ impl<K: Serialize + Clone + 'static, V: Serialize + Clone + 'static> Hook<'_, K,
         }
     }
 
-    /// A record was removed.
     #[inline]
-    pub(crate) fn sub(&self, k: &K, r: &Rec<V>) {
+    fn sub(&self, k: &K, r: &Rec<V>) {
         if let Some(d) = self.digest {
             let kh = key_hash(k);
             Self::change(d, kh, Self::hash(d, kh, r), false);
@@ -259,19 +185,16 @@ impl<K: Serialize + Clone + 'static, V: Serialize + Clone + 'static> Hook<'_, K,
         }
     }
 
-    /// `old` (if any) was replaced by `new` under one key.
     #[inline]
-    pub(crate) fn replace(&self, k: &K, old: Option<&Rec<V>>, new: &Rec<V>) {
+    fn replace(&self, k: &K, old: Option<&Rec<V>>, new: &Rec<V>) {
         self.restamp(k, old, new);
         if let Some(s) = &self.sink {
             s.stored(k, old, new);
         }
     }
 
-    /// A bag object took `new`'s stamp and owner in place of `old`'s: the digest changes, the
-    /// table's contents (what subscribers see) do not.
     #[inline]
-    pub(crate) fn restamp(&self, k: &K, old: Option<&Rec<V>>, new: &Rec<V>) {
+    fn restamp(&self, k: &K, old: Option<&Rec<V>>, new: &Rec<V>) {
         if let Some(d) = self.digest {
             let kh = key_hash(k);
             if let Some(old) = old {
@@ -436,6 +359,7 @@ pub struct PeerDigest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::membership::{name_owner, owner_hash, NodeId, FAST_OWNERS};
 
     fn rec(value: u32, ts: u64, owner: OwnerIdx) -> Rec<u32> {
         Rec::new(value, ts, owner)

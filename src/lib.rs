@@ -41,6 +41,7 @@ pub mod conflict;
 mod convergence;
 mod digest;
 mod error;
+mod frame;
 pub mod hlc;
 mod insert_new;
 mod join;

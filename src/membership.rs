@@ -1,4 +1,6 @@
-//! Node identity and record ownership.
+//! Node identity and record ownership: the identities a table server interns into owner
+//! indexes (`Owners`), and the hash of each index that the table's digest reads
+//! (`OwnerTable`).
 //!
 //! A node is its name plus an *incarnation*, a random number drawn at every start. Records are
 //! owned by an incarnation, so records written by a node before it restarted are never
@@ -8,8 +10,12 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
+
+use crate::stable_hash::WordHasher;
 
 /// The identity of one running node: its configured name and the incarnation of this start.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -35,8 +41,7 @@ impl fmt::Display for NodeId {
     }
 }
 
-/// Compact index of a [`NodeId`] within one table server (records store the index).
-pub(crate) type OwnerIdx = u32;
+pub(crate) use crate::types::OwnerIdx;
 
 /// Interns node identities so that each record stores a 4-byte owner. The index of a node
 /// that is gone is released once nothing refers to it any more, and reused.
@@ -46,12 +51,12 @@ pub(crate) struct Owners {
     index: HashMap<NodeId, OwnerIdx>,
     free: Vec<OwnerIdx>,
     /// The table's digest hashes owners by identity: told of every index given.
-    hashes: Option<crate::digest::OwnerHashes>,
+    hashes: Option<OwnerHashes>,
 }
 
 impl Owners {
     /// Owners that tell `hashes` (the table's digest) the identity of every index they give.
-    pub(crate) fn hashed(hashes: crate::digest::OwnerHashes) -> Self {
+    pub(crate) fn hashed(hashes: OwnerHashes) -> Self {
         Self {
             hashes: Some(hashes),
             ..Self::default()
@@ -73,7 +78,7 @@ impl Owners {
         });
         self.index.insert(id.clone(), i);
         if let Some(h) = &self.hashes {
-            crate::digest::name_owner(h, i, id);
+            name_owner(h, i, id);
         }
         i
     }
@@ -105,6 +110,71 @@ impl Owners {
             self.free.push(idx);
         }
     }
+}
+
+/// The hash of a node identity (a record's owner).
+pub(crate) fn owner_hash(id: &NodeId) -> u64 {
+    let mut h = WordHasher::new(3);
+    h.write(id.name.as_bytes());
+    h.write(&id.incarnation.to_le_bytes());
+    h.finish()
+}
+
+/// Owner indexes whose hash a digest keeps in a plain array, read without a lock (a table
+/// rarely sees more identities than this; the rest are behind a lock).
+pub(crate) const FAST_OWNERS: usize = 256;
+
+/// The hash of each owner index, filled by the table server's `Owners` as it interns
+/// identities (an index names one identity for as long as any record names it).
+#[derive(Debug)]
+pub(crate) struct OwnerTable {
+    fast: Box<[AtomicU64]>,
+    rest: RwLock<Vec<u64>>,
+}
+
+impl Default for OwnerTable {
+    fn default() -> Self {
+        Self {
+            fast: (0..FAST_OWNERS).map(|_| AtomicU64::new(0)).collect(),
+            rest: RwLock::default(),
+        }
+    }
+}
+
+impl OwnerTable {
+    /// The hash of the identity at `idx` (0 for an index never named).
+    #[inline]
+    pub(crate) fn get(&self, idx: OwnerIdx) -> u64 {
+        let i = idx as usize;
+        match self.fast.get(i) {
+            Some(h) => h.load(Ordering::Relaxed),
+            None => self.rest_of(i),
+        }
+    }
+
+    #[cold]
+    fn rest_of(&self, i: usize) -> u64 {
+        let rest = self.rest.read().unwrap_or_else(|p| p.into_inner());
+        rest.get(i - FAST_OWNERS).copied().unwrap_or(0)
+    }
+}
+
+/// The owner hashes of one table's digest (`crate::digest`), shared with its `Owners`.
+pub(crate) type OwnerHashes = Arc<OwnerTable>;
+
+/// Records an identity's hash at its index.
+pub(crate) fn name_owner(table: &OwnerHashes, idx: OwnerIdx, id: &NodeId) {
+    let (i, h) = (idx as usize, owner_hash(id));
+    if let Some(slot) = table.fast.get(i) {
+        slot.store(h, Ordering::Relaxed);
+        return;
+    }
+    let mut rest = table.rest.write().unwrap_or_else(|p| p.into_inner());
+    let j = i - FAST_OWNERS;
+    if rest.len() <= j {
+        rest.resize(j + 1, 0);
+    }
+    rest[j] = h;
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Wire messages. Every message travels as one frame (see [`crate::transport::frame`]).
+//! Wire messages. Every message travels as one frame (see [`crate::frame`]).
 //!
 //! A connection between two nodes carries:
 //! - one bidirectional *control* stream, opened by the dialer, on which both sides send a

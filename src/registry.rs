@@ -8,9 +8,9 @@ use std::sync::RwLock;
 
 use tokio::sync::mpsc;
 
+use crate::frame::FrameReader;
 use crate::membership::NodeId;
 use crate::proto::{stop, StreamHeader};
-use crate::transport::frame::FrameReader;
 use crate::types::TableKind;
 use crate::{Error, Result};
 

@@ -451,6 +451,19 @@ impl ser::SerializeStructVariant for &mut WordHasher {
     }
 }
 
+/// The hash of a key: picks its digest bucket and enters its records' hashes
+/// (`crate::digest`).
+#[inline]
+pub(crate) fn key_hash<K: Serialize + 'static>(k: &K) -> u64 {
+    stable_hash(k, 1)
+}
+
+/// The hash of a value (a bag object's identity, and part of a record's digest hash).
+#[inline]
+pub(crate) fn value_hash<V: Serialize + 'static>(v: &V) -> u64 {
+    stable_hash(v, 2)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

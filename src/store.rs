@@ -23,11 +23,9 @@ use crossbeam_skiplist::SkipMap;
 use serde::Serialize;
 
 use crate::bag::{object_hash, Objects};
-use crate::digest::Hook;
-use crate::membership::OwnerIdx;
 use crate::sharded_map::ShardedMap;
-pub(crate) use crate::types::Rec;
-use crate::types::TableKind;
+pub(crate) use crate::types::{same_value, value_order, Rec};
+use crate::types::{OwnerIdx, TableKind};
 
 type Map<K, T> = ShardedMap<K, T>;
 
@@ -48,22 +46,19 @@ pub(crate) enum Store<K, V> {
     },
 }
 
-/// The order of two values by their encodings: the last tie-break between two versions of a
-/// key with equal stamps (two writers that gave one owner the same key in the same clock
-/// tick), the same on every node. Values that fail to encode compare equal.
-pub(crate) fn value_order<V: Serialize>(a: &V, b: &V) -> std::cmp::Ordering {
-    match (postcard::to_stdvec(a), postcard::to_stdvec(b)) {
-        (Ok(x), Ok(y)) => x.cmp(&y),
-        _ => std::cmp::Ordering::Equal,
-    }
-}
-
-/// Whether two values are the same object (bags, `delete_object`): equal encodings.
-pub(crate) fn same_value<V: Serialize>(a: &V, b: &V) -> bool {
-    match (postcard::to_stdvec(a), postcard::to_stdvec(b)) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
+/// What a change of the store reports, record by record: the table's digest and the
+/// subscribers' capture follow every change through it (`crate::digest::Hook`). Defined here,
+/// below both, so the store depends on neither.
+pub(crate) trait Changes<K, V> {
+    /// A record was stored (a bag object added).
+    fn add(&self, k: &K, r: &Rec<V>);
+    /// A record was removed.
+    fn sub(&self, k: &K, r: &Rec<V>);
+    /// `old` (if any) was replaced by `new` under one key.
+    fn replace(&self, k: &K, old: Option<&Rec<V>>, new: &Rec<V>);
+    /// A bag object took `new`'s stamp and owner in place of `old`'s: the digest changes, the
+    /// table's contents (what subscribers see) do not.
+    fn restamp(&self, k: &K, old: Option<&Rec<V>>, new: &Rec<V>);
 }
 
 impl<K, V> Store<K, V>
@@ -201,9 +196,10 @@ where
 
     // ---- writes (the table server only) ----
     //
-    // Every method that changes the store takes the digest's `Hook` and reports to it each
-    // record it stores or removes (`crate::digest::Records` passes it): anti-entropy compares
-    // digests, so a change the digest misses is a difference reported between equal replicas.
+    // Every method that changes the store takes a `Changes` (the digest's `Hook`) and reports
+    // to it each record it stores or removes (`crate::digest::Records` passes it): anti-entropy
+    // compares digests, so a change the digest misses is a difference reported between equal
+    // replicas.
 
     /// Timestamp and owner of a set/ordered_set record.
     pub(crate) fn meta(&self, k: &K) -> Option<(u64, OwnerIdx)> {
@@ -217,7 +213,7 @@ where
     /// Stores a record: replaces the key's record (set, ordered_set) or adds the object unless
     /// an equal one is stored (bag).
     #[cfg(test)]
-    pub(crate) fn put(&self, k: K, rec: Rec<V>, h: &Hook<'_, K, V>) {
+    pub(crate) fn put(&self, k: K, rec: Rec<V>, h: &impl Changes<K, V>) {
         // A bag keeps the stored one of two equal objects.
         let bag = matches!(self, Store::Bag { .. });
         self.put_many_if(vec![(k, rec)], |_, _, _| !bag, h);
@@ -230,7 +226,7 @@ where
         k: K,
         rec: Rec<V>,
         replace: impl FnOnce(&Rec<V>, &Rec<V>) -> bool,
-        h: &Hook<'_, K, V>,
+        h: &impl Changes<K, V>,
     ) {
         let Store::Bag { map, objects } = self else {
             return;
@@ -270,7 +266,7 @@ where
         &self,
         recs: Vec<(K, Rec<V>)>,
         mut wins: impl FnMut(&K, &Rec<V>, Option<&Rec<V>>) -> bool,
-        h: &Hook<'_, K, V>,
+        h: &impl Changes<K, V>,
     ) {
         match self {
             Store::Set(m) => m.insert_many_if(recs, |k, new, cur| {
@@ -306,7 +302,7 @@ where
         &self,
         k: &K,
         wins: impl FnOnce((u64, OwnerIdx)) -> bool,
-        h: &Hook<'_, K, V>,
+        h: &impl Changes<K, V>,
     ) -> Option<bool> {
         match self {
             Store::Set(m) => m.remove_if(k, |r| wins((r.ts, r.owner))).map(|removed| {
@@ -335,7 +331,7 @@ where
         &self,
         keys: &[K],
         mut wins: impl FnMut((u64, OwnerIdx)) -> bool,
-        h: &Hook<'_, K, V>,
+        h: &impl Changes<K, V>,
     ) -> Vec<Option<bool>> {
         match self {
             Store::Set(m) => m.remove_many_if(keys, |k, r| {
@@ -353,7 +349,7 @@ where
     }
 
     /// Removes a key (every object of it, for a bag). Returns whether anything was removed.
-    pub(crate) fn remove(&self, k: &K, h: &Hook<'_, K, V>) -> bool {
+    pub(crate) fn remove(&self, k: &K, h: &impl Changes<K, V>) -> bool {
         match self {
             Store::Set(m) => m.remove(k).inspect(|r| h.sub(k, r)).is_some(),
             Store::Ordered(m) => m.remove(k).inspect(|e| h.sub(k, e.value())).is_some(),
@@ -369,7 +365,7 @@ where
     }
 
     /// Removes one object: the key's record if its value equals `v`.
-    pub(crate) fn remove_object(&self, k: &K, v: &V, h: &Hook<'_, K, V>) -> bool {
+    pub(crate) fn remove_object(&self, k: &K, v: &V, h: &impl Changes<K, V>) -> bool {
         match self {
             Store::Bag { map, objects } => remove_bag_object(map, objects, k, v, |_| true, h),
             _ => {
@@ -390,7 +386,7 @@ where
         v: &V,
         ts: u64,
         owner: OwnerIdx,
-        h: &Hook<'_, K, V>,
+        h: &impl Changes<K, V>,
     ) -> bool {
         let this = |r: &Rec<V>| r.ts == ts && r.owner == owner && same_value(&r.value, v);
         match self {
@@ -415,7 +411,7 @@ where
         &self,
         owner: OwnerIdx,
         stamped: impl FnMut(&K, u64),
-        h: &Hook<'_, K, V>,
+        h: &impl Changes<K, V>,
     ) -> Vec<(K, V)> {
         self.remove_owned_by(|o| o == owner, stamped, h)
     }
@@ -425,7 +421,7 @@ where
         &self,
         of: impl Fn(OwnerIdx) -> bool,
         mut stamped: impl FnMut(&K, u64),
-        h: &Hook<'_, K, V>,
+        h: &impl Changes<K, V>,
     ) -> Vec<(K, V)> {
         let mut removed = Vec::new();
         match self {
@@ -477,7 +473,7 @@ fn remove_bag_object<K, V>(
     k: &K,
     v: &V,
     this: impl Fn(&Rec<V>) -> bool,
-    h: &Hook<'_, K, V>,
+    h: &impl Changes<K, V>,
 ) -> bool
 where
     K: Hash + Eq + Ord + Clone + Serialize + Send + Sync + 'static,
@@ -507,6 +503,9 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    // The one import of the store's tests from above it: they drive the store through
+    // `Records`, as the table server does, so every change also goes through the digest's
+    // `Changes` (tests/layering.rs leaves test modules out).
     use crate::digest::Records;
 
     fn rec(value: u32, ts: u64, owner: OwnerIdx) -> Rec<u32> {

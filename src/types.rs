@@ -1,5 +1,6 @@
 //! The types every layer needs: what a key maps to ([`TableKind`]), the bounds of keys and
-//! values ([`Key`], [`Value`]), a stored record ([`Rec`]) and a write's stamp ([`Stamp`]).
+//! values ([`Key`], [`Value`]), an owner's index ([`OwnerIdx`]), a stored record ([`Rec`]), a
+//! write's stamp ([`Stamp`]), and how two values compare ([`same_value`], [`value_order`]).
 //!
 //! Below the public handle (`table.rs`), the table server (`server/`), the store, the wire
 //! messages and the join coordinator, all of which take them from here; it imports none of them.
@@ -9,8 +10,6 @@ use std::hash::Hash;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-
-use crate::membership::OwnerIdx;
 
 /// What a key maps to, as in ETS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -46,6 +45,28 @@ impl<
 /// The bounds every value type satisfies.
 pub trait Value: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {}
 impl<T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> Value for T {}
+
+/// Compact index of a node identity within one table server (records store the index;
+/// `crate::membership::Owners` gives them out).
+pub(crate) type OwnerIdx = u32;
+
+/// The order of two values by their encodings: the last tie-break between two versions of a
+/// key with equal stamps (two writers that gave one owner the same key in the same clock
+/// tick), the same on every node. Values that fail to encode compare equal.
+pub(crate) fn value_order<V: Serialize>(a: &V, b: &V) -> std::cmp::Ordering {
+    match (postcard::to_stdvec(a), postcard::to_stdvec(b)) {
+        (Ok(x), Ok(y)) => x.cmp(&y),
+        _ => std::cmp::Ordering::Equal,
+    }
+}
+
+/// Whether two values are the same object (bags, `delete_object`): equal encodings.
+pub(crate) fn same_value<V: Serialize>(a: &V, b: &V) -> bool {
+    match (postcard::to_stdvec(a), postcard::to_stdvec(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
 
 /// A stored record's value and metadata.
 #[derive(Debug, Clone)]

@@ -5,8 +5,8 @@
 use tokio::sync::mpsc;
 
 use super::decide::Decided;
-use super::dump::TombstoneChunk;
 use super::lock::Lease;
+use super::TombstoneChunk;
 use super::{Group, JoinCtx};
 use crate::authority::Dump;
 use crate::membership::NodeId;

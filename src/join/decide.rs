@@ -5,8 +5,7 @@
 
 use std::collections::HashMap;
 
-use super::dump::TombstoneChunk;
-use super::{Group, JoinCtx};
+use super::{Group, JoinCtx, TombstoneChunk};
 use crate::authority;
 use crate::conflict::Conflict;
 use crate::hlc::HybridClock;

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::decide::{Version, Versions};
 use super::lock::Lease;
-use super::{Group, JoinCtx};
+use super::{Group, JoinCtx, TombstoneChunk};
 use crate::membership::NodeId;
 use crate::ownership::is_writer_id;
 use crate::proto::{JoinRep, JoinReq, WireRecord, WireTombstone};
@@ -183,9 +183,6 @@ pub(super) fn check_chunk<K, V>(
     }
     Ok(())
 }
-
-/// A chunk of a source's tombstones: its owner list and the tombstones that index it.
-pub(super) type TombstoneChunk<K> = (Vec<NodeId>, Vec<WireTombstone<K>>);
 
 /// What a tombstone chunk must be: of a cluster-owned table, not empty, naming writer names only.
 pub(super) fn check_tombstones<K, V>(

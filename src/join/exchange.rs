@@ -3,9 +3,10 @@
 //! the later version per key; no union is built in one place.
 
 use super::apply::send_stale;
-use super::dump::{check_chunk, check_tombstones, DumpBound, TombstoneChunk};
+use super::dump::{check_chunk, check_tombstones, DumpBound};
 use super::lock::Lease;
 use super::JoinCtx;
+use super::TombstoneChunk;
 use std::collections::BTreeMap;
 
 use crate::authority::{self, Dump};

@@ -42,7 +42,7 @@ impl Lease {
         };
         // Request number 0 is never awaited (`Server::on_control` numbers from 1): the reply is
         // dropped where it arrives.
-        let direct = crate::transport::frame::encode(&PeerMsg::<K, V>::Join {
+        let direct = crate::frame::encode(&PeerMsg::<K, V>::Join {
             req: 0,
             body: pause(),
         });

@@ -55,6 +55,10 @@ pub(crate) type JoinCheckpointFn = Arc<
         + Sync,
 >;
 
+/// A chunk of a source's tombstones: its owner list and the tombstones that index it (read
+/// by `dump`, decided on by `decide`, applied by `apply`).
+type TombstoneChunk<K> = (Vec<NodeId>, Vec<crate::proto::WireTombstone<K>>);
+
 /// A request of the coordinator for its table server to send to `to` (this node or a peer);
 /// the server streams the replies back on `replies`.
 pub(crate) struct JoinRequest<K, V> {

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
+use super::files::{crc32, err, sync_dir};
 use super::wal::{self, Logs};
 use super::{LogContents, Persistence};
 use crate::{Error, Result};
@@ -77,13 +78,6 @@ impl DirectoryBackend {
     }
 }
 
-pub(super) fn err(file: &Path, reason: impl std::fmt::Display) -> Error {
-    Error::Persistence {
-        file: file.display().to_string(),
-        reason: reason.to_string(),
-    }
-}
-
 fn write_atomically(dir: &Path, file: &Path, blocks: &[Vec<u8>]) -> Result<u64> {
     std::fs::create_dir_all(dir).map_err(|e| err(dir, format!("cannot create: {e}")))?;
     let tmp = file.with_extension("snap.tmp");
@@ -116,13 +110,6 @@ fn write_atomically(dir: &Path, file: &Path, blocks: &[Vec<u8>]) -> Result<u64> 
     std::fs::rename(&tmp, file).map_err(|e| err(file, e))?;
     sync_dir(dir)?;
     Ok(bytes)
-}
-
-/// Fsyncs a directory, so that the files created, renamed or removed in it stay so.
-pub(super) fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| err(dir, format!("fsync of the directory: {e}")))
 }
 
 fn read(file: &Path) -> Result<Option<Vec<Vec<u8>>>> {
@@ -188,35 +175,6 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// CRC-32 (IEEE 802.3, reflected, polynomial 0xEDB88320), bitwise per byte with a small table.
-pub(super) fn crc32(data: &[u8]) -> u32 {
-    const fn table() -> [u32; 256] {
-        let mut t = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-                k += 1;
-            }
-            t[i] = c;
-            i += 1;
-        }
-        t
-    }
-    const TABLE: [u32; 256] = table();
-    let mut c = !0u32;
-    for &b in data {
-        c = TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
-    }
-    !c
-}
-
 #[async_trait]
 impl Persistence for DirectoryBackend {
     async fn save(&self, table: &str, blocks: Vec<Vec<u8>>) -> Result<u64> {
@@ -276,11 +234,6 @@ impl Persistence for DirectoryBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn crc32_of_a_known_string() {
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
-    }
 
     #[test]
     fn a_damaged_file_is_an_error_that_says_where() {

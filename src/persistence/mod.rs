@@ -12,6 +12,7 @@
 //! replication and reads go on.
 
 mod dir;
+mod files;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod snapshot;

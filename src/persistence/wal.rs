@@ -19,7 +19,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::dir::{crc32, err, sync_dir};
+use super::files::{crc32, err, sync_dir};
 use crate::Result;
 
 const MAGIC: &[u8; 8] = b"CETSWAL1";

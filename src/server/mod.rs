@@ -53,6 +53,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use crate::config::{deadline_after, NodeConfig};
+use crate::frame::{self, FrameReader};
 use crate::hlc::HybridClock;
 use crate::join::{self, JoinCtx};
 use crate::membership::{NodeId, OwnerIdx, Owners};
@@ -69,7 +70,6 @@ use crate::shared::Shared;
 use crate::status::TableStatus;
 use crate::store::{same_value, value_order};
 use crate::tombstones::{Tombstone, Tombstones};
-use crate::transport::frame::{self, FrameReader};
 use crate::types::Rec;
 use crate::types::{Key, TableKind, Value};
 use crate::{Error, Result};

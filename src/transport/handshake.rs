@@ -14,7 +14,7 @@ use quinn::{Connection, VarInt};
 use ring::hmac;
 use rustls::pki_types::CertificateDer;
 
-use super::frame::{self, FrameReader};
+use crate::frame::{self, FrameReader};
 use crate::membership::NodeId;
 use crate::proto::{close, Hello, MAGIC, PROTOCOL_VERSION};
 use crate::{Error, Result};

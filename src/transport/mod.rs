@@ -7,7 +7,6 @@
 //! - [`peers`]: the connection manager, one task that owns every connection of the node.
 
 pub(crate) mod admission;
-pub(crate) mod frame;
 pub(crate) mod handshake;
 pub(crate) mod peers;
 pub(crate) mod socket;

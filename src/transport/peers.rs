@@ -27,9 +27,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use super::admission::{Admission, Admit};
-use super::frame::{self, FrameReader};
 use super::handshake::{self, Authenticated, Credentials};
 use crate::config::{deadline_after, NodeConfig};
+use crate::frame::{self, FrameReader};
 use crate::membership::NodeId;
 use crate::metrics::NodeMetrics;
 use crate::proto::{close, StreamHeader};
