@@ -292,6 +292,7 @@ impl<C: Conn> Peers<C> {
     }
 
     /// The key of the link to a node of this name (any incarnation).
+    #[cfg(any(test, feature = "testing"))]
     pub(super) fn key_named(&self, name: &str) -> Option<OwnerIdx> {
         self.links
             .iter()
