@@ -348,6 +348,7 @@ mod tests {
             expire_ms,
             cluster: false,
             moved: Arc::default(),
+            busy: Arc::default(),
             streams: HashMap::new(),
         }
     }

@@ -31,7 +31,7 @@ mod lock;
 mod merge;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,6 +91,9 @@ pub(crate) struct JoinCtx<K, V> {
     pub cluster: bool,
     /// Records sent in `Apply` requests so far (`cets_join_records_total`).
     pub moved: Arc<AtomicU64>,
+    /// Set when a node answered the pause `Busy`: the table server then retries this join as
+    /// soon as a pause ends instead of after its back-off (`server::join_wake`).
+    pub busy: Arc<AtomicBool>,
     /// The table streams to the peers (when the join started), for the lease's renewals: they
     /// go out from here, not through this node's table server, which may be busy for longer
     /// than the lease with the join's own work (its dump, the chunks it applies).
@@ -178,6 +181,7 @@ pub(crate) async fn run<K: Key, V: Value>(ctx: JoinCtx<K, V>, peer: NodeId) -> R
                 reach.insert(n.clone(), reachable);
             }
             Ok(JoinRep::Busy { by }) => {
+                ctx.busy.store(true, Ordering::Relaxed);
                 release(&ctx, &locked, join).await;
                 return Err(ctx.fail(n, format!("busy with a join coordinated by {by}")));
             }

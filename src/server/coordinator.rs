@@ -36,17 +36,21 @@ impl<K: Key, V: Value> Server<K, V> {
         size: usize,
     ) {
         let max = self.config.max_link_queue_bytes;
-        if let joins::Reply::Overflow(bytes) = self.joins.reply(key, req, body, size, max) {
-            tracing::warn!(
+        let free = matches!(body, JoinRep::Unpaused);
+        match self.joins.reply(key, req, body, size, max) {
+            joins::Reply::Overflow(bytes) => tracing::warn!(
                 peer = %self.peers.id_of(key).map_or_else(String::new, ToString::to_string),
                 bytes,
                 "replies to one join request passed max_link_queue_bytes; dropping the request"
-            );
+            ),
+            joins::Reply::Ignored => self.late_join_reply(free),
+            joins::Reply::Delivered => {}
         }
     }
 
-    /// A join coordinated here with `id` ended: its back-off is updated.
-    pub(super) fn on_join_done(&mut self, id: NodeId, result: Result<u64>) {
+    /// A join coordinated here with `id` ended (`busy`: refused `Busy` by a pause): its
+    /// back-off is updated.
+    pub(super) fn on_join_done(&mut self, id: NodeId, result: Result<u64>, busy: bool) {
         let base = self.config.join_backoff;
         let max = self.config.join_max_backoff;
         // A join with a node that went down meanwhile has no track left to update.
@@ -57,7 +61,10 @@ impl<K: Key, V: Value> Server<K, V> {
         else {
             return;
         };
-        self.joins.done(peer, &id.to_string(), result, (base, max));
+        self.joins
+            .done(peer, &id.to_string(), result, busy, (base, max));
+        // Refused by a pause that has ended since: again at once.
+        self.maybe_join(peer);
     }
 
     /// Starts a join with `key` if it is due: both sides run the table, it is not a member, and
@@ -92,6 +99,7 @@ impl<K: Key, V: Value> Server<K, V> {
             expire_ms: self.shared.expire_ms,
             cluster: self.cluster_owned(),
             moved: Arc::default(),
+            busy: Arc::default(),
             streams: self
                 .peers
                 .links()
@@ -102,6 +110,7 @@ impl<K: Key, V: Value> Server<K, V> {
         let control = self.control_tx.clone();
         let table = self.shared.name.clone();
         let moved = ctx.moved.clone();
+        let busy = ctx.busy.clone();
         let metrics = self.metrics.join();
         let span = tracing::info_span!("cets_join", node = %self.me.name, table = %self.shared.name, peer = %peer);
         tokio::spawn(
@@ -140,6 +149,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 let _ = control.send(Control::JoinDone {
                     peer: done_with,
                     result,
+                    busy: busy.load(std::sync::atomic::Ordering::Relaxed),
                 });
             }
             .instrument(span),

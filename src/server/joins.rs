@@ -10,7 +10,10 @@
 //!   other than a dump come to at most `max_link_queue_bytes` (past that the request is
 //!   refused and forgotten); a request whose coordinator gave up is forgotten at its next
 //!   reply;
-//! - request numbers start at 1: request 0 is never awaited (the lease's renewals use it).
+//! - request numbers start at 1: request 0 is never awaited (the lease's renewals use it);
+//! - a join refused `Busy` by a pause waits for the end of a pause (a wake, `wake`), not for
+//!   its back-off: a wake since it started, or the next one, makes it due at once; the back-off
+//!   still runs in case no wake comes (ALGORITHM.md, section 20).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -39,6 +42,10 @@ struct JoinTrack {
     running: bool,
     failures: u32,
     next: Option<Instant>,
+    /// The last attempt was refused `Busy`: the next wake makes it due at once.
+    blocked: bool,
+    /// `Joins::wakes` when the running attempt started.
+    wakes_at_start: u64,
 }
 
 /// What became of a reply to a join request.
@@ -58,6 +65,8 @@ pub(super) struct Joins<K, V> {
     tracks: HashMap<OwnerIdx, JoinTrack>,
     /// Conflicting keys found by the joins coordinated here (`TableStatus::conflicts`).
     conflicts: u64,
+    /// Pauses seen to end (`wake`), here or at a node that had refused a join of ours.
+    wakes: u64,
 }
 
 impl<K, V> Joins<K, V> {
@@ -67,6 +76,7 @@ impl<K, V> Joins<K, V> {
             next_req: 0,
             tracks: HashMap::new(),
             conflicts: 0,
+            wakes: 0,
         }
     }
 
@@ -176,25 +186,50 @@ impl<K, V> Joins<K, V> {
             return false;
         }
         track.running = true;
+        track.wakes_at_start = self.wakes;
         true
     }
 
+    /// A pause ended (here, or at a node that refused a join of ours): the joins refused
+    /// `Busy` are due at once; returns their peers. A join running now that is refused `Busy`
+    /// later is due at once too (`done`): the pause that refused it may have ended already.
+    pub(super) fn wake(&mut self) -> Vec<OwnerIdx> {
+        self.wakes += 1;
+        let mut due = Vec::new();
+        for (key, t) in self.tracks.iter_mut() {
+            if t.blocked && !t.running {
+                t.blocked = false;
+                t.next = None;
+                due.push(*key);
+            }
+        }
+        due
+    }
+
     /// The join with `key` (named `name` in the logs) ended with `result`: its conflicts are
-    /// counted, or the next attempt backs off from `base` up to `max`.
+    /// counted, or the next attempt backs off from `base` up to `max`; one refused `Busy`
+    /// (`busy`) waits for the next wake instead, or none if a wake came since it started.
     pub(super) fn done(
         &mut self,
         key: OwnerIdx,
         name: &str,
         result: Result<u64, Error>,
+        busy: bool,
         (base, max): (Duration, Duration),
     ) {
         let track = self.tracks.entry(key).or_default();
         track.running = false;
+        track.blocked = false;
         match result {
             Ok(conflicts) => {
                 track.failures = 0;
                 track.next = None;
                 self.conflicts += conflicts;
+            }
+            Err(e) if busy && self.wakes > track.wakes_at_start => {
+                track.failures = track.failures.saturating_add(1);
+                track.next = None;
+                tracing::debug!(peer = %name, error = %e, "join refused by a pause that has ended since; retrying at once");
             }
             Err(e) => {
                 track.failures = track.failures.saturating_add(1);
@@ -203,6 +238,7 @@ impl<K, V> Joins<K, V> {
                 // Saturating: a back-off of `Duration::MAX` means "do not retry".
                 let wait = Duration::try_from_secs_f64(exp.as_secs_f64() * jitter).unwrap_or(exp);
                 track.next = Some(crate::config::deadline_after(wait));
+                track.blocked = busy;
                 if track.failures >= 3 {
                     tracing::warn!(peer = %name, error = %e, failures = track.failures, "join failed; retrying");
                 } else {
@@ -303,14 +339,40 @@ mod tests {
         assert!(j.start(5));
         assert!(!j.start(5), "a join with 5 runs");
         assert_eq!(j.running().collect::<Vec<_>>(), vec![5]);
-        j.done(5, "b", Ok(3), (Duration::ZERO, Duration::ZERO));
+        j.done(5, "b", Ok(3), false, (Duration::ZERO, Duration::ZERO));
         assert_eq!(j.conflicts(), 3);
         assert!(j.start(5));
         let hour = Duration::from_secs(3600);
-        j.done(5, "b", Err(Error::Shutdown), (hour, hour));
+        j.done(5, "b", Err(Error::Shutdown), false, (hour, hour));
         assert!(!j.start(5), "backing off");
         j.forget(5);
         assert!(j.start(5), "a peer that went down starts over");
+    }
+
+    #[test]
+    fn a_join_refused_busy_is_due_at_the_next_wake_or_at_once_after_one() {
+        let mut j: Joins<u64, u64> = Joins::new();
+        let hour = Duration::from_secs(3600);
+        let busy = || Err(Error::Shutdown);
+        // Refused busy, no wake since it started: waits for one.
+        assert!(j.start(5));
+        j.done(5, "b", busy(), true, (hour, hour));
+        assert!(!j.start(5), "backing off until a wake");
+        // Another failure is no reason to wake: 6 backs off its hour.
+        assert!(j.start(6));
+        j.done(6, "c", busy(), false, (hour, hour));
+        assert_eq!(j.wake(), vec![5]);
+        assert!(!j.start(6), "only a join refused busy wakes");
+        assert!(j.start(5), "woken");
+        // A wake while it runs: refused busy afterwards, it is due at once.
+        j.wake();
+        j.done(5, "b", busy(), true, (hour, hour));
+        assert!(j.start(5), "the pause that refused it ended already");
+        // But not for a wake that came before it started.
+        j.done(5, "b", busy(), true, (hour, hour));
+        assert!(!j.start(5));
+        assert_eq!(j.wake(), vec![5]);
+        assert!(j.wake().is_empty(), "woken once");
     }
 
     #[test]

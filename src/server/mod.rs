@@ -109,6 +109,8 @@ pub(crate) enum Control<K, V> {
     JoinDone {
         peer: NodeId,
         result: Result<u64>,
+        /// A node answered the join's pause `Busy`.
+        busy: bool,
     },
     Stop(oneshot::Sender<()>),
     /// Register a subscriber between two changes (`crate::subscription`).
@@ -210,6 +212,7 @@ mod commit;
 mod coordinator;
 mod housekeeping;
 mod inbound;
+mod join_wake;
 mod joins;
 mod lifecycle;
 mod links;
@@ -360,7 +363,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 let _ = reply.send(self.status());
             }
             Control::JoinRequest(request) => self.on_join_request(request),
-            Control::JoinDone { peer, result } => self.on_join_done(peer, result),
+            Control::JoinDone { peer, result, busy } => self.on_join_done(peer, result, busy),
             Control::Subscribe(req) => self.on_subscribe(req),
             #[cfg(feature = "testing")]
             Control::Testing(w, done) => {

@@ -5,7 +5,9 @@
 //! - at most one join holds the pause, and a pause request of another join is answered `Busy`;
 //! - a join whose pause ended (the last [`RELEASED_KEPT`]) never pauses the table again, so a
 //!   late renewal or a pause request queued behind the unpause is refused;
-//! - the waiting pause requests belong to the current pause: ending it drops them.
+//! - the waiting pause requests belong to the current pause: ending it drops them;
+//! - the peers whose pause requests were refused `Busy` are remembered, one request each (so as
+//!   many as there are links), until the pause ends and they are told (`server::join_wake`).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -55,6 +57,8 @@ pub(super) struct PauseState<K, V> {
     released: VecDeque<u64>,
     /// Pause requests answered once the pending batches are acknowledged.
     waiters: Vec<Origin<K, V>>,
+    /// Peers (and their requests) refused `Busy` by the current pause: told when it ends.
+    refused: Vec<(crate::membership::OwnerIdx, u64)>,
 }
 
 impl<K, V> PauseState<K, V> {
@@ -63,6 +67,7 @@ impl<K, V> PauseState<K, V> {
             current: None,
             released: VecDeque::new(),
             waiters: Vec::new(),
+            refused: Vec::new(),
         }
     }
 
@@ -147,6 +152,19 @@ impl<K, V> PauseState<K, V> {
     pub(super) fn forget_waiters_of(&mut self, key: crate::membership::OwnerIdx) {
         self.waiters
             .retain(|o| !matches!(o, Origin::Peer(k, _) if *k == key));
+        self.refused.retain(|(k, _)| *k != key);
+    }
+
+    /// The pause request `req` of the peer `key` was refused `Busy`: the peer hears when the
+    /// pause ends. Only its latest request is kept.
+    pub(super) fn note_refused(&mut self, key: crate::membership::OwnerIdx, req: u64) {
+        self.refused.retain(|(k, _)| *k != key);
+        self.refused.push((key, req));
+    }
+
+    /// The peers refused `Busy` (with their requests), taken.
+    pub(super) fn take_refused(&mut self) -> Vec<(crate::membership::OwnerIdx, u64)> {
+        std::mem::take(&mut self.refused)
     }
 
     /// Ends the pause, if any, and returns it; its join is remembered as released and the
@@ -225,8 +243,17 @@ mod tests {
         assert!(s.current().is_some_and(|p| p.deadline > Instant::now()));
         s.wait(Origin::Peer(3, 1));
         s.wait(Origin::Peer(4, 1));
+        s.note_refused(3, 5);
+        s.note_refused(4, 6);
+        s.note_refused(4, 7);
         s.forget_waiters_of(3);
         let left = s.take_waiters();
         assert!(matches!(left.as_slice(), [Origin::Peer(4, 1)]));
+        assert_eq!(
+            s.take_refused(),
+            vec![(4, 7)],
+            "one request per peer, the latest"
+        );
+        assert!(s.take_refused().is_empty());
     }
 }

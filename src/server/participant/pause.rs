@@ -19,7 +19,12 @@ impl<K: Key, V: Value> Server<K, V> {
         let lease = Duration::from_millis(lease_ms).min(MAX_PAUSE_LEASE);
         match self.pause.begin(join, coordinator, lease) {
             pause::Begin::Released => self.refuse(origin, "this join's pause already ended"),
-            pause::Begin::Busy(by) => self.reply(origin, JoinRep::Busy { by }),
+            pause::Begin::Busy(by) => {
+                if let Origin::Peer(key, req) = origin {
+                    self.pause.note_refused(key, req);
+                }
+                self.reply(origin, JoinRep::Busy { by });
+            }
             pause::Begin::Renewed => {
                 let rep = self.paused_reply();
                 self.reply(origin, rep);

@@ -17,7 +17,7 @@ impl<K: Key, V: Value> Server<K, V> {
         self.reply(origin, JoinRep::Unpaused);
     }
 
-    /// Ends the current pause; buffered writes go on.
+    /// Ends the current pause; buffered writes go on, and the joins it refused may start.
     pub(in crate::server) fn unpause(&mut self) {
         if let Some(p) = self.pause.end() {
             if p.applied {
@@ -26,6 +26,7 @@ impl<K: Key, V: Value> Server<K, V> {
                 // node's records stay.
                 self.drop_outsiders(p.coordinator.clone(), &[]);
             }
+            self.pause_ended();
         }
     }
 }
