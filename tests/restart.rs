@@ -112,3 +112,40 @@ async fn a_redirect_from_a_restarted_node_replaces_the_dial_still_in_flight_to_i
     );
     shutdown_all([&a, &c]).await;
 }
+
+/// b, the larger name, dials a; a closes that dial with `REDIRECT` and dials b back. Every
+/// packet between them waits 150 ms each way (a relay; a reaches b through the relay's other
+/// side, the address it saw b's dial come from), so the dial-back takes one to two round trips
+/// after b heard the `REDIRECT`, longer than b's discovery interval. b waits for it instead of dialing a again at every discovery
+/// round (each such dial was only redirected again, a full handshake for nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirected_node_waits_for_the_dial_back_instead_of_dialing_again() {
+    let logs = capture::capture();
+    let mut config = NodeConfig::fast_failover();
+    // Shorter than what the dial-back takes after the `REDIRECT` (a round trip or two), so
+    // at least one discovery round falls in between.
+    config.discovery_interval = std::time::Duration::from_millis(150);
+    let (a, _a_disco) = node_with("a", "test-cookie", config.clone()).await;
+    let (b, b_disco) = node_with("b", "test-cookie", config).await;
+    let relay = Relay::start(a.local_addr()).await;
+    let delay = std::time::Duration::from_millis(150);
+    relay.set_delay(delay, std::time::Duration::ZERO);
+    let ta = a.start("t", TableOptions::<u32, u32>::set()).await.unwrap();
+    let tb = b.start("t", TableOptions::<u32, u32>::set()).await.unwrap();
+    let addr = relay.addr().to_string();
+    b_disco.set(vec![relay.addr()]);
+    joined(&[&ta, &tb]).await;
+    let redirected: &[(&str, &str)] = &[("addr", &addr)];
+    let redials = logs
+        .count_after(
+            ("dial redirected; the peer dials back", redirected),
+            "dialing",
+            &[("addr", &addr)],
+        )
+        .expect("b's dial was redirected");
+    assert_eq!(
+        redials, 0,
+        "b dialed a again {redials} times while a's dial-back was on its way"
+    );
+    shutdown_all([&a, &b]).await;
+}

@@ -15,6 +15,9 @@
 //! - **Backoff per address.** After `n` failed dials in a row, discovery dials an address again
 //!   only `discovery_interval * 2^(n-1)` later (at most `discovery_max_backoff`). A lost
 //!   connection, a dial back to a node that dialed us, and `Node::connect` dial at once.
+//! - **A redirected dial waits for the dial-back.** After `REDIRECT` from an address, discovery
+//!   does not dial it again until the peer's dial-back arrives, or `handshake_timeout` passed
+//!   (the dial-back's own bound): each such dial would only be redirected again.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -163,6 +166,9 @@ pub(crate) struct PeerManager {
     next_dial: u64,
     self_addrs: HashSet<SocketAddr>,
     unavailable: HashMap<SocketAddr, Unavailable>,
+    /// Addresses whose node closed our dial with `REDIRECT` and dials back, since when: not
+    /// dialed by discovery meanwhile (`PeerManager::dial`). Only discovered addresses stay.
+    redirected: HashMap<SocketAddr, Instant>,
     metrics: NodeMetrics,
 }
 
@@ -205,6 +211,7 @@ impl PeerManager {
             next_dial: 0,
             self_addrs,
             unavailable: HashMap::new(),
+            redirected: HashMap::new(),
             metrics,
         };
         tokio::spawn(manager.run(rx).instrument(span));
@@ -220,6 +227,7 @@ impl PeerManager {
                 Command::Redirected(addr, id) => {
                     if self.dial_ended(addr, id) {
                         self.unavailable.remove(&addr);
+                        self.redirected(addr);
                     }
                 }
                 Command::DialFailed(addr, reason, id) => {
@@ -256,6 +264,7 @@ impl PeerManager {
                 Command::Discovered(addrs) => {
                     let addrs: HashSet<SocketAddr> = addrs.into_iter().map(canonical).collect();
                     self.unavailable.retain(|a, _| addrs.contains(a));
+                    self.redirected.retain(|a, _| addrs.contains(a));
                     // Own addresses are remembered only while discovery lists them, so the
                     // set is as large as the discovered list at most.
                     let bound = self.endpoint.local_addr().ok().map(canonical);
@@ -309,6 +318,13 @@ impl PeerManager {
         );
     }
 
+    /// Our dial to `addr` was redirected (closed with `REDIRECT`, or authenticated with us the
+    /// larger name): the peer dials back, and discovery leaves the address alone meanwhile.
+    fn redirected(&mut self, addr: SocketAddr) {
+        tracing::debug!(%addr, "dial redirected; the peer dials back");
+        self.redirected.insert(addr, Instant::now());
+    }
+
     /// Dial `id` to `addr` ended: false if a newer dial to `addr` replaced it.
     fn dial_ended(&mut self, addr: SocketAddr, id: u64) -> bool {
         if self.dialing.get(&addr).is_some_and(|d| d.id == id) {
@@ -354,6 +370,17 @@ impl PeerManager {
                     .unavailable
                     .get(&addr)
                     .is_some_and(|u| u.retry_at > Instant::now()) =>
+            {
+                return
+            }
+            // Redirected: the peer's dial-back is on its way, and a dial now would only be
+            // redirected again (it used to be, at every discovery round until the dial-back
+            // arrived). Past `handshake_timeout` the dial-back has failed: dial again.
+            None if backoff == Backoff::Honour
+                && self
+                    .redirected
+                    .get(&addr)
+                    .is_some_and(|t| t.elapsed() < self.config.handshake_timeout) =>
             {
                 return
             }
@@ -443,6 +470,7 @@ impl PeerManager {
         }
         let addr = canonical(a.conn.remote_address());
         self.unavailable.remove(&addr);
+        self.redirected.remove(&addr);
         let peer = a.peer.clone();
         if peer.name == self.me.name {
             if peer.incarnation == self.me.incarnation {
@@ -491,6 +519,13 @@ impl PeerManager {
             } else {
                 // We are the larger node: the peer closes this connection and dials back.
                 self.close_unless_closed(a.conn, close::REDIRECT, b"not canonical");
+                if self
+                    .active
+                    .get(&peer.name)
+                    .is_none_or(|x| x.conn.close_reason().is_some())
+                {
+                    self.redirected(addr);
+                }
             }
             return;
         }
@@ -576,6 +611,7 @@ impl PeerManager {
             if let Some(a) = self.active.remove(name) {
                 self.metrics.connections.set(self.active.len() as f64);
                 tracing::info!(peer = %a.id, %reason, "connection lost; node is down");
+                self.redirected.remove(&canonical(a.conn.remote_address()));
                 self.unavailable.insert(
                     canonical(a.conn.remote_address()),
                     Unavailable {

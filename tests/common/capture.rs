@@ -29,19 +29,42 @@ impl Logs {
             .lock()
             .unwrap()
             .iter()
-            .filter(|line| {
-                line.message == message
-                    && fields.iter().all(|(name, want)| {
-                        line.fields.iter().any(|(n, v)| {
-                            n == name
-                                && match want.strip_suffix('*') {
-                                    Some(prefix) => v.starts_with(prefix),
-                                    None => v == want,
-                                }
-                        })
-                    })
-            })
+            .filter(|line| line.is(message, fields))
             .count()
+    }
+
+    /// How many events match `message` and `fields` after the first event that matches
+    /// `after` (its message and fields); `None` while no event matches `after`.
+    pub fn count_after(
+        &self,
+        after: (&str, &[(&str, &str)]),
+        message: &str,
+        fields: &[(&str, &str)],
+    ) -> Option<usize> {
+        let lines = self.0.lock().unwrap();
+        let first = lines.iter().position(|l| l.is(after.0, after.1))?;
+        Some(
+            lines[first + 1..]
+                .iter()
+                .filter(|l| l.is(message, fields))
+                .count(),
+        )
+    }
+}
+
+impl Line {
+    /// Whether this event has the message and every one of `fields` (as `Logs::has`).
+    fn is(&self, message: &str, fields: &[(&str, &str)]) -> bool {
+        self.message == message
+            && fields.iter().all(|(name, want)| {
+                self.fields.iter().any(|(n, v)| {
+                    n == name
+                        && match want.strip_suffix('*') {
+                            Some(prefix) => v.starts_with(prefix),
+                            None => v == want,
+                        }
+                })
+            })
     }
 }
 
