@@ -101,6 +101,19 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// A persistence backend cannot reach its store (the database is down or does not answer,
+    /// the directory cannot be read for lack of permission): nothing is known to be damaged, and
+    /// the same call may succeed later. A table's start waits for the store up to
+    /// `PersistOptions::restore_wait` and then fails with this error, whatever
+    /// `PersistOptions::on_restore_error` says: starting empty would let the next snapshot
+    /// replace data that is intact.
+    #[error("persistence unavailable: {store}: {reason}")]
+    PersistenceUnavailable {
+        /// The store concerned (database, node and table; or the file).
+        store: String,
+        /// Why it cannot be reached.
+        reason: String,
+    },
     /// A user callback (conflict handler, `on_node_down`, owner function) panicked. Only the
     /// write or join that called it fails; the table goes on.
     #[error("the {callback} of table {table:?} panicked: {reason}")]

@@ -275,7 +275,7 @@ async fn restore_of<K: Key, V: Value>(
             "PersistOptions::sync_writes needs a backend that keeps a log".into(),
         ));
     }
-    let loaded = async {
+    let load = || async {
         let blocks = match p.backend.load(name).await? {
             None => Vec::new(),
             Some(b) => {
@@ -297,7 +297,27 @@ async fn restore_of<K: Key, V: Value>(
         }
         Ok::<_, Error>((blocks, log, torn_tails))
     };
-    match loaded.await {
+    // A store that cannot be reached is waited for, never taken for damage.
+    let give_up = tokio::time::Instant::now() + p.restore_wait;
+    let mut pause = Duration::from_millis(100);
+    let loaded = loop {
+        match load().await {
+            Err(e @ Error::PersistenceUnavailable { .. }) => {
+                let now = tokio::time::Instant::now();
+                if now >= give_up {
+                    tracing::error!(table = name, error = %e, wait = ?p.restore_wait,
+                        "persistence unavailable at start; not starting the table");
+                    return Err(e);
+                }
+                tracing::warn!(table = name, error = %e, retry_in = ?pause,
+                    "persistence unavailable at start; waiting for it");
+                tokio::time::sleep(pause.min(give_up - now)).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            other => break other,
+        }
+    };
+    match loaded {
         Ok((blocks, log, torn_tails)) => Ok(Restored {
             blocks,
             log,

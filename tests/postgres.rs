@@ -7,6 +7,8 @@
 //! binaries must be installed where the test runs).
 
 mod common;
+#[path = "common/postgres_server.rs"]
+mod postgres_server;
 
 use std::path::Path;
 use std::time::Duration;
@@ -14,28 +16,9 @@ use std::time::Duration;
 use cets::persistence::{tokio_postgres, PersistOptions, Persistence, PostgresBackend};
 use cets::{Error, Node, Table, TableOptions};
 use common::*;
+use postgres_server::{url, OwnServer};
 
 type Kv = Table<String, String>;
-
-/// The server's URL, or `None` (after saying so) when the tests should skip.
-fn url() -> Option<String> {
-    match std::env::var("CETS_TEST_POSTGRES_URL") {
-        Ok(u) if !u.is_empty() => Some(u),
-        _ if std::env::var("CETS_POSTGRES_REQUIRED").as_deref() == Ok("1") => {
-            panic!("CETS_POSTGRES_REQUIRED=1 but CETS_TEST_POSTGRES_URL is not set")
-        }
-        _ => {
-            // Straight to stderr: the test harness captures `eprintln!`.
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: set CETS_TEST_POSTGRES_URL (e.g. postgresql://postgres@127.0.0.1:5432/postgres) \
-                 to run tests/postgres.rs against a real server"
-            );
-            None
-        }
-    }
-}
 
 /// A table name no other test or run uses.
 fn fresh_table() -> String {
@@ -356,72 +339,14 @@ async fn every_node_sigkilled_restores_its_records_from_postgres() {
     }
 }
 
-/// A PostgreSQL server of this test's own (`.ci/postgres`, in a temporary directory), which
-/// it stops and starts again while nodes use it; stopped and removed when dropped.
-struct OwnServer {
-    dir: tempfile::TempDir,
-    url: String,
-}
-
-impl OwnServer {
-    fn script() -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/postgres")
-    }
-
-    async fn ctl(&self, what: &str) {
-        let st = tokio::process::Command::new(Self::script())
-            .args([what, &self.dir.path().display().to_string()])
-            .status()
-            .await
-            .unwrap();
-        assert!(st.success(), ".ci/postgres {what} failed");
-    }
-
-    /// Starts one, or says why not (needs PostgreSQL's binaries, and root or a user that may
-    /// run them).
-    async fn start() -> std::result::Result<OwnServer, String> {
-        let dir = tempfile::Builder::new()
-            .prefix("cets-pg-")
-            .tempdir()
-            .map_err(|e| e.to_string())?;
-        let out = tokio::process::Command::new(Self::script())
-            .args(["start", &dir.path().display().to_string()])
-            .output()
-            .await
-            .map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        let url = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        Ok(OwnServer { dir, url })
-    }
-}
-
-impl Drop for OwnServer {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(Self::script())
-            .args(["stop", &self.dir.path().display().to_string()])
-            .status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_stopped_is_in_the_status_writes_go_on_and_it_recovers() {
     if url().is_none() {
         return;
     }
     // Its own server: stopping the shared one would fail the other tests meanwhile.
-    let server = match OwnServer::start().await {
-        Ok(s) => s,
-        Err(why) => {
-            assert!(
-                std::env::var("CETS_POSTGRES_REQUIRED").as_deref() != Ok("1"),
-                "CETS_POSTGRES_REQUIRED=1 but .ci/postgres could not start a server: {why}"
-            );
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "SKIPPED: no server of its own: {why}");
-            return;
-        }
+    let Some(server) = OwnServer::start_or_skip().await else {
+        return;
     };
     let url = server.url.clone();
     let (t, durable_t) = (fresh_table(), fresh_table());
@@ -473,8 +398,10 @@ async fn the_database_stopped_is_in_the_status_writes_go_on_and_it_recovers() {
     assert_eq!(b.get(&"during".to_string()).as_deref(), Some("2"));
     // With sync_writes the write says it is not durable, and is applied and replicated.
     match ad.insert("during".into(), "2".into()).await {
-        Err(Error::Persistence { file, .. }) => assert!(file.contains(&durable_t), "{file}"),
-        other => panic!("expected a persistence error, got {other:?}"),
+        Err(Error::PersistenceUnavailable { store, .. }) => {
+            assert!(store.contains(&durable_t), "{store}")
+        }
+        other => panic!("expected the database unavailable, got {other:?}"),
     }
     assert_eq!(ad.get(&"during".to_string()).as_deref(), Some("2"));
     assert_eq!(bd.get(&"during".to_string()).as_deref(), Some("2"));

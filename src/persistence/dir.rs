@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
-use super::files::{crc32, err, sync_dir};
+use super::files::{crc32, err, read_err, sync_dir};
 use super::wal::{self, Logs};
 use super::{LogContents, Persistence};
 use crate::{Error, Result};
@@ -117,7 +117,7 @@ fn read(file: &Path) -> Result<Option<Vec<Vec<u8>>>> {
     let data = match std::fs::read(file) {
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(err(file, e)),
+        Err(e) => return Err(read_err(file, e)),
     };
     parse(&data).map(Some).map_err(|reason| err(file, reason))
 }

@@ -13,6 +13,20 @@ pub(super) fn err(file: &Path, reason: impl std::fmt::Display) -> Error {
     }
 }
 
+/// A failed read of `file`: [`Error::PersistenceUnavailable`] when this process may not read
+/// it (the files are likely intact: an operator fixes the permission), else a persistence
+/// error about the file.
+pub(super) fn read_err(file: &Path, e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::PermissionDenied {
+        Error::PersistenceUnavailable {
+            store: file.display().to_string(),
+            reason: e.to_string(),
+        }
+    } else {
+        err(file, e)
+    }
+}
+
 /// Fsyncs a directory, so that the files created, renamed or removed in it stay so.
 pub(super) fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)
@@ -52,6 +66,22 @@ pub(super) fn crc32(data: &[u8]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_refused_for_permission_is_unavailable_and_any_other_failure_is_an_error_of_the_file()
+    {
+        let f = Path::new("/d/t.snap");
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        assert!(matches!(
+            read_err(f, denied),
+            Error::PersistenceUnavailable { store, .. } if store == "/d/t.snap"
+        ));
+        let eio = std::io::Error::other("input/output error");
+        assert!(matches!(
+            read_err(f, eio),
+            Error::Persistence { file, .. } if file == "/d/t.snap"
+        ));
+    }
 
     #[test]
     fn crc32_of_a_known_string() {

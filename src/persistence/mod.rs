@@ -37,7 +37,10 @@ use crate::Result;
 /// Where snapshots of tables go. A backend stores, per table name, the blocks of the table's last
 /// snapshot, and returns them as they were saved. Implementations must replace a table's snapshot
 /// atomically (a crash during `save` leaves the previous one), and report a damaged store as
-/// [`crate::Error::Persistence`] naming what is damaged, never panic.
+/// [`crate::Error::Persistence`] naming what is damaged, never panic. A store that cannot be
+/// reached (a database down, a directory this process may not read) is
+/// [`crate::Error::PersistenceUnavailable`]: a table's start waits for it
+/// ([`PersistOptions::restore_wait`]) instead of treating it as damage.
 #[async_trait]
 pub trait Persistence: Send + Sync + 'static {
     /// Replaces the snapshot of `table` by `blocks` (each an opaque byte string); returns the
@@ -132,17 +135,22 @@ impl LogContents {
     }
 }
 
-/// What a node does when a table's snapshot cannot be read at start (corrupt, truncated,
-/// unreadable).
+/// What a node does when a table's snapshot or log is damaged at start (corrupt, truncated,
+/// not decodable). A store that cannot be reached is not damage: the start waits for it up to
+/// [`PersistOptions::restore_wait`], then fails whatever this says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnRestoreError {
     /// `Node::start` returns the error (naming the file): the operator decides. The default.
     #[default]
     Refuse,
-    /// The table starts empty (the error is logged and shown in the status); it gets the live
-    /// members' records by the join, and the next snapshot replaces the damaged one.
+    /// The table starts empty (the error is logged and shown in the status); the damaged state
+    /// is set aside ([`Persistence::set_aside`]), the table gets the live members' records by
+    /// the join, and the next snapshot is written afresh.
     StartEmpty,
 }
+
+/// Default of [`PersistOptions::restore_wait`].
+pub const DEFAULT_RESTORE_WAIT: Duration = Duration::from_secs(30);
 
 /// How a table is persisted (see [`crate::TableOptions::persist`]).
 #[derive(Clone)]
@@ -151,6 +159,7 @@ pub struct PersistOptions {
     pub(crate) every: Duration,
     pub(crate) on_restore_error: OnRestoreError,
     pub(crate) sync_writes: bool,
+    pub(crate) restore_wait: Duration,
 }
 
 impl std::fmt::Debug for PersistOptions {
@@ -159,6 +168,7 @@ impl std::fmt::Debug for PersistOptions {
             .field("every", &self.every)
             .field("on_restore_error", &self.on_restore_error)
             .field("sync_writes", &self.sync_writes)
+            .field("restore_wait", &self.restore_wait)
             .finish()
     }
 }
@@ -171,6 +181,7 @@ impl PersistOptions {
             every: every.max(Duration::from_millis(10)),
             on_restore_error: OnRestoreError::Refuse,
             sync_writes: false,
+            restore_wait: DEFAULT_RESTORE_WAIT,
         }
     }
 
@@ -178,17 +189,31 @@ impl PersistOptions {
     /// appended to the backend's write-ahead log, and the call returns only once the log is on
     /// disk (group commit: one fsync per batch of concurrent writes). A crash of every node then
     /// loses no acknowledged write: a start restores the snapshot and replays the log. A write
-    /// whose append fails returns [`crate::Error::Persistence`] (it is applied and replicated
-    /// all the same). The backend must keep a log ([`Persistence::has_log`]), or
+    /// whose append fails returns [`crate::Error::Persistence`], or
+    /// [`crate::Error::PersistenceUnavailable`] while the backend cannot reach its store (it is
+    /// applied and replicated all the same). The backend must keep a log ([`Persistence::has_log`]), or
     /// `Node::start_table` refuses the table. Default: off (snapshots only).
     pub fn sync_writes(mut self, on: bool) -> Self {
         self.sync_writes = on;
         self
     }
 
-    /// What to do with a snapshot that cannot be read at start (default: refuse to start).
+    /// What to do with a snapshot or log that is damaged at start (default: refuse to start).
     pub fn on_restore_error(mut self, o: OnRestoreError) -> Self {
         self.on_restore_error = o;
+        self
+    }
+
+    /// How long starting the table waits for a backend that cannot reach its store
+    /// ([`crate::Error::PersistenceUnavailable`]: a database that is down or restarting, a
+    /// directory this process may not read), trying again with back-off from 100 ms to 2 s.
+    /// Past it the start fails with that error, even with [`OnRestoreError::StartEmpty`]:
+    /// starting empty would let the next snapshot replace stored data that is intact.
+    /// Default [`DEFAULT_RESTORE_WAIT`] (30 s: a database restart or fail-over usually takes
+    /// seconds). `Duration::ZERO` tries once. `Node::start` returns only when the restore ends,
+    /// so this bounds how long a start can take with the store away.
+    pub fn restore_wait(mut self, d: Duration) -> Self {
+        self.restore_wait = d;
         self
     }
 }

@@ -91,8 +91,8 @@ COMMIT;
 /// snapshot per node and table; a log append is one `INSERT` per group-commit batch, and a
 /// snapshot deletes the log rows it covers.
 ///
-/// While the database is down or unreachable every call fails with [`Error::Persistence`]
-/// naming the database, node and table (the table's status shows it; replication and reads go
+/// While the database is down or unreachable every call fails with
+/// [`Error::PersistenceUnavailable`] naming the database, node and table (the table's status shows it; replication and reads go
 /// on), the connection is tried again with back-off (100 ms doubling up to 5 s), and every call
 /// has a deadline ([`PostgresBackend::op_timeout`]), so a connection that stops answering is
 /// dropped rather than stalling the snapshots.
@@ -155,8 +155,8 @@ fn describe(e: &(dyn std::error::Error + 'static)) -> String {
 impl PostgresBackend {
     /// A backend for the node named `node`, connecting with the libpq connection string `url`
     /// (see the type's documentation). Nothing is connected yet: the first snapshot, log append
-    /// or restore connects, so a node starts while the database is down (its restore then
-    /// fails as `PersistOptions::on_restore_error` says). Errors: [`Error::Config`] for a
+    /// or restore connects, so a node starts while the database is down (starting a persisted
+    /// table then waits for the database up to `PersistOptions::restore_wait`). Errors: [`Error::Config`] for a
     /// string that does not parse or asks for TLS.
     pub fn new(url: &str, node: impl Into<String>) -> Result<Self> {
         let config: Config = url
@@ -224,6 +224,18 @@ impl PostgresBackend {
         }
     }
 
+    /// The database cannot be reached for an operation on `table` (nothing is known to be
+    /// damaged): [`Error::PersistenceUnavailable`].
+    fn unavailable(&self, table: &str, reason: impl Into<String>) -> Error {
+        Error::PersistenceUnavailable {
+            store: format!(
+                "{}, node {:?}, table {table:?}",
+                self.inner.place, self.inner.node
+            ),
+            reason: reason.into(),
+        }
+    }
+
     /// The connection `which`, opened (and the schema created) if it is not, unless the
     /// back-off after a failed attempt has not passed.
     async fn conn<'a>(&self, which: &'a Mutex<Conn>, table: &str) -> Result<MutexGuard<'a, Conn>> {
@@ -234,7 +246,7 @@ impl PostgresBackend {
         c.client = None;
         let now = Instant::now();
         if let Some(at) = c.retry_at.filter(|at| now < *at) {
-            return Err(self.err(
+            return Err(self.unavailable(
                 table,
                 format!(
                     "database unavailable (next attempt in {:?}): {}",
@@ -259,7 +271,7 @@ impl PostgresBackend {
                 c.last_error = reason.clone();
                 tracing::warn!(database = %self.inner.place, error = %reason, retry_in = ?c.backoff,
                     "cannot connect to the database");
-                Err(self.err(table, reason))
+                Err(self.unavailable(table, reason))
             }
         }
     }
@@ -303,20 +315,21 @@ impl PostgresBackend {
     ) -> Result<T> {
         let mut c = self.conn(which, table).await?;
         let Some(client) = c.client.as_mut() else {
-            return Err(self.err(table, "no connection"));
+            return Err(self.unavailable(table, "no connection"));
         };
         let out = tokio::time::timeout(self.inner.op_timeout, op(client)).await;
         match out {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(reason)) => {
-                if c.client.as_ref().is_none_or(|cl| cl.is_closed()) {
-                    c.client = None;
-                }
-                Err(self.err(table, reason))
+            // The connection ended under the operation (the server stopped or went away):
+            // the store is unavailable, not the data damaged.
+            Ok(Err(reason)) if c.client.as_ref().is_none_or(|cl| cl.is_closed()) => {
+                c.client = None;
+                Err(self.unavailable(table, reason))
             }
+            Ok(Err(reason)) => Err(self.err(table, reason)),
             Err(_) => {
                 c.client = None;
-                Err(self.err(
+                Err(self.unavailable(
                     table,
                     format!("no answer within {:?}", self.inner.op_timeout),
                 ))

@@ -19,7 +19,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::files::{crc32, err, sync_dir};
+use super::files::{crc32, err, read_err, sync_dir};
 use crate::Result;
 
 const MAGIC: &[u8; 8] = b"CETSWAL1";
@@ -51,11 +51,11 @@ fn segments(dir: &Path, stem: &str) -> Result<Vec<(u64, PathBuf, u64)>> {
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(err(dir, e)),
+        Err(e) => return Err(read_err(dir, e)),
     };
     let mut out = Vec::new();
     for entry in rd {
-        let entry = entry.map_err(|e| err(dir, e))?;
+        let entry = entry.map_err(|e| read_err(dir, e))?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
         let Some(n) = name
@@ -181,7 +181,7 @@ pub(super) fn load(dir: &Path, stem: &str, logs: &Logs) -> Result<(Vec<Vec<u8>>,
     let mut out = Vec::new();
     let mut torn_tails = 0;
     for (i, (_, path, _)) in segs.iter().enumerate() {
-        let data = std::fs::read(path).map_err(|e| err(path, e))?;
+        let data = std::fs::read(path).map_err(|e| read_err(path, e))?;
         let Torn { at, why } = match parse(&data, &mut out).map_err(|reason| err(path, reason))? {
             None => continue,
             Some(torn) => torn,

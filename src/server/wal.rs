@@ -88,6 +88,10 @@ pub(super) fn copy_error(table: &str, e: &Error) -> Error {
             file: file.clone(),
             reason: reason.clone(),
         },
+        Error::PersistenceUnavailable { store, reason } => Error::PersistenceUnavailable {
+            store: store.clone(),
+            reason: reason.clone(),
+        },
         other => Error::Persistence {
             file: table.to_string(),
             reason: other.to_string(),
@@ -207,12 +211,15 @@ async fn run(
                     Some(mut f) => {
                         f.backoff = (f.backoff * 2).min(MAX_BACKOFF);
                         f.failures += 1;
-                        if f.error.to_string() != e.to_string() {
+                        // Compared as stored: `copy_error` re-wraps errors of other kinds, and
+                        // an error compared unwrapped would count as new at every retry.
+                        let error = copy_error(&table, &e);
+                        if f.error.to_string() != error.to_string() {
                             tracing::warn!(error = %e, retry_in = ?f.backoff, "log append failed");
                         } else {
                             tracing::debug!(error = %e, retry_in = ?f.backoff, "log append failed again");
                         }
-                        f.error = copy_error(&table, &e);
+                        f.error = error;
                         f
                     }
                     None => {

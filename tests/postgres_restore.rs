@@ -1,0 +1,96 @@
+//! Starting a persisted table while its PostgreSQL server is down: the start waits for the
+//! database (`PersistOptions::restore_wait`) and restores what it holds, and past the wait it
+//! fails with `Error::PersistenceUnavailable`. It never takes an unreachable database for a
+//! damaged one: with `OnRestoreError::StartEmpty` that would start the table empty and let its
+//! next snapshot replace the one stored. Runs a server of its own (`.ci/postgres`), which it
+//! stops and starts again; skipped as tests/postgres.rs is.
+
+#[path = "common/capture.rs"]
+mod capture;
+mod common;
+#[path = "common/postgres_server.rs"]
+mod postgres_server;
+
+use std::time::Duration;
+
+use cets::persistence::{OnRestoreError, PersistOptions, PostgresBackend};
+use cets::{Error, Table, TableOptions};
+use common::*;
+use postgres_server::{url, OwnServer};
+
+type Kv = Table<String, String>;
+
+const WAITING: &str = "persistence unavailable at start; waiting for it";
+
+fn opts(url: &str, wait: Duration) -> TableOptions<String, String> {
+    let backend = PostgresBackend::new(url, "a").unwrap();
+    TableOptions::set().persist(
+        PersistOptions::new(backend, Duration::from_millis(50))
+            .on_restore_error(OnRestoreError::StartEmpty)
+            .restore_wait(wait),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_while_the_database_is_down_waits_for_it_and_never_starts_empty() {
+    let logs = capture::capture();
+    if url().is_none() {
+        return;
+    }
+    let Some(server) = OwnServer::start_or_skip().await else {
+        return;
+    };
+    let t = format!("t_{:016x}", rand::random::<u64>());
+
+    let (a, _) = node("a").await;
+    let first: Kv = a
+        .start(&t, opts(&server.url, Duration::ZERO))
+        .await
+        .unwrap();
+    first.insert("kept".into(), "1".into()).await.unwrap();
+    let f = first.clone();
+    eventually(WAIT, "a snapshot holds the record", || {
+        let f = f.clone();
+        async move {
+            let p = f.status().await.unwrap().persistence.unwrap();
+            p.snapshots >= 2 && p.last_error.is_none()
+        }
+    })
+    .await;
+    a.shutdown().await.unwrap();
+    server.ctl("pause").await; // pg_ctl stop -m fast
+
+    // Past the wait the start fails, naming the database and the table.
+    let (a, _) = node("a").await;
+    match a
+        .start::<String, String>(&t, opts(&server.url, Duration::from_millis(300)))
+        .await
+    {
+        Err(Error::PersistenceUnavailable { store, .. }) => {
+            assert!(store.contains("postgres") && store.contains(&t), "{store}")
+        }
+        Err(other) => panic!("expected the database unavailable, got {other}"),
+        Ok(_) => panic!("the table started while its database was down"),
+    }
+
+    // Within the wait the start waits, and restores once the database is back.
+    let before = logs.count(WAITING, &[]);
+    let starting = {
+        let (a, t, url) = (a.clone(), t.clone(), server.url.clone());
+        tokio::spawn(async move {
+            a.start::<String, String>(&t, opts(&url, Duration::from_secs(60)))
+                .await
+        })
+    };
+    eventually(WAIT, "the start found the database down and waits", || {
+        let n = logs.count(WAITING, &[]);
+        async move { n > before }
+    })
+    .await;
+    server.ctl("resume").await;
+    let back = starting.await.unwrap().unwrap();
+    assert_eq!(back.get(&"kept".to_string()).as_deref(), Some("1"));
+    let p = back.status().await.unwrap().persistence.unwrap();
+    assert_eq!(p.last_error, None, "a restore that waited is no error");
+    a.shutdown().await.unwrap();
+}
