@@ -4,9 +4,14 @@
 //! - `Table::testing_*`: ways to change one replica behind the protocol's back (how the tests
 //!   of anti-entropy make replicas differ);
 //! - [`wire`]: the wire types, for the tests whose raw peer speaks the protocol itself;
-//! - [`any_certificate`]: the nodes' own verifier of server certificates, for raw QUIC clients.
+//! - [`any_certificate`]: the nodes' own verifier of server certificates, for raw QUIC clients;
+//! - [`ProbeBackend`]: a persistence backend around another one whose log appends a test can
+//!   count, fail or hold.
 
 use tokio::sync::oneshot;
+
+mod probe;
+pub use probe::ProbeBackend;
 
 use crate::server::{Control, TestWrite};
 use crate::table::Table;

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use cets::persistence::{DirectoryBackend, OnRestoreError, PersistOptions};
+use cets::testing::ProbeBackend;
 use cets::{Error, Node, Table, TableOptions};
 use common::*;
 use tokio::io::AsyncBufReadExt;
@@ -312,5 +313,81 @@ async fn a_flipped_byte_inside_the_log_is_an_error_naming_the_segment_or_starts_
     assert_eq!(t.get(&"after".to_string()).as_deref(), Some("v"));
     let s = t.status().await.unwrap().persistence.unwrap();
     assert_eq!((s.last_error, s.log_replayed), (None, 1));
+    std::mem::forget(n);
+}
+
+/// The queue of entries waiting for the log's disk is bounded (64 MB): while the disk holds
+/// one append, writes of 1 MB each queue until the bound, and the ones beyond fail at once
+/// with an error saying so (applied all the same) instead of growing the queue; once the disk
+/// moves, the queued ones are acknowledged and a crash loses none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_beyond_the_bound_of_the_log_queue_fail_at_once_and_the_queued_ones_survive() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("n");
+    let probe = ProbeBackend::new(DirectoryBackend::new(&dir));
+    let o =
+        TableOptions::set().persist(PersistOptions::new(probe.clone(), EVERY).sync_writes(true));
+    let (n, _d) = node("n").await;
+    let t: Kv = n.start("t", o).await.unwrap();
+    probe.hold_appends(true);
+    let t1 = t.clone();
+    let first = tokio::spawn(async move { t1.insert("first".into(), "v".into()).await });
+    let p = probe.clone();
+    eventually(WAIT, "the first append held by the disk", || {
+        let p = p.clone();
+        async move { p.appends() == 1 }
+    })
+    .await;
+    const BIG: usize = 80;
+    let value = "x".repeat(1 << 20);
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..BIG {
+        let (t, v) = (t.clone(), value.clone());
+        set.spawn(async move { (i, t.insert(format!("big{i}"), v).await) });
+    }
+    // With the disk still held, a write fails at once: the queue is full.
+    let (i, r) = tokio::time::timeout(WAIT, set.join_next())
+        .await
+        .expect("a write beyond the bound answered while the disk holds the log")
+        .unwrap()
+        .unwrap();
+    match r {
+        Err(Error::Persistence { reason, .. }) => {
+            assert!(reason.contains("queue is full"), "{reason}")
+        }
+        other => panic!("write {i}: expected the queue to be full, got {other:?}"),
+    }
+    let mut acked = Vec::new();
+    let mut refused = 1;
+    probe.hold_appends(false);
+    first.await.unwrap().unwrap();
+    while let Some(done) = set.join_next().await {
+        match done.unwrap() {
+            (i, Ok(())) => acked.push(i),
+            (_, Err(Error::Persistence { reason, .. })) if reason.contains("queue is full") => {
+                refused += 1
+            }
+            (i, other) => panic!("write {i}: {other:?}"),
+        }
+    }
+    // The server batches concurrent writes: a batch is queued or refused whole.
+    assert!(
+        !acked.is_empty(),
+        "{} acknowledged, {refused} refused",
+        acked.len()
+    );
+    assert_eq!(acked.len() + refused, BIG);
+    // Refused writes are applied all the same.
+    assert_eq!(t.len(), BIG + 1);
+    std::mem::forget(n);
+    let (n, _d) = node("n").await;
+    let t: Kv = n.start("t", opts(&dir)).await.unwrap();
+    for i in acked {
+        assert!(
+            t.contains_key(&format!("big{i}")),
+            "acknowledged write {i} lost"
+        );
+    }
+    assert!(t.contains_key(&"first".to_string()));
     std::mem::forget(n);
 }

@@ -11,10 +11,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-
-use cets::persistence::{DirectoryBackend, PersistOptions, Persistence};
+use cets::persistence::{DirectoryBackend, PersistOptions};
+use cets::testing::ProbeBackend;
 use cets::{Error, Table, TableOptions};
 use common::*;
 
@@ -150,44 +148,11 @@ async fn a_full_disk_is_reported_writes_and_replication_go_on_and_it_recovers() 
     drop(fs);
 }
 
-/// The directory backend, with log appends that fail while `fail` is set; counts the appends
-/// that reach it.
-#[derive(Clone)]
-struct FailingLog {
-    inner: DirectoryBackend,
-    fail: Arc<AtomicBool>,
-    appends: Arc<AtomicU64>,
-}
-
-#[async_trait::async_trait]
-impl Persistence for FailingLog {
-    async fn save(&self, table: &str, blocks: Vec<Vec<u8>>) -> cets::Result<u64> {
-        self.inner.save(table, blocks).await
-    }
-    async fn load(&self, table: &str) -> cets::Result<Option<Vec<Vec<u8>>>> {
-        self.inner.load(table).await
-    }
-    fn has_log(&self) -> bool {
-        true
-    }
-    async fn log_append(&self, table: &str, entries: Vec<Vec<u8>>) -> cets::Result<u64> {
-        self.appends.fetch_add(1, Ordering::SeqCst);
-        if self.fail.load(Ordering::SeqCst) {
-            return Err(Error::Persistence {
-                file: format!("{table}.wal"),
-                reason: "No space left on device (injected)".into(),
-            });
-        }
-        self.inner.log_append(table, entries).await
-    }
-    async fn log_cut(&self, table: &str) -> cets::Result<u64> {
-        self.inner.log_cut(table).await
-    }
-    async fn log_drop(&self, table: &str, mark: u64) -> cets::Result<u64> {
-        self.inner.log_drop(table, mark).await
-    }
-    async fn log_load(&self, table: &str) -> cets::Result<Vec<Vec<u8>>> {
-        self.inner.log_load(table).await
+/// The error of a full disk, as a log append of `table` would return it.
+fn no_space(table: &str) -> Error {
+    Error::Persistence {
+        file: format!("{table}.wal"),
+        reason: "No space left on device (injected)".into(),
     }
 }
 
@@ -209,11 +174,7 @@ fn most_tries(elapsed: Duration) -> u64 {
 async fn a_failing_log_is_retried_with_back_off_while_writes_and_replication_go_on() {
     let logs = capture::capture();
     let dir = tempfile::tempdir().unwrap();
-    let backend = FailingLog {
-        inner: DirectoryBackend::new(dir.path()),
-        fail: Arc::default(),
-        appends: Arc::default(),
-    };
+    let backend = ProbeBackend::new(DirectoryBackend::new(dir.path()));
     let nodes = cluster(&["a", "b"]).await;
     let sync = TableOptions::set()
         .persist(PersistOptions::new(backend.clone(), Duration::from_secs(3600)).sync_writes(true));
@@ -226,8 +187,8 @@ async fn a_failing_log_is_retried_with_back_off_while_writes_and_replication_go_
     joined(&[&a, &b]).await;
     a.insert("before".into(), "v".into()).await.unwrap();
 
-    backend.fail.store(true, Ordering::SeqCst);
-    let tries_before = backend.appends.load(Ordering::SeqCst);
+    backend.fail_appends(Some(no_space));
+    let tries_before = backend.appends();
     let t0 = std::time::Instant::now();
     const WRITES: usize = 200;
     for i in 0..WRITES {
@@ -242,7 +203,7 @@ async fn a_failing_log_is_retried_with_back_off_while_writes_and_replication_go_
         }
     }
     let elapsed = t0.elapsed();
-    let tries = backend.appends.load(Ordering::SeqCst) - tries_before;
+    let tries = backend.appends() - tries_before;
     // Each write failed, but the disk was tried only when a back-off had run out.
     assert!(
         tries <= most_tries(elapsed),
@@ -268,7 +229,7 @@ async fn a_failing_log_is_retried_with_back_off_while_writes_and_replication_go_
     );
 
     // The disk frees: a write goes through once the back-off runs out, and the error clears.
-    backend.fail.store(false, Ordering::SeqCst);
+    backend.fail_appends(None);
     let ta = a.clone();
     eventually(
         WAIT,

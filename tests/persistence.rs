@@ -290,3 +290,54 @@ async fn three_sigkilled_processes_restart_with_every_snapshotted_record() {
         c.wait().await.unwrap();
     }
 }
+
+/// A record's own lifetime (`insert_with_ttl`) is saved with it: restored from a snapshot or
+/// replayed from the log (`sync_writes`, after a crash), in both modes, it still expires,
+/// and a longer-lived and a permanent record stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_records_own_ttl_survives_a_restore_from_the_snapshot_and_from_the_log() {
+    for (cluster, log) in [(false, false), (true, false), (false, true), (true, true)] {
+        let root = tempfile::tempdir().unwrap();
+        let o = || {
+            let p = PersistOptions::new(
+                DirectoryBackend::new(root.path()),
+                Duration::from_secs(3600),
+            )
+            .sync_writes(log);
+            let o = TableOptions::set().persist(p);
+            if cluster {
+                o.cluster_owned()
+            } else {
+                o
+            }
+        };
+        let (n, _d) = node("n").await;
+        let t: Kv = n.start("t", o()).await.unwrap();
+        t.insert_with_ttl("short".into(), "v".into(), Duration::from_secs(2))
+            .await
+            .unwrap();
+        t.insert_with_ttl("long".into(), "v".into(), Duration::from_secs(600))
+            .await
+            .unwrap();
+        t.insert("plain".into(), "v".into()).await.unwrap();
+        if log {
+            // A crash: no final snapshot, the log is all there is.
+            std::mem::forget(n);
+        } else {
+            // The final snapshot is all there is.
+            n.shutdown().await.unwrap();
+        }
+        let (n, _d) = node("n").await;
+        let t: Kv = n.start("t", o()).await.unwrap();
+        let what = format!("cluster-owned {cluster}, from the log {log}");
+        assert_eq!(t.get(&"long".to_string()).as_deref(), Some("v"), "{what}");
+        assert_eq!(t.get(&"plain".to_string()).as_deref(), Some("v"), "{what}");
+        let t2 = t.clone();
+        eventually(WAIT, "the restored short-lived record expires", || {
+            let t = t2.clone();
+            async move { !t.contains_key(&"short".to_string()) && t.len() == 2 }
+        })
+        .await;
+        n.shutdown().await.unwrap();
+    }
+}

@@ -3,7 +3,8 @@
 //! (`PersistOptions::sync_writes`) with 256 callers beside the non-durable insert and the
 //! disk's raw fsync rate. Files go to a directory under the system's temporary directory.
 
-use cets::persistence::{DirectoryBackend, PersistOptions, Persistence};
+use cets::persistence::{DirectoryBackend, PersistOptions};
+use cets::testing::ProbeBackend;
 
 use super::*;
 
@@ -25,40 +26,6 @@ impl TmpDir {
 impl Drop for TmpDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The directory backend, counting the log appends (one fsync each) that reach it.
-#[derive(Clone)]
-struct Counted {
-    inner: DirectoryBackend,
-    appends: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-#[async_trait::async_trait]
-impl Persistence for Counted {
-    async fn save(&self, table: &str, blocks: Vec<Vec<u8>>) -> cets::Result<u64> {
-        self.inner.save(table, blocks).await
-    }
-    async fn load(&self, table: &str) -> cets::Result<Option<Vec<Vec<u8>>>> {
-        self.inner.load(table).await
-    }
-    fn has_log(&self) -> bool {
-        true
-    }
-    async fn log_append(&self, table: &str, entries: Vec<Vec<u8>>) -> cets::Result<u64> {
-        self.appends
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.inner.log_append(table, entries).await
-    }
-    async fn log_cut(&self, table: &str) -> cets::Result<u64> {
-        self.inner.log_cut(table).await
-    }
-    async fn log_drop(&self, table: &str, mark: u64) -> cets::Result<u64> {
-        self.inner.log_drop(table, mark).await
-    }
-    async fn log_recover(&self, table: &str) -> cets::Result<cets::persistence::LogContents> {
-        self.inner.log_recover(table).await
     }
 }
 
@@ -214,11 +181,9 @@ pub(super) async fn persist(s: &Settings) -> Res<Vec<Row>> {
     // Durability on fsync: 256 callers on one node, against the same node's plain table.
     let node = start_node("persist-1", Vec::new(), speed_config()).await?;
     let plain: Tab = node.start("plain", TableOptions::set()).await?;
-    let counted = Counted {
-        inner: DirectoryBackend::new(dir.0.join("wal")),
-        appends: Default::default(),
-    };
-    let appends = counted.appends.clone();
+    // Counts the log appends (one fsync each).
+    let counted = ProbeBackend::new(DirectoryBackend::new(dir.0.join("wal")));
+    let appends = counted.clone();
     let durable: Tab = node
         .start(
             "durable",
@@ -228,11 +193,10 @@ pub(super) async fn persist(s: &Settings) -> Res<Vec<Row>> {
         .await?;
     let raw = raw_fsync_rate(&dir.0, Duration::from_secs(1))?;
     let (pr, plat) = insert_rate(&plain, 256, s.phase, 1 << 41).await?;
-    let a0 = appends.load(std::sync::atomic::Ordering::Relaxed);
+    let a0 = appends.appends();
     let t0 = Instant::now();
     let (dr, dlat) = insert_rate(&durable, 256, s.phase, 1 << 41).await?;
-    let fsyncs = (appends.load(std::sync::atomic::Ordering::Relaxed) - a0) as f64
-        / t0.elapsed().as_secs_f64();
+    let fsyncs = (appends.appends() - a0) as f64 / t0.elapsed().as_secs_f64();
     let log = durable
         .status()
         .await?

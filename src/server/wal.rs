@@ -6,6 +6,13 @@
 //! fsync per batch of batches). The server never waits for the disk; reads never touch it. A
 //! failed append pauses the appends for a back-off (100 ms, doubling up to 5 s): groups queued
 //! meanwhile fail at once with the same error, and one warning is logged per new error.
+//!
+//! The queue to the log task is bounded by bytes (`MAX_QUEUED_BYTES`): the server never waits
+//! for the disk, so a batch that would take the queue past the bound fails at once with
+//! `Error::Persistence` (applied and replicated all the same, as after a failed append). Callers
+//! that await their writes never reach it (the queue holds at most one entry per batch whose
+//! callers still wait); callers that give up on their writes (a timeout) and write again, or a
+//! flood of callers, would otherwise queue entries faster than a slow disk takes them.
 
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 
@@ -14,6 +21,10 @@ use crate::persistence::PersistOptions;
 
 /// Entries appended with one fsync at most (a bound on one append's memory).
 const MAX_GROUP: usize = 4096;
+
+/// Bytes of entries queued for the log task (sent, not yet appended) at most. An entry on
+/// its own is always queued, whatever its size (a batch's size is bounded by the server).
+const MAX_QUEUED_BYTES: u64 = 64 << 20;
 
 pub(super) enum LogMsg {
     /// A batch of writes, encoded, and whom to tell once it is on disk.
@@ -52,6 +63,8 @@ impl OnDisk {
 /// The server's side of the log task.
 pub(super) struct Wal {
     tx: mpsc::UnboundedSender<LogMsg>,
+    /// Bytes of the entries sent to the log task and not yet appended (`MAX_QUEUED_BYTES`).
+    queued: Arc<AtomicU64>,
     /// Bytes in the log, as the backend last said.
     pub bytes: Arc<AtomicU64>,
     /// The last failed append (cleared by the next successful one).
@@ -66,12 +79,52 @@ impl Wal {
         let (tx, rx) = mpsc::unbounded_channel();
         let wal = Self {
             tx,
+            queued: Arc::default(),
             bytes: Arc::new(AtomicU64::new(bytes)),
             error: Arc::default(),
             held: None,
         };
-        tokio::spawn(run(p, table, rx, wal.bytes.clone(), wal.error.clone()).in_current_span());
+        let task = LogTask {
+            p,
+            table,
+            queued: wal.queued.clone(),
+            bytes: wal.bytes.clone(),
+            error: wal.error.clone(),
+        };
+        tokio::spawn(task.run(rx).in_current_span());
         wal
+    }
+
+    /// Queues `entry` for the log task, or answers `reply` at once with an error if the queue
+    /// holds `MAX_QUEUED_BYTES` already.
+    fn send(&self, table: &str, entry: Vec<u8>, reply: OnDisk) {
+        let n = entry.len() as u64;
+        let queued = self.queued.fetch_add(n, AtomicOrdering::AcqRel);
+        if queued > 0 && queued + n > MAX_QUEUED_BYTES {
+            self.queued.fetch_sub(n, AtomicOrdering::AcqRel);
+            let e = Error::Persistence {
+                file: table.to_string(),
+                reason: format!(
+                    "the write-ahead log's queue is full ({:.1} MB wait for the disk): this \
+                     write is applied and replicated but not logged",
+                    queued as f64 / 1e6
+                ),
+            };
+            tracing::debug!(error = %e, "log queue full");
+            *self.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            reply.answer(table, &Err(e));
+            return;
+        }
+        if let Err(mpsc::error::SendError(LogMsg::Entry(_, reply))) =
+            self.tx.send(LogMsg::Entry(entry, reply))
+        {
+            self.queued.fetch_sub(n, AtomicOrdering::AcqRel);
+            let e = Error::Persistence {
+                file: table.to_string(),
+                reason: "the log task ended".into(),
+            };
+            reply.answer(table, &Err(e));
+        }
     }
 
     /// Asks for a cut; the receiver gets the mark once every entry sent before is appended.
@@ -106,12 +159,39 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// A log whose appends fail (a full disk, a directory gone read-only): until `retry_at`, groups
 /// fail at once with the last error instead of touching the disk again.
 struct Failing {
+    /// The last error, as the callers get it (`copy_error`).
     error: Error,
     since: Instant,
     retry_at: Instant,
     backoff: Duration,
     /// Appends tried and failed since `since`.
     failures: u64,
+}
+
+impl Failing {
+    /// The state after the first failed append, at `now`.
+    fn first(table: &str, e: &Error, now: Instant) -> Self {
+        Self {
+            error: copy_error(table, e),
+            since: now,
+            retry_at: now + FIRST_BACKOFF,
+            backoff: FIRST_BACKOFF,
+            failures: 1,
+        }
+    }
+
+    /// Counts another failed append, at `now`, and doubles the back-off; whether its error
+    /// differs from the last one. Both are compared as the callers get them, so an error that
+    /// is not `Error::Persistence` (wrapped by `copy_error`) is the same error when it repeats.
+    fn again(&mut self, table: &str, e: &Error, now: Instant) -> bool {
+        let e = copy_error(table, e);
+        let new = e.to_string() != self.error.to_string();
+        self.error = e;
+        self.failures += 1;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        self.retry_at = now + self.backoff;
+        new
+    }
 }
 
 /// The entries one append writes, and whom to tell.
@@ -137,59 +217,75 @@ impl Group {
     }
 }
 
-async fn run(
+/// The log task: appends the entries the table server sends, a group at a time.
+struct LogTask {
     p: PersistOptions,
     table: String,
-    mut rx: mpsc::UnboundedReceiver<LogMsg>,
+    /// `Wal::queued`: lowered by each group's bytes once the group is answered.
+    queued: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
     error: Arc<std::sync::Mutex<Option<String>>>,
-) {
-    let mut next: Option<LogMsg> = None;
-    let mut failing: Option<Failing> = None;
-    loop {
-        let first = match next.take() {
-            Some(m) => m,
-            None => match rx.recv().await {
+}
+
+impl LogTask {
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<LogMsg>) {
+        let table = self.table.as_str();
+        let mut next: Option<LogMsg> = None;
+        let mut failing: Option<Failing> = None;
+        loop {
+            let first = match next.take() {
                 Some(m) => m,
-                None => return,
-            },
-        };
-        let (entry, reply) = match first {
-            LogMsg::Cut(reply) => {
-                let _ = reply.send(p.backend.log_cut(&table).await);
-                continue;
+                None => match rx.recv().await {
+                    Some(m) => m,
+                    None => return,
+                },
+            };
+            let (entry, reply) = match first {
+                LogMsg::Cut(reply) => {
+                    let _ = reply.send(self.p.backend.log_cut(table).await);
+                    continue;
+                }
+                LogMsg::Entry(e, r) => (e, r),
+            };
+            let mut g = Group {
+                entries: vec![entry],
+                replies: vec![reply],
+            };
+            while g.entries.len() < MAX_GROUP {
+                let Ok(m) = rx.try_recv() else { break };
+                if !g.add(m, &mut next) {
+                    break;
+                }
             }
-            LogMsg::Entry(e, r) => (e, r),
-        };
-        let mut g = Group {
-            entries: vec![entry],
-            replies: vec![reply],
-        };
-        while g.entries.len() < MAX_GROUP {
-            let Ok(m) = rx.try_recv() else { break };
-            if !g.add(m, &mut next) {
-                break;
-            }
-        }
-        let Group { entries, replies } = g;
-        // While the back-off runs, the group fails without touching the disk: a failing disk
-        // costs neither a spin of retries nor a log line per write.
-        if let Some(f) = failing.as_ref().filter(|f| Instant::now() < f.retry_at) {
-            tracing::debug!(
-                batches = replies.len(),
-                "log appends paused after a failure"
-            );
-            let err = Err(copy_error(&table, &f.error));
+            let Group { entries, replies } = g;
+            let size: u64 = entries.iter().map(|e| e.len() as u64).sum();
+            let result = self.append(entries, replies.len(), &mut failing).await;
+            self.queued.fetch_sub(size, AtomicOrdering::AcqRel);
             for r in replies {
-                r.answer(&table, &err);
+                r.answer(table, &result);
             }
-            continue;
         }
-        let appended = p.backend.log_append(&table, entries).await;
-        let mut last = error.lock().unwrap_or_else(|p| p.into_inner());
+    }
+
+    /// Appends one group of entries (`batches` of them), unless a back-off after a failure
+    /// runs: then the group fails without touching the disk, so a failing disk costs neither
+    /// a spin of retries nor a log line per write.
+    async fn append(
+        &self,
+        entries: Vec<Vec<u8>>,
+        batches: usize,
+        failing: &mut Option<Failing>,
+    ) -> Result<()> {
+        let table = self.table.as_str();
+        if let Some(f) = failing.as_ref().filter(|f| Instant::now() < f.retry_at) {
+            tracing::debug!(batches, "log appends paused after a failure");
+            return Err(copy_error(table, &f.error));
+        }
+        let appended = self.p.backend.log_append(table, entries).await;
+        let mut last = self.error.lock().unwrap_or_else(|p| p.into_inner());
         match appended {
             Ok(b) => {
-                bytes.store(b, AtomicOrdering::Relaxed);
+                self.bytes.store(b, AtomicOrdering::Relaxed);
                 *last = None;
                 drop(last);
                 if let Some(f) = failing.take() {
@@ -199,53 +295,31 @@ async fn run(
                         "log appends work again"
                     );
                 }
-                for r in replies {
-                    r.answer(&table, &Ok(()));
-                }
+                Ok(())
             }
             Err(e) => {
                 *last = Some(e.to_string());
                 drop(last);
                 let now = Instant::now();
-                let f = match failing.take() {
-                    Some(mut f) => {
-                        f.backoff = (f.backoff * 2).min(MAX_BACKOFF);
-                        f.failures += 1;
-                        // Compared as stored: `copy_error` re-wraps errors of other kinds, and
-                        // an error compared unwrapped would count as new at every retry.
-                        let error = copy_error(&table, &e);
-                        if f.error.to_string() != error.to_string() {
+                match failing {
+                    Some(f) => {
+                        if f.again(table, &e, now) {
                             tracing::warn!(error = %e, retry_in = ?f.backoff, "log append failed");
                         } else {
                             tracing::debug!(error = %e, retry_in = ?f.backoff, "log append failed again");
                         }
-                        f.error = error;
-                        f
                     }
                     None => {
                         tracing::warn!(
                             error = %e,
-                            batches = replies.len(),
+                            batches,
                             retry_in = ?FIRST_BACKOFF,
                             "log append failed"
                         );
-                        Failing {
-                            error: copy_error(&table, &e),
-                            since: now,
-                            retry_at: now,
-                            backoff: FIRST_BACKOFF,
-                            failures: 1,
-                        }
+                        *failing = Some(Failing::first(table, &e, now));
                     }
-                };
-                failing = Some(Failing {
-                    retry_at: now + f.backoff,
-                    ..f
-                });
-                let err = Err(e);
-                for r in replies {
-                    r.answer(&table, &err);
                 }
+                Err(e)
             }
         }
     }
@@ -303,9 +377,7 @@ impl<K: Key, V: Value> Server<K, V> {
         }
         let (on_disk, logged) = oneshot::channel();
         match entry {
-            Ok(entry) => {
-                let _ = wal.tx.send(LogMsg::Entry(entry, OnDisk::Waiter(on_disk)));
-            }
+            Ok(entry) => wal.send(&table, entry, OnDisk::Waiter(on_disk)),
             Err(e) => {
                 let _ = on_disk.send(Err(Error::Codec(e)));
             }
@@ -345,7 +417,7 @@ impl<K: Key, V: Value> Server<K, V> {
     pub(super) fn release_log(&mut self) {
         if let Some(wal) = &mut self.persist.wal {
             if let Some((entry, callers)) = wal.held.take() {
-                let _ = wal.tx.send(LogMsg::Entry(entry, OnDisk::Callers(callers)));
+                wal.send(&self.shared.name, entry, OnDisk::Callers(callers));
             }
         }
     }
@@ -375,6 +447,30 @@ impl<K: Key, V: Value> Server<K, V> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A repeated error that is not `Error::Persistence` (wrapped for the callers) is the same
+    /// error: one warning, not one per retry; a different one is new. The back-off doubles up
+    /// to its bound either way.
+    #[test]
+    fn a_repeated_failure_is_new_only_when_its_error_changes() {
+        let io = |m: &str| Error::Io(std::io::Error::other(m.to_string()));
+        let now = Instant::now();
+        let mut f = Failing::first("t", &io("disk gone"), now);
+        assert_eq!(f.retry_at, now + FIRST_BACKOFF);
+        assert!(!f.again("t", &io("disk gone"), now), "the same i/o error");
+        assert!(!f.again("t", &io("disk gone"), now), "the same i/o error");
+        assert!(f.again("t", &io("read-only"), now), "another i/o error");
+        let full = || Error::Persistence {
+            file: "t.1.wal".into(),
+            reason: "no space".into(),
+        };
+        assert!(f.again("t", &full(), now), "another kind of error");
+        assert!(!f.again("t", &full(), now), "the same persistence error");
+        assert_eq!(f.failures, 6);
+        assert_eq!(f.backoff, Duration::from_millis(3200));
+        f.again("t", &full(), now);
+        assert_eq!((f.backoff, f.retry_at), (MAX_BACKOFF, now + MAX_BACKOFF));
+    }
 
     #[test]
     fn a_log_entry_from_a_frame_body_is_the_encoding_of_its_ops() {
