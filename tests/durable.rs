@@ -29,6 +29,16 @@ const PER_NODE: usize = 400;
 const BULK: usize = 33_334;
 const NAMES: [&str; 3] = ["a", "b", "c"];
 
+/// The names of the files in `dir`, sorted.
+fn files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 fn wal_files(dir: &Path) -> usize {
     std::fs::read_dir(dir).map_or(0, |rd| {
         rd.filter(|e| {
@@ -390,4 +400,45 @@ async fn writes_beyond_the_bound_of_the_log_queue_fail_at_once_and_the_queued_on
     }
     assert!(t.contains_key(&"first".to_string()));
     std::mem::forget(n);
+}
+
+/// Periodic snapshots compact: each one replaces the last (one `.snap` file) and removes the
+/// log segments it covers, so five rounds of writes with snapshots between leave one snapshot
+/// and at most the segment being written, not five; the final snapshot of a shutdown leaves
+/// the snapshot alone (no log, no temporary file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_replace_the_last_one_and_remove_the_log_segments_they_cover() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("n");
+    let o = TableOptions::set().persist(
+        PersistOptions::new(DirectoryBackend::new(&dir), Duration::from_millis(20))
+            .sync_writes(true),
+    );
+    let (n, _d) = node("n").await;
+    let t: Kv = n.start("t", o.clone()).await.unwrap();
+    let status = |t: Kv| async move { t.status().await.unwrap().persistence.unwrap() };
+    for round in 0..5 {
+        let recs = (0..200)
+            .map(|k| (format!("{round}-{k}"), "v".into()))
+            .collect();
+        t.insert_many(recs).await.unwrap();
+        let base = status(t.clone()).await.snapshots;
+        let t2 = t.clone();
+        eventually(WAIT, "a snapshot started after the round's writes", || {
+            let t = t2.clone();
+            async move { status(t).await.snapshots >= base + 2 }
+        })
+        .await;
+        // (A `.snap.tmp` may be the next snapshot, in progress.)
+        let names = files(&dir);
+        let snaps = names.iter().filter(|n| n.ends_with(".snap")).count();
+        assert_eq!(snaps, 1, "round {round}: {names:?}");
+        assert!(wal_files(&dir) <= 2, "round {round}: {names:?}");
+    }
+    n.shutdown().await.unwrap();
+    assert_eq!(files(&dir), ["t.snap"]);
+    let (n, _d) = node("n").await;
+    let t: Kv = n.start("t", o).await.unwrap();
+    assert_eq!(t.len(), 1000);
+    n.shutdown().await.unwrap();
 }

@@ -227,6 +227,17 @@ struct Cluster {
 impl Cluster {
     /// `n` nodes on loopback that discover each other, each running table `table`, joined.
     async fn start(prefix: &str, n: usize, table: &str, config: NodeConfig) -> Res<Cluster> {
+        Self::start_with(prefix, n, table, config, |_| TableOptions::set()).await
+    }
+
+    /// As `start`, with node `i`'s table started with `opts(i)`.
+    async fn start_with(
+        prefix: &str,
+        n: usize,
+        table: &str,
+        config: NodeConfig,
+        opts: impl Fn(usize) -> TableOptions<u64, Val>,
+    ) -> Res<Cluster> {
         let mut nodes = Vec::new();
         let mut handles = Vec::new();
         for i in 0..n {
@@ -247,8 +258,8 @@ impl Cluster {
             h.set(addrs.clone());
         }
         let mut tables = Vec::new();
-        for node in &nodes {
-            tables.push(node.start::<u64, Val>(table, TableOptions::set()).await?);
+        for (i, node) in nodes.iter().enumerate() {
+            tables.push(node.start::<u64, Val>(table, opts(i)).await?);
         }
         let ts = tables.clone();
         wait_until(Duration::from_secs(30), "the cluster to join", || {

@@ -221,5 +221,41 @@ pub(super) async fn persist(s: &Settings) -> Res<Vec<Row>> {
                 log as f64 / 1e6
             )),
     );
+
+    // The same with three nodes: the 256 callers on one node, each write acknowledged by the
+    // other two and in the writer's log (each node logs its own writes only).
+    let plain = Cluster::start("persist-3p", 3, "plain", speed_config()).await?;
+    let (pr3, plat3) = insert_rate(&plain.tables[0], 256, s.phase, 1 << 41).await?;
+    plain.shutdown().await;
+    let probes: Vec<ProbeBackend<DirectoryBackend>> = (0..3)
+        .map(|i| ProbeBackend::new(DirectoryBackend::new(dir.0.join(format!("wal3-{i}")))))
+        .collect();
+    let durable = Cluster::start_with("persist-3d", 3, "durable", speed_config(), |i| {
+        TableOptions::set().persist(
+            PersistOptions::new(probes[i].clone(), Duration::from_secs(30)).sync_writes(true),
+        )
+    })
+    .await?;
+    let a0 = probes[0].appends();
+    let t0 = Instant::now();
+    let (dr3, dlat3) = insert_rate(&durable.tables[0], 256, s.phase, 1 << 41).await?;
+    let fsyncs3 = (probes[0].appends() - a0) as f64 / t0.elapsed().as_secs_f64();
+    durable.shutdown().await;
+    rows.push(
+        Row::new("acked inserts/s with sync_writes (fsync before the reply), 256 callers, 3 nodes")
+            .value(rate(dr3))
+            .baseline(format!("{} without persistence", rate(pr3)))
+            .ratio(ratio(dr3 / pr3))
+            .notes(format!(
+                "callers on one node; its log: {:.0} fsyncs/s, {:.0} writes per fsync (raw {:.0} fsyncs/s, as above); p50 {} against {}, p99 {} against {}",
+                fsyncs3,
+                dr3 / fsyncs3.max(1.0),
+                raw,
+                us(pct(&dlat3, 0.5)),
+                us(pct(&plat3, 0.5)),
+                us(pct(&dlat3, 0.99)),
+                us(pct(&plat3, 0.99)),
+            )),
+    );
     Ok(rows)
 }
