@@ -34,9 +34,14 @@ async fn snapshots(t: &Kv) -> u64 {
 /// Waits until a snapshot started after this call is written (two more than now: one may have
 /// copied the table before the call).
 async fn snapshot_taken(t: &Kv) {
+    snapshot_taken_within(WAIT, t).await
+}
+
+/// As `snapshot_taken`, waiting up to `deadline`.
+async fn snapshot_taken_within(deadline: Duration, t: &Kv) {
     let base = snapshots(t).await;
     let t = t.clone();
-    eventually(WAIT, "a snapshot of the table as it is now", || {
+    eventually(deadline, "a snapshot of the table as it is now", || {
         let t = t.clone();
         async move { snapshots(&t).await >= base + 2 }
     })
@@ -214,10 +219,13 @@ async fn an_unwritable_directory_is_reported_and_replication_goes_on() {
     shutdown_all(nodes.iter().map(|(n, _)| n)).await;
 }
 
-const PER_NODE: usize = 300;
+/// Records each node writes: 100 002 by the three.
+const PER_NODE: usize = 33_334;
+/// The children's deadline for their 100 k records (a debug build beside a CI run).
+const CHILD_WAIT: Duration = Duration::from_secs(60);
 
 /// Runs only as a child process of `three_sigkilled_processes_restart_with_every_snapshotted_record`.
-/// `CETS_PERSIST_CHILD` = `name;dir;nodes-file;mode`: mode `write` writes `PER_NODE` records,
+/// `CETS_PERSIST_CHILD` = `name;dir;nodes-file;mode`: mode `write` writes `PER_NODE` records (batches of 1000),
 /// waits for a snapshot that holds them and says `snapshotted`; mode `verify` waits until the
 /// restored and joined table holds every node's records and says `restored <n>`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,15 +252,17 @@ async fn persistence_child() {
             async move { t.nodes().len() == 2 }
         })
         .await;
-        let recs = (0..PER_NODE)
-            .map(|i| (format!("{name}-{i}"), name.to_string()))
-            .collect();
-        t.insert_many(recs).await.unwrap();
+        for from in (0..PER_NODE).step_by(1000) {
+            let recs = (from..(from + 1000).min(PER_NODE))
+                .map(|i| (format!("{name}-{i}"), name.to_string()))
+                .collect();
+            t.insert_many(recs).await.unwrap();
+        }
         t.sync().await.unwrap();
-        snapshot_taken(&t).await;
+        snapshot_taken_within(CHILD_WAIT, &t).await;
         println!("snapshotted");
     } else {
-        eventually(WAIT, "every record back", || {
+        eventually(CHILD_WAIT, "every record back", || {
             let t = t.clone();
             async move { t.len() == 3 * PER_NODE }
         })
