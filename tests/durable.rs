@@ -434,6 +434,12 @@ async fn snapshots_replace_the_last_one_and_remove_the_log_segments_they_cover()
         let snaps = names.iter().filter(|n| n.ends_with(".snap")).count();
         assert_eq!(snaps, 1, "round {round}: {names:?}");
         assert!(wal_files(&dir) <= 2, "round {round}: {names:?}");
+        // The status shows the snapshot's size and age.
+        let st = status(t.clone()).await;
+        assert!(
+            st.snapshot_bytes > 200 * round && st.snapshot_age.is_some(),
+            "{st:?}"
+        );
     }
     n.shutdown().await.unwrap();
     assert_eq!(files(&dir), ["t.snap"]);
