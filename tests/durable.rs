@@ -332,6 +332,8 @@ async fn a_flipped_byte_inside_the_log_is_an_error_naming_the_segment_or_starts_
 /// moves, the queued ones are acknowledged and a crash loses none of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_beyond_the_bound_of_the_log_queue_fail_at_once_and_the_queued_ones_survive() {
+    // Every test of this binary installs the capture first (one global subscriber).
+    let _logs = capture::capture();
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("n");
     let probe = ProbeBackend::new(DirectoryBackend::new(&dir));
@@ -408,6 +410,8 @@ async fn writes_beyond_the_bound_of_the_log_queue_fail_at_once_and_the_queued_on
 /// the snapshot alone (no log, no temporary file).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_replace_the_last_one_and_remove_the_log_segments_they_cover() {
+    // Every test of this binary installs the capture first (one global subscriber).
+    let _logs = capture::capture();
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("n");
     let o = TableOptions::set().persist(
@@ -454,6 +458,8 @@ async fn snapshots_replace_the_last_one_and_remove_the_log_segments_they_cover()
 /// included, and the join gives each the other's: every acknowledged write is back on both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_owned_table_gets_every_acknowledged_write_back_after_every_node_crashed() {
+    // Every test of this binary installs the capture first (one global subscriber).
+    let _logs = capture::capture();
     let root = tempfile::tempdir().unwrap();
     let o = |name: &str| {
         TableOptions::set().cluster_owned().persist(
