@@ -102,7 +102,10 @@ pub trait Persistence: Send + Sync + 'static {
     /// ([`OnRestoreError::StartEmpty`]), before the table accepts a write: keep what is stored
     /// for inspection where no later start reads it again, so that the writes acknowledged from
     /// now on are what the next start restores. The directory backend renames the snapshot and
-    /// every log segment with the suffix `.damaged-<unix ms>`. Default: nothing.
+    /// every log segment with the suffix `.damaged-<unix ms>`; the PostgreSQL backend moves the
+    /// node's rows of the table to the table name `<table>.damaged-<unix ms>`. Default:
+    /// nothing (a backend that keeps the default starts empty again at every start until a
+    /// snapshot replaces the damaged one).
     async fn set_aside(&self, table: &str) -> Result<()> {
         let _ = table;
         Ok(())

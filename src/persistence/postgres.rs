@@ -19,6 +19,10 @@
 //! group-commit batch, which returns once PostgreSQL committed it; a log cut is the highest
 //! `seq` appended so far and a drop deletes the rows up to it.
 //!
+//! A start that finds the node's snapshot or log of a table damaged and starts empty
+//! (`OnRestoreError::StartEmpty`) renames those rows' table to `<table>.damaged-<unix ms>`
+//! (`Persistence::set_aside`): kept for inspection, never read again.
+//!
 //! Connections: one for snapshots and one for the log, opened when first needed and opened
 //! again after a failure, with back-off (100 ms doubling up to 5 s; an operation in the
 //! back-off window fails at once with the last connection error). Every operation has a
@@ -548,6 +552,48 @@ impl Persistence for PostgresBackend {
         st.known = false;
         self.know_log(table, &mut st).await?;
         Ok(st.bytes)
+    }
+
+    /// Moves the node's rows of `table` (snapshot header, blocks and log) to the table name
+    /// `<table>.damaged-<unix ms>` in one transaction: kept for inspection, read by no later
+    /// start of `table`.
+    async fn set_aside(&self, table: &str) -> Result<()> {
+        let state = self.log_state(table);
+        let mut st = state.lock().await;
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let (node, tab, aside) = (
+            self.inner.node.clone(),
+            table.to_string(),
+            format!("{table}.damaged-{ms}"),
+        );
+        let moved = self
+            .run(&self.inner.snap, table, move |cl| {
+                Box::pin(async move {
+                    let e =
+                        |what: &str, e: tokio_postgres::Error| format!("{what}: {}", describe(&e));
+                    let tx = cl.transaction().await.map_err(|x| e("begin", x))?;
+                    let mut moved = 0;
+                    for rel in ["cets_snapshots", "cets_snapshot_blocks", "cets_log"] {
+                        moved += tx
+                            .execute(
+                                &format!("UPDATE {rel} SET tab = $3 WHERE node = $1 AND tab = $2"),
+                                &[&node, &tab, &aside],
+                            )
+                            .await
+                            .map_err(|x| e(&format!("setting {rel} aside"), x))?;
+                    }
+                    tx.commit().await.map_err(|x| e("commit", x))?;
+                    Ok(moved)
+                })
+            })
+            .await?;
+        // The log is empty under this name now; `last_seq` stays (it never goes back).
+        st.known = false;
+        tracing::warn!(database = %self.inner.place, node = %self.inner.node, table, rows = moved,
+            "unreadable snapshot and log set aside as {table}.damaged-{ms}");
+        Ok(())
     }
 
     async fn log_load(&self, table: &str) -> Result<Vec<Vec<u8>>> {
