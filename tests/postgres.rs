@@ -437,3 +437,28 @@ async fn the_database_stopped_is_in_the_status_writes_go_on_and_it_recovers() {
     assert_eq!(back.get(&"before".to_string()).as_deref(), Some("1"));
     shutdown_all([&nodes[1].0, &a3]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn op_timeout_set_on_a_clone_holds_for_the_backend_it_shares_connections_with() {
+    if url().is_none() {
+        return;
+    }
+    let Some(server) = OwnServer::start_or_skip().await else {
+        return;
+    };
+    let b = backend(&server.url, "a");
+    let _clone = b.clone().op_timeout(Duration::from_millis(300));
+    let t = fresh_table();
+    b.save(&t, vec![b"x".to_vec()]).await.unwrap(); // connected
+    server.signal_all(libc::SIGSTOP);
+    let frozen = b.load(&t).await;
+    server.signal_all(libc::SIGCONT);
+    match frozen {
+        Err(Error::PersistenceUnavailable { reason, .. }) => {
+            assert!(reason.contains("no answer within 300ms"), "{reason}")
+        }
+        other => panic!("expected no answer within the clone's op_timeout, got {other:?}"),
+    }
+    // Answering again, the next call reconnects.
+    assert_eq!(b.load(&t).await.unwrap(), Some(vec![b"x".to_vec()]));
+}

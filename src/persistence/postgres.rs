@@ -31,6 +31,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -112,7 +113,8 @@ struct Inner {
     node: String,
     /// The database as errors name it (host, port, database; never the password).
     place: String,
-    op_timeout: Duration,
+    /// `op_timeout` in microseconds: set on any clone, it holds for all of them.
+    op_timeout_us: AtomicU64,
     snap: Mutex<Conn>,
     log: Mutex<Conn>,
     logs: std::sync::Mutex<HashMap<String, Arc<Mutex<LogState>>>>,
@@ -143,6 +145,11 @@ impl std::fmt::Debug for PostgresBackend {
             .field("node", &self.inner.node)
             .finish()
     }
+}
+
+/// `d` in whole microseconds (a deadline of centuries at most).
+fn duration_us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// A tokio-postgres error with its causes (its own `Display` says only the kind: "db error").
@@ -196,7 +203,7 @@ impl PostgresBackend {
                 config,
                 node: node.into(),
                 place,
-                op_timeout: OP_TIMEOUT,
+                op_timeout_us: AtomicU64::new(duration_us(OP_TIMEOUT)),
                 snap: Mutex::default(),
                 log: Mutex::default(),
                 logs: Default::default(),
@@ -205,12 +212,17 @@ impl PostgresBackend {
     }
 
     /// How long one operation (a snapshot's transaction, a log append, a restore) may take
-    /// before it fails and its connection is dropped (default 60 s). Call before cloning.
-    pub fn op_timeout(mut self, d: Duration) -> Self {
-        if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.op_timeout = d;
-        }
+    /// before it fails and its connection is dropped (default 60 s). It holds for every clone
+    /// of this backend, which share the connections.
+    pub fn op_timeout(self, d: Duration) -> Self {
+        self.inner
+            .op_timeout_us
+            .store(duration_us(d), Ordering::Relaxed);
         self
+    }
+
+    fn deadline(&self) -> Duration {
+        Duration::from_micros(self.inner.op_timeout_us.load(Ordering::Relaxed))
     }
 
     /// The node name the rows are keyed by.
@@ -294,13 +306,13 @@ impl PostgresBackend {
                 tracing::warn!(database = %place, error = %describe(&e), "database connection ended");
             }
         });
-        let schema = tokio::time::timeout(self.inner.op_timeout, client.batch_execute(SCHEMA));
+        let schema = tokio::time::timeout(self.deadline(), client.batch_execute(SCHEMA));
         match schema.await {
             Ok(Ok(())) => Ok(client),
             Ok(Err(e)) => Err(format!("creating the schema: {}", describe(&e))),
             Err(_) => Err(format!(
                 "creating the schema: no answer within {:?}",
-                self.inner.op_timeout
+                self.deadline()
             )),
         }
     }
@@ -321,7 +333,7 @@ impl PostgresBackend {
         let Some(client) = c.client.as_mut() else {
             return Err(self.unavailable(table, "no connection"));
         };
-        let out = tokio::time::timeout(self.inner.op_timeout, op(client)).await;
+        let out = tokio::time::timeout(self.deadline(), op(client)).await;
         match out {
             Ok(Ok(v)) => Ok(v),
             // The connection ended under the operation (the server stopped or went away):
@@ -333,10 +345,7 @@ impl PostgresBackend {
             Ok(Err(reason)) => Err(self.err(table, reason)),
             Err(_) => {
                 c.client = None;
-                Err(self.unavailable(
-                    table,
-                    format!("no answer within {:?}", self.inner.op_timeout),
-                ))
+                Err(self.unavailable(table, format!("no answer within {:?}", self.deadline())))
             }
         }
     }

@@ -65,6 +65,44 @@ impl OwnServer {
         }
     }
 
+    /// Sends `signal` to the server and every process it started (`libc::SIGSTOP` freezes it
+    /// with its connections open: it stops answering, as a hung server does; `SIGCONT`).
+    pub fn signal_all(&self, signal: i32) {
+        let pid_file = self.dir.path().join("data/postmaster.pid");
+        let pid: i32 = std::fs::read_to_string(pid_file)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let mut pids = vec![pid];
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // "pid (comm) state ppid ...": the fields after the last ')'.
+            let after = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+            let ppid = after
+                .split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<i32>().ok());
+            if ppid == Some(pid) {
+                pids.extend(
+                    entry
+                        .file_name()
+                        .to_str()
+                        .and_then(|p| p.parse::<i32>().ok()),
+                );
+            }
+        }
+        for p in pids {
+            // SAFETY: kill(2) with a pid read from /proc and a valid signal number.
+            unsafe { libc::kill(p, signal) };
+        }
+    }
+
     /// Starts one, or says why not (needs PostgreSQL's binaries, and root or a user that may
     /// run them).
     async fn start() -> std::result::Result<OwnServer, String> {
