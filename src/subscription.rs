@@ -162,8 +162,10 @@ pub enum Update<K, V> {
     Lagged(u64),
 }
 
-/// A change as the log keeps it: its node shared with the other changes of that node, so that
-/// logging a change copies no name (the subscriber's read makes the [`Event`]).
+/// A change as the log keeps it, in place in the ring (logging a change allocates nothing once
+/// the ring is full: the slot of the oldest is reused), its node shared with the other changes
+/// of that node, so that logging a change copies no name. A subscriber's read copies the change
+/// out into an [`Event`].
 struct Logged<K, V> {
     seq: u64,
     node: Arc<NodeId>,
@@ -176,7 +178,7 @@ const NODES_KEPT: usize = 8;
 
 /// The ring of changes shared by the table server (writer) and the subscribers (readers).
 struct Ring<K, V> {
-    events: VecDeque<Arc<Logged<K, V>>>,
+    events: VecDeque<Logged<K, V>>,
     /// The sequence number the next change gets; the oldest kept is `next - events.len()`.
     next: u64,
     /// Recent nodes of logged changes ([`NODES_KEPT`]).
@@ -296,7 +298,7 @@ impl<K, V> Hub<K, V> {
                 }
                 let node = node.clone();
                 ring.events
-                    .push_back(Arc::new(Logged { seq, node, change }));
+                    .push_back(Logged { seq, node, change });
             }
             self.head.store(ring.next, Ordering::SeqCst);
         }
@@ -351,14 +353,27 @@ impl<K, V> Hub<K, V> {
         self.notify.notify_waiters();
     }
 
-    /// The change numbered `pos`, or how many changes before the oldest kept it is.
-    fn read(&self, pos: u64) -> Option<std::result::Result<Arc<Logged<K, V>>, u64>> {
+    /// A copy of the change numbered `pos` (as an [`Event`]), or how many changes before the
+    /// oldest kept it is.
+    fn read(&self, pos: u64) -> Option<std::result::Result<Event<K, V>, u64>>
+    where
+        K: Clone,
+        V: Clone,
+    {
         let ring = self.ring();
         let oldest = ring.next - ring.events.len() as u64;
         if pos < oldest {
             return Some(Err(oldest - pos));
         }
-        ring.events.get((pos - oldest) as usize).cloned().map(Ok)
+        let logged = ring.events.get((pos - oldest) as usize)?;
+        Some(Ok(Event {
+            cursor: Cursor {
+                stream: self.stream,
+                seq: logged.seq,
+            },
+            node: NodeId::clone(&logged.node),
+            change: logged.change.clone(),
+        }))
     }
 }
 
@@ -428,17 +443,9 @@ impl<K: Clone + Send + Sync + 'static, V: Clone + Send + Sync + 'static> Subscri
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Update<K, V>>> {
         loop {
             match self.hub.read(self.pos) {
-                Some(Ok(logged)) => {
+                Some(Ok(event)) => {
                     self.wait = None;
                     self.pos += 1;
-                    let event = Event {
-                        cursor: Cursor {
-                            stream: self.hub.stream,
-                            seq: logged.seq,
-                        },
-                        node: NodeId::clone(&logged.node),
-                        change: logged.change.clone(),
-                    };
                     return Poll::Ready(Some(Update::Change(event)));
                 }
                 Some(Err(missed)) => {
