@@ -1,5 +1,6 @@
 //! A join of two large tables (`cargo bench --bench cluster -- bigjoin`): 10 M + 10 M records
-//! by default, `CETS_BENCH_JOIN_RECORDS=n` for n + n. It needs several GB of memory, so it runs
+//! by default, `CETS_BENCH_JOIN_RECORDS=n` for n + n; `CETS_BENCH_JOIN_AE=0` turns anti-entropy
+//! off on both nodes (a second baseline: the join without its digest upkeep). It needs several GB of memory, so it runs
 //! only when named, or in a run of every section with `--full`.
 //!
 //! Two nodes in this process fill their tables (distinct keys, `u64` and a 16-byte value) and
@@ -35,8 +36,16 @@ pub(super) async fn big_join(_s: &Settings) -> Res<Vec<Row>> {
             .await?
             .0
     };
-    let a = start_node("bigjoin-a", Vec::new(), speed_config()).await?;
-    let b = start_node("bigjoin-b", Vec::new(), speed_config()).await?;
+    let ae = std::env::var("CETS_BENCH_JOIN_AE").map_or(true, |v| v != "0");
+    let config = || {
+        let mut c = speed_config();
+        if !ae {
+            c.anti_entropy_interval = None;
+        }
+        c
+    };
+    let a = start_node("bigjoin-a", Vec::new(), config()).await?;
+    let b = start_node("bigjoin-b", Vec::new(), config()).await?;
     let ta: Tab = a.start("bigjoin", TableOptions::set()).await?;
     let tb: Tab = b.start("bigjoin", TableOptions::set()).await?;
     let filled = Instant::now();
@@ -76,7 +85,8 @@ pub(super) async fn big_join(_s: &Settings) -> Res<Vec<Row>> {
         .baseline(format!("{:.2} s raw encode+send+decode", raw.as_secs_f64()))
         .ratio(ratio(took.as_secs_f64() / raw.as_secs_f64()))
         .notes(format!(
-            "one run, from node.connect() until both hold {} records as members of each other; default max_link_queue_bytes (256 MiB: the dumps stream through it); filled in {:.1} s beforehand; resident memory {:.1} GiB before the join, {:.1} GiB after, peak {:.1} GiB (this process: both nodes)",
+            "one run{}, from node.connect() until both hold {} records as members of each other; default max_link_queue_bytes (256 MiB: the dumps stream through it); filled in {:.1} s beforehand; resident memory {:.1} GiB before the join, {:.1} GiB after, peak {:.1} GiB (this process: both nodes)",
+            if ae { "" } else { ", anti-entropy off" },
             2 * n,
             fill_time.as_secs_f64(),
             gib(before),
