@@ -297,8 +297,7 @@ impl<K, V> Hub<K, V> {
                     ring.events.pop_front();
                 }
                 let node = node.clone();
-                ring.events
-                    .push_back(Logged { seq, node, change });
+                ring.events.push_back(Logged { seq, node, change });
             }
             self.head.store(ring.next, Ordering::SeqCst);
         }
