@@ -239,10 +239,6 @@ pub enum JoinReq<K, V> {
         owners: Vec<NodeId>,
         records: Vec<WireRecord<K, V>>,
     },
-    /// About `records` records of this join's `Apply` chunks follow: make room for them at
-    /// once (bounded by the receiver's own `max_join_records`; a hint, nothing is stored).
-    /// Answered with `Applied`.
-    Reserve { join: u64, records: u64 },
 }
 
 /// Join replies.

@@ -211,29 +211,6 @@ impl<K: Hash + Eq + Clone, T: Clone> ShardedMap<K, T> {
         guard
     }
 
-    /// Makes room for about `additional` more keys, each shard for its share of them, so that
-    /// a batch of that many new keys (a join's incoming records) grows each shard once, to
-    /// its size, instead of doubling it as the batches arrive. Each shard is grown into a copy
-    /// under its read lock, as in `write_lock`; a shard with room enough is left as it is.
-    pub(crate) fn reserve(&self, additional: usize) {
-        let mut counts = vec![0usize; self.shards.len()];
-        for &shard in self.route.iter() {
-            if let Some(c) = counts.get_mut(shard as usize % self.shards.len()) {
-                *c += 1;
-            }
-        }
-        for (shard, slices) in self.shards.iter().zip(counts) {
-            // The shard's share of the hash space, and a 1/16 margin for the spread of hashes.
-            let share = (additional as u128 * slices as u128 / ROUTE_SLOTS as u128) as usize;
-            let wanted = share + share / 16;
-            let grown = self.grown(&shard.read(), wanted);
-            if let Some(bigger) = grown {
-                let old = std::mem::replace(&mut *shard.write(), bigger);
-                drop(old);
-            }
-        }
-    }
-
     /// Routes `keys` and sorts their indexes by shard, stably (a key's items keep their order).
     fn group<'k>(&self, keys: impl Iterator<Item = &'k K>) -> Grouped
     where
@@ -605,31 +582,6 @@ mod tests {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         assert!(reader.join().expect("reader") > 0);
         assert_eq!(m.len(), 20_000);
-    }
-
-    #[test]
-    fn reserve_gives_each_shard_room_for_its_share_and_keeps_the_entries() {
-        let m: ShardedMap<u64, u64> = ShardedMap::new(64);
-        m.insert_many_if((0..10_000).map(|k| (k, k)).collect(), |_, _, _| true);
-        let extra = 100_000;
-        m.reserve(extra);
-        let slices = slices(64);
-        for (shard, n) in m.shards.iter().zip(&slices) {
-            let t = shard.read();
-            let share = extra * n / ROUTE_SLOTS;
-            assert!(
-                t.capacity() - t.len() >= share,
-                "{} free < {share}",
-                t.capacity() - t.len()
-            );
-        }
-        let buckets: Vec<usize> = m.shards.iter().map(|s| s.read().num_buckets()).collect();
-        // Room made, a second reserve of the same size changes nothing.
-        m.reserve(extra);
-        let again: Vec<usize> = m.shards.iter().map(|s| s.read().num_buckets()).collect();
-        assert_eq!(buckets, again);
-        assert_eq!(m.len(), 10_000);
-        assert!((0..10_000).all(|k| m.read(&k, |v| *v) == Some(k)));
     }
 
     #[test]

@@ -262,14 +262,6 @@ where
     /// touch the store. On a set the records are grouped by shard (see
     /// `ShardedMap::insert_many_if`). A bag adds each object unless an equal one is stored, and
     /// replaces that one if `wins(key, new, Some(stored))` holds.
-    /// set: makes room for about `additional` more keys at once (`ShardedMap::reserve`). A
-    /// bag's records may share keys and an ordered_set has no capacity: they are left as they are.
-    pub(crate) fn reserve(&self, additional: usize) {
-        if let Store::Set(m) = self {
-            m.reserve(additional);
-        }
-    }
-
     pub(crate) fn put_many_if(
         &self,
         recs: Vec<(K, Rec<V>)>,

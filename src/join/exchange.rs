@@ -107,21 +107,6 @@ pub(super) async fn exchange<K: Key, V: Value>(
             }
         }
     }
-    // Each target makes room for the records it is about to get, before the first chunk:
-    // its store grows once instead of doubling shard after shard under the chunks.
-    for (to, chunks) in out.iter().enumerate() {
-        let records: usize = chunks.as_slice().iter().map(|(_, r)| r.len()).sum();
-        if records == 0 {
-            continue;
-        }
-        for t in &groups[to].1 {
-            let body = JoinReq::Reserve {
-                join,
-                records: records as u64,
-            };
-            waits.push((t.clone(), to, ctx.request(t, body)));
-        }
-    }
     let mut send =
         |to: usize, (owners, records): (Vec<NodeId>, Vec<WireRecord<K, V>>), last: bool| {
             let apply = |owners, records| JoinReq::Apply {

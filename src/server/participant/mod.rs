@@ -8,7 +8,6 @@ mod apply;
 mod dump;
 mod info;
 mod pause;
-mod reserve;
 mod stale;
 mod tombstones;
 mod unpause;
@@ -44,7 +43,6 @@ impl<K: Key, V: Value> Server<K, V> {
                 records,
             } => self.on_stale(origin, join, owners, records),
             JoinReq::Unpause { join } => self.on_unpause(origin, join),
-            JoinReq::Reserve { join, records } => self.on_reserve(origin, join, records),
         }
     }
 
