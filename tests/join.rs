@@ -172,31 +172,6 @@ async fn a_record_owned_by_a_node_outside_the_join_does_not_split_the_sides() {
     assert_eq!(ta.get(&"k".into()), Some(100), "the later write");
 }
 
-/// A hook that holds the first join of a table at `checkpoint` until released.
-fn gate(
-    checkpoint: &'static str,
-) -> (
-    TableOptions<String, u64>,
-    Arc<tokio::sync::Notify>,
-    Arc<tokio::sync::Notify>,
-) {
-    let reached = Arc::new(tokio::sync::Notify::new());
-    let release = Arc::new(tokio::sync::Notify::new());
-    let used = Arc::new(AtomicUsize::new(0));
-    let (r1, r2) = (reached.clone(), release.clone());
-    let opts = TableOptions::set().join_checkpoint(move |c| {
-        let hold = c == checkpoint && used.fetch_add(1, Ordering::SeqCst) == 0;
-        let (reached, release) = (r1.clone(), r2.clone());
-        async move {
-            if hold {
-                reached.notify_one();
-                release.notified().await;
-            }
-        }
-    });
-    (opts, reached, release)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_during_a_join_are_applied_once_in_order_after_unpause() {
     let mesh = Mesh::start(&["a", "b"]).await;

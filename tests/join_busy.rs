@@ -5,44 +5,17 @@
 mod capture;
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use capture::capture;
 use cets::{NodeConfig, Table, TableOptions};
 use common::mesh::{members, Mesh};
-use common::{cluster, eventually, WAIT};
+use common::{cluster, eventually, gate, WAIT};
 
 type T = Table<String, u64>;
 
 /// A back-off no test waits out.
 const HOUR: Duration = Duration::from_secs(3600);
-
-/// A hook that holds the first join of a table at `checkpoint` until released.
-fn gate(
-    checkpoint: &'static str,
-) -> (
-    TableOptions<String, u64>,
-    Arc<tokio::sync::Notify>,
-    Arc<tokio::sync::Notify>,
-) {
-    let reached = Arc::new(tokio::sync::Notify::new());
-    let release = Arc::new(tokio::sync::Notify::new());
-    let used = Arc::new(AtomicUsize::new(0));
-    let (r1, r2) = (reached.clone(), release.clone());
-    let opts = TableOptions::set().join_checkpoint(move |c| {
-        let hold = c == checkpoint && used.fetch_add(1, Ordering::SeqCst) == 0;
-        let (reached, release) = (r1.clone(), r2.clone());
-        async move {
-            if hold {
-                reached.notify_one();
-                release.notified().await;
-            }
-        }
-    });
-    (opts, reached, release)
-}
 
 /// b's join with c holds both paused; a's joins with b and with c are refused `Busy` (by b or
 /// c, or by a itself while its other join holds it). With a join back-off of an hour, only the

@@ -194,3 +194,29 @@ pub mod mesh;
 pub mod relay;
 #[allow(unused_imports)]
 pub use relay::Relay;
+
+/// Options of a `Table<String, u64>` whose first join is held at `checkpoint` until released:
+/// returns the options, the notification that the join reached it, and the release.
+pub fn gate(
+    checkpoint: &'static str,
+) -> (
+    cets::TableOptions<String, u64>,
+    std::sync::Arc<tokio::sync::Notify>,
+    std::sync::Arc<tokio::sync::Notify>,
+) {
+    let reached = std::sync::Arc::new(tokio::sync::Notify::new());
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let used = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (r1, r2) = (reached.clone(), release.clone());
+    let opts = cets::TableOptions::set().join_checkpoint(move |c| {
+        let hold = c == checkpoint && used.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+        let (reached, release) = (r1.clone(), r2.clone());
+        async move {
+            if hold {
+                reached.notify_one();
+                release.notified().await;
+            }
+        }
+    });
+    (opts, reached, release)
+}
