@@ -9,7 +9,7 @@
 //! - the peers whose pause requests were refused `Busy` are remembered, one request each (so as
 //!   many as there are links), until the pause ends and they are told (`server::join_wake`).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::Origin;
@@ -36,9 +36,6 @@ pub(super) struct Pause {
     /// merge list): the join's nodes and the linked nodes outside it that it keeps
     /// (`crate::authority::kept_outsiders`). Their records stay when the join ends.
     pub(super) carried: Vec<NodeId>,
-    /// Owners whose records this join changed here (a version this node did not hold): those
-    /// that end outside the members were carried, and are marked (ALGORITHM.md, section 22).
-    pub(super) changed: BTreeSet<crate::membership::OwnerIdx>,
 }
 
 /// What a pause request found.
@@ -131,7 +128,6 @@ impl<K, V> PauseState<K, V> {
                     dumped: false,
                     applied: false,
                     carried: Vec::new(),
-                    changed: BTreeSet::new(),
                 });
                 Begin::Paused
             }

@@ -77,10 +77,9 @@ impl<K: Key, V: Value> Server<K, V> {
         let watch = self.watch();
         let mut conflicts = 0;
         let owners = &self.owners;
-        // Owners of the versions this chunk brings that this node did not hold.
-        let mut changed = BTreeSet::new();
-        self.shared.store.put_many_if(recs, |_, new, cur| {
-            let store = match cur {
+        self.shared
+            .store
+            .put_many_if(recs, |_, new, cur| match cur {
                 None => true,
                 // The coordinator decided: store as it is.
                 Some(_) if !merge => true,
@@ -97,19 +96,7 @@ impl<K: Key, V: Value> Server<K, V> {
                     conflicts += u64::from(order != Ordering::Equal);
                     order == Ordering::Greater
                 }
-            };
-            let same = cur.is_some_and(|c| {
-                (c.ts, c.owner) == (new.ts, new.owner)
-                    && value_order(&new.value, &c.value) == Ordering::Equal
             });
-            if store && !same {
-                changed.insert(new.owner);
-            }
-            store
-        });
-        if let Some(p) = self.pause.current_mut() {
-            p.changed.extend(changed);
-        }
         let by = self.origin_id(&origin).unwrap_or_else(|| self.me.clone());
         self.emit(watch, notify::Cause::Join(by));
         if let Some(p) = self.pause.current_mut() {
@@ -124,7 +111,6 @@ impl<K: Key, V: Value> Server<K, V> {
                 .map(|p| std::mem::take(&mut p.carried))
                 .unwrap_or_default();
             self.drop_outsiders(by, &carried);
-            self.mark_changed_outsiders();
             if let Some(p) = self.pause.current_mut() {
                 p.applied = false;
             }
@@ -132,27 +118,6 @@ impl<K: Key, V: Value> Server<K, V> {
         // Applying a large chunk takes time: the lease runs from its end.
         self.join_progress();
         self.reply(origin, JoinRep::Applied { conflicts });
-    }
-
-    /// The join carried owners outside its members (section 16) and changed some of their
-    /// records here: those copies came from another node of the join, which may have missed
-    /// writes of that owner that this node had (a delete, for one), and no node of the join
-    /// could tell. Each such owner is marked as one whose writes this node may have missed, so
-    /// its next join with the owner lets the owner's side decide for its records (section 22).
-    fn mark_changed_outsiders(&mut self) {
-        let changed = self
-            .pause
-            .current_mut()
-            .map(|p| std::mem::take(&mut p.changed))
-            .unwrap_or_default();
-        for owner in changed {
-            if owner != self.me_idx && !self.peers.is_member(owner) && self.peers.is_linked(owner) {
-                if let Some(id) = self.peers.id_of(owner) {
-                    tracing::debug!(owner = %id, "a join carried records of this outsider that this node did not hold; marked");
-                }
-                self.peers.heard_from_outsider(owner);
-            }
-        }
     }
 
     pub(in crate::server) fn set_members(&mut self, members: &[NodeId], epoch: u64) {
